@@ -1,0 +1,277 @@
+"""Atomic save and validated load of ``.safetensors`` checkpoints.
+
+One file holds the weights (PyTorch parameter names, tied weights stored once) and JSON metadata:
+``format`` = ``charlm/1``, ``model_config``, ``tokenizer``, ``train_config``, ``train_state``.
+Optimizer state, RNG state and the carried hidden state, which only ``--resume`` needs, go in a
+sibling ``*.optim.safetensors`` named in ``train_state["optim_file"]``.
+
+Nothing here unpickles: safetensors is a JSON header plus raw tensor bytes, and we check the
+header ourselves before handing the file to the safetensors reader.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ModelConfig, TrainConfig
+from .errors import CheckpointError, SaveError, TokenizerError
+from .tokenizer import Tokenizer, tokenizer_from_dict
+
+FORMAT = "charlm/1"
+BEST = "best.safetensors"
+LAST = "last.safetensors"
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
+
+
+@dataclass
+class Checkpoint:
+    model: Any  # RNNLM
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    train_config: TrainConfig | None
+    train_state: dict[str, Any]
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# ── writing ─────────────────────────────────────────────────────────────────────────────────────
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one.
+
+    Temporary file in the same folder → fsync → rename over the target → fsync the folder.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        reason = exc.strerror or str(exc)
+        raise SaveError(f"cannot write {path}: {reason}; the previous checkpoint is intact") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def model_tensors(model) -> dict[str, Any]:
+    """The model's tensors by PyTorch name, tied weights once, contiguous fp32 on the CPU."""
+    import torch
+
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if model.cfg.tie_weights and name == "head.weight":
+            continue
+        tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return tensors
+
+
+def save_checkpoint(path: str | os.PathLike[str], *, model, tokenizer: Tokenizer,
+                    train_config: TrainConfig | None = None, train_state: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save
+
+    metadata = {
+        "format": FORMAT,
+        "model_config": json.dumps(model.cfg.to_dict()),
+        "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
+        "train_config": json.dumps(train_config.to_dict() if train_config else None),
+        "train_state": json.dumps(train_state or {}),
+    }
+    path = Path(path)
+    atomic_write(path, save(model_tensors(model), metadata=metadata))
+    return path
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: dict[str, Any], metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save
+
+    path = Path(path)
+    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    return path
+
+
+# ── reading ─────────────────────────────────────────────────────────────────────────────────────
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse and check a safetensors header without trusting anything in it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: not a safetensors file (header claims {header_len:,} bytes)")
+            if header_len > size - 8:
+                raise CheckpointError(f"{path}: truncated or not a safetensors file "
+                                      f"(header of {header_len:,} bytes in a {size:,}-byte file)")
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(f"{path}: safetensors metadata must map strings to strings")
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPE_SIZES:
+            raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+        numel = 1
+        for d in shape:
+            numel *= d
+        start, end = offsets
+        if not 0 <= start <= end <= data_len or end - start != numel * _DTYPE_SIZES[info["dtype"]]:
+            raise CheckpointError(f"{path}: truncated or corrupted (tensor {name!r} lies outside the data)")
+    return header
+
+
+def _json_field(path: Path, metadata: dict[str, str], key: str) -> Any:
+    if key not in metadata:
+        raise CheckpointError(f"{path}: metadata lacks {key!r}")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON") from None
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Checkpoint:
+    """Load and validate a checkpoint file; raise ``CheckpointError`` saying what is wrong."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import RNNLM
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; pass a .safetensors file or use resolve_checkpoint")
+    header = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != FORMAT:
+        found = metadata.get("format")
+        raise CheckpointError(f"{path}: not a charlm checkpoint (format tag {found!r}, expected {FORMAT!r})"
+                              if found else f"{path}: not a charlm checkpoint (no 'format' metadata)")
+    try:
+        model_config = ModelConfig.from_dict(_json_field(path, metadata, "model_config"))
+        tokenizer = tokenizer_from_dict(_json_field(path, metadata, "tokenizer"))
+        raw_train = _json_field(path, metadata, "train_config")
+        train_config = TrainConfig.from_dict(raw_train) if raw_train is not None else None
+    except (ConfigError, TokenizerError) as exc:
+        raise CheckpointError(f"{path}: invalid metadata: {exc}") from None
+    train_state = _json_field(path, metadata, "train_state")
+    if not isinstance(train_state, dict):
+        raise CheckpointError(f"{path}: metadata 'train_state' must be a JSON object")
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+                              f"{model_config.vocab_size}")
+
+    model = RNNLM(model_config)
+    expected = model_tensors(model)
+    names = {k for k in header if k != "__metadata__"}
+    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{path}: tensors do not match the model config ({'; '.join(parts)})")
+    for name, tensor in expected.items():
+        info = header[name]
+        if tuple(info["shape"]) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(info['shape'])}, "
+                                  f"the config implies {tuple(tensor.shape)}")
+        if info["dtype"] not in ("F32", "F16", "BF16"):
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read tensors ({exc})") from None
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    model.to(device)
+    model.eval()
+    return Checkpoint(model=model, tokenizer=tokenizer, model_config=model_config, train_config=train_config,
+                      train_state=train_state, path=path, metadata=dict(metadata))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A plain, checked safetensors file (used for optimizer state)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    header = read_header(path)
+    try:
+        return load_file(str(path)), dict(header.get("__metadata__") or {})
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read tensors ({exc})") from None
+
+
+def resolve_checkpoint(where: str | os.PathLike[str] | None, *, root: str | os.PathLike[str] = "checkpoints",
+                       prefer: str = BEST) -> Path:
+    """A checkpoint file from a file path, a run folder, or (None) the newest run under ``root``."""
+    if where is None:
+        root = Path(root)
+        runs = [p for p in root.glob("*/") if (p / BEST).is_file() or (p / LAST).is_file()] if root.is_dir() else []
+        if not runs:
+            raise CheckpointError(f"no checkpoint under {root}/; train one with 'charlm train' "
+                                  f"or pass --checkpoint")
+        where = max(runs, key=lambda p: max(f.stat().st_mtime for f in (p / BEST, p / LAST) if f.is_file()))
+    where = Path(where)
+    if where.is_dir():
+        order = (BEST, LAST) if prefer == BEST else (LAST, BEST)
+        for name in order:
+            if (where / name).is_file():
+                return where / name
+        raise CheckpointError(f"{where}: run folder has no checkpoint ({BEST} or {LAST})")
+    if not where.exists():
+        raise CheckpointError(f"{where}: no such checkpoint")
+    return where

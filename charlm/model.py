@@ -1,0 +1,101 @@
+"""``RNNLM``: embedding → multi-layer LSTM/GRU/tanh-RNN → dropout → linear head.
+
+Parameter names are PyTorch's own (``rnn.weight_ih_l0``, …), so the recurrent weights load
+straight into a plain ``nn.LSTM``/``nn.GRU``/``nn.RNN``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+# An LSTM state is (h, c); GRU and RNN states are a single h. Each is (num_layers, B, hidden).
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class RNNLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_size)
+        extra = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
+        self.rnn = _CELLS[cfg.cell](
+            cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, **extra)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_weights:
+            self.head.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embedding.weight, std=0.1 if not self.cfg.tie_weights else 0.05)
+        if not self.cfg.tie_weights:
+            nn.init.normal_(self.head.weight, std=self.cfg.hidden_size ** -0.5)
+        nn.init.zeros_(self.head.bias)
+        if self.cfg.cell == "lstm":
+            # Forget-gate bias 1: remember by default, a standard LSTM trick that speeds early training.
+            h = self.cfg.hidden_size
+            for name, param in self.rnn.named_parameters():
+                if name.startswith("bias_ih"):
+                    with torch.no_grad():
+                        param[h:2 * h].fill_(1.0)
+                        param[:h].zero_()
+                        param[2 * h:].zero_()
+                elif name.startswith("bias_hh"):
+                    nn.init.zeros_(param)
+
+    def init_state(self, batch_size: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> State:
+        shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_size)
+        device = device if device is not None else self.embedding.weight.device
+        dtype = dtype or self.embedding.weight.dtype
+        h = torch.zeros(shape, device=device, dtype=dtype)
+        return (h, torch.zeros_like(h)) if self.cfg.cell == "lstm" else h
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        emb = self.drop(self.embedding(x))  # (B, T, E)
+        out, state = self.rnn(emb, state)  # (B, T, H)
+        logits = self.head(self.drop(out))  # (B, T, V)
+        return logits, state
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+
+def detach_state(state: State | None) -> State | None:
+    """Cut the graph at a window boundary: keep the values, drop the history."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)  # type: ignore[return-value]
+    return state.detach()
+
+
+def select_state(state: State, index: int | slice) -> State:
+    """The state of some streams only (dimension 1 is the stream)."""
+    if isinstance(state, tuple):
+        return tuple(s[:, index] for s in state)  # type: ignore[return-value]
+    return state[:, index]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; asking for a missing device is an error."""
+    from .errors import DeviceError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise DeviceError("--device mps: Apple MPS is not available here (use --device cpu or auto)")
+    if name not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"--device must be auto, cpu, cuda or mps (got {name!r})")
+    return torch.device(name)

@@ -1,0 +1,143 @@
+"""Drawing text from a model: ``next_token`` picks one token, ``generate`` runs the loop and streams."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import SampleConfig
+from .errors import UsageError
+from .model import RNNLM
+from .tokenizer import EOS, Tokenizer
+
+
+def next_token(logits: torch.Tensor, *, temperature: float, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids (B,) drawn from logits (B, V). Temperature 0 means argmax, whatever the seed."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the ones before it already reach top_p; the first always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text generated for one stream (sample); ``done`` marks its last piece."""
+
+    stream: int
+    text: str
+    done: bool = False
+
+
+def prime_ids(tokenizer: Tokenizer, prime: str) -> np.ndarray:
+    """Ids to condition on. An empty prime starts at a line start (newline / ``<EOS>``)."""
+    if prime:
+        if tokenizer.kind == "char":
+            unknown = tokenizer.unknown_symbols(prime)  # type: ignore[attr-defined]
+            if unknown:
+                shown = " ".join(repr(c) for c in unknown[:10])
+                raise UsageError(f"the prime has characters this model has never seen: {shown}")
+        ids = tokenizer.encode(prime)
+        if tokenizer.kind == "word" and prime and not prime.endswith("\n"):
+            ids = ids[:-1]  # a prime mid-line must not end the line with <EOS>
+        if len(ids):
+            return ids
+    if tokenizer.eos_id is not None:
+        return np.array([tokenizer.eos_id])
+    newline = tokenizer.encode("\n")
+    if len(newline) and (tokenizer.unk_id is None or newline[0] != tokenizer.unk_id):
+        return newline
+    return np.array([1 if tokenizer.vocab_size > 1 else 0])  # the first real token
+
+
+class _StopBuffer:
+    """Holds back text that might be the start of the stop string, so output never shows a partial stop."""
+
+    def __init__(self, stop: str | None) -> None:
+        self.stop = stop
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self.stop:
+            return text, False
+        self.pending += text
+        at = self.pending.find(self.stop)
+        if at >= 0:
+            out, self.pending = self.pending[:at], ""
+            return out, True
+        keep = 0
+        for k in range(min(len(self.stop) - 1, len(self.pending)), 0, -1):
+            if self.stop.startswith(self.pending[-k:]):
+                keep = k
+                break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@torch.inference_mode()
+def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime: str = "") -> Iterator[Piece]:
+    """Stream ``config.num_samples`` samples of ``config.length`` tokens, a piece per token.
+
+    ``config.stop`` ends a sample at that string (not included); for word models ``<EOS>`` ends it
+    at the end of the line.
+    """
+    model.eval()
+    device = model.embedding.weight.device
+    generator = torch.Generator(device=device)
+    if config.seed is not None:
+        generator.manual_seed(config.seed)
+    else:
+        generator.seed()
+    n = config.num_samples
+    context = torch.as_tensor(prime_ids(tokenizer, prime).astype(np.int64), device=device)
+    state = None
+    if len(context) > 1:
+        _, state = model(context[None, :-1].expand(n, -1), None)
+    token = context[-1:].expand(n).contiguous()  # (B,)
+    stop_on_eos = config.stop == EOS and tokenizer.eos_id is not None
+    buffers = [_StopBuffer(None if stop_on_eos else config.stop) for _ in range(n)]
+    decoders = [tokenizer.decoder() for _ in range(n)]
+    if tokenizer.kind == "word" and prime and not prime.endswith("\n"):
+        for decoder in decoders:
+            decoder.feed(int(context[-1]))  # continue the prime's line with a space
+    done = [False] * n
+    for _ in range(config.length):
+        logits, state = model(token[:, None], state)  # (B, 1, V)
+        token = next_token(logits[:, -1], temperature=config.temperature, top_k=config.top_k,
+                           top_p=config.top_p, generator=generator)
+        for b, token_id in enumerate(token.tolist()):
+            if done[b]:
+                continue
+            if stop_on_eos and token_id == tokenizer.eos_id:
+                done[b] = True
+                yield Piece(b, "", True)
+                continue
+            text, stopped = buffers[b].push(decoders[b].feed(token_id))
+            if stopped:
+                done[b] = True
+            if text or stopped:
+                yield Piece(b, text, stopped)
+        if all(done):
+            return
+    for b in range(n):
+        if not done[b]:
+            yield Piece(b, buffers[b].flush(), True)

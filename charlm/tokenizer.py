@@ -1,0 +1,294 @@
+"""Tokenizers: text ⇄ token ids, vectorised with numpy.
+
+* ``CharTokenizer``: every character of the training text, plus ``<UNK>`` (id 0) for the rest.
+* ``WordTokenizer``: whitespace-separated words above a frequency cut-off, ``<UNK>`` for the rest,
+  ``<EOS>`` at each line end; decoding joins words with spaces and ``<EOS>`` with newlines.
+* ``ByteTokenizer``: the 256 UTF-8 byte values; nothing is ever unknown.
+
+A tokenizer is fully described by ``to_dict()``, which the checkpoint stores, so a model never
+depends on a vocabulary kept elsewhere.
+"""
+from __future__ import annotations
+
+import codecs
+import re
+from collections import Counter
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import TokenizerError
+
+UNK = "<UNK>"
+EOS = "<EOS>"
+# Decoding <UNK> in char models gives the Unicode replacement character.
+UNK_CHAR = "\ufffd"
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+class Tokenizer:
+    kind: str = ""
+    unk_id: int | None = None
+    eos_id: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def decoder(self) -> "StreamDecoder":
+        """A stateful decoder for streaming one id at a time (bytes may split a character)."""
+        return StreamDecoder(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def count_unknown(self, ids: np.ndarray) -> int:
+        return 0 if self.unk_id is None else int(np.count_nonzero(ids == self.unk_id))
+
+    def token_name(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+
+class StreamDecoder:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def feed(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id])
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+    unk_id = 0
+
+    def __init__(self, chars: Iterable[str]) -> None:
+        chars = list(chars)
+        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise TokenizerError("a char vocabulary must be distinct single characters")
+        self.itos: list[str] = [UNK] + chars
+        codepoints = np.array([ord(c) for c in chars], dtype=np.int64)
+        order = np.argsort(codepoints, kind="stable")
+        self._sorted_codepoints = codepoints[order]
+        self._sorted_ids = (order + 1).astype(np.int64)  # +1: id 0 is <UNK>
+        self._decode_table = np.array([UNK_CHAR] + chars, dtype=object)
+
+    @classmethod
+    def fit(cls, text: str) -> "CharTokenizer":
+        if not text:
+            raise TokenizerError("cannot build a vocabulary from empty text")
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> np.ndarray:
+        codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
+        if len(self._sorted_codepoints) == 0:
+            return np.zeros(len(codepoints), dtype=ids_dtype(self.vocab_size))
+        pos = np.searchsorted(self._sorted_codepoints, codepoints)
+        pos_clipped = np.minimum(pos, len(self._sorted_codepoints) - 1)
+        found = self._sorted_codepoints[pos_clipped] == codepoints
+        ids = np.where(found, self._sorted_ids[pos_clipped], self.unk_id)
+        return ids.astype(ids_dtype(self.vocab_size))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise TokenizerError(f"token id out of range for a vocabulary of {self.vocab_size}")
+        return "".join(self._decode_table[ids].tolist())
+
+    def unknown_symbols(self, text: str) -> list[str]:
+        known = set(self.itos[1:])
+        return sorted(set(text) - known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": self.itos[1:]}
+
+
+class ByteTokenizer(Tokenizer):
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8).copy()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() > 255):
+            raise TokenizerError("byte token ids must be in 0..255")
+        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def decoder(self) -> StreamDecoder:
+        return _ByteStreamDecoder()
+
+    def unknown_symbols(self, text: str) -> list[str]:
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class _ByteStreamDecoder(StreamDecoder):
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._decoder.decode(bytes([token_id]))
+
+
+_WHITESPACE = re.compile(r"[^\S\n]+")
+
+
+class WordTokenizer(Tokenizer):
+    kind = "word"
+    unk_id = 0
+    eos_id = 1
+
+    def __init__(self, words: Iterable[str]) -> None:
+        words = list(words)
+        if UNK in words or EOS in words or len(set(words)) != len(words):
+            raise TokenizerError("a word vocabulary must be distinct and must not contain <UNK>/<EOS>")
+        if any(not w or any(ch.isspace() for ch in w) for w in words):
+            raise TokenizerError("vocabulary words must be non-empty and contain no whitespace")
+        self.itos: list[str] = [UNK, EOS] + words
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+
+    @staticmethod
+    def split_lines(text: str) -> list[str]:
+        """Lines without their ends; text ending in a newline has no extra empty line."""
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return lines
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        """Words in order, with ``<EOS>`` at the end of every line (including an unterminated last one)."""
+        tokens: list[str] = []
+        for line in WordTokenizer.split_lines(text):
+            tokens.extend(line.split())
+            tokens.append(EOS)
+        return tokens
+
+    @classmethod
+    def fit(cls, text: str, *, min_count: int = 1, max_vocab: int | None = None) -> "WordTokenizer":
+        if min_count < 1:
+            raise TokenizerError("--min-count must be ≥ 1")
+        if max_vocab is not None and max_vocab < 3:
+            raise TokenizerError("--max-vocab must be ≥ 3 (it includes <UNK> and <EOS>)")
+        counts = Counter(w for w in cls.split(text) if w not in (EOS, UNK))
+        if not counts:
+            raise TokenizerError("cannot build a word vocabulary: the text has no words")
+        # Most frequent first; ties in order of first appearance (Counter keeps insertion order).
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+        words = [w for w, c in ranked if c >= min_count]
+        if max_vocab is not None:
+            words = words[: max_vocab - 2]
+        return cls(words)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> np.ndarray:
+        tokens = self.split(text)
+        if not tokens:
+            return np.zeros(0, dtype=ids_dtype(self.vocab_size))
+        # One dict lookup per distinct word, then a vectorised gather.
+        uniques, inverse = np.unique(np.array(tokens, dtype=object).astype(str), return_inverse=True)
+        table = np.array([self.stoi.get(w, self.unk_id) for w in uniques.tolist()], dtype=np.int64)
+        return table[inverse.reshape(-1)].astype(ids_dtype(self.vocab_size))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out: list[str] = []
+        line: list[str] = []
+        for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64).tolist():
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"token id {i} out of range for a vocabulary of {self.vocab_size}")
+            if i == self.eos_id:
+                out.append(" ".join(line) + "\n")
+                line = []
+            else:
+                line.append(self.itos[i])
+        if line:
+            out.append(" ".join(line))
+        return "".join(out)
+
+    def decoder(self) -> StreamDecoder:
+        return _WordStreamDecoder(self)
+
+    def unknown_symbols(self, text: str) -> list[str]:
+        return sorted({w for w in self.split(text) if w not in self.stoi})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "words": self.itos[2:]}
+
+
+class _WordStreamDecoder(StreamDecoder):
+    def __init__(self, tokenizer: WordTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._at_line_start = True
+
+    def feed(self, token_id: int) -> str:
+        if token_id == self._tokenizer.eos_id:
+            self._at_line_start = True
+            return "\n"
+        word = self._tokenizer.itos[token_id]
+        piece = word if self._at_line_start else " " + word
+        self._at_line_start = False
+        return piece
+
+
+def normalize_words(text: str) -> str:
+    """What a word model's decode(encode(text)) gives back for known words: one space between words."""
+    return "".join(" ".join(line.split()) + "\n" for line in WordTokenizer.split_lines(text))
+
+
+def fit_tokenizer(kind: str, text: str, *, min_count: int = 1, max_vocab: int | None = None) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.fit(text)
+    if kind == "word":
+        return WordTokenizer.fit(text, min_count=min_count, max_vocab=max_vocab)
+    if kind == "byte":
+        return ByteTokenizer()
+    raise TokenizerError(f"unknown tokenizer {kind!r}; choose char, word or byte")
+
+
+def tokenizer_from_dict(data: Any) -> Tokenizer:
+    if not isinstance(data, dict) or "kind" not in data:
+        raise TokenizerError("tokenizer description must be an object with a 'kind'")
+    kind = data["kind"]
+    try:
+        if kind == "char":
+            chars = data["chars"]
+            if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+                raise TokenizerError("char vocabulary must be a list of strings")
+            return CharTokenizer(chars)
+        if kind == "word":
+            words = data["words"]
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise TokenizerError("word vocabulary must be a list of strings")
+            return WordTokenizer(words)
+        if kind == "byte":
+            return ByteTokenizer()
+    except KeyError as exc:
+        raise TokenizerError(f"{kind} tokenizer description lacks {exc.args[0]!r}") from None
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}")
