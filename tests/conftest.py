@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinyshakespeare.txt"
+
+TINY_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n"
+) * 30
+
+
+@pytest.fixture(scope="session")
+def tiny_text() -> str:
+    return TINY_TEXT
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    """The real benchmark corpus; tests needing it skip on a fresh clone without ../shared."""
+    if not SHARED_CORPUS.is_file():
+        pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")
+    return SHARED_CORPUS.read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A small char model trained once for the tests that need a checkpoint."""
+    from charlm.config import ModelConfig, TrainConfig
+    from charlm.train import prepare_data, train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    data = prepare_data(TINY_TEXT, val_fraction=0.1)
+    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=32, embed_size=16, num_layers=2)
+    train_cfg = TrainConfig(seq_len=32, batch_size=4, lr=1e-2, max_steps=60, eval_every=20, warmup_steps=5,
+                            device="cpu")
+    train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=run_dir, source="tiny")
+    return run_dir

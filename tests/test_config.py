@@ -1,0 +1,54 @@
+import pytest
+
+from charlm.config import ModelConfig, SampleConfig, TrainConfig, auto_size
+from charlm.errors import ConfigError
+
+
+def test_round_trip_through_dict():
+    cfg = ModelConfig(vocab_size=65, cell="gru", hidden_size=64, embed_size=64, tie_weights=True, dropout=0.2)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    tcfg = TrainConfig(max_steps=10, patience=3)
+    assert TrainConfig.from_dict(tcfg.to_dict()) == tcfg
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(cell="transformer"), "--cell"), (dict(hidden_size=0), "--hidden-size"), (dict(dropout=1.0), "--dropout"),
+    (dict(tie_weights=True, embed_size=8, hidden_size=16), "--tie-weights"),
+])
+def test_model_config_rejects_bad_values(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        ModelConfig(vocab_size=10, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(lr=0), "--lr"), (dict(batch_size=0), "--batch-size"), (dict(val_fraction=1.0), "--val-fraction"),
+    (dict(max_minutes=-1), "--max-minutes"), (dict(device="tpu"), "--device"), (dict(clip=float("nan")), "--clip"),
+])
+def test_train_config_rejects_bad_values(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(temperature=-0.1), "--temperature"), (dict(top_k=0), "--top-k"), (dict(top_p=0.0), "--top-p"),
+    (dict(top_p=1.5), "--top-p"), (dict(length=-1), "--length"), (dict(num_samples=0), "--num-samples"),
+])
+def test_sample_config_rejects_bad_values(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        SampleConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ConfigError, match="unknown fields"):
+        ModelConfig.from_dict({"vocab_size": 3, "colour": "red"})
+
+
+def test_auto_size_grows_with_budget_and_is_capped_by_small_data():
+    small = auto_size(tokenizer="char", train_tokens=1_000_000, max_minutes=3, gpu=False)
+    large = auto_size(tokenizer="char", train_tokens=1_000_000, max_minutes=10, gpu=False)
+    assert (small.hidden_size, small.num_layers) == (256, 2)
+    assert large.hidden_size > small.hidden_size
+    tiny = auto_size(tokenizer="char", train_tokens=20_000, max_minutes=60, gpu=False)
+    assert tiny.hidden_size == 256 and tiny.dropout > 0  # many epochs on little data: regularise
+    word = auto_size(tokenizer="word", train_tokens=200_000, max_minutes=10, gpu=False)
+    assert word.tie_weights and word.embed_size == word.hidden_size

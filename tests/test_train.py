@@ -1,0 +1,129 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from charlm.checkpoint import load_checkpoint
+from charlm.config import ModelConfig, TrainConfig
+from charlm.errors import ConfigError, TrainingError
+from charlm.train import load_resume, lr_at, new_run_dir, prepare_data, resume_configs, train
+
+
+def test_lr_schedule_warms_up_then_decays():
+    kw = dict(base_lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)
+    assert lr_at(110, **kw) == pytest.approx(0.1) and lr_at(500, **kw) == pytest.approx(0.1)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def _configs(data, **train_kwargs):
+    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=24, embed_size=12, num_layers=2,
+                            dropout=0.1)
+    kwargs = dict(seq_len=16, batch_size=4, lr=1e-2, warmup_steps=3, eval_every=10, device="cpu", log_every=1)
+    kwargs.update(train_kwargs)
+    return model_cfg, TrainConfig(**kwargs)
+
+
+def _losses(run_dir):
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+
+
+def test_training_writes_checkpoints_and_metrics_and_the_loss_falls(tmp_path, tiny_text):
+    data = prepare_data(tiny_text, val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, max_steps=80, lr=3e-2)
+    result = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
+    assert result.step == 80 and result.stopped_by == "done"
+    assert {p.name for p in tmp_path.glob("*.safetensors")} >= {"best.safetensors", "last.safetensors"}
+    losses = _losses(tmp_path)
+    assert np.mean([losses[s] for s in range(76, 81)]) < losses[1] - 0.8
+    best = load_checkpoint(tmp_path / "best.safetensors")
+    assert best.train_state["best_val_loss"] == pytest.approx(result.best_val_loss)
+
+
+def test_resume_is_exact_on_cpu(tmp_path, tiny_text):
+    data = prepare_data(tiny_text, val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, max_steps=30)
+    full = tmp_path / "full"
+    train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=full)
+
+    part = tmp_path / "part"
+    calls = {"n": 0}
+
+    def stop_after_13():
+        calls["n"] += 1
+        return "SIGINT" if calls["n"] == 13 else None
+
+    first = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=part, should_stop=stop_after_13)
+    assert first.stopped_by == "interrupt" and first.step == 13
+    res = load_resume(part)
+    m2, t2 = resume_configs(res, {"max_steps": None})
+    train(model_config=m2, train_config=t2, data=data, run_dir=part, resume=res)
+    full_losses, part_losses = _losses(full), _losses(part)
+    assert all(full_losses[s] == part_losses[s] for s in range(14, 31))  # exact equality, every later step
+    a = load_checkpoint(full / "last.safetensors").model.state_dict()
+    b = load_checkpoint(part / "last.safetensors").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list(part.glob("*.optim.safetensors"))) == 1
+
+
+def test_resume_rejects_a_conflicting_shape(tmp_path, tiny_text):
+    data = prepare_data(tiny_text, val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, max_steps=5)
+    train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
+    res = load_resume(tmp_path)
+    with pytest.raises(ConfigError, match="--hidden-size 64 conflicts"):
+        resume_configs(res, {"hidden_size": 64})
+    _, cfg = resume_configs(res, {"max_steps": 50, "hidden_size": 24})
+    assert cfg.max_steps == 50
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_text, monkeypatch):
+    data = prepare_data(tiny_text, val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, max_steps=30, max_bad_steps=3, eval_every=5)
+    real_ce = torch.nn.functional.cross_entropy
+    state = {"calls": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real_ce(*args, **kwargs)
+        if kwargs.get("reduction") != "sum":  # training loss only
+            state["calls"] += 1
+            if state["calls"] in (3,) or state["calls"] >= 12:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr("charlm.train.F.cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
+        train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "bad_step" for e in events) == 4
+    last = load_checkpoint(tmp_path / "last.safetensors")  # the last good checkpoint is intact
+    assert last.train_state["step"] == 10
+    assert all(torch.isfinite(p).all() for p in last.model.parameters())
+
+
+def test_early_stopping_on_patience(tmp_path, tiny_text):
+    data = prepare_data(tiny_text, val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, max_steps=400, lr=0.5, eval_every=2, patience=2, clip=0)
+    result = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
+    assert result.stopped_by == "early-stop" and result.step < 400
+
+
+def test_time_budget_stops(tmp_path, tiny_text):
+    data = prepare_data(tiny_text, val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, max_minutes=0.05, eval_every=None)
+    result = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
+    assert result.stopped_by == "time" and result.elapsed_seconds < 3 + 5
+    assert math.isfinite(result.best_val_loss)
+
+
+def test_new_run_dir_never_reuses_a_run(tmp_path):
+    assert new_run_dir(tmp_path, "x") == tmp_path / "x"
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "best.safetensors").write_bytes(b"")
+    assert new_run_dir(tmp_path, "x") == tmp_path / "x-2"
