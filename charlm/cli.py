@@ -127,8 +127,6 @@ class _TrainDisplay:
         elif kind == "warning":
             err.print(f"charlm: warning: {event['message']}", markup=False)
         elif kind == "step":
-            if event.get("total_steps"):
-                self.total_steps = self.total_steps or None
             val = f" · val {self.last_val:.4f}" if self.last_val is not None else ""
             self.step_info = (f"step {event['step']:,} · loss {event['loss']:.4f}{val} · "
                               f"{event['tokens_per_second'] / 1000:.1f}k tok/s")

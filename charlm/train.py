@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .config import ModelConfig, TrainConfig
 from .data import batchify, default_corpus, fit_batch_shape, num_windows, read_corpus, split_text
-from .errors import CheckpointError, ConfigError, TrainingError, UsageError
+from .errors import CheckpointError, ConfigError, SaveError, TrainingError, UsageError
 from .evaluate import evaluate
 from .model import RNNLM, detach_state, resolve_device
 from .tokenizer import Tokenizer, fit_tokenizer
@@ -188,14 +188,22 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     """
     cfg = train_config
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SaveError(f"cannot write {run_dir}: {exc.strerror or exc}") from None
+    for stale in run_dir.glob(".*.tmp-*"):  # left by a writer that was killed mid-save
+        stale.unlink(missing_ok=True)
     device = resolve_device(cfg.device)
     emit = on_event or (lambda event: None)
     metrics_path = run_dir / "metrics.jsonl"
 
     def record(event: Event) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event) + "\n")
+        try:
+            with open(metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event) + "\n")
+        except OSError as exc:
+            raise SaveError(f"cannot write {metrics_path}: {exc.strerror or exc}") from None
         emit(event)
 
     torch.manual_seed(cfg.seed)
@@ -260,13 +268,12 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
         new_optim = f"last.step{step:09d}.optim.safetensors"
         ckpt.save_tensors(run_dir / new_optim, _optim_tensors(optimizer, model, state),
                           {"format": ckpt.FORMAT, "step": str(step)})
-        previous, optim_file = optim_file, new_optim
+        optim_file = new_optim
         ckpt.save_checkpoint(run_dir / ckpt.LAST, model=model, tokenizer=data.tokenizer,
                              train_config=cfg, train_state=train_state())
         for old in run_dir.glob("last.step*.optim.safetensors"):
             if old.name != new_optim:
                 old.unlink(missing_ok=True)
-        del previous
 
     def run_eval() -> float:
         nonlocal best_val, best_step, last_val, evals_since_best
@@ -299,7 +306,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     last_eval_step = step if resume is not None else -1
     last_eval_time = time.perf_counter()
     interval_tokens, interval_start, interval_loss, interval_count = 0, time.perf_counter(), 0.0, 0
-    eval_period = budget / 8 if budget else None
+    eval_period = budget / 4 if budget else None  # evaluation costs steps; ~4 + 1 final suffice
     eval_every = cfg.eval_every or (None if budget else max(1, (fixed_total or steps_per_epoch) // 10))
 
     while True:
