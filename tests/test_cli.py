@@ -99,3 +99,27 @@ def test_real_subprocess_train_then_sample(tmp_path, tiny_corpus):
                              "--temperature", "0", "--length", "30", "--seed", "2"],
                             capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 0 and proc.stdout == greedy.stdout and len(proc.stdout) > 20
+
+
+def test_prime_with_unseen_characters_is_refused(trained_run):
+    result = runner.invoke(app, ["sample", "--checkpoint", str(trained_run), "--prime", "Zebra!"])
+    assert result.exit_code == 2
+    assert "the prime has characters this model has never seen: '!' 'Z' 'b'" in result.stderr
+
+
+def test_device_cuda_without_cuda_is_a_usage_error(tiny_corpus):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = runner.invoke(app, ["train", str(tiny_corpus), "--device", "cuda"])
+    assert result.exit_code == 2 and "--device cuda: no CUDA GPU is available here" in result.stderr
+
+
+def test_tiny_corpus_shrinks_the_batch_with_a_warning(tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 3, encoding="utf-8")
+    result = runner.invoke(app, ["train", str(corpus), "--out", str(tmp_path / "run"), "--max-steps", "3",
+                                 "--hidden-size", "8", "--embed-size", "8", "--sample-length", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the training text has only" in result.stderr
