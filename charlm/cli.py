@@ -197,7 +197,7 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included. Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
     val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = 0.1,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: ~8-10 times per run.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: 4 times per time budget, 10 per step/epoch limit.")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1337,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",

@@ -187,12 +187,11 @@ def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, g
     else:
         hidden = 256 if minutes <= 5 else 384 if minutes <= 20 else 512 if minutes <= 90 else 768
         layers, batch, seq_len = 2, 16, 100
-        # Small batches with a high peak rate learn fastest per CPU-second (tiny-shakespeare sweeps).
-        lr = _CPU_LR[hidden]
         # A small corpus cannot feed a large model: cap the size by the data.
         while hidden > 256 and train_tokens < 200 * hidden * hidden // 64:
             hidden = {384: 256, 512: 384, 768: 512}[hidden]
-            lr = _CPU_LR[hidden]
+        # Small batches with a high peak rate learn fastest per CPU-second (tiny-shakespeare sweeps).
+        lr = _CPU_LR[hidden]
         rate = _CPU_TOKENS_PER_SECOND[hidden]
     expected_epochs = minutes * 60 * rate / max(train_tokens, 1)
     if tokenizer == "word":

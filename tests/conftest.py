@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,10 @@ def trained_run(tmp_path_factory) -> Path:
                             device="cpu")
     train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=run_dir, source="tiny")
     return run_dir
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for `python -m charlm` in a child process, importing this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return env

@@ -1,15 +1,15 @@
 """The command line through Typer's CliRunner and as a real subprocess."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from charlm import __version__
 from charlm.cli import app
+
+from conftest import subprocess_env
 
 runner = CliRunner()
 TINY_TRAIN = ["--hidden-size", "24", "--embed-size", "12", "--seq-len", "16", "--batch-size", "4",
@@ -77,27 +77,21 @@ def test_bad_input_gives_one_line_and_exit_code(tmp_path, monkeypatch, args, cod
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    return env
-
-
 def test_real_subprocess_train_then_sample(tmp_path, tiny_corpus):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "charlm", "train", str(tiny_corpus), "--out", str(out), *TINY_TRAIN],
-                          capture_output=True, text=True, env=_env(), timeout=300)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "best val loss" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "charlm", "sample", "--temperature", "0", "--length", "30"],
-                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("charlm: error: no checkpoint under checkpoints/")
     proc = subprocess.run([sys.executable, "-m", "charlm", "sample", "--checkpoint", str(out / "best.safetensors"),
                            "--temperature", "0", "--length", "30", "--seed", "1"],
-                          capture_output=True, text=True, env=_env(), timeout=120)
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
     greedy = subprocess.run([sys.executable, "-m", "charlm", "sample", "--checkpoint", str(out),
                              "--temperature", "0", "--length", "30", "--seed", "2"],
-                            capture_output=True, text=True, env=_env(), timeout=120)
+                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert proc.returncode == 0 and proc.stdout == greedy.stdout and len(proc.stdout) > 20
 
 

@@ -1,11 +1,9 @@
 """Interruptions and faults through a real training process: SIGKILL during saves, SIGINT, SIGTERM."""
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -14,27 +12,15 @@ from charlm.checkpoint import load_checkpoint
 from charlm.cli import app
 from charlm.train import load_resume
 
+from conftest import subprocess_env
+
 TRAIN = ["--hidden-size", "16", "--embed-size", "8", "--seq-len", "8", "--batch-size", "2",
          "--device", "cpu", "--sample-length", "0"]
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    return env
-
-
 def _start(args):
-    return subprocess.Popen([sys.executable, "-m", "charlm", "train", *map(str, args)], env=_env(),
+    return subprocess.Popen([sys.executable, "-m", "charlm", "train", *map(str, args)], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
 
 
 def _wait_for_save(path, previous_mtime, proc, timeout=120):
@@ -73,7 +59,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, ti
 def test_signal_saves_last_and_says_how_to_resume(tmp_path, tiny_corpus, sig, code):
     out = tmp_path / "run"
     proc = _start([tiny_corpus, "--out", out, "--max-steps", "100000", "--eval-every", "20", *TRAIN])
-    _wait_for(out / "last.safetensors", proc)
+    _wait_for_save(out / "last.safetensors", None, proc)
     before = load_checkpoint(out / "last.safetensors").train_state["step"]
     time.sleep(0.5)
     proc.send_signal(sig)
