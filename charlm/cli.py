@@ -193,6 +193,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.01,
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping threshold (0 = off).")] = 1.0,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay.")] = 100,
+    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at this fraction of --lr.")] = 0.1,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included. Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
@@ -208,6 +209,7 @@ def train(
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
     max_bad_steps: Annotated[int, typer.Option(help="Stop after this many NaN/Inf steps in a row.")] = 25,
     sample_length: Annotated[int, typer.Option(help="Length of the sample printed at the end (0 = none).")] = 300,
+    log_every: Annotated[Optional[int], typer.Option(help="Write the mean training loss to metrics.jsonl every N steps. Default: 10.")] = None,
 ) -> None:
     """Train a model on CORPUS and keep the best and last checkpoints.
 
@@ -216,69 +218,90 @@ def train(
     with _handled():
         from .checkpoint import BEST
         from .config import TOKENIZERS, ModelConfig, TrainConfig, auto_size
+        from .distributed import from_env, shutdown
         from .errors import ConfigError
         from .model import resolve_device
-        from .train import (load_corpus, load_resume, new_run_dir, prepare_data, resume_configs,
-                            train as run_training)
+        from .train import load_resume, new_run_dir, prepare_corpus, resume_configs, train as run_training
 
         if tokenizer not in TOKENIZERS:
             raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {tokenizer!r})")
-        if resume is not None:
-            res = load_resume(resume)
-            overrides = dict(cell=None if cell == "lstm" else cell, hidden_size=hidden_size, num_layers=num_layers,
-                             embed_size=embed_size, tie_weights=tie_weights, dropout=dropout, batch_size=batch_size,
-                             seq_len=seq_len, epochs=epochs, max_steps=max_steps, max_minutes=max_minutes,
-                             patience=patience, device=None if device == "auto" else device, eval_every=eval_every,
-                             tokenizer=None if tokenizer == "char" else tokenizer)
-            model_cfg, train_cfg = resume_configs(res, overrides)
-            source = corpus or res.checkpoint.train_state.get("corpus") or None
-            corpus_data = load_corpus(source, encoding_errors=encoding_errors)
-            data = prepare_data(corpus_data.text, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer)
-            run_dir = res.run_dir
-        else:
-            res = None
-            if epochs is None and max_steps is None and max_minutes is None:
-                max_minutes = DEFAULT_MINUTES
-            corpus_data = load_corpus(corpus, encoding_errors=encoding_errors)
-            data = prepare_data(corpus_data.text, val_fraction=val_fraction, kind=tokenizer,
-                                min_count=min_count, max_vocab=max_vocab)
-            gpu = resolve_device(device).type == "cuda"
-            auto = auto_size(tokenizer=tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes, gpu=gpu)
-            hidden = hidden_size or auto.hidden_size
-            tie = tie_weights if tie_weights is not None else (auto.tie_weights and embed_size in (None, hidden))
-            model_cfg = ModelConfig(
-                vocab_size=data.tokenizer.vocab_size, cell=cell, hidden_size=hidden,
-                num_layers=num_layers or auto.num_layers, dropout=auto.dropout if dropout is None else dropout,
-                embed_size=embed_size or (hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie)
-            train_cfg = TrainConfig(
-                seq_len=seq_len or auto.seq_len, batch_size=batch_size or auto.batch_size, lr=lr or auto.lr,
-                weight_decay=weight_decay, clip=clip, warmup_steps=warmup_steps, epochs=epochs, max_steps=max_steps,
-                max_minutes=max_minutes, val_fraction=val_fraction, eval_every=eval_every, patience=patience,
-                seed=seed, device=device, max_bad_steps=max_bad_steps)
-            if out is not None:
-                if out.exists() and any(out.glob("*.safetensors")):
-                    raise ConfigError(f"{out} already holds a run; pass --resume {out} to continue it "
-                                      f"or choose another --out")
-                run_dir = out
+        dist = from_env(device)
+        note = (lambda message: err.print(f"charlm: {message}", markup=False)) if dist.is_main else None
+        try:
+            if resume is not None:
+                res = load_resume(resume)
+                overrides = dict(cell=None if cell == "lstm" else cell, hidden_size=hidden_size, num_layers=num_layers,
+                                 embed_size=embed_size, tie_weights=tie_weights, dropout=dropout, batch_size=batch_size,
+                                 seq_len=seq_len, epochs=epochs, max_steps=max_steps, max_minutes=max_minutes,
+                                 patience=patience, device=None if device == "auto" else device, eval_every=eval_every,
+                                 log_every=log_every, tokenizer=None if tokenizer == "char" else tokenizer)
+                model_cfg, train_cfg = resume_configs(res, overrides)
+                source = corpus or res.checkpoint.train_state.get("corpus") or None
+                # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
+                for turn in (True, False):
+                    if dist.is_main == turn:
+                        corpus_data, data = prepare_corpus(source, val_fraction=train_cfg.val_fraction,
+                                                           tokenizer=res.checkpoint.tokenizer,
+                                                           encoding_errors=encoding_errors, on_note=note)
+                    dist.barrier()
+                run_dir = res.run_dir
             else:
-                run_dir = new_run_dir("checkpoints", corpus_data.name)
-            if unknown := data.tokenizer.count_unknown(data.val_ids):
-                err.print(f"charlm: note: {unknown:,} validation tokens are not in the training vocabulary "
-                          f"(scored as <UNK>)", markup=False)
-        display = _TrainDisplay(live=True, budget_seconds=train_cfg.max_minutes * 60 if train_cfg.max_minutes else None)
-        with _StopFlag() as stop, display:
-            result = run_training(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=run_dir,
-                                  source=corpus_data.source, on_event=display, should_stop=stop, resume=res)
+                res = None
+                if epochs is None and max_steps is None and max_minutes is None:
+                    max_minutes = DEFAULT_MINUTES
+                for turn in (True, False):
+                    if dist.is_main == turn:
+                        corpus_data, data = prepare_corpus(corpus, kind=tokenizer, val_fraction=val_fraction,
+                                                           min_count=min_count, max_vocab=max_vocab,
+                                                           encoding_errors=encoding_errors, on_note=note)
+                    dist.barrier()
+                if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
+                    raise ConfigError("the processes of the distributed run built different vocabularies")
+                gpu = resolve_device(device).type == "cuda"
+                auto = auto_size(tokenizer=tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
+                                 gpu=gpu)
+                hidden = hidden_size or auto.hidden_size
+                tie = tie_weights if tie_weights is not None else (auto.tie_weights and embed_size in (None, hidden))
+                model_cfg = ModelConfig(
+                    vocab_size=data.tokenizer.vocab_size, cell=cell, hidden_size=hidden,
+                    num_layers=num_layers or auto.num_layers, dropout=auto.dropout if dropout is None else dropout,
+                    embed_size=embed_size or (hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie)
+                train_cfg = TrainConfig(
+                    seq_len=seq_len or auto.seq_len, batch_size=batch_size or auto.batch_size, lr=lr or auto.lr,
+                    weight_decay=weight_decay, clip=clip, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+                    epochs=epochs, max_steps=max_steps, max_minutes=max_minutes, val_fraction=val_fraction,
+                    eval_every=eval_every, patience=patience, seed=seed, device=device, max_bad_steps=max_bad_steps,
+                    log_every=log_every or 10)
+                if out is not None:
+                    if dist.is_main and out.exists() and any(out.glob("*.safetensors")):
+                        raise ConfigError(f"{out} already holds a run; pass --resume {out} to continue it "
+                                          f"or choose another --out")
+                    run_dir = out
+                else:
+                    run_dir = Path(dist.broadcast_object(str(new_run_dir("checkpoints", corpus_data.name))))
+                if note and (unknown := data.tokenizer.count_unknown(data.val_ids)):
+                    note(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
+            budget_seconds = train_cfg.max_minutes * 60 if train_cfg.max_minutes else None
+            display = _TrainDisplay(live=dist.is_main, budget_seconds=budget_seconds)
+            with _StopFlag() as stop, display:
+                result = run_training(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=run_dir,
+                                      source=corpus_data.source, on_event=display, should_stop=stop, resume=res,
+                                      dist=dist)
+        finally:
+            shutdown(dist)
         if result.stopped_by == "interrupt":
-            err.print(f"charlm: stopped at step {result.step:,}; saved {run_dir / 'last.safetensors'}. "
-                      f"Resume with: charlm train --resume {run_dir}", markup=False)
+            if dist.is_main:
+                err.print(f"charlm: stopped at step {result.step:,}; saved {run_dir / 'last.safetensors'}. "
+                          f"Resume with: charlm train --resume {run_dir}", markup=False)
             raise typer.Exit(143 if stop.reason == "SIGTERM" else 130)
+        if not dist.is_main:
+            return
         best = display.best
         if best is None or not math.isfinite(result.best_val_loss):
             raise ConfigError("training ended before any evaluation")
         console.print(f"best val loss {best['val_loss']:.4f} nats/token · {best['val_bpc']:.4f} bits/char · "
-                  f"perplexity {math.exp(best['val_loss']):.3f} (step {best['step']:,} of {result.step:,}, "
-                  f"{result.elapsed_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
+                      f"perplexity {math.exp(best['val_loss']):.3f} (step {best['step']:,} of {result.step:,}, "
+                      f"{result.elapsed_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
         console.print(f"checkpoints: {run_dir / BEST}", markup=False)
         if sample_length > 0:
             console.print("sample:", markup=False)

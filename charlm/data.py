@@ -40,9 +40,19 @@ def normalize_newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_corpus(path: str | os.PathLike[str], *, encoding_errors: str = "strict",
-                allow_empty: bool = False) -> str:
-    """Read a UTF-8 text file (with or without BOM), normalising CRLF/CR line ends to LF."""
+CHUNK_BYTES = 8 << 20
+
+
+def iter_corpus_chunks(path: str | os.PathLike[str], *, encoding_errors: str = "strict",
+                       chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """Decode a UTF-8 text file (with or without BOM) piece by piece, CRLF/CR normalised to LF.
+
+    Streaming keeps a big corpus out of memory: the token cache reads it in ``chunk_bytes``
+    pieces and never holds the whole text. A CR at the end of a piece is held back until the next
+    one shows whether an LF follows.
+    """
+    import codecs
+
     path = Path(path)
     if encoding_errors not in ENCODING_ERRORS:
         raise CorpusError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}")
@@ -50,29 +60,54 @@ def read_corpus(path: str | os.PathLike[str], *, encoding_errors: str = "strict"
         raise CorpusError(f"{path}: no such file")
     if path.is_dir():
         raise CorpusError(f"{path}: is a directory, not a text file")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=encoding_errors)
+    offset, held_cr = 0, False
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            while True:
+                data = fh.read(chunk_bytes if offset else max(chunk_bytes, 3))  # a BOM is 3 bytes
+                final = not data
+                if offset == 0 and data.startswith(b"\xef\xbb\xbf"):
+                    data, offset = data[3:], 3
+                nul = data.find(b"\x00")
+                if nul >= 0:
+                    raise CorpusError(f"{path}: looks binary (NUL byte at offset {offset + nul}); "
+                                      f"charlm reads UTF-8 text")
+                pending = len(decoder.getstate()[0])
+                try:
+                    text = decoder.decode(data, final=final)
+                except UnicodeDecodeError as exc:
+                    raise CorpusError(
+                        f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {offset - pending + exc.start}); "
+                        f"pass --encoding-errors replace to read it anyway") from None
+                offset += len(data)
+                if held_cr:
+                    text = "\r" + text
+                held_cr = not final and text.endswith("\r")
+                if held_cr:
+                    text = text[:-1]
+                if text:
+                    yield normalize_newlines(text)
+                if final:
+                    return
     except OSError as exc:
         raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise CorpusError(f"{path}: looks binary (NUL byte at offset {nul}); charlm reads UTF-8 text")
-    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-    data = data[bom:]
-    try:
-        text = data.decode("utf-8", errors=encoding_errors)
-    except UnicodeDecodeError as exc:
-        offset = exc.start + bom
-        raise CorpusError(
-            f"{path}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {offset}); "
-            f"pass --encoding-errors replace to read it anyway") from None
-    text = normalize_newlines(text)
+
+
+def read_corpus(path: str | os.PathLike[str], *, encoding_errors: str = "strict",
+                allow_empty: bool = False) -> str:
+    """Read a UTF-8 text file (with or without BOM), normalising CRLF/CR line ends to LF."""
+    text = "".join(iter_corpus_chunks(path, encoding_errors=encoding_errors))
     if not allow_empty:
-        if not text:
-            raise CorpusError(f"{path}: is empty")
-        if not text.strip():
-            raise CorpusError(f"{path}: holds only whitespace")
+        check_not_blank(path, empty=not text, blank=not text.strip())
     return text
+
+
+def check_not_blank(path: str | os.PathLike[str], *, empty: bool, blank: bool) -> None:
+    if empty:
+        raise CorpusError(f"{path}: is empty")
+    if blank:
+        raise CorpusError(f"{path}: holds only whitespace")
 
 
 def split_text(text: str, val_fraction: float, *, at_line: bool = False) -> tuple[str, str]:
@@ -91,32 +126,35 @@ def split_text(text: str, val_fraction: float, *, at_line: bool = False) -> tupl
     return text[:cut], text[cut:]
 
 
-def batchify(ids: np.ndarray, batch_size: int):
-    """Cut a 1-D id array into ``batch_size`` contiguous streams: a (B, N // B) tensor of ids."""
-    import torch
+def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
+    """Cut a 1-D id array into ``batch_size`` contiguous streams: a (B, N // B) view, no copy.
 
+    A memory-mapped corpus stays memory-mapped; windows are copied out one at a time (``window``).
+    """
     length = len(ids) // batch_size
     if length < 2:
         raise CorpusError(f"{len(ids)} tokens are too few for {batch_size} streams")
-    ids = ids[: length * batch_size]
-    if ids.dtype == np.uint16 or ids.dtype.kind == "i":
-        ids = ids.astype(np.int32, copy=False)  # torch indexes int32/int64/uint8 tensors
-    return torch.from_numpy(np.ascontiguousarray(ids)).view(batch_size, length)
+    return ids[: length * batch_size].reshape(batch_size, length)
 
 
 def num_windows(stream_length: int, seq_len: int) -> int:
     return max(0, -(-(stream_length - 1) // seq_len))
 
 
-def bptt_windows(streams, seq_len: int, *, start: int = 0) -> Iterator[tuple[int, object, object]]:
+def window(streams: np.ndarray, index: int, seq_len: int, rows: slice = slice(None)):
+    """Window ``index`` of ``streams[rows]``: x, y int64 tensors of shape (B, t), t ≤ seq_len."""
+    import torch
+
+    i = index * seq_len
+    t = min(seq_len, streams.shape[1] - 1 - i)
+    block = torch.from_numpy(streams[rows, i:i + t + 1].astype(np.int64))  # (B, t + 1), a copy
+    return block[:, :-1], block[:, 1:]
+
+
+def bptt_windows(streams: np.ndarray, seq_len: int, *, start: int = 0) -> Iterator[tuple[int, object, object]]:
     """Yield (window index, x, y) with x, y of shape (B, t), t ≤ seq_len, ids as int64."""
-    length = streams.shape[1]
-    for index in range(start, num_windows(length, seq_len)):
-        i = index * seq_len
-        t = min(seq_len, length - 1 - i)
-        x = streams[:, i:i + t].long()
-        y = streams[:, i + 1:i + 1 + t].long()
-        yield index, x, y
+    for index in range(start, num_windows(streams.shape[1], seq_len)):
+        yield (index, *window(streams, index, seq_len))
 
 
 @dataclass(frozen=True)

@@ -40,3 +40,7 @@ class TrainingError(CharlmError):
 
 class SaveError(CharlmError):
     """A checkpoint could not be written; the previous one is intact."""
+
+
+class DistributedError(TrainingError):
+    """Another process of a distributed run died or stopped responding, or the group cannot form."""

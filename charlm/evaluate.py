@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import Dist
 from .model import RNNLM, select_state
 
 LN2 = math.log(2.0)
@@ -49,35 +50,43 @@ def _window_nats(model: RNNLM, x: torch.Tensor, y: torch.Tensor, state, autocast
 
 @torch.inference_mode()
 def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, seq_len: int = 256,
-             autocast: bool = False) -> EvalResult:
-    """Total nats of predicting ids[1:] from what comes before, in one pass."""
+             autocast: bool = False, dist: Dist | None = None) -> EvalResult:
+    """Total nats of predicting ids[1:] from what comes before, in one pass.
+
+    With ``dist`` the streams are shared out among the ranks (stream b to rank b mod world size)
+    and the totals summed, so every rank gets the same figure as a world of one would.
+    """
+    dist = dist or Dist()
     n = len(ids)
     if n < 2:
         return EvalResult(0.0, 0)
     was_training = model.training
     model.eval()
     device = model.embedding.weight.device
-    tokens = torch.from_numpy(np.asarray(ids).astype(np.int64)).to(device)
+    # int32 on the device; each window is widened to int64 when it is gathered.
+    tokens = torch.from_numpy(np.asarray(ids).astype(np.int32)).to(device)
     num_streams = num_streams or eval_streams(n)
     # Each stream predicts `length` tokens; stream b reads tokens [b*length, (b+1)*length].
     length = (n - 1) // num_streams
+    mine = torch.arange(num_streams, device=device)[dist.rank::dist.world_size]
     total = torch.zeros((), dtype=torch.float64, device=device)
     state = None
-    if length > 0:
-        index = torch.arange(num_streams, device=device)[:, None] * length
+    if length > 0 and len(mine):
+        index = mine[:, None] * length
         for i in range(0, length, seq_len):
             t = min(seq_len, length - i)
             cols = torch.arange(i, i + t, device=device)[None, :]
-            x, y = tokens[index + cols], tokens[index + cols + 1]
+            x, y = tokens[index + cols].long(), tokens[index + cols + 1].long()
             nats, state = _window_nats(model, x, y, state, autocast)
             total += nats.double()
-        state = select_state(state, slice(num_streams - 1, num_streams))
-    # The remainder continues the last stream.
-    start = num_streams * length
-    for i in range(start, n - 1, seq_len):
-        t = min(seq_len, n - 1 - i)
-        x, y = tokens[None, i:i + t], tokens[None, i + 1:i + 1 + t]
-        nats, state = _window_nats(model, x, y, state, autocast)
-        total += nats.double()
+        state = select_state(state, slice(len(mine) - 1, len(mine)))
+    # The remainder continues the last stream, on the rank that owns it.
+    if (num_streams - 1) % dist.world_size == dist.rank:
+        for i in range(num_streams * length, n - 1, seq_len):
+            t = min(seq_len, n - 1 - i)
+            x, y = tokens[None, i:i + t].long(), tokens[None, i + 1:i + 1 + t].long()
+            nats, state = _window_nats(model, x, y, state, autocast)
+            total += nats.double()
+    dist.all_reduce_sum(total)
     model.train(was_training)
     return EvalResult(float(total.item()), n - 1)

@@ -25,6 +25,17 @@ EOS = "<EOS>"
 UNK_CHAR = "\ufffd"
 
 
+# Encoding works through text this many characters at a time to bound its temporaries.
+ENCODE_CHUNK = 1 << 20
+
+
+def codepoints(text: str) -> np.ndarray:
+    """The codepoints of ``text``: uint8 when it is ASCII (the fast, common case), else uint32."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
 def ids_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id."""
     if vocab_size <= 1 << 8:
@@ -80,31 +91,39 @@ class CharTokenizer(Tokenizer):
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise TokenizerError("a char vocabulary must be distinct single characters")
         self.itos: list[str] = [UNK] + chars
-        codepoints = np.array([ord(c) for c in chars], dtype=np.int64)
-        order = np.argsort(codepoints, kind="stable")
-        self._sorted_codepoints = codepoints[order]
-        self._sorted_ids = (order + 1).astype(np.int64)  # +1: id 0 is <UNK>
+        # A dense codepoint → id table (one past the largest codepoint maps to <UNK>), so encoding
+        # is one gather per character; ~1 MB even for the highest codepoints.
+        size = max([ord(c) for c in chars] + [255]) + 2
+        self._lut = np.zeros(size, dtype=ids_dtype(self.vocab_size))
+        self._lut[[ord(c) for c in chars]] = np.arange(1, len(chars) + 1)
         self._decode_table = np.array([UNK_CHAR] + chars, dtype=object)
 
     @classmethod
     def fit(cls, text: str) -> "CharTokenizer":
         if not text:
             raise TokenizerError("cannot build a vocabulary from empty text")
-        return cls(sorted(set(text)))
+        seen = np.zeros(0x110000, dtype=bool)
+        for start in range(0, len(text), ENCODE_CHUNK):
+            seen[codepoints(text[start:start + ENCODE_CHUNK])] = True
+        return cls([chr(c) for c in np.flatnonzero(seen)])
 
     @property
     def vocab_size(self) -> int:
         return len(self.itos)
 
     def encode(self, text: str) -> np.ndarray:
-        codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
-        if len(self._sorted_codepoints) == 0:
-            return np.zeros(len(codepoints), dtype=ids_dtype(self.vocab_size))
-        pos = np.searchsorted(self._sorted_codepoints, codepoints)
-        pos_clipped = np.minimum(pos, len(self._sorted_codepoints) - 1)
-        found = self._sorted_codepoints[pos_clipped] == codepoints
-        ids = np.where(found, self._sorted_ids[pos_clipped], self.unk_id)
-        return ids.astype(ids_dtype(self.vocab_size))
+        out = np.empty(len(text), dtype=self._lut.dtype)
+        for start in range(0, len(text), ENCODE_CHUNK):
+            self.encode_into(text[start:start + ENCODE_CHUNK], out[start:start + ENCODE_CHUNK])
+        return out
+
+    def encode_into(self, text: str, out: np.ndarray) -> None:
+        """Encode ``text`` into ``out[:len(text)]`` (e.g. a slice of a memmap), without temporaries
+        bigger than the text."""
+        cps = codepoints(text)
+        if cps.dtype != np.uint8:  # the table covers every byte value; beyond it, <UNK>
+            cps = np.minimum(cps, np.uint32(len(self._lut) - 1))
+        np.take(self._lut, cps, out=out[: len(text)])
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)

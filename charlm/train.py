@@ -17,12 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torch.nn.parallel import DistributedDataParallel
+
 from . import checkpoint as ckpt
+from .cache import check_split, corpus_ids
 from .config import ModelConfig, TrainConfig
-from .data import batchify, default_corpus, fit_batch_shape, num_windows, read_corpus, split_text
-from .errors import CheckpointError, ConfigError, SaveError, TrainingError, UsageError
+from .data import batchify, default_corpus, fit_batch_shape, num_windows, read_corpus, split_text, window
+from .distributed import Dist, device_for
+from .errors import CheckpointError, ConfigError, SaveError, TrainingError
 from .evaluate import evaluate
-from .model import RNNLM, detach_state, resolve_device
+from .model import RNNLM, detach_state, resolve_device, select_state
 from .tokenizer import Tokenizer, fit_tokenizer
 
 Event = dict[str, Any]
@@ -35,7 +39,7 @@ BUILTIN = "builtin:pydoc"
 class Corpus:
     name: str  # a short name for the run folder
     source: str  # a path, or BUILTIN
-    text: str
+    text: str | None = None  # None when the ids come from the token cache
 
 
 def load_corpus(path: str | None, *, encoding_errors: str = "strict") -> Corpus:
@@ -51,7 +55,7 @@ class PreparedData:
     tokenizer: Tokenizer
     train_ids: np.ndarray
     val_ids: np.ndarray
-    val_text: str
+    val_chars: int  # characters of the validation text: bits/char divides by this
     train_chars: int
 
 
@@ -60,13 +64,33 @@ def prepare_data(text: str, *, val_fraction: float, tokenizer: Tokenizer | None 
     """Split off the LAST ``val_fraction`` as validation, fit the tokenizer on the training part only."""
     train_text, val_text = split_text(text, val_fraction, at_line=(tokenizer.kind if tokenizer else kind) == "word")
     if not train_text.strip():
-        raise UsageError("the training part of the corpus is empty; lower --val-fraction or use more text")
+        check_split(train_tokens=0, val_tokens=0, val_chars=len(val_text))
     tokenizer = tokenizer or fit_tokenizer(kind, train_text, min_count=min_count, max_vocab=max_vocab)
-    val_ids = tokenizer.encode(val_text)
-    if len(val_ids) < 2:
-        raise UsageError(f"the validation part ({len(val_text)} characters) has fewer than 2 tokens; "
-                         f"raise --val-fraction or use more text")
-    return PreparedData(tokenizer, tokenizer.encode(train_text), val_ids, val_text, len(train_text))
+    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
+    check_split(train_tokens=len(train_ids), val_tokens=len(val_ids), val_chars=len(val_text))
+    return PreparedData(tokenizer, train_ids, val_ids, len(val_text), len(train_text))
+
+
+def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
+                   max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
+                   on_note: Callable[[str], None] | None = None) -> tuple[Corpus, PreparedData]:
+    """The corpus and its ids: a file goes through the on-disk token cache, the built-in one is small.
+
+    ``tokenizer`` (a resumed run's) must match what the cache holds; if it does not, the text is
+    encoded with it in memory instead.
+    """
+    if path is None or path == BUILTIN:
+        corpus = load_corpus(None)
+        return corpus, prepare_data(corpus.text or "", val_fraction=val_fraction, tokenizer=tokenizer, kind=kind,
+                                    min_count=min_count, max_vocab=max_vocab)
+    corpus = Corpus(Path(path).stem or "corpus", str(Path(path).resolve()))
+    cached = corpus_ids(path, kind=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction,
+                        min_count=min_count, max_vocab=max_vocab, encoding_errors=encoding_errors, on_build=on_note)
+    if tokenizer is not None and tokenizer.to_dict() != cached.tokenizer.to_dict():
+        text = read_corpus(path, encoding_errors=encoding_errors)
+        return corpus, prepare_data(text, val_fraction=val_fraction, tokenizer=tokenizer)
+    return corpus, PreparedData(cached.tokenizer, cached.train_ids, cached.val_ids, cached.val_chars,
+                                cached.train_chars)
 
 
 # ── schedule ────────────────────────────────────────────────────────────────────────────────────
@@ -179,26 +203,35 @@ def _is_finite(value: torch.Tensor) -> bool:
 
 def train(*, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: str | Path,
           source: str = "", on_event: Callable[[Event], None] | None = None,
-          should_stop: Callable[[], str | None] | None = None, resume: Resume | None = None) -> TrainResult:
+          should_stop: Callable[[], str | None] | None = None, resume: Resume | None = None,
+          dist: Dist | None = None) -> TrainResult:
     """Train a model and write checkpoints and metrics.jsonl into ``run_dir``.
 
     ``should_stop`` is polled after every step; a non-empty answer (e.g. "SIGINT") ends the run
     after saving ``last``. Returns what happened; raises ``TrainingError`` if the loss stays
     non-finite for ``max_bad_steps`` steps in a row (the last good checkpoint is kept).
+
+    With ``dist`` (a torchrun world) each rank trains its own slice of the B streams under DDP;
+    rank 0 alone writes files and reports events, and every stop decision is taken from values
+    reduced across ranks, so all ranks stop at the same step.
     """
     cfg = train_config
+    dist = dist or Dist()
     run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SaveError(f"cannot write {run_dir}: {exc.strerror or exc}") from None
-    for stale in run_dir.glob(".*.tmp-*"):  # left by a writer that was killed mid-save
-        stale.unlink(missing_ok=True)
-    device = resolve_device(cfg.device)
-    emit = on_event or (lambda event: None)
+    if dist.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SaveError(f"cannot write {run_dir}: {exc.strerror or exc}") from None
+        for stale in run_dir.glob(".*.tmp-*"):  # left by a writer that was killed mid-save
+            stale.unlink(missing_ok=True)
+    device = device_for(dist, resolve_device(cfg.device))
+    emit = (on_event or (lambda event: None)) if dist.is_main else (lambda event: None)
     metrics_path = run_dir / "metrics.jsonl"
 
     def record(event: Event) -> None:
+        if not dist.is_main:
+            return
         try:
             with open(metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(event) + "\n")
@@ -215,7 +248,12 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     if shape.warning:
         emit({"event": "warning", "message": shape.warning})
         cfg = cfg.replace(batch_size=shape.batch_size, seq_len=shape.seq_len)
-    streams = batchify(data.train_ids, cfg.batch_size).to(device)
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
+                          f"({dist.world_size}): each process carries the same number of streams")
+    streams = batchify(data.train_ids, cfg.batch_size)  # (B, N // B), all ranks see the same layout
+    per_rank = cfg.batch_size // dist.world_size
+    rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's streams
     steps_per_epoch = num_windows(streams.shape[1], cfg.seq_len)
 
     planned = [s for s in (cfg.max_steps, cfg.epochs * steps_per_epoch if cfg.epochs else None) if s]
@@ -224,14 +262,14 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     total_steps = fixed_total or 10**9
     warmup = min(cfg.warmup_steps, max(1, (fixed_total or 10**9) // 10))
 
-    step, epoch, window, state = 0, 0, 0, None
+    step, epoch, window_index, state = 0, 0, 0, None
     best_val, best_step, last_val, evals_since_best = math.inf, -1, math.inf, 0
     elapsed_before = 0.0
     tokens_seen = 0
     if resume is not None:
         model.load_state_dict(resume.checkpoint.model.state_dict())
         st = resume.checkpoint.train_state
-        step, epoch, window = int(st["step"]), int(st["epoch"]), int(st["window"])
+        step, epoch, window_index = int(st["step"]), int(st["epoch"]), int(st["window"])
         best_val, best_step = float(st.get("best_val_loss", math.inf)), int(st.get("best_step", -1))
         evals_since_best = int(st.get("evals_since_best", 0))
         elapsed_before = float(st.get("elapsed_seconds", 0.0))
@@ -239,22 +277,34 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
         total_steps = int(st.get("total_steps", total_steps)) if not fixed_total else fixed_total
         warmup = int(st.get("warmup_steps", warmup))
         state = _restore_optim(optimizer, model, resume.optim_tensors, device)
-        if state is not None and (state[0] if isinstance(state, tuple) else state).shape[1] != cfg.batch_size:
-            raise ConfigError("the run was trained with a different --batch-size")
+        if state is not None:
+            if (state[0] if isinstance(state, tuple) else state).shape[1] != cfg.batch_size:
+                raise ConfigError("the run was trained with a different --batch-size")
+            state = select_state(state, rows)  # the saved state covers all B streams
+    if dist.enabled:
+        torch.manual_seed(cfg.seed + dist.rank)  # different dropout masks on different streams
+        # DDP averages gradients over ranks: each rank's mean loss over B/W streams, averaged,
+        # is the mean over all B streams, so the step equals a one-process step with batch B.
+        net: torch.nn.Module = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
 
     num_parameters = model.num_parameters()
     start_time = time.perf_counter()
     optim_file = None
 
-    def elapsed() -> float:
+    def local_elapsed() -> float:
         return elapsed_before + time.perf_counter() - start_time
 
+    clock = local_elapsed()  # the run's clock: the ranks' mean, so every rank reads the same time
+
     def train_state() -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "window": window, "best_val_loss": best_val,
+        return {"step": step, "epoch": epoch, "window": window_index, "best_val_loss": best_val,
                 "best_step": best_step, "evals_since_best": evals_since_best, "total_steps": total_steps,
-                "warmup_steps": warmup, "elapsed_seconds": elapsed(), "tokens_seen": tokens_seen,
+                "warmup_steps": warmup, "elapsed_seconds": clock, "tokens_seen": tokens_seen,
                 "val_loss": last_val, "corpus": source, "optim_file": optim_file,
-                "num_parameters": num_parameters}
+                "num_parameters": num_parameters, "world_size": dist.world_size}
 
     def check_weights() -> None:
         if not all(_is_finite(p) for p in model.parameters()):
@@ -262,11 +312,19 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
 
     def save_last() -> None:
         nonlocal optim_file
+        # Every rank takes part: the saved hidden state is all B streams, gathered in rank order.
+        full_state = None
+        if state is not None:
+            parts = state if isinstance(state, tuple) else (state,)
+            gathered = tuple(dist.all_gather_cat(p, dim=1) for p in parts)
+            full_state = gathered if isinstance(state, tuple) else gathered[0]
+        if not dist.is_main:
+            return
         check_weights()
         # The optimizer file is named by step and written first, so last.safetensors always
         # names an optimizer file that exists, whatever moment a crash hits.
         new_optim = f"last.step{step:09d}.optim.safetensors"
-        ckpt.save_tensors(run_dir / new_optim, _optim_tensors(optimizer, model, state),
+        ckpt.save_tensors(run_dir / new_optim, _optim_tensors(optimizer, model, full_state),
                           {"format": ckpt.FORMAT, "step": str(step)})
         optim_file = new_optim
         ckpt.save_checkpoint(run_dir / ckpt.LAST, model=model, tokenizer=data.tokenizer,
@@ -278,60 +336,70 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     def run_eval() -> float:
         nonlocal best_val, best_step, last_val, evals_since_best
         t0 = time.perf_counter()
-        result = evaluate(model, data.val_ids, autocast=autocast)
+        result = evaluate(model, data.val_ids, autocast=autocast, dist=dist)
         last_val = result.nats_per_token
         improved = last_val < best_val
         if improved:
             best_val, best_step, evals_since_best = last_val, step, 0
-            check_weights()
-            ckpt.save_checkpoint(run_dir / ckpt.BEST, model=model, tokenizer=data.tokenizer,
-                                 train_config=cfg, train_state=train_state())
+            if dist.is_main:
+                check_weights()
+                ckpt.save_checkpoint(run_dir / ckpt.BEST, model=model, tokenizer=data.tokenizer,
+                                     train_config=cfg, train_state=train_state())
         else:
             evals_since_best += 1
         save_last()
+        seconds = float(dist.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64))[0])
+        seconds /= dist.world_size
         record({"event": "eval", "step": step, "epoch": epoch, "val_loss": last_val, "best_val_loss": best_val,
-                "val_bpc": result.bits_per_char(len(data.val_text)), "improved": improved,
-                "eval_seconds": time.perf_counter() - t0, "elapsed": elapsed()})
-        return time.perf_counter() - t0
+                "val_bpc": result.bits_per_char(data.val_chars), "improved": improved,
+                "eval_seconds": seconds, "elapsed": clock})
+        return seconds
 
     record({"event": "start", "step": step, "total_steps": fixed_total, "max_minutes": cfg.max_minutes,
             "steps_per_epoch": steps_per_epoch, "num_parameters": num_parameters, "device": str(device),
-            "model_config": model_config.to_dict(), "train_config": cfg.to_dict(), "resumed": resume is not None,
-            "train_tokens": int(len(data.train_ids)), "val_tokens": int(len(data.val_ids))})
+            "world_size": dist.world_size, "model_config": model_config.to_dict(), "train_config": cfg.to_dict(),
+            "resumed": resume is not None, "train_tokens": int(len(data.train_ids)),
+            "val_tokens": int(len(data.val_ids))})
 
-    model.train()
+    net.train()
     stopped_by = "done"
     bad_steps = 0
     last_eval_seconds = 0.0
     last_eval_step = step if resume is not None else -1
-    last_eval_time = time.perf_counter()
-    interval_tokens, interval_start, interval_loss, interval_count = 0, time.perf_counter(), 0.0, 0
+    last_eval_at = clock
+    interval_tokens, interval_start, interval_loss, interval_count = 0, clock, 0.0, 0
     eval_period = budget / 4 if budget else None  # evaluation costs steps; ~4 + 1 final suffice
     eval_every = cfg.eval_every or (None if budget else max(1, (fixed_total or steps_per_epoch) // 10))
 
     while True:
         if fixed_total is not None and step >= fixed_total:
             break
-        if budget is not None and elapsed() + last_eval_seconds >= budget:
+        if budget is not None and clock + last_eval_seconds >= budget:
             stopped_by = "time"
             break
-        if window >= steps_per_epoch:
-            epoch, window, state = epoch + 1, 0, None
+        if window_index >= steps_per_epoch:
+            epoch, window_index, state = epoch + 1, 0, None
             if cfg.epochs is not None and epoch >= cfg.epochs:
                 break
-        i = window * cfg.seq_len
-        t = min(cfg.seq_len, streams.shape[1] - 1 - i)
-        x, y = streams[:, i:i + t].long(), streams[:, i + 1:i + 1 + t].long()
+        x, y = window(streams, window_index, cfg.seq_len, rows)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         lr = lr_at(step, base_lr=cfg.lr, warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits, new_state = model(x, state)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with dist.guard(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits, new_state = net(x, state)  # (B / world size, T, V)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP the gradients arrive averaged over ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-        loss_value = float(loss.item())
+        reason = should_stop() if should_stop else None
+        if dist.enabled:  # one small collective a step: the mean loss, the clock and stop requests
+            shared = dist.all_reduce_sum(torch.tensor(
+                [float(loss.detach()), local_elapsed(), 1.0 if reason else 0.0], dtype=torch.float64))
+            loss_value, clock = float(shared[0]) / dist.world_size, float(shared[1]) / dist.world_size
+            reason = reason or ("stopped by another process" if shared[2] > 0 else None)
+        else:
+            loss_value, clock = float(loss.item()), local_elapsed()
         if math.isfinite(loss_value) and _is_finite(grad_norm):
             optimizer.step()
             bad_steps = 0
@@ -347,29 +415,28 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
                                     f"{step}; stopped. The last good checkpoint in {run_dir} is kept; try a "
                                     f"lower --lr or --clip")
         step += 1
-        window += 1
-        tokens_seen += x.numel()
-        interval_tokens += x.numel()
+        window_index += 1
+        tokens_seen += x.numel() * dist.world_size
+        interval_tokens += x.numel() * dist.world_size
 
         if budget is not None and fixed_total is None and step >= max(warmup, 20) and step % 10 == 0:
-            rate = step / max(elapsed(), 1e-9)  # steps per second, evaluation included
-            total_steps = max(step + 1, int(step + (budget - elapsed() - last_eval_seconds) * rate))
+            rate = step / max(clock, 1e-9)  # steps per second, evaluation included
+            total_steps = max(step + 1, int(step + (budget - clock - last_eval_seconds) * rate))
         if step % cfg.log_every == 0 and interval_count:
-            now = time.perf_counter()
             record({"event": "step", "step": step, "epoch": epoch, "loss": interval_loss / interval_count,
-                    "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": interval_tokens / (now - interval_start),
-                    "elapsed": elapsed(), "total_steps": total_steps if (fixed_total or budget) else None})
-            interval_tokens, interval_start, interval_loss, interval_count = 0, now, 0.0, 0
+                    "lr": lr, "grad_norm": float(grad_norm),
+                    "tokens_per_second": interval_tokens / max(clock - interval_start, 1e-9),
+                    "elapsed": clock, "total_steps": total_steps if (fixed_total or budget) else None})
+            interval_tokens, interval_start, interval_loss, interval_count = 0, clock, 0.0, 0
         due = (eval_every is not None and step % eval_every == 0) or \
-              (eval_period is not None and time.perf_counter() - last_eval_time >= eval_period)
+              (eval_period is not None and clock - last_eval_at >= eval_period)
         if due:
             last_eval_seconds = run_eval()
-            last_eval_step, last_eval_time = step, time.perf_counter()
-            interval_start = time.perf_counter()
+            last_eval_step = step
+            clock = last_eval_at = interval_start = clock + last_eval_seconds
             if cfg.patience is not None and evals_since_best >= cfg.patience:
                 stopped_by = "early-stop"
                 break
-        reason = should_stop() if should_stop else None
         if reason:
             stopped_by = "interrupt"
             save_last()
@@ -377,10 +444,10 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
             break
 
     if stopped_by != "interrupt" and last_eval_step != step:
-        run_eval()
+        clock += run_eval()
     record({"event": "end", "step": step, "stopped_by": stopped_by, "best_val_loss": best_val,
-            "best_step": best_step, "elapsed": elapsed()})
-    return TrainResult(run_dir, step, best_val, best_step, last_val, stopped_by, elapsed(), num_parameters)
+            "best_step": best_step, "elapsed": clock})
+    return TrainResult(run_dir, step, best_val, best_step, last_val, stopped_by, clock, num_parameters)
 
 
 # ── run folders and resume options ──────────────────────────────────────────────────────────────

@@ -14,6 +14,18 @@ TINY_TEXT = (
 ) * 30
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_token_cache(tmp_path_factory):
+    """Keep the token cache of every test run (and its child processes) out of ~/.cache."""
+    old = os.environ.get("CHARLM_CACHE_DIR")
+    os.environ["CHARLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("token-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CHARLM_CACHE_DIR", None)
+    else:
+        os.environ["CHARLM_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     return TINY_TEXT

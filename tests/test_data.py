@@ -71,3 +71,17 @@ def test_fit_batch_shape_shrinks_for_short_text():
 def test_default_corpus_is_python_docs():
     name, text = default_corpus()
     assert name == "pydoc" and len(text) > 100_000 and "\r" not in text
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 64])
+def test_streamed_reading_is_chunk_size_independent(tmp_path, chunk_bytes):
+    from charlm.data import iter_corpus_chunks
+
+    path = tmp_path / "c.txt"
+    path.write_bytes("\ufeffa\r\nb\rc\r\r\nδx€y😀\r".encode("utf-8"))
+    text = "".join(iter_corpus_chunks(path, chunk_bytes=chunk_bytes))
+    assert text == "a\nb\nc\n\nδx€y😀\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("αβγ".encode("utf-8") + b"ok\xffz")
+    with pytest.raises(CorpusError, match="0xff at offset 8"):
+        "".join(iter_corpus_chunks(bad, chunk_bytes=chunk_bytes))

@@ -1,0 +1,214 @@
+"""Token ids of a corpus file, built once and cached on disk for every later run to memory-map.
+
+A 100 MB corpus never sits in memory as one string: it is decoded in pieces
+(``data.iter_corpus_chunks``), encoded straight into a ``.npy`` file, and trained from a
+``np.memmap`` of it. The second run with the same file and tokenizer settings finds the cache and
+starts in about a second; distributed ranks share one cache instead of each re-tokenizing.
+
+    <cache root>/tokens/<key>/ids.npy     every token id of the corpus, train part then validation
+                             meta.json   tokenizer, where validation starts, character counts
+
+The key covers the file (path, size, modification time) and every setting that changes the ids,
+so an edited corpus or a different ``--val-fraction`` builds a new entry. Entries are written to a
+temporary folder and renamed into place, so a killed build never leaves a half entry behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import check_not_blank, iter_corpus_chunks, read_corpus
+from .errors import CorpusError, UsageError
+from .tokenizer import (ENCODE_CHUNK, ByteTokenizer, CharTokenizer, Tokenizer, codepoints, ids_dtype,
+                        tokenizer_from_dict)
+
+CACHE_VERSION = 1
+
+
+def cache_root() -> Path:
+    """``$CHARLM_CACHE_DIR``, else ``$XDG_CACHE_HOME/charlm``, else ``~/.cache/charlm``."""
+    if os.environ.get("CHARLM_CACHE_DIR"):
+        return Path(os.environ["CHARLM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "charlm"
+
+
+@dataclass(frozen=True)
+class CorpusIds:
+    tokenizer: Tokenizer
+    ids: np.ndarray  # (N,) every token id; a read-only memmap when it comes from the cache
+    cut: int  # ids[:cut] is the training part, ids[cut:] validation
+    train_chars: int
+    val_chars: int
+    folder: Path | None  # the cache entry, None when built in memory
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        return self.ids[: self.cut]
+
+    @property
+    def val_ids(self) -> np.ndarray:
+        return self.ids[self.cut:]
+
+
+def cache_key(path: Path, settings: dict[str, Any]) -> str:
+    stat = path.stat()
+    what = {"version": CACHE_VERSION, "path": str(path.resolve()), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, **settings}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, min_count: int = 1,
+               max_vocab: int | None = None, encoding_errors: str = "strict", root: Path | None = None,
+               on_build: Callable[[str], None] | None = None) -> CorpusIds:
+    """The cached ids of ``path`` for these settings, building the cache entry if it is missing."""
+    path = Path(path)
+    settings = {"kind": kind, "val_fraction": val_fraction, "min_count": min_count, "max_vocab": max_vocab,
+                "encoding_errors": encoding_errors}
+    if not path.is_file():
+        read_corpus(path)  # raises the precise error (missing, a directory, …)
+    folder = (root or cache_root()) / "tokens" / cache_key(path, settings)
+    cached = _load(folder)
+    if cached is not None:
+        return cached
+    if on_build:
+        on_build(f"tokenizing {path} (cached in {folder} for later runs)")
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _build(path, tmp, kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
+               encoding_errors=encoding_errors)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a DDP rank) finished the same entry first
+            if _load(folder) is None:
+                raise
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CorpusError(f"cannot write the token cache in {folder.parent}: {exc.strerror or exc}; "
+                          f"set CHARLM_CACHE_DIR to a writable folder") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cached = _load(folder)
+    if cached is None:
+        raise CorpusError(f"the token cache entry {folder} could not be read back")
+    return cached
+
+
+def _load(folder: Path) -> CorpusIds | None:
+    """The entry in ``folder``, or None when it is missing or unreadable (then it is rebuilt)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("version") != CACHE_VERSION:
+            return None
+        ids = np.load(folder / "ids.npy", mmap_mode="r")
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        if ids.ndim != 1 or len(ids) != meta["num_tokens"] or not 0 < meta["cut"] < len(ids):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+    except Exception as exc:  # a TokenizerError from a damaged vocabulary
+        if type(exc).__module__.startswith("charlm"):
+            return None
+        raise
+    return CorpusIds(tokenizer, ids, int(meta["cut"]), int(meta["train_chars"]), int(meta["val_chars"]), folder)
+
+
+def _build(path: Path, folder: Path, *, kind: str, val_fraction: float, min_count: int,
+           max_vocab: int | None, encoding_errors: str) -> None:
+    if kind == "word":  # word splitting needs whole lines; the in-memory path does it
+        from .train import prepare_data
+
+        data = prepare_data(read_corpus(path, encoding_errors=encoding_errors), val_fraction=val_fraction,
+                            kind=kind, min_count=min_count, max_vocab=max_vocab)
+        ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=data.train_ids.dtype,
+                                        shape=(len(data.train_ids) + len(data.val_ids),))
+        ids[: len(data.train_ids)] = data.train_ids
+        ids[len(data.train_ids):] = data.val_ids
+        result = (data.tokenizer, ids, len(data.train_ids), data.train_chars, data.val_chars)
+    else:
+        chunks = lambda: iter_corpus_chunks(path, encoding_errors=encoding_errors)  # noqa: E731
+        result = (_build_char if kind == "char" else _build_byte)(chunks, folder, val_fraction)
+    tokenizer, ids, cut, train_chars, val_chars = result
+    check_split(train_tokens=cut, val_tokens=len(ids) - cut, val_chars=val_chars)
+    ids.flush()
+    meta = {"version": CACHE_VERSION, "source": str(path.resolve()), "tokenizer": tokenizer.to_dict(),
+            "num_tokens": len(ids), "cut": cut, "train_chars": train_chars, "val_chars": val_chars}
+    del ids
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def check_split(*, train_tokens: int, val_tokens: int, val_chars: int) -> None:
+    if train_tokens < 1:
+        raise UsageError("the training part of the corpus is empty; lower --val-fraction or use more text")
+    if val_tokens < 2:
+        raise UsageError(f"the validation part ({val_chars} characters) has fewer than 2 tokens; "
+                         f"raise --val-fraction or use more text")
+
+
+def _scan(chunks: Callable) -> tuple[int, int, np.ndarray | None]:
+    """Pass 1: characters, UTF-8 bytes and which codepoints occur; refuses empty/blank text."""
+    num_chars = num_bytes = 0
+    seen = np.zeros(0x110000, dtype=bool)
+    blank = True
+    for chunk in chunks():
+        num_chars += len(chunk)
+        num_bytes += len(chunk.encode("utf-8", "surrogatepass"))
+        blank = blank and chunk.isspace()
+        for start in range(0, len(chunk), ENCODE_CHUNK):
+            seen[codepoints(chunk[start:start + ENCODE_CHUNK])] = True
+    return num_chars, num_bytes, (seen if not blank else None)
+
+
+def _build_char(chunks: Callable, folder: Path, val_fraction: float):
+    num_chars, _, seen = _scan(chunks)
+    check_not_blank("the corpus", empty=num_chars == 0, blank=seen is None)
+    cut = int(num_chars * (1.0 - val_fraction))
+    # Encode with every character of the file, then drop those the training part lacks (they
+    # become <UNK>, as the in-memory tokenizer fitted on the training text would have it).
+    everything = CharTokenizer([chr(c) for c in np.flatnonzero(seen)])
+    ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=ids_dtype(everything.vocab_size),
+                                    shape=(num_chars,))
+    pos = 0
+    for chunk in chunks():
+        for start in range(0, len(chunk), ENCODE_CHUNK):
+            piece = chunk[start:start + ENCODE_CHUNK]
+            everything.encode_into(piece, ids[pos:pos + len(piece)])
+            pos += len(piece)
+    counts = np.zeros(everything.vocab_size, dtype=np.int64)
+    for start in range(0, cut, ENCODE_CHUNK * 8):
+        counts += np.bincount(ids[start:min(cut, start + ENCODE_CHUNK * 8)], minlength=everything.vocab_size)
+    kept = np.flatnonzero(counts[1:]) + 1
+    tokenizer = CharTokenizer([everything.itos[i] for i in kept])
+    if len(kept) < everything.vocab_size - 1:
+        remap = np.zeros(everything.vocab_size, dtype=ids.dtype)
+        remap[kept] = np.arange(1, len(kept) + 1)
+        for start in range(0, num_chars, ENCODE_CHUNK * 8):
+            ids[start:start + ENCODE_CHUNK * 8] = remap[ids[start:start + ENCODE_CHUNK * 8]]
+    return tokenizer, ids, cut, cut, num_chars - cut
+
+
+def _build_byte(chunks: Callable, folder: Path, val_fraction: float):
+    num_chars, num_bytes, seen = _scan(chunks)
+    check_not_blank("the corpus", empty=num_chars == 0, blank=seen is None)
+    cut_char = int(num_chars * (1.0 - val_fraction))
+    ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.uint8, shape=(num_bytes,))
+    pos = chars = 0
+    cut = num_bytes
+    for chunk in chunks():
+        data = chunk.encode("utf-8", "surrogatepass")
+        if chars <= cut_char < chars + len(chunk):  # the validation part starts in this piece
+            cut = pos + len(chunk[: cut_char - chars].encode("utf-8", "surrogatepass"))
+        ids[pos:pos + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        pos += len(data)
+        chars += len(chunk)
+    return ByteTokenizer(), ids, cut, cut_char, num_chars - cut_char

@@ -1,0 +1,33 @@
+"""Run by the distributed tests under torchrun: train a fixed tiny config, optionally stopping after
+``--stop-at`` steps as if interrupted, so a resumed run can be compared step by step."""
+from __future__ import annotations
+
+import argparse
+
+from charlm.config import ModelConfig, TrainConfig
+from charlm.distributed import from_env, shutdown
+from charlm.train import prepare_corpus, train
+
+parser = argparse.ArgumentParser()
+parser.add_argument("corpus")
+parser.add_argument("out")
+parser.add_argument("--stop-at", type=int, default=None)
+args = parser.parse_args()
+
+dist = from_env("cpu")
+try:
+    _, data = prepare_corpus(args.corpus, val_fraction=0.1)
+    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=32, embed_size=16, dropout=0.0)
+    train_cfg = TrainConfig(seq_len=16, batch_size=4, lr=1e-2, max_steps=8, eval_every=4, warmup_steps=2,
+                            log_every=1, device="cpu")
+    calls = 0
+
+    def should_stop() -> str | None:
+        global calls
+        calls += 1
+        return "test" if args.stop_at is not None and calls >= args.stop_at else None
+
+    train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=args.out, source=args.corpus,
+          should_stop=should_stop, dist=dist)
+finally:
+    shutdown(dist)

@@ -1,0 +1,136 @@
+"""DDP on CPU with gloo: two processes must train exactly like one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from charlm.distributed import Dist
+from charlm.evaluate import evaluate
+from charlm.model import RNNLM
+from charlm.config import ModelConfig
+from conftest import subprocess_env
+
+OPTIONS = ["--max-steps", "8", "--batch-size", "4", "--seq-len", "16", "--hidden-size", "32", "--embed-size", "16",
+           "--dropout", "0", "--log-every", "1", "--eval-every", "4", "--warmup-steps", "2", "--sample-length", "0",
+           "--device", "cpu"]
+
+
+def _charlm(*args: str, nproc: int = 1, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                if nproc > 1 else [sys.executable])
+    return subprocess.run([*launcher, "-m", "charlm", *args], cwd=cwd, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _losses(run: Path) -> list[float]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in events if e["event"] == "step"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert np.allclose(wa[name].numpy(), wb[name].numpy(), atol=1e-5, rtol=0), name
+
+
+def test_two_processes_equal_one_process(tiny_corpus, tmp_path):
+    two = _charlm("train", str(tiny_corpus), "--out", "two", *OPTIONS, nproc=2, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = _charlm("train", str(tiny_corpus), "--out", "one", *OPTIONS, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    losses_one, losses_two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(losses_one) == len(losses_two) == 8
+    assert np.allclose(losses_one, losses_two, atol=1e-5, rtol=0)
+    _assert_same_weights(tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors")
+    # Only rank 0 wrote: one run folder, one set of files, progress printed once.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "best.safetensors", "last.safetensors", "last.step000000008.optim.safetensors", "metrics.jsonl"]
+    assert two.stdout.count("best val loss") == 1
+    sample = _charlm("sample", "--checkpoint", "two", "--length", "40", "--seed", "1", cwd=tmp_path)
+    assert sample.returncode == 0 and len(sample.stdout.strip()) > 0, sample.stderr
+
+
+@pytest.mark.slow
+def test_resume_a_two_process_run_with_one_process(tiny_corpus, tmp_path):
+    """Interrupted after 4 of 8 steps under 2 processes, finished by 1: the same as 8 steps straight."""
+    worker = str(Path(__file__).with_name("ddp_worker.py"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker]
+    env = subprocess_env()
+    first = subprocess.run([*launch, str(tiny_corpus), "run", "--stop-at", "4"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr[-2000:]
+    more = _charlm("train", "--resume", "run", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    straight = subprocess.run([sys.executable, worker, str(tiny_corpus), "straight"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=180)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert len(_losses(tmp_path / "run")) == 8
+    assert np.allclose(_losses(tmp_path / "run"), _losses(tmp_path / "straight"), atol=1e-5, rtol=0)
+    _assert_same_weights(tmp_path / "run" / "last.safetensors", tmp_path / "straight" / "last.safetensors")
+
+
+class _ShardOf(Dist):
+    """One rank's view of an evaluation, with the cross-rank sum left to the test."""
+
+    def all_reduce_sum(self, tensor):
+        return tensor
+
+
+def test_sharded_evaluation_sums_to_the_whole():
+    model = RNNLM(ModelConfig(vocab_size=11, hidden_size=16, embed_size=8))
+    ids = np.random.default_rng(0).integers(0, 11, size=20_011).astype(np.uint8)
+    whole = evaluate(model, ids, num_streams=5, seq_len=64)
+    for world in (2, 3, 7):  # 7 > 5 streams: some ranks hold none
+        parts = [evaluate(model, ids, num_streams=5, seq_len=64, dist=_ShardOf(rank, world)) for rank in range(world)]
+        assert abs(sum(p.total_nats for p in parts) - whole.total_nats) < 1e-6 * whole.total_nats
+        assert all(p.num_predicted == whole.num_predicted for p in parts)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_others_and_keeps_the_checkpoint(tiny_corpus, tmp_path):
+    env = {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "CHARLM_DIST_TIMEOUT": "60"}
+    args = [sys.executable, "-m", "charlm", "train", str(tiny_corpus), "--out", "run", "--max-steps", "100000",
+            "--batch-size", "4", "--seq-len", "16", "--hidden-size", "32", "--eval-every", "5", "--device", "cpu",
+            "--sample-length", "0"]
+    ranks = [subprocess.Popen(args, cwd=tmp_path, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "run" / "last.safetensors").exists():
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            assert all(p.poll() is None for p in ranks), ranks[0].stderr.read()
+            time.sleep(0.2)
+        time.sleep(0.5)
+        ranks[1].send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        _, stderr = ranks[0].communicate(timeout=90)
+        assert time.monotonic() - started < 90
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert ranks[0].returncode not in (0, None)
+    assert "charlm: error: another process of the distributed run failed" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    check = subprocess.run([sys.executable, "-m", "charlm", "info", "run/last.safetensors"], cwd=tmp_path,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
