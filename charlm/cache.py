@@ -86,6 +86,8 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
         tmp.mkdir(parents=True)
         _build(path, tmp, kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
                encoding_errors=encoding_errors)
+        if folder.exists():  # a damaged entry (``_load`` refused it)
+            shutil.rmtree(folder, ignore_errors=True)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process (a DDP rank) finished the same entry first

@@ -44,7 +44,7 @@ CHUNK_BYTES = 8 << 20
 
 
 def iter_corpus_chunks(path: str | os.PathLike[str], *, encoding_errors: str = "strict",
-                       chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+                       chunk_bytes: int | None = None) -> Iterator[str]:
     """Decode a UTF-8 text file (with or without BOM) piece by piece, CRLF/CR normalised to LF.
 
     Streaming keeps a big corpus out of memory: the token cache reads it in ``chunk_bytes``
@@ -60,6 +60,7 @@ def iter_corpus_chunks(path: str | os.PathLike[str], *, encoding_errors: str = "
         raise CorpusError(f"{path}: no such file")
     if path.is_dir():
         raise CorpusError(f"{path}: is a directory, not a text file")
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")(errors=encoding_errors)
     offset, held_cr = 0, False
     try:

@@ -1,0 +1,85 @@
+"""The token cache must give exactly what the in-memory path gives, and be reused, rebuilt or bypassed
+when it should."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import charlm.cache as cache
+import charlm.data as data_module
+from charlm.cache import corpus_ids
+from charlm.tokenizer import CharTokenizer
+from charlm.train import prepare_corpus, prepare_data
+
+# Non-ASCII text, CRLF line ends, and characters that occur only in the validation part.
+TEXT = ("naïve café — line one\r\nΔelta two\rthree 😀 four\n" * 40) + "tail only: ж§\n"
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Pieces far smaller than the text, so every boundary case is crossed."""
+    monkeypatch.setattr(data_module, "CHUNK_BYTES", 7)
+    monkeypatch.setattr(cache, "ENCODE_CHUNK", 5)
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "word"])
+def test_cached_ids_equal_the_in_memory_path(tmp_path, small_chunks, kind):
+    path = tmp_path / "c.txt"
+    path.write_bytes(TEXT.encode("utf-8"))
+    cached = corpus_ids(path, kind=kind, val_fraction=0.1, root=tmp_path / "cache")
+    expected = prepare_data(data_module.read_corpus(path), val_fraction=0.1, kind=kind)
+    assert cached.tokenizer.to_dict() == expected.tokenizer.to_dict()
+    assert np.array_equal(cached.train_ids, expected.train_ids)
+    assert np.array_equal(cached.val_ids, expected.val_ids)
+    assert (cached.train_chars, cached.val_chars) == (expected.train_chars, expected.val_chars)
+    if kind == "char":
+        assert "ж" not in cached.tokenizer.itos and cached.tokenizer.count_unknown(cached.val_ids) >= 2
+
+
+def test_second_run_reuses_the_cache_and_an_edit_rebuilds_it(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    builds: list[str] = []
+    first = corpus_ids(path, kind="char", val_fraction=0.1, root=tmp_path, on_build=builds.append)
+    second = corpus_ids(path, kind="char", val_fraction=0.1, root=tmp_path, on_build=builds.append)
+    assert len(builds) == 1 and first.folder == second.folder
+    assert isinstance(second.ids, np.memmap)  # trained from disk, not loaded into memory
+    corpus_ids(path, kind="char", val_fraction=0.2, root=tmp_path, on_build=builds.append)
+    assert len(builds) == 2  # another setting, another entry
+    path.write_text(TEXT + "more\n", encoding="utf-8")
+    edited = corpus_ids(path, kind="char", val_fraction=0.1, root=tmp_path, on_build=builds.append)
+    assert len(builds) == 3 and edited.folder != first.folder
+
+
+def test_a_damaged_entry_is_rebuilt(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    first = corpus_ids(path, kind="char", val_fraction=0.1, root=tmp_path)
+    (first.folder / "meta.json").write_text("{not json", encoding="utf-8")
+    again = corpus_ids(path, kind="char", val_fraction=0.1, root=tmp_path)
+    assert np.array_equal(again.ids, first.ids)
+    assert not list(first.folder.parent.glob(".*.tmp-*"))  # no temporary folder left behind
+
+
+def test_bad_corpora_give_the_reader_errors(tmp_path):
+    from charlm.errors import CorpusError, UsageError
+
+    with pytest.raises(CorpusError, match="no such file"):
+        corpus_ids(tmp_path / "missing.txt", kind="char", val_fraction=0.1, root=tmp_path)
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="only whitespace"):
+        corpus_ids(blank, kind="char", val_fraction=0.1, root=tmp_path)
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghij", encoding="utf-8")
+    with pytest.raises(UsageError, match="fewer than 2 tokens"):
+        corpus_ids(short, kind="char", val_fraction=0.1, root=tmp_path)
+
+
+def test_a_resumed_tokenizer_that_differs_from_the_cache_is_used_instead(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    other = CharTokenizer(list("abc\n"))
+    _, data = prepare_corpus(str(path), val_fraction=0.1, tokenizer=other)
+    assert data.tokenizer is other
+    assert data.tokenizer.count_unknown(data.train_ids) > 0
