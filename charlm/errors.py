@@ -44,3 +44,25 @@ class SaveError(CharlmError):
 
 class DistributedError(TrainingError):
     """Another process of a distributed run died or stopped responding, or the group cannot form."""
+
+
+# ── corpora, plots and export ───────────────────────────────────────────────────────────────────
+
+class DownloadError(CharlmError):
+    """A corpus file cannot be downloaded (offline, DNS failure, HTTP error, connection dropped)."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file does not match its published checksum; the bad file has been removed."""
+
+
+class MissingDependencyError(CharlmError):
+    """An optional feature needs a package that is not installed (the message says which extra)."""
+
+
+class MetricsError(CharlmError):
+    """A run folder has no readable metrics.jsonl to plot."""
+
+
+class ExportError(CharlmError):
+    """A model cannot be exported, or the exported graph does not reproduce the model."""
