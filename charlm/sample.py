@@ -9,6 +9,7 @@ import torch
 
 from .config import SampleConfig
 from .errors import UsageError
+from .infer import FastStep
 from .model import RNNLM
 from .tokenizer import EOS, Tokenizer
 
@@ -120,9 +121,11 @@ def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime:
         for decoder in decoders:
             decoder.feed(int(context[-1]))  # continue the prime's line with a space
     done = [False] * n
+    fast = FastStep(model)  # the same arithmetic as model(token[:, None], state), without its overhead
+    fast.reset(n, state)
     for _ in range(config.length):
-        logits, state = model(token[:, None], state)  # (B, 1, V)
-        token = next_token(logits[:, -1], temperature=config.temperature, top_k=config.top_k,
+        logits = fast.step(token)  # (B, V)
+        token = next_token(logits, temperature=config.temperature, top_k=config.top_k,
                            top_p=config.top_p, generator=generator)
         for b, token_id in enumerate(token.tolist()):
             if done[b]:

@@ -1,0 +1,119 @@
+"""One-token-at-a-time inference for sampling, without nn.LSTM's per-call overhead.
+
+Sampling runs the model one token at a time, where ``nn.LSTM`` spends most of each call on set-up
+(argument checks, weight flattening, oneDNN primitive creation, output allocation) rather than on
+arithmetic. ``FastStep`` does the arithmetic alone:
+
+* the first layer's input projection is folded into a lookup table, ``embedding @ W_ih0ᵀ + biases``
+  (V × gates), so a token's contribution is one row gather;
+* every other weight is transposed once, and layers ≥ 1 multiply ``[input | h]`` by the stacked
+  ``[W_ih; W_hh]ᵀ`` in a single matmul;
+* all buffers are allocated once per batch size and written with ``out=`` (no per-step allocation);
+* no autograd (``inference_mode``).
+
+The same code serves B parallel streams, where the matmuls amortise much better. ``step`` equals the
+model's ``forward`` on one token (tested to 1e-5 against ``nn.LSTM``/``nn.GRU``/``nn.RNN``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import RNNLM, State
+
+
+class FastStep:
+    """A frozen copy of an ``RNNLM``'s weights laid out for single-token steps."""
+
+    @torch.inference_mode()
+    def __init__(self, model: RNNLM) -> None:
+        cfg = model.cfg
+        self.cell, self.num_layers, self.hidden = cfg.cell, cfg.num_layers, cfg.hidden_size
+        self.vocab_size = cfg.vocab_size
+        rnn, H = model.rnn, cfg.hidden_size
+        self.device = model.embedding.weight.device
+        w = lambda name: getattr(rnn, name).detach().float()  # noqa: E731
+        emb = model.embedding.weight.detach().float()
+        # GRU keeps the hidden-side bias apart: its candidate gate multiplies it by the reset gate.
+        split_hh_bias = cfg.cell == "gru"
+        bias0 = w("bias_ih_l0") + (0 if split_hh_bias else w("bias_hh_l0"))
+        self.table = (emb @ w("weight_ih_l0").t() + bias0).contiguous()  # (V, G·H)
+        self.w_hh = [w(f"weight_hh_l{k}").t().contiguous() for k in range(self.num_layers)]  # (H, G·H)
+        self.b_hh = [w(f"bias_hh_l{k}") for k in range(self.num_layers)]
+        # Layers ≥ 1: one matmul of [input | h] (B, 2H) with [W_ih; W_hh]ᵀ (2H, G·H).
+        self.w_stack = [torch.cat([w(f"weight_ih_l{k}").t(), w(f"weight_hh_l{k}").t()]).contiguous()
+                        for k in range(1, self.num_layers)] if not split_hh_bias else []
+        self.b_stack = [w(f"bias_ih_l{k}") + w(f"bias_hh_l{k}")
+                        for k in range(1, self.num_layers)] if not split_hh_bias else []
+        self.w_ih = [w(f"weight_ih_l{k}").t().contiguous() for k in range(1, self.num_layers)] if split_hh_bias else []
+        self.b_ih = [w(f"bias_ih_l{k}") for k in range(1, self.num_layers)] if split_hh_bias else []
+        self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
+        self.head_b = model.head.bias.detach().float()
+        self.gates = {"lstm": 4, "gru": 3, "rnn": 1}[cfg.cell] * H
+        self.batch_size = 0
+
+    def reset(self, batch_size: int, state: State | None = None) -> None:
+        """Allocate the buffers for ``batch_size`` streams and load ``state`` (zeros if None)."""
+        B, H, L = batch_size, self.hidden, self.num_layers
+        zeros = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
+        self.batch_size = B
+        # xh[k] = [input of layer k | h of layer k]; layer k writes its h into xh[k][:, H:] and,
+        # as the next layer's input, into xh[k + 1][:, :H] (the head reads xh[L][:, :H]).
+        self.xh = [zeros(B, 2 * H) for _ in range(L + 1)]
+        self.c = [zeros(B, H) for _ in range(L)]
+        self.g = zeros(B, self.gates)
+        self.gh = zeros(B, self.gates)  # GRU's hidden-side product
+        self.tmp = zeros(B, H)
+        self.logits = zeros(B, self.vocab_size)
+        if state is not None:
+            h, c = state if isinstance(state, tuple) else (state, None)
+            for k in range(L):
+                self.xh[k][:, H:] = h[k]
+                if c is not None:
+                    self.c[k].copy_(c[k])
+
+    def state(self) -> State:
+        """The current state in ``nn.LSTM``'s layout: (h, c) or h, each (L, B, H)."""
+        H = self.hidden
+        h = torch.stack([self.xh[k][:, H:] for k in range(self.num_layers)])
+        return (h, torch.stack(self.c)) if self.cell == "lstm" else h
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for the next token after ``tokens`` (B,); the returned tensor is reused."""
+        H = self.hidden
+        for k in range(self.num_layers):
+            h_prev = self.xh[k][:, H:]
+            g = self.g
+            if k == 0:
+                torch.index_select(self.table, 0, tokens, out=g)
+                if self.cell == "gru":
+                    torch.addmm(self.b_hh[0], h_prev, self.w_hh[0], out=self.gh)
+                else:
+                    g.addmm_(h_prev, self.w_hh[0])
+            elif self.cell == "gru":
+                torch.addmm(self.b_ih[k - 1], self.xh[k][:, :H], self.w_ih[k - 1], out=g)
+                torch.addmm(self.b_hh[k], h_prev, self.w_hh[k], out=self.gh)
+            else:
+                torch.addmm(self.b_stack[k - 1], self.xh[k], self.w_stack[k - 1], out=g)
+            h_out = self.xh[k + 1][:, :H]
+            if self.cell == "lstm":
+                i, f, gg, o = g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:]
+                torch.sigmoid_(g[:, :2 * H])
+                torch.sigmoid_(o)
+                torch.tanh_(gg)
+                c = self.c[k]
+                c.mul_(f).addcmul_(i, gg)  # c = f·c + i·g
+                torch.tanh(c, out=self.tmp)
+                torch.mul(o, self.tmp, out=h_out)
+            elif self.cell == "gru":
+                gh = self.gh
+                rz = g[:, :2 * H].add_(gh[:, :2 * H]).sigmoid_()
+                r, z = rz[:, :H], rz[:, H:]
+                n = g[:, 2 * H:].addcmul_(r, gh[:, 2 * H:]).tanh_()  # n = tanh(x_n + r·(h_n))
+                # h = (1 - z)·n + z·h = n + z·(h - n)
+                torch.sub(h_prev, n, out=self.tmp)
+                torch.addcmul(n, z, self.tmp, out=h_out)
+            else:
+                torch.tanh(g, out=h_out)
+            h_prev.copy_(h_out)
+        return torch.addmm(self.head_b, self.xh[self.num_layers][:, :H], self.head_w, out=self.logits)
