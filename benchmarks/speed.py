@@ -1,0 +1,188 @@
+"""charlm against bare PyTorch loops of the same shape, measured side by side in one run.
+
+    python benchmarks/speed.py                       # 2×512 LSTM, batch 64, seq 128 (the issue's shape)
+    python benchmarks/speed.py --hidden-size 256 --batch-size 16 --seq-len 100
+
+Rounds alternate bare and charlm measurements so both see the same machine load; each ratio is
+the median of the per-round ratios. Writes benchmarks/results/speed-<device>.json.
+
+* training: charlm's trainer (data windows, clipping, schedule, logging; evaluation excluded) vs a
+  bare embedding → nn.LSTM → linear loop with AdamW;
+* sampling: charlm's sampler (one stream, then N streams) vs a bare one-token nn.LSTM loop, plus the
+  largest difference between their next-token log-probabilities;
+* perplexity: charlm's evaluator vs charlm's training tokens/s, plus its difference from a
+  token-by-token loop;
+* tokenization MB/s, and ``charlm --help`` vs ``python -c "import torch"`` start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from charlm.bench import (BenchConfig, eval_rate, matmul_gflops, model_for, sample_rate, synthetic_ids,
+                          tokenize_rate, tokenizer_for, train_rate)
+from charlm.evaluate import evaluate
+from charlm.infer import FastStep
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinyshakespeare.txt"
+
+
+def bare_train_rate(cfg: BenchConfig, steps: int) -> float:
+    """The reference: the plainest correct training loop of the same shape."""
+    torch.manual_seed(0)
+    emb, lstm = nn.Embedding(cfg.vocab_size, cfg.embed_size), nn.LSTM(cfg.embed_size, cfg.hidden_size,
+                                                                       cfg.num_layers, batch_first=True)
+    head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+    params = [*emb.parameters(), *lstm.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ids = torch.from_numpy(synthetic_ids(cfg.vocab_size, cfg.batch_size * (cfg.seq_len + 1)).astype(np.int64))
+    data = ids.view(cfg.batch_size, cfg.seq_len + 1)
+    x, y = data[:, :-1], data[:, 1:]
+    warm = max(10, steps // 3)
+    for i in range(steps):
+        if i == warm:
+            start = time.perf_counter()
+        out, _ = lstm(emb(x))
+        loss = nn.functional.cross_entropy(head(out).reshape(-1, cfg.vocab_size), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (steps - warm) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def bare_sample_rate(cfg: BenchConfig, length: int) -> float:
+    torch.manual_seed(0)
+    emb, lstm = nn.Embedding(cfg.vocab_size, cfg.embed_size), nn.LSTM(cfg.embed_size, cfg.hidden_size,
+                                                                       cfg.num_layers)
+    head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+    token, state = torch.zeros(1, 1, dtype=torch.long), None
+    start = time.perf_counter()
+    for _ in range(length):
+        out, state = lstm(emb(token), state)
+        token = torch.multinomial(head(out[-1]).softmax(-1), 1)
+    return length / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def sampler_max_logprob_diff(cfg: BenchConfig) -> float:
+    model = model_for(cfg, torch.device("cpu"))
+    tokens = torch.from_numpy(synthetic_ids(cfg.vocab_size, 300, seed=3).astype(np.int64))
+    reference, _ = model(tokens[None])  # nn.LSTM over the whole sequence
+    fast = FastStep(model)
+    fast.reset(1)
+    worst = 0.0
+    for t in range(len(tokens)):
+        got = fast.step(tokens[t:t + 1]).log_softmax(-1)
+        worst = max(worst, float((got - reference[0, t].log_softmax(-1)).abs().max()))
+    return worst
+
+
+@torch.inference_mode()
+def evaluator_diff(cfg: BenchConfig) -> float:
+    """Batched evaluator vs feeding one token at a time through the model."""
+    model = model_for(cfg, torch.device("cpu"))
+    ids = synthetic_ids(cfg.vocab_size, 3000, seed=4)
+    batched = evaluate(model, ids, num_streams=4, seq_len=64).total_nats
+    tokens, state, total = torch.from_numpy(ids.astype(np.int64)), None, 0.0
+    for t in range(len(ids) - 1):
+        logits, state = model(tokens[None, t:t + 1], state)
+        total -= float(logits[0, -1].log_softmax(-1)[tokens[t + 1]])
+    return abs(batched - total) / (len(ids) - 1)
+
+
+def startup_seconds(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--embed-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    cfg = BenchConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, embed_size=args.embed_size,
+                      batch_size=args.batch_size, seq_len=args.seq_len, train_steps=args.steps, device="cpu")
+    cpu = torch.device("cpu")
+    model, tokenizer = model_for(cfg, cpu), tokenizer_for(cfg.vocab_size)
+    val = synthetic_ids(cfg.vocab_size, 200_000, seed=1)
+    text = (SHAKESPEARE.read_text(encoding="utf-8") if SHAKESPEARE.is_file()
+            else "".join(tokenizer.itos[1:]) * 20_000) * 20
+    help_cmd = [sys.executable, "-m", "charlm", "--help"]
+    torch_cmd = [sys.executable, "-c", "import torch"]
+    rounds: list[dict[str, float]] = []
+    for r in range(args.rounds):
+        row = {
+            "bare_train": bare_train_rate(cfg, args.steps),
+            "charlm_train": train_rate(cfg, cpu),
+            "bare_sample_1": bare_sample_rate(cfg, 300),
+            "charlm_sample_1": sample_rate(model, tokenizer, streams=1, length=600),
+            "charlm_sample_n": sample_rate(model, tokenizer, streams=args.streams, length=150),
+            "charlm_eval": eval_rate(model, val, autocast=False),
+            "tokenize_mb_s": tokenize_rate(text),
+            "help_s": startup_seconds(help_cmd),
+            "import_torch_s": startup_seconds(torch_cmd),
+            "matmul_gflops": matmul_gflops(cpu),
+        }
+        rounds.append(row)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:,.3g}" for k, v in row.items()), file=sys.stderr)
+
+    def med(key: str) -> float:
+        return statistics.median(row[key] for row in rounds)
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(row[a] / row[b] for row in rounds)
+
+    # FLOPs of one training token (forward + backward ≈ 3 × forward) and of one sampled token.
+    H, E, L, V = cfg.hidden_size, cfg.embed_size, cfg.num_layers, cfg.vocab_size
+    forward_flops = 2 * (4 * H * (E + H) + (L - 1) * 4 * H * 2 * H + H * V)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "shape": f"{L}x{H} LSTM, embed {E}, vocab {V}, batch {cfg.batch_size}, seq {cfg.seq_len}",
+        "rounds": args.rounds,
+        "medians": {k: med(k) for k in rounds[0]},
+        "ratios": {
+            "train_charlm_over_bare": ratio("charlm_train", "bare_train"),
+            "sample_1_charlm_over_bare": ratio("charlm_sample_1", "bare_sample_1"),
+            "sample_n_over_sample_1": ratio("charlm_sample_n", "charlm_sample_1"),
+            "eval_over_train": ratio("charlm_eval", "charlm_train"),
+            "help_over_import_torch": ratio("help_s", "import_torch_s"),
+        },
+        "ceilings": {
+            "train_fraction_of_matmul_rate": med("charlm_train") * 3 * forward_flops / (med("matmul_gflops") * 1e9),
+            "sample_n_fraction_of_matmul_rate": med("charlm_sample_n") * forward_flops / (med("matmul_gflops") * 1e9),
+        },
+        "parity": {"sampler_max_logprob_diff": sampler_max_logprob_diff(cfg),
+                   "evaluator_vs_token_loop_nats_per_token": evaluator_diff(cfg)},
+        "per_round": rounds,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = args.out or RESULTS / f"speed-cpu-{L}x{H}-b{cfg.batch_size}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"ratios": result["ratios"], "ceilings": result["ceilings"], "parity": result["parity"]},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Throughput of charlm's own code paths on this device, for ``charlm bench`` and ``benchmarks/``.
+
+Every figure times the real code a user runs (the trainer, the evaluator, the sampler, the
+tokenizer), on synthetic data of the requested shape, repeated and reported as a median.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, SampleConfig, TrainConfig
+from .evaluate import evaluate
+from .model import RNNLM, resolve_device
+from .sample import generate
+from .tokenizer import CharTokenizer
+from .train import PreparedData, train
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    cell: str = "lstm"
+    hidden_size: int = 512
+    num_layers: int = 2
+    embed_size: int = 128
+    vocab_size: int = 65
+    batch_size: int = 64
+    seq_len: int = 128
+    train_steps: int = 40
+    sample_length: int = 400
+    sample_streams: int = 64
+    repeats: int = 3
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    device: str
+    config: dict
+    train_tokens_per_second: float
+    eval_tokens_per_second: float
+    sample_chars_per_second_1: float
+    sample_chars_per_second_n: float
+    tokenize_mb_per_second: float
+    matmul_gflops: float
+    peak_memory_mb: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def median_of(repeats: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def synthetic_ids(vocab_size: int, n: int, seed: int = 0) -> np.ndarray:
+    """Ids with some structure (a noisy walk), so the model's numbers are not degenerate."""
+    rng = np.random.default_rng(seed)
+    return (np.cumsum(rng.integers(-2, 3, size=n)) % (vocab_size - 1) + 1).astype(np.uint8)
+
+
+def tokenizer_for(vocab_size: int) -> CharTokenizer:
+    return CharTokenizer([chr(0x21 + i) for i in range(vocab_size - 1)])
+
+
+def train_rate(cfg: BenchConfig, device: torch.device) -> float:
+    """The trainer's tokens/s with evaluation excluded: the median of its logged intervals."""
+    tokenizer = tokenizer_for(cfg.vocab_size)
+    ids = synthetic_ids(cfg.vocab_size, cfg.batch_size * (cfg.seq_len * (cfg.train_steps + 2) + 1))
+    data = PreparedData(tokenizer, ids, ids[: cfg.seq_len * 4], cfg.seq_len * 4, len(ids))
+    model_cfg = ModelConfig(vocab_size=cfg.vocab_size, cell=cfg.cell, hidden_size=cfg.hidden_size,
+                            num_layers=cfg.num_layers, embed_size=cfg.embed_size)
+    train_cfg = TrainConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=cfg.train_steps,
+                            eval_every=10**9, log_every=5, warmup_steps=2, device=str(device))
+    rates: list[float] = []
+
+    def collect(event: dict) -> None:
+        # The first steps pay one-off costs (oneDNN primitive creation, allocator growth).
+        if event["event"] == "step" and event["step"] > max(10, cfg.train_steps // 3):
+            rates.append(event["tokens_per_second"])
+
+    with tempfile.TemporaryDirectory(prefix="charlm-bench-") as folder:
+        train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=folder, on_event=collect)
+    return statistics.median(rates)
+
+
+def model_for(cfg: BenchConfig, device: torch.device) -> RNNLM:
+    torch.manual_seed(0)
+    return RNNLM(ModelConfig(vocab_size=cfg.vocab_size, cell=cfg.cell, hidden_size=cfg.hidden_size,
+                             num_layers=cfg.num_layers, embed_size=cfg.embed_size)).to(device).eval()
+
+
+def eval_rate(model: RNNLM, ids: np.ndarray, *, autocast: bool) -> float:
+    start = time.perf_counter()
+    evaluate(model, ids, autocast=autocast)
+    _sync(model)
+    return (len(ids) - 1) / (time.perf_counter() - start)
+
+
+def sample_rate(model: RNNLM, tokenizer: CharTokenizer, *, streams: int, length: int) -> float:
+    config = SampleConfig(length=length, num_samples=streams, seed=0, temperature=1.0)
+    start = time.perf_counter()
+    chars = sum(len(piece.text) for piece in generate(model, tokenizer, config=config))
+    return chars / (time.perf_counter() - start)
+
+
+def tokenize_rate(text: str) -> float:
+    tokenizer = CharTokenizer.fit(text)
+    start = time.perf_counter()
+    tokenizer.encode(text)
+    return len(text.encode("utf-8")) / 1e6 / (time.perf_counter() - start)
+
+
+def matmul_gflops(device: torch.device, size: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """The device's measured dense matmul rate: the ceiling the recurrent matmuls run against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync_device(device)
+    reps = 10 if device.type == "cpu" else 200
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync_device(device)
+    return 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _sync(model: RNNLM) -> None:
+    _sync_device(model.embedding.weight.device)
+
+
+def _sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = None) -> BenchResult:
+    device = resolve_device(cfg.device)
+    say = on_progress or (lambda message: None)
+    say("training")
+    train_tps = median_of(cfg.repeats, lambda: train_rate(cfg, device))
+    model = model_for(cfg, device)
+    tokenizer = tokenizer_for(cfg.vocab_size)
+    val = synthetic_ids(cfg.vocab_size, 200_000, seed=1)
+    say("evaluation")
+    eval_tps = median_of(cfg.repeats, lambda: eval_rate(model, val, autocast=device.type == "cuda"))
+    say("sampling")
+    one = median_of(cfg.repeats, lambda: sample_rate(model, tokenizer, streams=1, length=cfg.sample_length))
+    many = median_of(cfg.repeats, lambda: sample_rate(model, tokenizer, streams=cfg.sample_streams,
+                                                      length=max(50, cfg.sample_length // 4)))
+    say("tokenization")
+    text = "".join(tokenizer.itos[1:]) * (20_000_000 // (cfg.vocab_size - 1))
+    tok = median_of(cfg.repeats, lambda: tokenize_rate(text))
+    say("matmul")
+    gflops = median_of(cfg.repeats, lambda: matmul_gflops(device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return BenchResult(name, asdict(cfg), train_tps, eval_tps, one, many, tok, gflops, peak_memory_mb(device))
