@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -58,23 +58,28 @@ class CorpusIds:
         return self.ids[self.cut:]
 
 
-def cache_key(path: Path, settings: dict[str, Any]) -> str:
-    stat = path.stat()
-    what = {"version": CACHE_VERSION, "path": str(path.resolve()), "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, **settings}
+def cache_key(paths: list[Path], settings: dict[str, Any]) -> str:
+    files = [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
+    what = {"version": CACHE_VERSION, "files": files, **settings}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, min_count: int = 1,
-               max_vocab: int | None = None, encoding_errors: str = "strict", root: Path | None = None,
-               on_build: Callable[[str], None] | None = None) -> CorpusIds:
-    """The cached ids of ``path`` for these settings, building the cache entry if it is missing."""
-    path = Path(path)
-    settings = {"kind": kind, "val_fraction": val_fraction, "min_count": min_count, "max_vocab": max_vocab,
-                "encoding_errors": encoding_errors}
-    if not path.is_file():
-        read_corpus(path)  # raises the precise error (missing, a directory, …)
-    folder = (root or cache_root()) / "tokens" / cache_key(path, settings)
+               max_vocab: int | None = None, encoding_errors: str = "strict", val_path: str | os.PathLike[str] | None = None,
+               root: Path | None = None, on_build: Callable[[str], None] | None = None) -> CorpusIds:
+    """The cached ids of ``path`` for these settings, building the cache entry if it is missing.
+
+    With ``val_path`` all of ``path`` is training text and ``val_path`` the validation text
+    (``val_fraction`` is then unused).
+    """
+    paths = [Path(path)] + ([Path(val_path)] if val_path is not None else [])
+    settings = {"kind": kind, "val_fraction": None if val_path is not None else val_fraction,
+                "min_count": min_count, "max_vocab": max_vocab, "encoding_errors": encoding_errors}
+    for p in paths:
+        if not p.is_file():
+            read_corpus(p)  # raises the precise error (missing, a directory, …)
+    path = paths[0]
+    folder = (root or cache_root()) / "tokens" / cache_key(paths, settings)
     cached = _load(folder)
     if cached is not None:
         return cached
@@ -84,7 +89,7 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _build(path, tmp, kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
+        _build(paths, tmp, kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
                encoding_errors=encoding_errors)
         if folder.exists():  # a damaged entry (``_load`` refused it)
             shutil.rmtree(folder, ignore_errors=True)
@@ -125,25 +130,35 @@ def _load(folder: Path) -> CorpusIds | None:
     return CorpusIds(tokenizer, ids, int(meta["cut"]), int(meta["train_chars"]), int(meta["val_chars"]), folder)
 
 
-def _build(path: Path, folder: Path, *, kind: str, val_fraction: float, min_count: int,
+def _build(paths: list[Path], folder: Path, *, kind: str, val_fraction: float, min_count: int,
            max_vocab: int | None, encoding_errors: str) -> None:
     if kind == "word":  # word splitting needs whole lines; the in-memory path does it
-        from .train import prepare_data
+        from .train import prepare_data, prepare_texts
 
-        data = prepare_data(read_corpus(path, encoding_errors=encoding_errors), val_fraction=val_fraction,
-                            kind=kind, min_count=min_count, max_vocab=max_vocab)
+        texts = [read_corpus(p, encoding_errors=encoding_errors) for p in paths]
+        options = dict(kind=kind, min_count=min_count, max_vocab=max_vocab)
+        data = (prepare_texts(texts[0], texts[1], **options) if len(texts) == 2
+                else prepare_data(texts[0], val_fraction=val_fraction, **options))
         ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=data.train_ids.dtype,
                                         shape=(len(data.train_ids) + len(data.val_ids),))
         ids[: len(data.train_ids)] = data.train_ids
         ids[len(data.train_ids):] = data.val_ids
         result = (data.tokenizer, ids, len(data.train_ids), data.train_chars, data.val_chars)
     else:
-        chunks = lambda: iter_corpus_chunks(path, encoding_errors=encoding_errors)  # noqa: E731
-        result = (_build_char if kind == "char" else _build_byte)(chunks, folder, val_fraction)
+        def chunks() -> Iterator[str]:
+            for p in paths:
+                yield from iter_corpus_chunks(p, encoding_errors=encoding_errors)
+
+        num_chars, num_bytes, seen, train_chars = _scan(chunks, paths[0] if len(paths) == 2 else None,
+                                                        encoding_errors)
+        check_not_blank(paths[0], empty=num_chars == 0, blank=seen is None)
+        cut_char = train_chars if len(paths) == 2 else int(num_chars * (1.0 - val_fraction))
+        build = _build_char if kind == "char" else _build_byte
+        result = build(chunks, folder, num_chars=num_chars, num_bytes=num_bytes, seen=seen, cut_char=cut_char)
     tokenizer, ids, cut, train_chars, val_chars = result
     check_split(train_tokens=cut, val_tokens=len(ids) - cut, val_chars=val_chars)
     ids.flush()
-    meta = {"version": CACHE_VERSION, "source": str(path.resolve()), "tokenizer": tokenizer.to_dict(),
+    meta = {"version": CACHE_VERSION, "sources": [str(p.resolve()) for p in paths], "tokenizer": tokenizer.to_dict(),
             "num_tokens": len(ids), "cut": cut, "train_chars": train_chars, "val_chars": val_chars}
     del ids
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -157,8 +172,10 @@ def check_split(*, train_tokens: int, val_tokens: int, val_chars: int) -> None:
                          f"raise --val-fraction or use more text")
 
 
-def _scan(chunks: Callable) -> tuple[int, int, np.ndarray | None]:
-    """Pass 1: characters, UTF-8 bytes and which codepoints occur; refuses empty/blank text."""
+def _scan(chunks: Callable[[], Iterator[str]], train_path: Path | None,
+          encoding_errors: str) -> tuple[int, int, np.ndarray | None, int]:
+    """Pass 1: characters, UTF-8 bytes and which codepoints occur (None if all whitespace), and
+    the characters of ``train_path`` (0 when there is no separate validation file)."""
     num_chars = num_bytes = 0
     seen = np.zeros(0x110000, dtype=bool)
     blank = True
@@ -168,14 +185,15 @@ def _scan(chunks: Callable) -> tuple[int, int, np.ndarray | None]:
         blank = blank and chunk.isspace()
         for start in range(0, len(chunk), ENCODE_CHUNK):
             seen[codepoints(chunk[start:start + ENCODE_CHUNK])] = True
-    return num_chars, num_bytes, (seen if not blank else None)
+    train_chars = (sum(len(c) for c in iter_corpus_chunks(train_path, encoding_errors=encoding_errors))
+                   if train_path is not None else 0)
+    return num_chars, num_bytes, (seen if not blank else None), train_chars
 
 
-def _build_char(chunks: Callable, folder: Path, val_fraction: float):
-    num_chars, _, seen = _scan(chunks)
-    check_not_blank("the corpus", empty=num_chars == 0, blank=seen is None)
-    cut = int(num_chars * (1.0 - val_fraction))
-    # Encode with every character of the file, then drop those the training part lacks (they
+def _build_char(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars: int, num_bytes: int,
+                seen: np.ndarray, cut_char: int):
+    cut = cut_char
+    # Encode with every character of the text, then drop those the training part lacks (they
     # become <UNK>, as the in-memory tokenizer fitted on the training text would have it).
     everything = CharTokenizer([chr(c) for c in np.flatnonzero(seen)])
     ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=ids_dtype(everything.vocab_size),
@@ -199,10 +217,8 @@ def _build_char(chunks: Callable, folder: Path, val_fraction: float):
     return tokenizer, ids, cut, cut, num_chars - cut
 
 
-def _build_byte(chunks: Callable, folder: Path, val_fraction: float):
-    num_chars, num_bytes, seen = _scan(chunks)
-    check_not_blank("the corpus", empty=num_chars == 0, blank=seen is None)
-    cut_char = int(num_chars * (1.0 - val_fraction))
+def _build_byte(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars: int, num_bytes: int,
+                seen: np.ndarray, cut_char: int):
     ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.uint8, shape=(num_bytes,))
     pos = chars = 0
     cut = num_bytes

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import CharlmError
@@ -179,7 +180,8 @@ class _StopFlag:
 @app.command()
 def train(
     corpus: Annotated[Optional[str], typer.Argument(
-        help="UTF-8 text file to train on. Default: Python's built-in documentation text (offline).")] = None,
+        help="UTF-8 text file to train on, or a corpus name from 'charlm corpus list' (after 'charlm corpus get NAME'). "
+             "Default: Python's built-in documentation text (offline).")] = None,
     tokenizer: Annotated[str, typer.Option(help="char, word or byte.")] = "char",
     cell: Annotated[str, typer.Option(help="lstm, gru or rnn (tanh).")] = "lstm",
     hidden_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer. Default: sized to the corpus and budget.")] = None,
@@ -198,6 +200,7 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included. Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
     val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = 0.1,
+    val_file: Annotated[Optional[Path], typer.Option(help="Validate on this file instead; all of CORPUS is then training text.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: 4 times per time budget, 10 per step/epoch limit.")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1337,
@@ -210,6 +213,7 @@ def train(
     max_bad_steps: Annotated[int, typer.Option(help="Stop after this many NaN/Inf steps in a row.")] = 25,
     sample_length: Annotated[int, typer.Option(help="Length of the sample printed at the end (0 = none).")] = 300,
     log_every: Annotated[Optional[int], typer.Option(help="Write the mean training loss to metrics.jsonl every N steps. Default: 10.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result (and sample) instead.")] = False,
 ) -> None:
     """Train a model on CORPUS and keep the best and last checkpoints.
 
@@ -221,10 +225,18 @@ def train(
         from .distributed import from_env, shutdown
         from .errors import ConfigError
         from .model import resolve_device
+        from .corpora import resolve_corpus_name
         from .train import load_resume, new_run_dir, prepare_corpus, resume_configs, train as run_training
 
         if tokenizer not in TOKENIZERS:
             raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {tokenizer!r})")
+        # A registry name reads that corpus's train.txt once 'charlm corpus get NAME' has fetched it;
+        # a file of the same name wins. The run folder keeps the corpus name, not "train".
+        run_name = None
+        if corpus is not None and (registered := resolve_corpus_name(corpus)) is not None:
+            run_name, corpus = corpus, str(registered.train)
+            if val_file is None and registered.valid is not None:
+                val_file = registered.valid  # the corpus's own validation split, not a slice of train
         dist = from_env(device)
         note = (lambda message: err.print(f"charlm: {message}", markup=False)) if dist.is_main else None
         try:
@@ -237,11 +249,13 @@ def train(
                                  log_every=log_every, tokenizer=None if tokenizer == "char" else tokenizer)
                 model_cfg, train_cfg = resume_configs(res, overrides)
                 source = corpus or res.checkpoint.train_state.get("corpus") or None
+                val_source = str(val_file.resolve()) if val_file else res.checkpoint.train_state.get("val_corpus")
                 # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
                 for turn in (True, False):
                     if dist.is_main == turn:
                         corpus_data, data = prepare_corpus(source, val_fraction=train_cfg.val_fraction,
                                                            tokenizer=res.checkpoint.tokenizer,
+                                                           val_path=val_source,
                                                            encoding_errors=encoding_errors, on_note=note)
                     dist.barrier()
                 run_dir = res.run_dir
@@ -249,10 +263,12 @@ def train(
                 res = None
                 if epochs is None and max_steps is None and max_minutes is None:
                     max_minutes = DEFAULT_MINUTES
+                val_source = str(val_file.resolve()) if val_file else None
                 for turn in (True, False):
                     if dist.is_main == turn:
                         corpus_data, data = prepare_corpus(corpus, kind=tokenizer, val_fraction=val_fraction,
                                                            min_count=min_count, max_vocab=max_vocab,
+                                                           val_path=val_source,
                                                            encoding_errors=encoding_errors, on_note=note)
                     dist.barrier()
                 if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
@@ -278,7 +294,7 @@ def train(
                                           f"or choose another --out")
                     run_dir = out
                 else:
-                    run_dir = Path(dist.broadcast_object(str(new_run_dir("checkpoints", corpus_data.name))))
+                    run_dir = Path(dist.broadcast_object(str(new_run_dir("checkpoints", run_name or corpus_data.name))))
                 if note and (unknown := data.tokenizer.count_unknown(data.val_ids)):
                     note(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
             budget_seconds = train_cfg.max_minutes * 60 if train_cfg.max_minutes else None
@@ -286,7 +302,7 @@ def train(
             with _StopFlag() as stop, display:
                 result = run_training(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=run_dir,
                                       source=corpus_data.source, on_event=display, should_stop=stop, resume=res,
-                                      dist=dist)
+                                      dist=dist, val_source=val_source)
         finally:
             shutdown(dist)
         if result.stopped_by == "interrupt":
@@ -299,6 +315,15 @@ def train(
         best = display.best
         if best is None or not math.isfinite(result.best_val_loss):
             raise ConfigError("training ended before any evaluation")
+        if as_json:
+            sample_text = _sample_text(run_dir / BEST, length=sample_length, seed=seed) if sample_length > 0 else None
+            sys.stdout.write(json.dumps({
+                "run": str(run_dir), "checkpoint": str(run_dir / BEST), "best_val_loss": best["val_loss"],
+                "best_val_bpc": best["val_bpc"], "best_val_perplexity": math.exp(best["val_loss"]),
+                "best_step": best["step"], "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
+                "stopped_by": result.stopped_by, "num_parameters": result.num_parameters, "sample": sample_text}) + "\n")
+            return
+        _print_loss_chart(run_dir)
         console.print(f"best val loss {best['val_loss']:.4f} nats/token · {best['val_bpc']:.4f} bits/char · "
                       f"perplexity {math.exp(best['val_loss']):.3f} (step {best['step']:,} of {result.step:,}, "
                       f"{result.elapsed_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
@@ -306,6 +331,28 @@ def train(
         if sample_length > 0:
             console.print("sample:", markup=False)
             _stream_sample(run_dir / BEST, length=sample_length, temperature=0.8, seed=seed)
+
+
+def _print_loss_chart(run_dir: Path) -> None:
+    """The run's loss curves as plain text on stderr (no extra dependency, no colour codes)."""
+    from .plot import read_metrics, terminal_chart
+
+    try:
+        metrics = read_metrics(run_dir)
+    except CharlmError:
+        return
+    if len(metrics.train) >= 2:
+        err.print(terminal_chart(metrics, width=60, height=10), markup=False, highlight=False)
+
+
+def _sample_text(path: Path, *, length: int, seed: int) -> str:
+    from .checkpoint import load_checkpoint
+    from .config import SampleConfig
+    from .sample import generate
+
+    checkpoint = load_checkpoint(path)
+    config = SampleConfig(temperature=0.8, length=length, seed=seed)
+    return "".join(piece.text for piece in generate(checkpoint.model, checkpoint.tokenizer, config=config))
 
 
 def _stream_sample(path: Path, *, length: int, temperature: float, seed: int) -> None:
@@ -484,6 +531,322 @@ def info(
             table.add_row("training", f"batch {cfg.batch_size} × seq {cfg.seq_len}, lr {cfg.lr:g}, "
                                       f"weight decay {cfg.weight_decay:g}, clip {cfg.clip:g}, seed {cfg.seed}")
         console.print(table)
+
+
+# ── bench ───────────────────────────────────────────────────────────────────────────────────────
+
+@app.command()
+def bench(
+    cell: Annotated[str, typer.Option(help="lstm, gru or rnn.")] = "lstm",
+    hidden_size: Annotated[int, typer.Option(min=1, help="Hidden units per layer.")] = 512,
+    num_layers: Annotated[int, typer.Option(min=1, help="Recurrent layers.")] = 2,
+    embed_size: Annotated[int, typer.Option(min=1, help="Embedding width.")] = 128,
+    vocab_size: Annotated[int, typer.Option(min=2, max=256, help="Vocabulary size (char models: ~65).")] = 65,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training streams.")] = 64,
+    seq_len: Annotated[int, typer.Option(min=1, help="Training window.")] = 128,
+    steps: Annotated[int, typer.Option(min=20, help="Training steps per repeat (the first third is warm-up).")] = 40,
+    sample_streams: Annotated[int, typer.Option(min=1, help="Streams for the batched sampling figure.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Repeats; each figure is their median.")] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
+) -> None:
+    """Measure training, evaluation, sampling and tokenization speed on this machine.
+
+    Synthetic data of the given shape goes through charlm's real trainer, evaluator, sampler and
+    tokenizer; each figure is the median of --repeats runs.
+
+    Example: charlm bench --hidden-size 512 --batch-size 64 --seq-len 128 --json
+    """
+    with _handled():
+        from .bench import BenchConfig, run_bench
+        from .config import CELLS
+        from .errors import ConfigError
+
+        if cell not in CELLS:
+            raise ConfigError(f"--cell must be one of {', '.join(CELLS)} (got {cell!r})")
+        cfg = BenchConfig(cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
+                          vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len, train_steps=steps,
+                          sample_streams=sample_streams, repeats=repeats, device=device)
+        result = run_bench(cfg, on_progress=lambda what: err.print(f"charlm: measuring {what}…", markup=False))
+        if as_json:
+            console.print_json(json.dumps(result.to_dict()))
+            return
+        table = Table(title=f"charlm bench · {num_layers}×{hidden_size} {cell.upper()} · {result.device}")
+        table.add_column("what")
+        table.add_column("median", justify="right")
+        table.add_row(f"training (batch {batch_size} × seq {seq_len})", f"{result.train_tokens_per_second:,.0f} tokens/s")
+        table.add_row("evaluation (perplexity)", f"{result.eval_tokens_per_second:,.0f} tokens/s")
+        table.add_row("sampling, 1 stream", f"{result.sample_chars_per_second_1:,.0f} chars/s")
+        table.add_row(f"sampling, {sample_streams} streams", f"{result.sample_chars_per_second_n:,.0f} chars/s")
+        table.add_row("char tokenization", f"{result.tokenize_mb_per_second:,.0f} MB/s")
+        table.add_row("dense matmul (fp32)", f"{result.matmul_gflops:,.0f} GFLOP/s")
+        table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MB")
+        console.print(table)
+
+
+# ── corpus ──────────────────────────────────────────────────────────────────────────────────────
+
+corpus_app = typer.Typer(help="Download the standard corpora: tinyshakespeare, enwik8, text8, ptb, ptb-char, wikitext-2.",
+                         no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+
+
+class _DownloadDisplay:
+    """Renders download progress: a rich bar on a terminal, a few plain lines otherwise."""
+
+    def __init__(self) -> None:
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> "_DownloadDisplay":
+        if err.is_terminal:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), console=err, transient=True)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def _say(self, line: str) -> None:
+        (self.progress.console if self.progress is not None else err).print(line, markup=False)
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "file":
+            self._say(f"charlm: downloading {event['file']} from {event['url']}")
+            if self.progress is not None:
+                if self.task is not None:
+                    self.progress.remove_task(self.task)
+                self.task = self.progress.add_task(event["file"], total=event["size"])
+        elif kind == "resume":
+            self._say(f"charlm: resuming at byte {event['offset']:,}")
+        elif kind == "restart":
+            self._say(f"charlm: warning: starting the file again: {event['reason']}")
+        elif kind == "mirror_failed":
+            self._say(f"charlm: warning: {event['url']} failed ({event['reason']}); trying the next mirror")
+        elif kind == "unverified":
+            self._say(f"charlm: warning: {event['file']} has no published checksum, so it could not be "
+                      f"verified; its sha256 is {event['sha256']}")
+
+    def update(self, done: int, total: int | None) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=done, total=total)
+
+
+@corpus_app.command("list")
+def corpus_list(
+    root: Annotated[Path, typer.Option(help="Folder the corpora are kept in.")] = Path("corpora"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
+) -> None:
+    """List the corpora charlm can download, their download size, and whether they are ready here.
+
+    Example: charlm corpus list
+    """
+    with _handled():
+        from .corpora import list_corpora, prepared_corpus
+
+        rows = []
+        for spec in list_corpora():
+            ready = prepared_corpus(spec, root)
+            rows.append({"name": spec.name, "description": spec.description, "tokenizer": spec.tokenizer,
+                         "download_bytes": spec.download_size, "splits": [s.split for s in spec.splits],
+                         "prepared": ready is not None, "train": str(ready.train) if ready else None})
+        if as_json:
+            sys.stdout.write(json.dumps({"root": str(root), "corpora": rows}) + "\n")
+            return
+        width = max(len(row["name"]) for row in rows)
+        console.print(f"{'name':<{width}}  download  splits            tokenizer  ready", markup=False)
+        for row in rows:
+            size = f"{row['download_bytes'] / 1e6:.1f} MB" if row["download_bytes"] else "?"
+            console.print(f"{row['name']:<{width}}  {size:>8}  {'/'.join(row['splits']):<16}  "
+                          f"{row['tokenizer']:<9}  {'yes' if row['prepared'] else '-'}", markup=False)
+            console.print(f"{'':<{width}}  {row['description']}", markup=False)
+
+
+@corpus_app.command("get")
+def corpus_get(
+    name: Annotated[str, typer.Argument(help="A corpus name from 'charlm corpus list'.")],
+    root: Annotated[Path, typer.Option(help="Folder the corpora are kept in.")] = Path("corpora"),
+    mirror: Annotated[Optional[str], typer.Option(
+        envvar="CHARLM_CORPUS_MIRROR",
+        help="Fetch every file from MIRROR/NAME/FILE instead of the usual hosts (http://, https:// or file://).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Download and split again even if the corpus is ready.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
+) -> None:
+    """Download a standard corpus, verify its checksum, and write its train/valid/test files.
+
+    Run it again after an interruption: the download resumes where it stopped.
+
+    Example: charlm corpus get tinyshakespeare && charlm train tinyshakespeare
+    """
+    with _handled():
+        from .corpora import get_corpus
+
+        with _DownloadDisplay() as display:
+            result = get_corpus(name, root, base_url=mirror, progress=display.update, on_event=display.event,
+                                force=force)
+        report = {"name": result.name, "folder": str(result.folder), "downloaded": result.downloaded,
+                  "splits": {split: str(path) for split, path in result.splits.items()},
+                  "files": [{"name": f.name, "url": f.url, "sha256": f.sha256, "verified_by": f.verified_by}
+                            for f in result.files]}
+        if as_json:
+            sys.stdout.write(json.dumps(report) + "\n")
+            return
+        if not result.downloaded:
+            err.print(f"charlm: {result.name} is already here (--force fetches it again)", markup=False)
+        for split, path in result.splits.items():
+            console.print(f"{split}: {path} ({path.stat().st_size:,} bytes)", markup=False)
+
+
+# ── score ───────────────────────────────────────────────────────────────────────────────────────
+
+@app.command()
+def score(
+    file: Annotated[Path, typer.Argument(help="UTF-8 text; each line is scored on its own ('-' reads standard input).")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A .safetensors file or a run folder. Default: the newest run.")] = None,
+    sort: Annotated[str, typer.Option(help="input (file order), best (most likely first) or worst.")] = "input",
+    top: Annotated[Optional[int], typer.Option(min=1, help="Show only the first N lines after sorting.")] = None,
+    include_end: Annotated[bool, typer.Option("--include-end/--no-include-end",
+                                              help="Score each line's end (newline, or <EOS> for word models) too.")] = True,
+    skip_empty: Annotated[bool, typer.Option("--skip-empty/--keep-empty", help="Leave out empty lines.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
+) -> None:
+    """Score each line of FILE alone: nats/token, perplexity and bits/char (lower = more like the training text).
+
+    Every line starts from a fresh state after a newline (<EOS> for word models), as lines do in training.
+
+    Example: charlm score candidates.txt --sort best --top 5
+    """
+    with _handled():
+        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .data import normalize_newlines, read_corpus
+        from .model import resolve_device
+        from .score import score_lines
+
+        if sort not in ("input", "best", "worst"):
+            raise _usage(f"--sort must be input, best or worst (got {sort!r})")
+        if str(file) == "-":
+            text = normalize_newlines(sys.stdin.read())
+        else:
+            text = read_corpus(file, encoding_errors=encoding_errors)
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip() or not skip_empty]
+        if not numbered:
+            raise _usage(f"{file}: has no lines to score")
+        resolved = resolve_checkpoint(checkpoint)
+        loaded = load_checkpoint(resolved, device=str(resolve_device(device)))
+        scores = score_lines(loaded.model, loaded.tokenizer, [line for _, line in numbered], include_end=include_end)
+        rows = [{"line": n, "text": s.text, "tokens": s.num_tokens, "unknown_tokens": s.num_unknown,
+                 "total_nats": s.total_nats, "nats_per_token": s.nats_per_token, "perplexity": s.perplexity,
+                 "bits_per_char": s.bits_per_char} for (n, _), s in zip(numbered, scores)]
+        if sort != "input":
+            rows.sort(key=lambda r: (math.isnan(r["nats_per_token"]), r["nats_per_token"]), reverse=sort == "worst")
+        rows = rows[:top] if top else rows
+        if as_json:
+            sys.stdout.write(json.dumps({"file": str(file), "checkpoint": str(resolved), "tokenizer": loaded.tokenizer.kind,
+                                         "include_end": include_end, "lines": rows}) + "\n")
+            return
+        table = Table(box=None)
+        for column in ("line", "perplexity", "nats/token", "bits/char", "tokens", "text"):
+            table.add_column(column, justify="left" if column == "text" else "right")
+        for row in rows:
+            shown = row["text"] if len(row["text"]) <= 60 else row["text"][:59] + "…"
+            table.add_row(str(row["line"]), f"{row['perplexity']:.3f}", f"{row['nats_per_token']:.4f}",
+                          f"{row['bits_per_char']:.4f}", f"{row['tokens']:,}", Text(shown))
+        console.print(table)
+        if unknown := sum(r["unknown_tokens"] for r in rows):
+            err.print(f"charlm: note: {unknown:,} tokens are not in the model's vocabulary (scored as <UNK>)",
+                      markup=False)
+
+
+# ── plot ────────────────────────────────────────────────────────────────────────────────────────
+
+@app.command()
+def plot(
+    run: Annotated[Optional[Path], typer.Argument(help="A run folder. Default: the newest run under checkpoints/.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help='Also save the chart as a PNG (needs: pip install "charlm[plot]").')] = None,
+    width: Annotated[int, typer.Option(min=10, help="Chart width in characters.")] = 60,
+    height: Annotated[int, typer.Option(min=3, help="Chart height in lines.")] = 12,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
+) -> None:
+    """Show a run's training and validation loss against step, as a text chart (and optionally a PNG).
+
+    Example: charlm plot checkpoints/tinyshakespeare --png loss.png
+    """
+    with _handled():
+        from .checkpoint import resolve_checkpoint
+        from .plot import read_metrics, save_png, terminal_chart
+
+        run_dir = run if run is not None else resolve_checkpoint(None).parent
+        metrics = read_metrics(run_dir)
+        if as_json:
+            sys.stdout.write(json.dumps({"run": str(run_dir), "train_loss": metrics.train, "val_loss": metrics.val,
+                                         "val_bpc": metrics.val_bpc, "best": metrics.best,
+                                         "resumes": metrics.resumes, "finished": metrics.end is not None}) + "\n")
+        else:
+            sys.stdout.write(terminal_chart(metrics, width=width, height=height) + "\n")
+            if (best := metrics.best) is not None:
+                sys.stdout.write(f"best val loss {best[1]:.4f} nats/token at step {int(best[0]):,}\n")
+        if metrics.skipped_lines:
+            err.print(f"charlm: note: skipped {metrics.skipped_lines} unreadable line(s) of {metrics.path}",
+                      markup=False)
+        if png is not None:
+            err.print(f"charlm: saved {save_png(run_dir, png)}", markup=False)
+
+
+# ── export ──────────────────────────────────────────────────────────────────────────────────────
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="The .onnx file to write; a .onnx.json description is written beside it.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A .safetensors file or a run folder. Default: the newest run.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Fix the batch size in the graph. Default: any batch size.")] = None,
+    opset: Annotated[int, typer.Option(min=17, help="ONNX opset version.")] = 17,
+    check: Annotated[Optional[bool], typer.Option("--check/--no-check",
+                                                  help="Run the graph next to the model and compare (needs onnxruntime). "
+                                                       "Default: check when onnxruntime is installed.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
+) -> None:
+    """Export a model to ONNX as one time step: token and hidden state in, logits and new state out.
+
+    Example: charlm export model.onnx --checkpoint checkpoints/tinyshakespeare
+    """
+    with _handled():
+        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .errors import MissingDependencyError
+        from .export import check_onnx, export_onnx
+
+        resolved = resolve_checkpoint(checkpoint)
+        loaded = load_checkpoint(resolved)
+        result = export_onnx(loaded.model, out, batch_size=batch_size, opset=opset, tokenizer=loaded.tokenizer)
+        difference = None
+        if check is not False:
+            try:
+                difference = check_onnx(loaded.model, result.path)
+            except MissingDependencyError:
+                if check:
+                    raise
+                err.print('charlm: note: onnxruntime is not installed, so the graph was not checked '
+                          '(pip install "charlm[export]")', markup=False)
+        report = {"checkpoint": str(resolved), "onnx": str(result.path), "description": str(result.sidecar),
+                  "inputs": list(result.input_names), "outputs": list(result.output_names), "opset": result.opset,
+                  "batch_size": result.batch_size, "max_abs_difference": difference}
+        if as_json:
+            sys.stdout.write(json.dumps(report) + "\n")
+            return
+        console.print(f"wrote {result.path} (inputs {', '.join(result.input_names)}; outputs "
+                      f"{', '.join(result.output_names)}; opset {result.opset})", markup=False)
+        console.print(f"description: {result.sidecar}", markup=False)
+        if difference is not None:
+            console.print(f"checked with onnxruntime: largest difference {difference:.2g}", markup=False)
 
 
 def main() -> None:

@@ -63,6 +63,13 @@ def prepare_data(text: str, *, val_fraction: float, tokenizer: Tokenizer | None 
                  min_count: int = 1, max_vocab: int | None = None) -> PreparedData:
     """Split off the LAST ``val_fraction`` as validation, fit the tokenizer on the training part only."""
     train_text, val_text = split_text(text, val_fraction, at_line=(tokenizer.kind if tokenizer else kind) == "word")
+    return prepare_texts(train_text, val_text, tokenizer=tokenizer, kind=kind, min_count=min_count,
+                         max_vocab=max_vocab)
+
+
+def prepare_texts(train_text: str, val_text: str, *, tokenizer: Tokenizer | None = None, kind: str = "char",
+                  min_count: int = 1, max_vocab: int | None = None) -> PreparedData:
+    """Ids of a training and a validation text, with the tokenizer fitted on the training text."""
     if not train_text.strip():
         check_split(train_tokens=0, val_tokens=0, val_chars=len(val_text))
     tokenizer = tokenizer or fit_tokenizer(kind, train_text, min_count=min_count, max_vocab=max_vocab)
@@ -73,21 +80,31 @@ def prepare_data(text: str, *, val_fraction: float, tokenizer: Tokenizer | None 
 
 def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
                    max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
-                   on_note: Callable[[str], None] | None = None) -> tuple[Corpus, PreparedData]:
+                   val_path: str | None = None, on_note: Callable[[str], None] | None = None
+                   ) -> tuple[Corpus, PreparedData]:
     """The corpus and its ids: a file goes through the on-disk token cache, the built-in one is small.
 
+    ``val_path`` validates on that file instead of the last ``val_fraction`` of the corpus.
     ``tokenizer`` (a resumed run's) must match what the cache holds; if it does not, the text is
     encoded with it in memory instead.
     """
     if path is None or path == BUILTIN:
         corpus = load_corpus(None)
-        return corpus, prepare_data(corpus.text or "", val_fraction=val_fraction, tokenizer=tokenizer, kind=kind,
+        text = corpus.text or ""
+        if val_path is not None:
+            return corpus, prepare_texts(text, read_corpus(val_path, encoding_errors=encoding_errors),
+                                         tokenizer=tokenizer, kind=kind, min_count=min_count, max_vocab=max_vocab)
+        return corpus, prepare_data(text, val_fraction=val_fraction, tokenizer=tokenizer, kind=kind,
                                     min_count=min_count, max_vocab=max_vocab)
     corpus = Corpus(Path(path).stem or "corpus", str(Path(path).resolve()))
     cached = corpus_ids(path, kind=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction,
-                        min_count=min_count, max_vocab=max_vocab, encoding_errors=encoding_errors, on_build=on_note)
+                        min_count=min_count, max_vocab=max_vocab, encoding_errors=encoding_errors, val_path=val_path,
+                        on_build=on_note)
     if tokenizer is not None and tokenizer.to_dict() != cached.tokenizer.to_dict():
         text = read_corpus(path, encoding_errors=encoding_errors)
+        if val_path is not None:
+            return corpus, prepare_texts(text, read_corpus(val_path, encoding_errors=encoding_errors),
+                                         tokenizer=tokenizer)
         return corpus, prepare_data(text, val_fraction=val_fraction, tokenizer=tokenizer)
     return corpus, PreparedData(cached.tokenizer, cached.train_ids, cached.val_ids, cached.val_chars,
                                 cached.train_chars)
@@ -204,7 +221,7 @@ def _is_finite(value: torch.Tensor) -> bool:
 def train(*, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: str | Path,
           source: str = "", on_event: Callable[[Event], None] | None = None,
           should_stop: Callable[[], str | None] | None = None, resume: Resume | None = None,
-          dist: Dist | None = None) -> TrainResult:
+          dist: Dist | None = None, val_source: str | None = None) -> TrainResult:
     """Train a model and write checkpoints and metrics.jsonl into ``run_dir``.
 
     ``should_stop`` is polled after every step; a non-empty answer (e.g. "SIGINT") ends the run
@@ -303,7 +320,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
         return {"step": step, "epoch": epoch, "window": window_index, "best_val_loss": best_val,
                 "best_step": best_step, "evals_since_best": evals_since_best, "total_steps": total_steps,
                 "warmup_steps": warmup, "elapsed_seconds": clock, "tokens_seen": tokens_seen,
-                "val_loss": last_val, "corpus": source, "optim_file": optim_file,
+                "val_loss": last_val, "corpus": source, "val_corpus": val_source, "optim_file": optim_file,
                 "num_parameters": num_parameters, "world_size": dist.world_size}
 
     def check_weights() -> None:

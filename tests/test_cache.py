@@ -83,3 +83,18 @@ def test_a_resumed_tokenizer_that_differs_from_the_cache_is_used_instead(tmp_pat
     _, data = prepare_corpus(str(path), val_fraction=0.1, tokenizer=other)
     assert data.tokenizer is other
     assert data.tokenizer.count_unknown(data.train_ids) > 0
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "word"])
+def test_a_separate_validation_file(tmp_path, small_chunks, kind):
+    from charlm.train import prepare_texts
+
+    train_path, val_path = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train_path.write_bytes(TEXT.encode("utf-8"))
+    val_path.write_bytes("Δelta again\r\nunseen ж\n".encode("utf-8"))
+    cached = corpus_ids(train_path, kind=kind, val_fraction=0.1, val_path=val_path, root=tmp_path / "cache")
+    expected = prepare_texts(data_module.read_corpus(train_path), data_module.read_corpus(val_path), kind=kind)
+    assert cached.tokenizer.to_dict() == expected.tokenizer.to_dict()
+    assert np.array_equal(cached.train_ids, expected.train_ids)
+    assert np.array_equal(cached.val_ids, expected.val_ids)
+    assert (cached.train_chars, cached.val_chars) == (expected.train_chars, expected.val_chars)
