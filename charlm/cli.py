@@ -201,7 +201,7 @@ def train(
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included. Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
     val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = 0.1,
     val_file: Annotated[Optional[Path], typer.Option(help="Validate on this file instead; all of CORPUS is then training text.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: 4 times per time budget, 10 per step/epoch limit.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: every third of a time budget, 10 times per step/epoch limit; always at the end.")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1337,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",

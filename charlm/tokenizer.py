@@ -131,12 +131,27 @@ class CharTokenizer(Tokenizer):
             raise TokenizerError(f"token id out of range for a vocabulary of {self.vocab_size}")
         return "".join(self._decode_table[ids].tolist())
 
+    def decoder(self) -> StreamDecoder:
+        return _CharStreamDecoder(self)
+
     def unknown_symbols(self, text: str) -> list[str]:
         known = set(self.itos[1:])
         return sorted(set(text) - known)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": self.itos[1:]}
+
+
+class _CharStreamDecoder(StreamDecoder):
+    """One id → one character by a list lookup: the sampler calls this once per generated token."""
+
+    def __init__(self, tokenizer: CharTokenizer) -> None:
+        self._table = [UNK_CHAR] + tokenizer.itos[1:]
+
+    def feed(self, token_id: int) -> str:
+        if not 0 <= token_id < len(self._table):
+            raise TokenizerError(f"token id {token_id} out of range for a vocabulary of {len(self._table)}")
+        return self._table[token_id]
 
 
 class ByteTokenizer(Tokenizer):

@@ -385,7 +385,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     last_eval_step = step if resume is not None else -1
     last_eval_at = clock
     interval_tokens, interval_start, interval_loss, interval_count = 0, clock, 0.0, 0
-    eval_period = budget / 4 if budget else None  # evaluation costs steps; ~4 + 1 final suffice
+    eval_period = budget / 3 if budget else None  # evaluation costs steps: 2 during the run + 1 at the end
     eval_every = cfg.eval_every or (None if budget else max(1, (fixed_total or steps_per_epoch) // 10))
 
     while True:

@@ -46,7 +46,7 @@ def test_from_dict_rejects_unknown_fields():
 def test_auto_size_grows_with_budget_and_is_capped_by_small_data():
     small = auto_size(tokenizer="char", train_tokens=1_000_000, max_minutes=3, gpu=False)
     large = auto_size(tokenizer="char", train_tokens=1_000_000, max_minutes=10, gpu=False)
-    assert (small.hidden_size, small.num_layers) == (256, 2)
+    assert (small.hidden_size, small.num_layers) == (512, 1)
     assert large.hidden_size > small.hidden_size
     tiny = auto_size(tokenizer="char", train_tokens=20_000, max_minutes=60, gpu=False)
     assert tiny.hidden_size == 256 and tiny.dropout > 0  # many epochs on little data: regularise

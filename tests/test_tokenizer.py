@@ -102,3 +102,14 @@ def test_encoding_never_crashes(text):
         ids = tok.encode(text)
         assert ids.min(initial=0) >= 0 and ids.max(initial=0) < tok.vocab_size
     ByteTokenizer().encode(text)
+
+
+def test_char_stream_decoder_matches_decode():
+    from charlm.errors import TokenizerError
+
+    tok = CharTokenizer.fit("héllo wörld\n")
+    ids = tok.encode("wöh?\n")  # '?' is unknown
+    decoder = tok.decoder()
+    assert "".join(decoder.feed(int(i)) for i in ids) == tok.decode(ids)
+    with pytest.raises(TokenizerError):
+        decoder.feed(tok.vocab_size)

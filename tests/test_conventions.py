@@ -1,0 +1,88 @@
+"""Conventions users rely on: --help with an example everywhere, --json that parses, plain text when
+piped, no colour under NO_COLOR."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from charlm.cli import app
+from conftest import subprocess_env
+
+runner = CliRunner()
+COMMANDS = [["train"], ["sample"], ["perplexity"], ["info"], ["score"], ["plot"], ["export"], ["bench"],
+            ["corpus", "list"], ["corpus", "get"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_help_has_a_worked_example(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Example: charlm " in result.stdout
+
+
+def test_json_outputs_parse(tmp_path, tiny_corpus):
+    run = tmp_path / "run"
+    train = runner.invoke(app, ["train", str(tiny_corpus), "--out", str(run), "--max-steps", "20",
+                                "--hidden-size", "32", "--batch-size", "4", "--seq-len", "16", "--sample-length",
+                                "20", "--json"])
+    assert train.exit_code == 0, train.output
+    report = json.loads(train.stdout)
+    assert report["steps"] == 20 and report["best_val_loss"] > 0 and len(report["sample"]) > 0
+    for args in (["perplexity", str(tiny_corpus), "--checkpoint", str(run), "--json"],
+                 ["info", str(run), "--json"],
+                 ["bench", "--hidden-size", "16", "--embed-size", "8", "--batch-size", "2", "--seq-len", "8",
+                  "--steps", "20", "--repeats", "1", "--sample-streams", "2", "--device", "cpu", "--json"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert isinstance(json.loads(result.stdout), dict), args
+
+
+def test_piped_output_has_no_escape_codes(tmp_path, tiny_corpus):
+    env = subprocess_env()
+
+    def charlm(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "charlm", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "\x1b[" not in done.stdout and "\x1b[" not in done.stderr, args
+        return done
+
+    charlm("train", str(tiny_corpus), "--out", "run", "--max-steps", "20", "--hidden-size", "32", "--batch-size", "4",
+           "--seq-len", "16", "--sample-length", "20")
+    charlm("sample", "--checkpoint", "run", "--length", "20", "--seed", "1")
+    charlm("perplexity", str(tiny_corpus), "--checkpoint", "run")
+    charlm("info", "run")
+    charlm("plot", "run")
+    (tmp_path / "lines.txt").write_text("First Citizen:\nzzqx qxz\n", encoding="utf-8")
+    charlm("score", "lines.txt", "--checkpoint", "run", "--sort", "best")
+
+
+def test_no_color_on_a_terminal(trained_run):
+    """On a real (pseudo-)terminal NO_COLOR must still switch colour codes off."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: charlm with its output on the terminal
+        os.environ.update(subprocess_env())
+        os.environ["NO_COLOR"] = "1"
+        os.environ["TERM"] = "xterm-256color"
+        os.execv(sys.executable, [sys.executable, "-m", "charlm", "info", str(trained_run)])
+    output = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    assert b"parameters" in output
+    assert b"\x1b[" not in output
