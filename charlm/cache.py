@@ -139,11 +139,11 @@ def _build(paths: list[Path], folder: Path, *, kind: str, val_fraction: float, m
         options = dict(kind=kind, min_count=min_count, max_vocab=max_vocab)
         data = (prepare_texts(texts[0], texts[1], **options) if len(texts) == 2
                 else prepare_data(texts[0], val_fraction=val_fraction, **options))
-        ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=data.train_ids.dtype,
-                                        shape=(len(data.train_ids) + len(data.val_ids),))
-        ids[: len(data.train_ids)] = data.train_ids
-        ids[len(data.train_ids):] = data.val_ids
-        result = (data.tokenizer, ids, len(data.train_ids), data.train_chars, data.val_chars)
+        with _IdsFile(folder / "ids.npy", data.train_ids.dtype, len(data.train_ids) + len(data.val_ids)) as ids:
+            ids.write_at(0, data.train_ids)
+            ids.write_at(len(data.train_ids), data.val_ids)
+        result = (data.tokenizer, len(data.train_ids) + len(data.val_ids), len(data.train_ids), data.train_chars,
+                  data.val_chars)
     else:
         def chunks() -> Iterator[str]:
             for p in paths:
@@ -153,15 +153,45 @@ def _build(paths: list[Path], folder: Path, *, kind: str, val_fraction: float, m
                                                         encoding_errors)
         check_not_blank(paths[0], empty=num_chars == 0, blank=seen is None)
         cut_char = train_chars if len(paths) == 2 else int(num_chars * (1.0 - val_fraction))
-        build = _build_char if kind == "char" else _build_byte
-        result = build(chunks, folder, num_chars=num_chars, num_bytes=num_bytes, seen=seen, cut_char=cut_char)
-    tokenizer, ids, cut, train_chars, val_chars = result
-    check_split(train_tokens=cut, val_tokens=len(ids) - cut, val_chars=val_chars)
-    ids.flush()
+        if kind == "char":
+            result = _build_char(chunks, folder, num_chars=num_chars, seen=seen, cut_char=cut_char,
+                                 min_count=min_count, max_vocab=max_vocab)
+        else:
+            result = _build_byte(chunks, folder, num_bytes=num_bytes, cut_char=cut_char, num_chars=num_chars)
+    tokenizer, num_tokens, cut, train_chars, val_chars = result
+    check_split(train_tokens=cut, val_tokens=num_tokens - cut, val_chars=val_chars)
     meta = {"version": CACHE_VERSION, "sources": [str(p.resolve()) for p in paths], "tokenizer": tokenizer.to_dict(),
-            "num_tokens": len(ids), "cut": cut, "train_chars": train_chars, "val_chars": val_chars}
-    del ids
+            "num_tokens": num_tokens, "cut": cut, "train_chars": train_chars, "val_chars": val_chars}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+class _IdsFile:
+    """A ``.npy`` file of ids written and re-read through plain file I/O, not a memory map: mapped
+    pages that are written count towards the process's resident memory, the page cache does not."""
+
+    def __init__(self, path: Path, dtype: np.dtype, length: int) -> None:
+        self.dtype, self.length = np.dtype(dtype), length
+        self.fh = open(path, "w+b")  # noqa: SIM115 - closed in __exit__
+        np.lib.format.write_array_header_1_0(self.fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                       "fortran_order": False, "shape": (length,)})
+        self.offset = self.fh.tell()
+        self.fh.truncate(self.offset + length * self.dtype.itemsize)
+
+    def write_at(self, start: int, values: np.ndarray) -> None:
+        self.fh.seek(self.offset + start * self.dtype.itemsize)
+        self.fh.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self.fh.seek(self.offset + start * self.dtype.itemsize)
+        return np.fromfile(self.fh, dtype=self.dtype, count=stop - start)
+
+    def __enter__(self) -> "_IdsFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
 
 
 def check_split(*, train_tokens: int, val_tokens: int, val_chars: int) -> None:
@@ -190,43 +220,53 @@ def _scan(chunks: Callable[[], Iterator[str]], train_path: Path | None,
     return num_chars, num_bytes, (seen if not blank else None), train_chars
 
 
-def _build_char(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars: int, num_bytes: int,
-                seen: np.ndarray, cut_char: int):
+def _build_char(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars: int, seen: np.ndarray,
+                cut_char: int, min_count: int, max_vocab: int | None):
     cut = cut_char
-    # Encode with every character of the text, then drop those the training part lacks (they
-    # become <UNK>, as the in-memory tokenizer fitted on the training text would have it).
+    # Encode with every character of the text, then keep those the training part has (at least
+    # ``min_count`` times, the ``max_vocab - 1`` most frequent): the others become <UNK>, as the
+    # in-memory tokenizer fitted on the training text would have it.
     everything = CharTokenizer([chr(c) for c in np.flatnonzero(seen)])
-    ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=ids_dtype(everything.vocab_size),
-                                    shape=(num_chars,))
-    pos = 0
-    for chunk in chunks():
-        for start in range(0, len(chunk), ENCODE_CHUNK):
-            piece = chunk[start:start + ENCODE_CHUNK]
-            everything.encode_into(piece, ids[pos:pos + len(piece)])
-            pos += len(piece)
-    counts = np.zeros(everything.vocab_size, dtype=np.int64)
-    for start in range(0, cut, ENCODE_CHUNK * 8):
-        counts += np.bincount(ids[start:min(cut, start + ENCODE_CHUNK * 8)], minlength=everything.vocab_size)
-    kept = np.flatnonzero(counts[1:]) + 1
-    tokenizer = CharTokenizer([everything.itos[i] for i in kept])
-    if len(kept) < everything.vocab_size - 1:
-        remap = np.zeros(everything.vocab_size, dtype=ids.dtype)
-        remap[kept] = np.arange(1, len(kept) + 1)
-        for start in range(0, num_chars, ENCODE_CHUNK * 8):
-            ids[start:start + ENCODE_CHUNK * 8] = remap[ids[start:start + ENCODE_CHUNK * 8]]
-    return tokenizer, ids, cut, cut, num_chars - cut
+    step = ENCODE_CHUNK * 8
+    with _IdsFile(folder / "ids.npy", ids_dtype(everything.vocab_size), num_chars) as ids:
+        pos = 0
+        buffer = np.empty(ENCODE_CHUNK, dtype=ids.dtype)
+        for chunk in chunks():
+            for start in range(0, len(chunk), ENCODE_CHUNK):
+                piece = chunk[start:start + ENCODE_CHUNK]
+                everything.encode_into(piece, buffer)
+                ids.write_at(pos, buffer[: len(piece)])
+                pos += len(piece)
+        counts = np.zeros(everything.vocab_size, dtype=np.int64)
+        for start in range(0, cut, step):
+            counts += np.bincount(ids.read(start, min(cut, start + step)), minlength=everything.vocab_size)
+        tokenizer = CharTokenizer.from_counts({everything.itos[i]: int(c) for i, c in enumerate(counts) if i and c},
+                                              min_count=min_count, max_vocab=max_vocab)
+        remap = np.zeros(everything.vocab_size, dtype=ids_dtype(tokenizer.vocab_size))
+        for i, ch in enumerate(everything.itos[1:], start=1):
+            remap[i] = tokenizer.encode(ch)[0]
+        if remap.dtype != ids.dtype:  # fewer kept characters fit a smaller dtype: rewrite the file
+            with _IdsFile(folder / "ids.tmp.npy", remap.dtype, num_chars) as narrow:
+                for start in range(0, num_chars, step):
+                    narrow.write_at(start, remap[ids.read(start, min(num_chars, start + step))])
+        elif not np.array_equal(remap, np.arange(everything.vocab_size)):
+            for start in range(0, num_chars, step):
+                ids.write_at(start, remap[ids.read(start, min(num_chars, start + step))])
+    if (folder / "ids.tmp.npy").exists():
+        os.replace(folder / "ids.tmp.npy", folder / "ids.npy")
+    return tokenizer, num_chars, cut, cut, num_chars - cut
 
 
-def _build_byte(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars: int, num_bytes: int,
-                seen: np.ndarray, cut_char: int):
-    ids = np.lib.format.open_memmap(folder / "ids.npy", mode="w+", dtype=np.uint8, shape=(num_bytes,))
+def _build_byte(chunks: Callable[[], Iterator[str]], folder: Path, *, num_bytes: int, cut_char: int,
+                num_chars: int):
     pos = chars = 0
     cut = num_bytes
-    for chunk in chunks():
-        data = chunk.encode("utf-8", "surrogatepass")
-        if chars <= cut_char < chars + len(chunk):  # the validation part starts in this piece
-            cut = pos + len(chunk[: cut_char - chars].encode("utf-8", "surrogatepass"))
-        ids[pos:pos + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        pos += len(data)
-        chars += len(chunk)
-    return ByteTokenizer(), ids, cut, cut_char, num_chars - cut_char
+    with _IdsFile(folder / "ids.npy", np.dtype(np.uint8), num_bytes) as ids:
+        for chunk in chunks():
+            data = chunk.encode("utf-8", "surrogatepass")
+            if chars <= cut_char < chars + len(chunk):  # the validation part starts in this piece
+                cut = pos + len(chunk[: cut_char - chars].encode("utf-8", "surrogatepass"))
+            ids.write_at(pos, np.frombuffer(data, dtype=np.uint8))
+            pos += len(data)
+            chars += len(chunk)
+    return ByteTokenizer(), num_bytes, cut, cut_char, num_chars - cut_char

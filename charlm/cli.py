@@ -206,8 +206,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1337,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: checkpoints/<corpus name>/ (a new -N folder if taken).")] = None,
-    min_count: Annotated[int, typer.Option(help="Word models: keep words seen at least this often.")] = 1,
-    max_vocab: Annotated[Optional[int], typer.Option(help="Word models: keep at most this many words.")] = None,
+    min_count: Annotated[int, typer.Option(help="Keep words (or characters) seen at least this often; the rest are <UNK>.")] = 1,
+    max_vocab: Annotated[Optional[int], typer.Option(help="Keep at most this many tokens, the most frequent (<UNK> included).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped.")] = None,
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
     max_bad_steps: Annotated[int, typer.Option(help="Stop after this many NaN/Inf steps in a row.")] = 25,
@@ -222,10 +222,10 @@ def train(
     with _handled():
         from .checkpoint import BEST
         from .config import TOKENIZERS, ModelConfig, TrainConfig, auto_size
+        from .corpora import resolve_corpus_name
         from .distributed import from_env, shutdown
         from .errors import ConfigError
         from .model import resolve_device
-        from .corpora import resolve_corpus_name
         from .train import load_resume, new_run_dir, prepare_corpus, resume_configs, train as run_training
 
         if tokenizer not in TOKENIZERS:
@@ -251,26 +251,18 @@ def train(
                 source = corpus or res.checkpoint.train_state.get("corpus") or None
                 val_source = str(val_file.resolve()) if val_file else res.checkpoint.train_state.get("val_corpus")
                 # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
-                for turn in (True, False):
-                    if dist.is_main == turn:
-                        corpus_data, data = prepare_corpus(source, val_fraction=train_cfg.val_fraction,
-                                                           tokenizer=res.checkpoint.tokenizer,
-                                                           val_path=val_source,
-                                                           encoding_errors=encoding_errors, on_note=note)
-                    dist.barrier()
+                corpus_data, data = dist.main_first(lambda: prepare_corpus(
+                    source, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer,
+                    val_path=val_source, encoding_errors=encoding_errors, on_note=note))
                 run_dir = res.run_dir
             else:
                 res = None
                 if epochs is None and max_steps is None and max_minutes is None:
                     max_minutes = DEFAULT_MINUTES
                 val_source = str(val_file.resolve()) if val_file else None
-                for turn in (True, False):
-                    if dist.is_main == turn:
-                        corpus_data, data = prepare_corpus(corpus, kind=tokenizer, val_fraction=val_fraction,
-                                                           min_count=min_count, max_vocab=max_vocab,
-                                                           val_path=val_source,
-                                                           encoding_errors=encoding_errors, on_note=note)
-                    dist.barrier()
+                corpus_data, data = dist.main_first(lambda: prepare_corpus(
+                    corpus, kind=tokenizer, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
+                    val_path=val_source, encoding_errors=encoding_errors, on_note=note))
                 if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
                     raise ConfigError("the processes of the distributed run built different vocabularies")
                 gpu = resolve_device(device).type == "cuda"

@@ -15,12 +15,14 @@ import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 from .errors import DistributedError
+
+T = TypeVar("T")
 
 # Long enough for rank 0 to tokenize a large corpus while the others wait at a barrier.
 DEFAULT_TIMEOUT_SECONDS = 600.0
@@ -67,6 +69,15 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             _collective(torch_dist.barrier)
+
+    def main_first(self, build: Callable[[], T]) -> T:
+        """``build()`` on rank 0 first, then on the others: rank 0 fills a cache they then read."""
+        result: T | None = None
+        for main_turn in (True, False):
+            if self.is_main == main_turn:
+                result = build()
+            self.barrier()
+        return result  # type: ignore[return-value]
 
     @contextmanager
     def guard(self) -> Iterator[None]:

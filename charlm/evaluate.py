@@ -17,6 +17,7 @@ from .distributed import Dist
 from .model import RNNLM, select_state
 
 LN2 = math.log(2.0)
+WINDOW_FLOATS = 8_000_000  # floats of activations per evaluation window (32 MB)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class EvalResult:
 
 
 def eval_streams(num_tokens: int) -> int:
-    """How many parallel streams to evaluate with: long streams keep the cold-start cost small."""
+    """How many parallel streams to evaluate with: ~1k tokens each, at most 64 (more streams gain
+    little speed on a CPU); the context each stream reads first removes the cold-start error."""
     return int(min(64, max(1, num_tokens // 1024)))
 
 
@@ -70,6 +72,10 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
     # int32 on the device; each window is widened to int64 when it is gathered.
     tokens = torch.from_numpy(np.asarray(ids).astype(np.int32)).to(device)
     num_streams = num_streams or eval_streams(n)
+    # Bound what a window holds (B × T × (V logits + 4H gates + H outputs) floats), so a big
+    # vocabulary or a wide model does not need gigabytes for one window.
+    per_token = model.cfg.vocab_size + 5 * model.cfg.hidden_size
+    seq_len = max(8, min(seq_len, WINDOW_FLOATS // (num_streams * per_token)))
     # Each stream predicts `length` tokens; stream b reads tokens [b*length, (b+1)*length].
     length = (n - 1) // num_streams
     mine = torch.arange(num_streams, device=device)[dist.rank::dist.world_size]

@@ -99,13 +99,32 @@ class CharTokenizer(Tokenizer):
         self._decode_table = np.array([UNK_CHAR] + chars, dtype=object)
 
     @classmethod
-    def fit(cls, text: str) -> "CharTokenizer":
+    def fit(cls, text: str, *, min_count: int = 1, max_vocab: int | None = None) -> "CharTokenizer":
+        """Every character of ``text``, or with ``min_count``/``max_vocab`` only the frequent ones
+        (a big corpus can hold thousands of characters seen once or twice; they become <UNK>)."""
         if not text:
             raise TokenizerError("cannot build a vocabulary from empty text")
-        seen = np.zeros(0x110000, dtype=bool)
+        counts = np.zeros(0x110000, dtype=np.int64)
         for start in range(0, len(text), ENCODE_CHUNK):
-            seen[codepoints(text[start:start + ENCODE_CHUNK])] = True
-        return cls([chr(c) for c in np.flatnonzero(seen)])
+            cps = codepoints(text[start:start + ENCODE_CHUNK])
+            counts[: 256 if cps.dtype == np.uint8 else 0x110000] += np.bincount(
+                cps, minlength=256 if cps.dtype == np.uint8 else 0x110000)
+        return cls.from_counts({chr(c): int(counts[c]) for c in np.flatnonzero(counts)},
+                               min_count=min_count, max_vocab=max_vocab)
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int], *, min_count: int = 1,
+                    max_vocab: int | None = None) -> "CharTokenizer":
+        """The characters seen at least ``min_count`` times, at most ``max_vocab - 1`` of them (the
+        most frequent; <UNK> takes the last place), in codepoint order."""
+        if min_count < 1:
+            raise TokenizerError("--min-count must be ≥ 1")
+        if max_vocab is not None and max_vocab < 2:
+            raise TokenizerError("--max-vocab must be ≥ 2 for a char model (it includes <UNK>)")
+        ranked = sorted((ch for ch, n in counts.items() if n >= min_count), key=lambda ch: (-counts[ch], ord(ch)))
+        if max_vocab is not None:
+            ranked = ranked[: max_vocab - 1]
+        return cls(sorted(ranked, key=ord))
 
     @property
     def vocab_size(self) -> int:
@@ -298,7 +317,7 @@ def normalize_words(text: str) -> str:
 
 def fit_tokenizer(kind: str, text: str, *, min_count: int = 1, max_vocab: int | None = None) -> Tokenizer:
     if kind == "char":
-        return CharTokenizer.fit(text)
+        return CharTokenizer.fit(text, min_count=min_count, max_vocab=max_vocab)
     if kind == "word":
         return WordTokenizer.fit(text, min_count=min_count, max_vocab=max_vocab)
     if kind == "byte":

@@ -16,7 +16,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
@@ -88,24 +87,21 @@ def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float,
     ``tokenizer`` (a resumed run's) must match what the cache holds; if it does not, the text is
     encoded with it in memory instead.
     """
+    def in_memory(text: str, **options: Any) -> PreparedData:
+        if val_path is not None:
+            return prepare_texts(text, read_corpus(val_path, encoding_errors=encoding_errors), **options)
+        return prepare_data(text, val_fraction=val_fraction, **options)
+
     if path is None or path == BUILTIN:
         corpus = load_corpus(None)
-        text = corpus.text or ""
-        if val_path is not None:
-            return corpus, prepare_texts(text, read_corpus(val_path, encoding_errors=encoding_errors),
-                                         tokenizer=tokenizer, kind=kind, min_count=min_count, max_vocab=max_vocab)
-        return corpus, prepare_data(text, val_fraction=val_fraction, tokenizer=tokenizer, kind=kind,
-                                    min_count=min_count, max_vocab=max_vocab)
+        return corpus, in_memory(corpus.text or "", tokenizer=tokenizer, kind=kind, min_count=min_count,
+                                 max_vocab=max_vocab)
     corpus = Corpus(Path(path).stem or "corpus", str(Path(path).resolve()))
     cached = corpus_ids(path, kind=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction,
                         min_count=min_count, max_vocab=max_vocab, encoding_errors=encoding_errors, val_path=val_path,
                         on_build=on_note)
     if tokenizer is not None and tokenizer.to_dict() != cached.tokenizer.to_dict():
-        text = read_corpus(path, encoding_errors=encoding_errors)
-        if val_path is not None:
-            return corpus, prepare_texts(text, read_corpus(val_path, encoding_errors=encoding_errors),
-                                         tokenizer=tokenizer)
-        return corpus, prepare_data(text, val_fraction=val_fraction, tokenizer=tokenizer)
+        return corpus, in_memory(read_corpus(path, encoding_errors=encoding_errors), tokenizer=tokenizer)
     return corpus, PreparedData(cached.tokenizer, cached.train_ids, cached.val_ids, cached.val_chars,
                                 cached.train_chars)
 

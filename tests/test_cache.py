@@ -98,3 +98,29 @@ def test_a_separate_validation_file(tmp_path, small_chunks, kind):
     assert np.array_equal(cached.train_ids, expected.train_ids)
     assert np.array_equal(cached.val_ids, expected.val_ids)
     assert (cached.train_chars, cached.val_chars) == (expected.train_chars, expected.val_chars)
+
+
+@pytest.mark.parametrize("min_count, max_vocab", [(2, None), (1, 8), (40, 5)])
+def test_rare_characters_become_unknown_the_same_way(tmp_path, small_chunks, min_count, max_vocab):
+    path = tmp_path / "c.txt"
+    path.write_bytes(TEXT.encode("utf-8"))
+    cached = corpus_ids(path, kind="char", val_fraction=0.1, min_count=min_count, max_vocab=max_vocab,
+                        root=tmp_path / "cache")
+    expected = prepare_data(data_module.read_corpus(path), val_fraction=0.1, kind="char", min_count=min_count,
+                            max_vocab=max_vocab)
+    assert cached.tokenizer.to_dict() == expected.tokenizer.to_dict()
+    assert max_vocab is None or cached.tokenizer.vocab_size <= max_vocab
+    assert np.array_equal(cached.ids, np.concatenate([expected.train_ids, expected.val_ids]))
+    assert cached.ids.dtype == np.uint8
+
+
+def test_a_vocabulary_cap_narrows_the_cached_ids(tmp_path, small_chunks):
+    """300 distinct characters need uint16; keeping 100 of them fits uint8, and the ids must agree."""
+    every = "".join(chr(0x400 + i) for i in range(300))
+    text = every + "".join(chr(0x400 + i % 60) for i in range(5000)) + every + "\n"
+    path = tmp_path / "c.txt"
+    path.write_text(text, encoding="utf-8")
+    cached = corpus_ids(path, kind="char", val_fraction=0.1, max_vocab=100, root=tmp_path / "cache")
+    expected = prepare_data(text, val_fraction=0.1, kind="char", max_vocab=100)
+    assert cached.ids.dtype == np.uint8 and cached.tokenizer.to_dict() == expected.tokenizer.to_dict()
+    assert np.array_equal(cached.ids, np.concatenate([expected.train_ids, expected.val_ids]))

@@ -62,3 +62,14 @@ def test_context_brings_many_streams_close_to_one_sequential_pass(trained_run):
     warm = evaluate(loaded.model, ids, num_streams=16, context=64).nats_per_token
     assert abs(warm - sequential) < abs(cold - sequential)
     assert abs(warm - sequential) < 2e-3
+
+
+def test_a_small_logits_budget_changes_nothing(monkeypatch):
+    import charlm.evaluate as evaluate_module
+
+    torch.manual_seed(2)
+    model = RNNLM(ModelConfig(vocab_size=300, hidden_size=16, embed_size=8)).eval()
+    ids = np.random.default_rng(1).integers(0, 300, size=5000).astype(np.uint16)
+    full = evaluate(model, ids, num_streams=4)
+    monkeypatch.setattr(evaluate_module, "WINDOW_FLOATS", 4 * (300 + 5 * 16) * 10)  # windows of 10 tokens
+    assert evaluate(model, ids, num_streams=4).total_nats == pytest.approx(full.total_nats, rel=1e-6)
