@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ExportError, MissingDependencyError, SaveError
+from .checkpoint import atomic_write
+from .errors import ExportError, MissingDependencyError
 from .model import RNNLM
 from .tokenizer import Tokenizer
 
@@ -126,7 +127,7 @@ def export_onnx(model: RNNLM, path: str | os.PathLike[str], *, batch_size: int |
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
     path = Path(path)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     sidecar = None
     if tokenizer is not None:
         sidecar = path.with_name(path.name + ".json")
@@ -137,7 +138,7 @@ def export_onnx(model: RNNLM, path: str | os.PathLike[str], *, batch_size: int |
                         for name in outputs},
             "usage": "start from zero h (and c); feed each output state back as the next input state",
         }
-        _atomic_write(sidecar, (json.dumps(description, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+        atomic_write(sidecar, (json.dumps(description, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
     return OnnxExport(path, sidecar, inputs, outputs, opset, batch_size)
 
 
@@ -148,20 +149,6 @@ def _shape(name: str, layers: int, hidden: int, batch: int | None, vocab: int | 
     if name == "logits":
         return [b, vocab]
     return [layers, b, hidden]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise SaveError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def check_onnx(model: RNNLM, path: str | os.PathLike[str], *, steps: int = 8, batch_size: int = 3,

@@ -26,6 +26,17 @@ def _private_token_cache(tmp_path_factory):
         os.environ["CHARLM_CACHE_DIR"] = old
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     return TINY_TEXT

@@ -16,13 +16,7 @@ from charlm.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
 
 from conftest import TINY_TEXT
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LINES = ["First Citizen:", "", "Speak, speak.", "You are all resolved rather to die than to famish?",
