@@ -100,7 +100,7 @@ def model_for(cfg: BenchConfig, device: torch.device) -> RNNLM:
 def eval_rate(model: RNNLM, ids: np.ndarray, *, autocast: bool) -> float:
     start = time.perf_counter()
     evaluate(model, ids, autocast=autocast)
-    _sync(model)
+    _sync_device(model.embedding.weight.device)
     return (len(ids) - 1) / (time.perf_counter() - start)
 
 
@@ -138,10 +138,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-
-
-def _sync(model: RNNLM) -> None:
-    _sync_device(model.embedding.weight.device)
 
 
 def _sync_device(device: torch.device) -> None:

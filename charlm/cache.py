@@ -149,10 +149,10 @@ def _build(paths: list[Path], folder: Path, *, kind: str, val_fraction: float, m
             for p in paths:
                 yield from iter_corpus_chunks(p, encoding_errors=encoding_errors)
 
-        num_chars, num_bytes, seen, train_chars = _scan(chunks, paths[0] if len(paths) == 2 else None,
-                                                        encoding_errors)
+        chars_per_file, num_bytes, seen = _scan(paths, encoding_errors)
+        num_chars = sum(chars_per_file)
         check_not_blank(paths[0], empty=num_chars == 0, blank=seen is None)
-        cut_char = train_chars if len(paths) == 2 else int(num_chars * (1.0 - val_fraction))
+        cut_char = chars_per_file[0] if len(paths) == 2 else int(num_chars * (1.0 - val_fraction))
         if kind == "char":
             result = _build_char(chunks, folder, num_chars=num_chars, seen=seen, cut_char=cut_char,
                                  min_count=min_count, max_vocab=max_vocab)
@@ -202,22 +202,20 @@ def check_split(*, train_tokens: int, val_tokens: int, val_chars: int) -> None:
                          f"raise --val-fraction or use more text")
 
 
-def _scan(chunks: Callable[[], Iterator[str]], train_path: Path | None,
-          encoding_errors: str) -> tuple[int, int, np.ndarray | None, int]:
-    """Pass 1: characters, UTF-8 bytes and which codepoints occur (None if all whitespace), and
-    the characters of ``train_path`` (0 when there is no separate validation file)."""
-    num_chars = num_bytes = 0
+def _scan(paths: list[Path], encoding_errors: str) -> tuple[list[int], int, np.ndarray | None]:
+    """Pass 1: characters per file, UTF-8 bytes, and which codepoints occur (None if all whitespace)."""
+    chars_per_file, num_bytes = [], 0
     seen = np.zeros(0x110000, dtype=bool)
     blank = True
-    for chunk in chunks():
-        num_chars += len(chunk)
-        num_bytes += len(chunk.encode("utf-8", "surrogatepass"))
-        blank = blank and chunk.isspace()
-        for start in range(0, len(chunk), ENCODE_CHUNK):
-            seen[codepoints(chunk[start:start + ENCODE_CHUNK])] = True
-    train_chars = (sum(len(c) for c in iter_corpus_chunks(train_path, encoding_errors=encoding_errors))
-                   if train_path is not None else 0)
-    return num_chars, num_bytes, (seen if not blank else None), train_chars
+    for path in paths:
+        chars_per_file.append(0)
+        for chunk in iter_corpus_chunks(path, encoding_errors=encoding_errors):
+            chars_per_file[-1] += len(chunk)
+            num_bytes += len(chunk.encode("utf-8", "surrogatepass"))
+            blank = blank and chunk.isspace()
+            for start in range(0, len(chunk), ENCODE_CHUNK):
+                seen[codepoints(chunk[start:start + ENCODE_CHUNK])] = True
+    return chars_per_file, num_bytes, (seen if not blank else None)
 
 
 def _build_char(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars: int, seen: np.ndarray,

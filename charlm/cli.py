@@ -308,7 +308,8 @@ def train(
         if best is None or not math.isfinite(result.best_val_loss):
             raise ConfigError("training ended before any evaluation")
         if as_json:
-            sample_text = _sample_text(run_dir / BEST, length=sample_length, seed=seed) if sample_length > 0 else None
+            sample_text = ("".join(_end_of_training_sample(run_dir / BEST, length=sample_length, seed=seed))
+                           if sample_length > 0 else None)
             sys.stdout.write(json.dumps({
                 "run": str(run_dir), "checkpoint": str(run_dir / BEST), "best_val_loss": best["val_loss"],
                 "best_val_bpc": best["val_bpc"], "best_val_perplexity": math.exp(best["val_loss"]),
@@ -322,7 +323,10 @@ def train(
         console.print(f"checkpoints: {run_dir / BEST}", markup=False)
         if sample_length > 0:
             console.print("sample:", markup=False)
-            _stream_sample(run_dir / BEST, length=sample_length, temperature=0.8, seed=seed)
+            for text in _end_of_training_sample(run_dir / BEST, length=sample_length, seed=seed):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
 
 
 def _print_loss_chart(run_dir: Path) -> None:
@@ -337,27 +341,16 @@ def _print_loss_chart(run_dir: Path) -> None:
         err.print(terminal_chart(metrics, width=60, height=10), markup=False, highlight=False)
 
 
-def _sample_text(path: Path, *, length: int, seed: int) -> str:
+def _end_of_training_sample(path: Path, *, length: int, seed: int) -> Iterator[str]:
+    """The pieces of the short sample ``train`` ends with (temperature 0.8, the run's seed)."""
     from .checkpoint import load_checkpoint
     from .config import SampleConfig
     from .sample import generate
 
     checkpoint = load_checkpoint(path)
     config = SampleConfig(temperature=0.8, length=length, seed=seed)
-    return "".join(piece.text for piece in generate(checkpoint.model, checkpoint.tokenizer, config=config))
-
-
-def _stream_sample(path: Path, *, length: int, temperature: float, seed: int) -> None:
-    from .checkpoint import load_checkpoint
-    from .config import SampleConfig
-    from .sample import generate
-
-    checkpoint = load_checkpoint(path)
-    config = SampleConfig(temperature=temperature, length=length, seed=seed)
     for piece in generate(checkpoint.model, checkpoint.tokenizer, config=config):
-        sys.stdout.write(piece.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        yield piece.text
 
 
 # ── sample ──────────────────────────────────────────────────────────────────────────────────────

@@ -105,6 +105,12 @@ _PTB_CHAR_MIRRORS = (f"{_GH}/tomsercu/lstm/master/data",
                      f"{_GH}/townie/PTB-dataset-from-Tomas-Mikolov-s-webpage/master/data")
 _MB = 1_000_000
 
+
+def _hutter_splits(archive: str, member: str) -> tuple[SplitSource, ...]:
+    """The standard 90M/5M/5M split of enwik8 and text8 (bytes of the unpacked member)."""
+    return tuple(SplitSource(split, archive, member=member, byte_range=(start * _MB, stop * _MB))
+                 for split, start, stop in (("train", 0, 90), ("valid", 90, 95), ("test", 95, 100)))
+
 _REGISTRY: tuple[CorpusSpec, ...] = (
     CorpusSpec(
         name="tinyshakespeare",
@@ -125,9 +131,7 @@ _REGISTRY: tuple[CorpusSpec, ...] = (
         files=(RemoteFile(
             "enwik8.zip", ("https://mattmahoney.net/dc/enwik8.zip", "http://mattmahoney.net/dc/enwik8.zip"),
             size=36_445_475, sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"),),
-        splits=(SplitSource("train", "enwik8.zip", member="enwik8", byte_range=(0, 90 * _MB)),
-                SplitSource("valid", "enwik8.zip", member="enwik8", byte_range=(90 * _MB, 95 * _MB)),
-                SplitSource("test", "enwik8.zip", member="enwik8", byte_range=(95 * _MB, 100 * _MB))),
+        splits=_hutter_splits("enwik8.zip", "enwik8"),
         tokenizer="byte",
         homepage="http://mattmahoney.net/dc/textdata.html",
     ),
@@ -138,9 +142,7 @@ _REGISTRY: tuple[CorpusSpec, ...] = (
         files=(RemoteFile(
             "text8.zip", ("https://mattmahoney.net/dc/text8.zip", "http://mattmahoney.net/dc/text8.zip"),
             size=31_344_016),),
-        splits=(SplitSource("train", "text8.zip", member="text8", byte_range=(0, 90 * _MB)),
-                SplitSource("valid", "text8.zip", member="text8", byte_range=(90 * _MB, 95 * _MB)),
-                SplitSource("test", "text8.zip", member="text8", byte_range=(95 * _MB, 100 * _MB))),
+        splits=_hutter_splits("text8.zip", "text8"),
         tokenizer="char",
         homepage="http://mattmahoney.net/dc/textdata.html",
     ),

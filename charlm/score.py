@@ -19,7 +19,6 @@ line alone (the tests check it against a token-by-token loop).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,10 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .evaluate import EvalResult
 from .model import RNNLM
 from .tokenizer import Tokenizer
-
-LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -44,17 +42,21 @@ class LineScore:
     num_unknown: int
 
     @property
+    def _result(self) -> EvalResult:  # the evaluator's figures, from the same totals
+        return EvalResult(self.total_nats, self.num_tokens)
+
+    @property
     def nats_per_token(self) -> float:
-        return self.total_nats / self.num_tokens if self.num_tokens else float("nan")
+        return self._result.nats_per_token
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.nats_per_token, 700.0)) if self.num_tokens else float("nan")
+        return self._result.perplexity if self.num_tokens else float("nan")
 
     @property
     def bits_per_char(self) -> float:
         """Comparable across tokenizers: total bits over the characters scored."""
-        return self.total_nats / LN2 / self.num_chars if self.num_chars else float("nan")
+        return self._result.bits_per_char(self.num_chars)
 
 
 def _strip_line_end(line: str) -> str:
