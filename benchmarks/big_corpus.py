@@ -7,6 +7,10 @@ The corpus is the Python standard library's source, concatenated (repeated if th
 smaller than asked). Each run is ``charlm train stdlib.txt --max-minutes 1 --max-vocab 256 --val-fraction 0.002`` in a
 fresh process (default model for the budget), with
 a fresh token cache for the first run only; the process's peak RSS comes from getrusage.
+
+Side by side, two floors no data pipeline can go under, each in a fresh process: ``import torch``
+alone, and a bare loop (embedding → nn.LSTM → linear, AdamW, random tokens, no corpus) training the
+very model and batch shape the charlm run chose, for the same number of steps as it logged first.
 Writes benchmarks/results/big-corpus-<megabytes>mb.json.
 """
 from __future__ import annotations
@@ -28,6 +32,33 @@ RUNNER = ("import resource, runpy, sys\n"
           "sys.argv = ['charlm'] + sys.argv[1:]\n"
           "try:\n    runpy.run_module('charlm', run_name='__main__')\n"
           "finally:\n    print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+
+
+# The bare floor: the run's model and batch shape trained on random tokens, nothing else.
+FLOOR = ("import json, resource, sys\n"
+         "import torch\n"
+         "from torch import nn\n"
+         "m, t, steps = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])\n"
+         "if steps:\n"
+         "    torch.manual_seed(0)\n"
+         "    emb = nn.Embedding(m['vocab_size'], m['embed_size'])\n"
+         "    rnn = nn.LSTM(m['embed_size'], m['hidden_size'], m['num_layers'], batch_first=True)\n"
+         "    head = nn.Linear(m['hidden_size'], m['vocab_size'])\n"
+         "    opt = torch.optim.AdamW([*emb.parameters(), *rnn.parameters(), *head.parameters()], lr=1e-3)\n"
+         "    x = torch.randint(0, m['vocab_size'], (t['batch_size'], t['seq_len'] + 1))\n"
+         "    for _ in range(steps):\n"
+         "        out, _ = rnn(emb(x[:, :-1]))\n"
+         "        loss = nn.functional.cross_entropy(head(out).flatten(0, 1), x[:, 1:].flatten())\n"
+         "        opt.zero_grad()\n"
+         "        loss.backward()\n"
+         "        opt.step()\n"
+         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+
+
+def floor_rss_mb(model_config: dict, train_config: dict, steps: int) -> float:
+    proc = subprocess.run([sys.executable, "-c", FLOOR, json.dumps(model_config), json.dumps(train_config), str(steps)],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout.split()[-1]) / 1024
 
 
 def build_corpus(path: Path, megabytes: float) -> None:
@@ -65,8 +96,10 @@ def run(corpus: Path, out: Path, minutes: float, env: dict[str, str]) -> dict:
     peak_kib = int(proc.stderr.strip().splitlines()[-1].split()[-1])
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first_step = next(e["elapsed"] for e in events if e["event"] == "step")
+    start_event = next(e for e in events if e["event"] == "start")
     return {"wall_seconds": wall, "peak_rss_mb": peak_kib / 1024, "training_started_after_seconds": wall - events[-1]["elapsed"],
-            "first_step_logged_at_seconds": first_step}
+            "first_step_logged_at_seconds": first_step, "steps": events[-1]["step"],
+            "model_config": start_event["model_config"], "train_config": start_event["train_config"]}
 
 
 def main() -> None:
@@ -84,6 +117,8 @@ def main() -> None:
     first = run(corpus, args.work / "run1", args.minutes, env)
     second = run(corpus, args.work / "run2", args.minutes, env)
     size_mb = corpus.stat().st_size / 2**20
+    import_torch = floor_rss_mb({}, {}, 0)
+    bare = floor_rss_mb(second["model_config"], second["train_config"], second["steps"])
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "corpus": f"Python {platform.python_version()} standard library source, concatenated",
@@ -91,6 +126,10 @@ def main() -> None:
                                          f"--val-fraction 0.002",
         "first_run": first, "second_run": second,
         "peak_rss_over_file_size": max(first["peak_rss_mb"], second["peak_rss_mb"]) / size_mb,
+        "floors": {"import_torch_peak_rss_mb": import_torch,
+                   "bare_training_loop_peak_rss_mb": bare,
+                   "bare_over_file_size": bare / size_mb,
+                   "charlm_second_run_minus_bare_mb": second["peak_rss_mb"] - bare},
         "cache_mb": sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20,
     }
     RESULTS.mkdir(exist_ok=True)

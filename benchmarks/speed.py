@@ -103,6 +103,17 @@ def evaluator_diff(cfg: BenchConfig) -> float:
     return abs(batched - total) / (len(ids) - 1)
 
 
+def skinny_matmul_gflops(rows: int, inner: int, cols: int, reps: int = 50) -> float:
+    """The rate of one sampling step's largest product: ``rows`` streams × (inner × cols) weights."""
+    a, b, out = torch.randn(rows, inner), torch.randn(inner, cols), torch.empty(rows, cols)
+    for _ in range(5):
+        torch.mm(a, b, out=out)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b, out=out)
+    return 2 * rows * inner * cols * reps / (time.perf_counter() - start) / 1e9
+
+
 def startup_seconds(command: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
@@ -143,6 +154,7 @@ def main() -> None:
             "help_s": startup_seconds(help_cmd),
             "import_torch_s": startup_seconds(torch_cmd),
             "matmul_gflops": matmul_gflops(cpu),
+            "skinny_matmul_gflops": skinny_matmul_gflops(args.streams, 2 * cfg.hidden_size, 4 * cfg.hidden_size),
         }
         rounds.append(row)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:,.3g}" for k, v in row.items()), file=sys.stderr)
@@ -156,6 +168,11 @@ def main() -> None:
     # FLOPs of one training token (forward + backward ≈ 3 × forward) and of one sampled token.
     H, E, L, V = cfg.hidden_size, cfg.embed_size, cfg.num_layers, cfg.vocab_size
     forward_flops = 2 * (4 * H * (E + H) + (L - 1) * 4 * H * 2 * H + H * V)
+    step_flops = forward_flops - 2 * 4 * H * E  # the sampler looks the first layer's input projection up
+    # The most N streams could give if every product ran at the dense rate, and at the rate that the
+    # step's own skinny (N-row) product reaches alone; both as multiples of one stream.
+    bound_n = med("matmul_gflops") * 1e9 / step_flops
+    skinny_n = med("skinny_matmul_gflops") * 1e9 / step_flops
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -171,7 +188,11 @@ def main() -> None:
         },
         "ceilings": {
             "train_fraction_of_matmul_rate": med("charlm_train") * 3 * forward_flops / (med("matmul_gflops") * 1e9),
-            "sample_n_fraction_of_matmul_rate": med("charlm_sample_n") * forward_flops / (med("matmul_gflops") * 1e9),
+            "sample_n_fraction_of_matmul_rate": med("charlm_sample_n") * step_flops / (med("matmul_gflops") * 1e9),
+            "sample_n_fraction_of_skinny_matmul_rate": med("charlm_sample_n") * step_flops
+                                                       / (med("skinny_matmul_gflops") * 1e9),
+            "sample_n_over_1_if_at_matmul_rate": bound_n / med("charlm_sample_1"),
+            "sample_n_over_1_if_at_skinny_matmul_rate": skinny_n / med("charlm_sample_1"),
         },
         "parity": {"sampler_max_logprob_diff": sampler_max_logprob_diff(cfg),
                    "evaluator_vs_token_loop_nats_per_token": evaluator_diff(cfg)},
