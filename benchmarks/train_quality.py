@@ -2,8 +2,11 @@
 
     python benchmarks/train_quality.py ../shared/corpora/tinyshakespeare.txt --minutes 3
     python benchmarks/train_quality.py CORPUS --minutes 3 --from-run checkpoints/tinyshakespeare  # record a finished run
+    python benchmarks/train_quality.py CORPUS --minutes 10 --options "--batch-size 32 --lr 1.2e-2"  # a sweep point
 
-Writes benchmarks/results/quality-<corpus>-<minutes>min.json with the figures from metrics.jsonl.
+Writes benchmarks/results/quality-<corpus>-<minutes>min.json with the figures from metrics.jsonl;
+with --options (anything but the defaults) the run is added to sweep-<corpus>-<minutes>min.json
+instead, one entry per option string (a repeated string replaces its entry).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -40,20 +44,29 @@ def main() -> None:
     parser.add_argument("corpus")
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--from-run", type=Path, help="record this finished run instead of training")
+    parser.add_argument("--options", default="", help="extra charlm train options: records a sweep point")
     args = parser.parse_args()
     if args.from_run:
         run_dir = args.from_run
     else:
         run_dir = Path(tempfile.mkdtemp(prefix="charlm-quality-")) / "run"
         command = [sys.executable, "-m", "charlm", "train", args.corpus, "--max-minutes", str(args.minutes),
-                   "--out", str(run_dir), "--sample-length", "0"]
+                   "--out", str(run_dir), "--sample-length", "0", *shlex.split(args.options)]
         subprocess.run(command, check=True)
-    result = {"command": f"charlm train {args.corpus} --max-minutes {args.minutes:g}",
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-              **summarize(run_dir)}
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+    command = f"charlm train {args.corpus} --max-minutes {args.minutes:g}"
+    result = {"command": f"{command} {args.options}".strip(), "machine": machine, **summarize(run_dir)}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"quality-{Path(args.corpus).stem}-{args.minutes:g}min.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.options:
+        out = RESULTS / f"sweep-{Path(args.corpus).stem}-{args.minutes:g}min.json"
+        sweep = json.loads(out.read_text()) if out.exists() else {"command": f"{command} [options]", "runs": []}
+        sweep["runs"] = [run for run in sweep["runs"] if run.get("options") != args.options]
+        sweep["runs"].append({"options": args.options, "machine": machine,
+                              **{k: v for k, v in result.items() if k not in ("command", "machine")}})
+        out.write_text(json.dumps(sweep, indent=1) + "\n")
+    else:
+        out = RESULTS / f"quality-{Path(args.corpus).stem}-{args.minutes:g}min.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("best_val_loss", "steps", "elapsed_seconds")}))
 
 

@@ -195,7 +195,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.01,
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping threshold (0 = off).")] = 1.0,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay.")] = 100,
-    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at this fraction of --lr.")] = 0.1,
+    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at this fraction of --lr.")] = 0.0,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included. Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
