@@ -48,6 +48,8 @@ def test_auto_size_grows_with_budget_and_is_capped_by_small_data():
     large = auto_size(tokenizer="char", train_tokens=1_000_000, max_minutes=10, gpu=False)
     assert (small.hidden_size, small.num_layers) == (512, 1)
     assert large.hidden_size > small.hidden_size
+    assert (small.batch_size, large.batch_size) == (16, 32)  # wider layers keep more streams busy
+    assert TrainConfig().min_lr_ratio == 0.0  # the schedule decays to zero (the 10-minute sweep)
     tiny = auto_size(tokenizer="char", train_tokens=20_000, max_minutes=60, gpu=False)
     assert tiny.hidden_size == 256 and tiny.dropout > 0  # many epochs on little data: regularise
     word = auto_size(tokenizer="word", train_tokens=200_000, max_minutes=10, gpu=False)
