@@ -91,11 +91,23 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
         tmp.mkdir(parents=True)
         _build(paths, tmp, kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
                encoding_errors=encoding_errors)
-        if folder.exists():  # a damaged entry (``_load`` refused it)
-            shutil.rmtree(folder, ignore_errors=True)
+        # Another process (a second run on the same corpus) may have finished the same entry
+        # meanwhile: use it, and never delete an entry that loads, since that process reads it.
+        cached = _load(folder)
+        if cached is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return cached
+        if folder.exists():  # a damaged entry: move it aside in one step, then delete it
+            aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            try:
+                os.replace(folder, aside)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             os.replace(tmp, folder)
-        except OSError:  # another process (a DDP rank) finished the same entry first
+        except OSError:  # another process put its finished entry in place first
+            shutil.rmtree(tmp, ignore_errors=True)
             if _load(folder) is None:
                 raise
     except OSError as exc:

@@ -61,6 +61,31 @@ def test_a_damaged_entry_is_rebuilt(tmp_path):
     assert not list(first.folder.parent.glob(".*.tmp-*"))  # no temporary folder left behind
 
 
+def test_an_entry_another_process_finished_first_is_used_not_replaced(tmp_path, monkeypatch):
+    """Two runs on one corpus at once: the second to finish must not delete the entry the first
+    is already reading (that race failed a distributed test)."""
+    path = tmp_path / "c.txt"
+    path.write_bytes(TEXT.encode("utf-8"))
+    real_build = cache._build
+    theirs = {}
+
+    def build_while_another_finishes(paths, folder, **options):
+        real_build(paths, folder, **options)
+        final = folder.with_name(folder.name.split(".tmp-")[0].lstrip("."))
+        other = final.with_name(".other")
+        other.mkdir()
+        real_build(paths, other, **options)  # the other process's complete entry
+        other.rename(final)
+        theirs["inode"] = (final / "ids.npy").stat().st_ino
+
+    monkeypatch.setattr(cache, "_build", build_while_another_finishes)
+    got = corpus_ids(path, kind="char", val_fraction=0.1, root=tmp_path / "cache")
+    assert (got.folder / "ids.npy").stat().st_ino == theirs["inode"]  # theirs, untouched
+    expected = prepare_data(data_module.read_corpus(path), val_fraction=0.1)
+    assert np.array_equal(got.train_ids, expected.train_ids) and np.array_equal(got.val_ids, expected.val_ids)
+    assert sorted(p.name for p in got.folder.parent.iterdir()) == [got.folder.name]  # no temporary left
+
+
 def test_bad_corpora_give_the_reader_errors(tmp_path):
     from charlm.errors import CorpusError, UsageError
 
