@@ -103,17 +103,6 @@ def evaluator_diff(cfg: BenchConfig) -> float:
     return abs(batched - total) / (len(ids) - 1)
 
 
-def skinny_matmul_gflops(rows: int, inner: int, cols: int, reps: int = 50) -> float:
-    """The rate of one sampling step's largest product: ``rows`` streams × (inner × cols) weights."""
-    a, b, out = torch.randn(rows, inner), torch.randn(inner, cols), torch.empty(rows, cols)
-    for _ in range(5):
-        torch.mm(a, b, out=out)
-    start = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b, out=out)
-    return 2 * rows * inner * cols * reps / (time.perf_counter() - start) / 1e9
-
-
 def startup_seconds(command: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
@@ -154,7 +143,9 @@ def main() -> None:
             "help_s": startup_seconds(help_cmd),
             "import_torch_s": startup_seconds(torch_cmd),
             "matmul_gflops": matmul_gflops(cpu),
-            "skinny_matmul_gflops": skinny_matmul_gflops(args.streams, 2 * cfg.hidden_size, 4 * cfg.hidden_size),
+            # One sampling step's largest product: N streams × (2H × 4H) stacked weights.
+            "skinny_matmul_gflops": matmul_gflops(cpu, (args.streams, 2 * cfg.hidden_size, 4 * cfg.hidden_size),
+                                                  reps=50),
         }
         rounds.append(row)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:,.3g}" for k, v in row.items()), file=sys.stderr)

@@ -118,19 +118,22 @@ def tokenize_rate(text: str) -> float:
     return len(text.encode("utf-8")) / 1e6 / (time.perf_counter() - start)
 
 
-def matmul_gflops(device: torch.device, size: int = 1024, dtype: torch.dtype = torch.float32) -> float:
-    """The device's measured dense matmul rate: the ceiling the recurrent matmuls run against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+def matmul_gflops(device: torch.device, shape: tuple[int, int, int] = (1024, 1024, 1024),
+                  dtype: torch.dtype = torch.float32, reps: int | None = None) -> float:
+    """The measured rate of (rows × inner) @ (inner × cols) matmuls: by default a dense 1024³ one,
+    the ceiling the recurrent matmuls run against."""
+    rows, inner, cols = shape
+    a = torch.randn(rows, inner, device=device, dtype=dtype)
+    b = torch.randn(inner, cols, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     _sync_device(device)
-    reps = 10 if device.type == "cpu" else 200
+    reps = reps or (10 if device.type == "cpu" else 200)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
     _sync_device(device)
-    return 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * rows * inner * cols * reps / (time.perf_counter() - start) / 1e9
 
 
 def peak_memory_mb(device: torch.device) -> float:
