@@ -89,8 +89,7 @@ class _TrainDisplay:
         self.progress = None
         self.task = None
         self.total_steps: int | None = None
-        self.best: dict[str, Any] | None = None
-        self.last_val: float | None = None
+        self.last_eval: dict[str, Any] | None = None  # carries the run's best so far
         self.step_info = ""
 
     def __enter__(self) -> "_TrainDisplay":
@@ -128,14 +127,12 @@ class _TrainDisplay:
         elif kind == "warning":
             err.print(f"charlm: warning: {event['message']}", markup=False)
         elif kind == "step":
-            val = f" · val {self.last_val:.4f}" if self.last_val is not None else ""
+            val = f" · val {self.last_eval['val_loss']:.4f}" if self.last_eval is not None else ""
             self.step_info = (f"step {event['step']:,} · loss {event['loss']:.4f}{val} · "
                               f"{event['tokens_per_second'] / 1000:.1f}k tok/s")
             self._update(event)
         elif kind == "eval":
-            self.last_val = event["val_loss"]
-            if event["improved"]:
-                self.best = event
+            self.last_eval = event
             line = (f"step {event['step']:,}: val loss {event['val_loss']:.4f} nats/token, "
                     f"{event['val_bpc']:.4f} bits/char" + (" (best)" if event["improved"] else ""))
             if self.progress is not None:
@@ -304,9 +301,12 @@ def train(
             raise typer.Exit(143 if stop.reason == "SIGTERM" else 130)
         if not dist.is_main:
             return
-        best = display.best
-        if best is None or not math.isfinite(result.best_val_loss):
+        # The run's best, which after --resume may come from before it: not this session's last improvement.
+        evaluated = display.last_eval
+        if evaluated is None or not math.isfinite(result.best_val_loss):
             raise ConfigError("training ended before any evaluation")
+        best = {"val_loss": evaluated["best_val_loss"], "val_bpc": evaluated["best_val_bpc"],
+                "step": evaluated["best_step"]}
         if as_json:
             sample_text = ("".join(_end_of_training_sample(run_dir / BEST, length=sample_length, seed=seed))
                            if sample_length > 0 else None)

@@ -24,7 +24,7 @@ from .config import ModelConfig, TrainConfig
 from .data import batchify, default_corpus, fit_batch_shape, num_windows, read_corpus, split_text, window
 from .distributed import Dist, device_for
 from .errors import CheckpointError, ConfigError, SaveError, TrainingError
-from .evaluate import evaluate
+from .evaluate import EvalResult, evaluate
 from .model import RNNLM, detach_state, resolve_device, select_state
 from .tokenizer import Tokenizer, fit_tokenizer
 
@@ -363,9 +363,11 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
         save_last()
         seconds = float(dist.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64))[0])
         seconds /= dist.world_size
+        # The run's best so far (an earlier session's, when resumed) on the same split, in bits/char too.
+        best = EvalResult(best_val * result.num_predicted, result.num_predicted)
         record({"event": "eval", "step": step, "epoch": epoch, "val_loss": last_val, "best_val_loss": best_val,
-                "val_bpc": result.bits_per_char(data.val_chars), "improved": improved,
-                "eval_seconds": seconds, "elapsed": clock})
+                "val_bpc": result.bits_per_char(data.val_chars), "improved": improved, "best_step": best_step,
+                "best_val_bpc": best.bits_per_char(data.val_chars), "eval_seconds": seconds, "elapsed": clock})
         return seconds
 
     record({"event": "start", "step": step, "total_steps": fixed_total, "max_minutes": cfg.max_minutes,

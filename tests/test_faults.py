@@ -1,4 +1,5 @@
 """Interruptions and faults through a real training process: SIGKILL during saves, SIGINT, SIGTERM."""
+import json
 import random
 import signal
 import subprocess
@@ -71,6 +72,31 @@ def test_signal_saves_last_and_says_how_to_resume(tmp_path, tiny_corpus, sig, co
     result = CliRunner().invoke(app, ["train", "--resume", str(out), "--max-steps", str(after + 5)])
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out / "last.safetensors").train_state["step"] == after + 5
+
+
+def test_a_resumed_run_that_does_not_improve_reports_the_earlier_best(tmp_path, tiny_corpus, monkeypatch):
+    """The summary is the run's best, not this session's: a resumed session whose evaluations are all
+    worse still ends normally (the signal test above hit this when the last few steps ran at lr ≈ 0)."""
+    import charlm.train as train_module
+    from charlm.evaluate import EvalResult
+
+    out = tmp_path / "run"
+    runner = CliRunner()
+    started = runner.invoke(app, ["train", str(tiny_corpus), "--out", str(out), "--max-steps", "4", *TRAIN, "--json"])
+    assert started.exit_code == 0, started.output
+    first = json.loads(started.stdout)
+    real_evaluate = train_module.evaluate
+
+    def much_worse(*args, **kwargs):  # 100 nats/token over the same tokens
+        predicted = real_evaluate(*args, **kwargs).num_predicted
+        return EvalResult(100.0 * predicted, predicted)
+
+    monkeypatch.setattr(train_module, "evaluate", much_worse)
+    result = runner.invoke(app, ["train", "--resume", str(out), "--max-steps", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["best_val_loss"], report["best_step"], report["steps"]) == (first["best_val_loss"], 4, 6)
+    assert report["best_val_bpc"] == pytest.approx(first["best_val_bpc"], rel=1e-9)
 
 
 def test_resume_with_a_conflicting_option_names_it(tmp_path, tiny_corpus):
