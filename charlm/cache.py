@@ -10,7 +10,9 @@ starts in about a second; distributed ranks share one cache instead of each re-t
 
 The key covers the file (path, size, modification time) and every setting that changes the ids,
 so an edited corpus or a different ``--val-fraction`` builds a new entry. Entries are written to a
-temporary folder and renamed into place, so a killed build never leaves a half entry behind.
+temporary folder and renamed into place, so a killed build never leaves a half entry behind. A
+lock file (``<cache root>/locks/<key>.lock``) lets one process build an entry while others that
+start on the same corpus wait, then use it.
 """
 from __future__ import annotations
 
@@ -18,11 +20,17 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from .data import check_not_blank, iter_corpus_chunks, read_corpus
 from .errors import CorpusError, UsageError
@@ -78,49 +86,56 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
     for p in paths:
         if not p.is_file():
             read_corpus(p)  # raises the precise error (missing, a directory, …)
-    path = paths[0]
     folder = (root or cache_root()) / "tokens" / cache_key(paths, settings)
     cached = _load(folder)
     if cached is not None:
         return cached
-    if on_build:
-        on_build(f"tokenizing {path} (cached in {folder} for later runs)")
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        _build(paths, tmp, kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
-               encoding_errors=encoding_errors)
-        # Another process (a second run on the same corpus) may have finished the same entry
-        # meanwhile: use it, and never delete an entry that loads, since that process reads it.
-        cached = _load(folder)
-        if cached is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return cached
-        if folder.exists():  # a damaged entry: move it aside in one step, then delete it
-            aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            try:
-                os.replace(folder, aside)
-            except FileNotFoundError:  # another process moved it first
-                pass
-            shutil.rmtree(aside, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process put its finished entry in place first
-            shutil.rmtree(tmp, ignore_errors=True)
-            if _load(folder) is None:
-                raise
+        with _exclusive(folder.parent.parent / "locks" / f"{folder.name}.lock"):
+            # Two runs started on one new corpus: the second waits here, then finds the first's entry.
+            cached = _load(folder)
+            if cached is not None:
+                return cached
+            _build_entry(paths, folder, kind=kind, val_fraction=val_fraction, min_count=min_count,
+                         max_vocab=max_vocab, encoding_errors=encoding_errors, on_build=on_build)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CorpusError(f"cannot write the token cache in {folder.parent}: {exc.strerror or exc}; "
                           f"set CHARLM_CACHE_DIR to a writable folder") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     cached = _load(folder)
     if cached is None:
         raise CorpusError(f"the token cache entry {folder} could not be read back")
     return cached
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` for the block (POSIX ``flock``: the system releases it if
+    the process dies; where there is no ``fcntl``, the block runs unlocked)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _build_entry(paths: list[Path], folder: Path, *, on_build: Callable[[str], None] | None, **options: Any) -> None:
+    """Build the entry in a temporary folder and rename it into place (a killed build leaves no half entry)."""
+    if on_build:
+        on_build(f"tokenizing {paths[0]} (cached in {folder} for later runs)")
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _build(paths, tmp, **options)
+        if folder.exists():  # a damaged entry (``_load`` refused it); the lock keeps other builders out
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # unlocked (no ``fcntl``): another process put its entry in place first
+            if _load(folder) is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(folder: Path) -> CorpusIds | None:

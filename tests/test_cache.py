@@ -2,6 +2,9 @@
 when it should."""
 from __future__ import annotations
 
+import shutil
+import threading
+
 import numpy as np
 import pytest
 
@@ -61,29 +64,33 @@ def test_a_damaged_entry_is_rebuilt(tmp_path):
     assert not list(first.folder.parent.glob(".*.tmp-*"))  # no temporary folder left behind
 
 
-def test_an_entry_another_process_finished_first_is_used_not_replaced(tmp_path, monkeypatch):
-    """Two runs on one corpus at once: the second to finish must not delete the entry the first
-    is already reading (that race failed a distributed test)."""
+def test_a_second_builder_waits_for_the_first_and_uses_its_entry(tmp_path, monkeypatch):
+    """Two runs started on one new corpus: while one holds the entry's lock the other waits, then
+    uses the finished entry instead of building (and deleting) its own (a race that failed a
+    distributed test: the second builder removed the entry the first was reading)."""
     path = tmp_path / "c.txt"
     path.write_bytes(TEXT.encode("utf-8"))
+    root = tmp_path / "cache"
+    first = corpus_ids(path, kind="char", val_fraction=0.1, root=root)  # where the entry and its lock go
+    folder, built = first.folder, []
+    shutil.rmtree(folder)
     real_build = cache._build
-    theirs = {}
-
-    def build_while_another_finishes(paths, folder, **options):
-        real_build(paths, folder, **options)
-        final = folder.with_name(folder.name.split(".tmp-")[0].lstrip("."))
-        other = final.with_name(".other")
-        other.mkdir()
-        real_build(paths, other, **options)  # the other process's complete entry
-        other.rename(final)
-        theirs["inode"] = (final / "ids.npy").stat().st_ino
-
-    monkeypatch.setattr(cache, "_build", build_while_another_finishes)
-    got = corpus_ids(path, kind="char", val_fraction=0.1, root=tmp_path / "cache")
-    assert (got.folder / "ids.npy").stat().st_ino == theirs["inode"]  # theirs, untouched
-    expected = prepare_data(data_module.read_corpus(path), val_fraction=0.1)
-    assert np.array_equal(got.train_ids, expected.train_ids) and np.array_equal(got.val_ids, expected.val_ids)
-    assert sorted(p.name for p in got.folder.parent.iterdir()) == [got.folder.name]  # no temporary left
+    monkeypatch.setattr(cache, "_build", lambda *args, **kwargs: (built.append(1), real_build(*args, **kwargs)))
+    got = {}
+    with cache._exclusive(root / "locks" / f"{folder.name}.lock"):  # "the other process" is building
+        waiter = threading.Thread(target=lambda: got.update(ids=corpus_ids(path, kind="char", val_fraction=0.1,
+                                                                            root=root)))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # it waits for the lock instead of building alongside
+        cache._build_entry([path], folder, on_build=None, kind="char", val_fraction=0.1, min_count=1,
+                           max_vocab=None, encoding_errors="strict")
+        inode = (folder / "ids.npy").stat().st_ino
+    waiter.join(30)
+    assert built == [1]  # only "the other process" built
+    assert got["ids"].folder == folder and (folder / "ids.npy").stat().st_ino == inode  # its entry, untouched
+    assert np.array_equal(got["ids"].ids, first.ids)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary left
 
 
 def test_bad_corpora_give_the_reader_errors(tmp_path):
