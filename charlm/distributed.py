@@ -12,6 +12,7 @@ a ``DistributedError`` instead of hanging.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,6 +138,10 @@ def from_env(device_name: str) -> Dist:
 
 def shutdown(dist: Dist) -> None:
     if dist.enabled and torch_dist.is_initialized():
+        # DistributedDataParallel's reducer sits in reference cycles and still holds the group;
+        # freed only at interpreter exit, after the group is gone, it can abort the process
+        # ("terminate called without an active exception"). Free it first.
+        gc.collect()
         torch_dist.destroy_process_group()
 
 
