@@ -10,15 +10,16 @@ header ourselves before handing the file to the safetensors reader.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ModelConfig, TrainConfig
-from .errors import CheckpointError, SaveError, TokenizerError
+from . import jsonio
+from .config import ConfigError, ModelConfig, TrainConfig, brief
+from .errors import CheckpointError, SaveError, TokenizerError, out_of_memory_as
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "charlm/1"
@@ -102,10 +103,10 @@ def save_checkpoint(path: str | os.PathLike[str], *, model, tokenizer: Tokenizer
 
     metadata = {
         "format": FORMAT,
-        "model_config": json.dumps(model.cfg.to_dict()),
-        "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
-        "train_config": json.dumps(train_config.to_dict() if train_config else None),
-        "train_state": json.dumps(train_state or {}),
+        "model_config": jsonio.dumps(model.cfg.to_dict()),
+        "tokenizer": jsonio.dumps(tokenizer.to_dict(), ensure_ascii=False),
+        "train_config": jsonio.dumps(train_config.to_dict() if train_config else None),
+        "train_state": jsonio.dumps(train_state or {}),
     }
     path = Path(path)
     atomic_write(path, save(model_tensors(model), metadata=metadata))
@@ -140,9 +141,9 @@ def read_header(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+        header = jsonio.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not a safetensors file (header: {exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_len = size - 8 - header_len
@@ -154,9 +155,8 @@ def read_header(path: Path) -> dict[str, Any]:
         if not isinstance(info, dict) or info.get("dtype") not in _DTYPE_SIZES:
             raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets)):
+        if (not isinstance(shape, list) or not all(_whole(d) for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets)):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
         numel = 1
         for d in shape:
@@ -167,17 +167,77 @@ def read_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _json_field(path: Path, metadata: dict[str, str], key: str) -> Any:
     if key not in metadata:
         raise CheckpointError(f"{path}: metadata lacks {key!r}")
     try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON") from None
+        return jsonio.loads(metadata[key])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: metadata {key!r} is {exc}" if "nested" in str(exc)
+                              else f"{path}: metadata {key!r} is not valid JSON") from None
+
+
+# What the trainer writes in ``train_state``; a field may be absent (an older or foreign writer),
+# but one that is present must have its type. Losses may be null (no evaluation yet).
+_STATE_COUNTS = ("step", "epoch", "window", "evals_since_best", "total_steps", "warmup_steps", "tokens_seen",
+                 "num_parameters", "world_size")
+_STATE_LOSSES = ("best_val_loss", "val_loss")
+_STATE_TEXTS = ("corpus", "val_corpus", "optim_file", "stopped_by")
+
+
+def check_train_state(path: Path, state: Any) -> dict[str, Any]:
+    """The ``train_state`` object with each known field checked; null losses read as +inf."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: metadata 'train_state' must be a JSON object")
+    state = dict(state)
+
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: train_state {key!r} must be {what} (got {brief(state[key])})")
+
+    for key in _STATE_COUNTS:
+        if key in state and not (_whole(state[key]) and state[key] <= 2**63 - 1):
+            raise bad(key, "a whole number ≥ 0")
+    if "best_step" in state and not (isinstance(state["best_step"], int) and not isinstance(state["best_step"], bool)
+                                     and -1 <= state["best_step"] <= 2**63 - 1):
+        raise bad("best_step", "a whole number ≥ -1")
+    for key in _STATE_LOSSES:
+        if key in state:
+            value = state[key]
+            if value is None:
+                state[key] = math.inf
+            elif not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+                raise bad(key, "a number or null")
+    if "elapsed_seconds" in state:
+        value = state["elapsed_seconds"]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise bad("elapsed_seconds", "a finite number ≥ 0")
+    for key in _STATE_TEXTS:
+        if key in state and state[key] is not None and not isinstance(state[key], str):
+            raise bad(key, "a string or null")
+    return state
+
+
+def stored_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of this config holds (tied weights once), by name."""
+    from .model import parameter_shapes
+
+    shapes = parameter_shapes(model_config)
+    if model_config.tie_weights:
+        del shapes["head.weight"]
+    return shapes
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Checkpoint:
-    """Load and validate a checkpoint file; raise ``CheckpointError`` saying what is wrong."""
+    """Load and validate a checkpoint file; raise ``CheckpointError`` saying what is wrong.
+
+    Nothing is allocated from what the metadata claims until every tensor it implies has been
+    found in the file with that shape: the model's memory is then the file's own data (twice
+    that for a half-precision file, whose tensors are widened to float32).
+    """
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -193,24 +253,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Che
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != FORMAT:
         found = metadata.get("format")
-        raise CheckpointError(f"{path}: not a charlm checkpoint (format tag {found!r}, expected {FORMAT!r})"
+        raise CheckpointError(f"{path}: not a charlm checkpoint (format tag {brief(found)}, expected {FORMAT!r})"
                               if found else f"{path}: not a charlm checkpoint (no 'format' metadata)")
     try:
         model_config = ModelConfig.from_dict(_json_field(path, metadata, "model_config"))
-        tokenizer = tokenizer_from_dict(_json_field(path, metadata, "tokenizer"))
-        raw_train = _json_field(path, metadata, "train_config")
-        train_config = TrainConfig.from_dict(raw_train) if raw_train is not None else None
-    except (ConfigError, TokenizerError) as exc:
+    except ConfigError as exc:
         raise CheckpointError(f"{path}: invalid metadata: {exc}") from None
-    train_state = _json_field(path, metadata, "train_state")
-    if not isinstance(train_state, dict):
-        raise CheckpointError(f"{path}: metadata 'train_state' must be a JSON object")
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
-                              f"{model_config.vocab_size}")
 
-    model = RNNLM(model_config)
-    expected = model_tensors(model)
+    expected = stored_shapes(model_config)
     names = {k for k in header if k != "__metadata__"}
     missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
     if missing or unexpected:
@@ -218,24 +268,42 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Che
         if missing:
             parts.append(f"missing {', '.join(missing[:5])}")
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}")
+            parts.append(f"unexpected {', '.join(brief(name) for name in unexpected[:5])}")
         raise CheckpointError(f"{path}: tensors do not match the model config ({'; '.join(parts)})")
-    for name, tensor in expected.items():
+    for name, shape in expected.items():
         info = header[name]
-        if tuple(info["shape"]) != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(info['shape'])}, "
-                                  f"the config implies {tuple(tensor.shape)}")
+        if tuple(info["shape"]) != shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {brief(tuple(info['shape']))}, "
+                                  f"the config implies {shape}")
         if info["dtype"] not in ("F32", "F16", "BF16"):
             raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
+
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: cannot read tensors ({exc})") from None
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf")
-    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-    model.to(device)
+        tokenizer = tokenizer_from_dict(_json_field(path, metadata, "tokenizer"))
+        raw_train = _json_field(path, metadata, "train_config")
+        train_config = TrainConfig.from_dict(raw_train) if raw_train is not None else None
+    except (ConfigError, TokenizerError) as exc:
+        raise CheckpointError(f"{path}: invalid metadata: {exc}") from None
+    train_state = check_train_state(path, _json_field(path, metadata, "train_state"))
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+                              f"{model_config.vocab_size}")
+
+    with out_of_memory_as(f"loading {path} (a {path.stat().st_size:,}-byte checkpoint)"):
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read tensors ({exc})") from None
+        for name, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{path}: tensor {name} holds NaN or Inf")
+        # Built on the meta device (no memory), then the file's tensors become the parameters.
+        with torch.device("meta"):
+            model = RNNLM(model_config)
+        model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False, assign=True)
+        if model_config.tie_weights:
+            model.head.weight = model.embedding.weight
+        model.to(device)
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, model_config=model_config, train_config=train_config,
                       train_state=train_state, path=path, metadata=dict(metadata))

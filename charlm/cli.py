@@ -5,7 +5,6 @@ the commands so ``charlm --help`` stays fast.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -19,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
-from .errors import CharlmError
+from . import __version__, jsonio
+from .errors import CharlmError, is_out_of_memory
 
 app = typer.Typer(
     name="charlm",
@@ -57,8 +56,13 @@ def _handled() -> Iterator[None]:
         except OSError:
             pass
         raise typer.Exit(0) from None
-    except MemoryError:
-        raise _error("out of memory; try a smaller --batch-size or --hidden-size", 1) from None
+    except (MemoryError, RuntimeError) as exc:
+        # The library names what ran out where it can (OutOfMemoryError); anything it did not
+        # wrap still ends as one line, not an allocator's traceback.
+        if not is_out_of_memory(exc):
+            raise
+        raise _error("out of memory; make the model (--hidden-size, --num-layers), --batch-size or "
+                     "--num-samples smaller", 1) from None
 
 
 def _version(value: bool) -> None:
@@ -176,6 +180,7 @@ class _StopFlag:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     corpus: Annotated[Optional[str], typer.Argument(
         help="UTF-8 text file to train on, or a corpus name from 'charlm corpus list' (after 'charlm corpus get NAME'). "
              "Default: Python's built-in documentation text (offline).")] = None,
@@ -195,7 +200,7 @@ def train(
     min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at this fraction of --lr.")] = 0.0,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included. Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
     val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = 0.1,
     val_file: Annotated[Optional[Path], typer.Option(help="Validate on this file instead; all of CORPUS is then training text.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: every third of a time budget, 10 times per step/epoch limit; always at the end.")] = None,
@@ -218,7 +223,7 @@ def train(
     """
     with _handled():
         from .checkpoint import BEST
-        from .config import TOKENIZERS, ModelConfig, TrainConfig, auto_size
+        from .config import TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option
         from .corpora import resolve_corpus_name
         from .distributed import from_env, shutdown
         from .errors import ConfigError
@@ -227,6 +232,14 @@ def train(
 
         if tokenizer not in TOKENIZERS:
             raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {tokenizer!r})")
+        # Every numeric option the user gave is checked before any work; none is ever read as "unset".
+        for name in _TRAIN_NUMBERS:
+            check_option(name, ctx.params[name], optional=True)
+        if lr is not None:
+            check_decay(lr=lr, weight_decay=weight_decay)
+        if tokenizer == "word" and max_vocab is not None and max_vocab < 3:
+            raise ConfigError(f"--max-vocab must be ≥ 3 for a word model (it includes <UNK> and <EOS>; got {max_vocab})")
+        given = {name: value for name, value in ctx.params.items() if _given(ctx, name)}
         # A registry name reads that corpus's train.txt once 'charlm corpus get NAME' has fetched it;
         # a file of the same name wins. The run folder keeps the corpus name, not "train".
         run_name = None
@@ -238,13 +251,11 @@ def train(
         note = (lambda message: err.print(f"charlm: {message}", markup=False)) if dist.is_main else None
         try:
             if resume is not None:
+                if out is not None and out.resolve() != resume.resolve():
+                    raise ConfigError("--out cannot be given with --resume: a resumed run continues in its own "
+                                      f"folder ({resume})")
                 res = load_resume(resume)
-                overrides = dict(cell=None if cell == "lstm" else cell, hidden_size=hidden_size, num_layers=num_layers,
-                                 embed_size=embed_size, tie_weights=tie_weights, dropout=dropout, batch_size=batch_size,
-                                 seq_len=seq_len, epochs=epochs, max_steps=max_steps, max_minutes=max_minutes,
-                                 patience=patience, device=None if device == "auto" else device, eval_every=eval_every,
-                                 log_every=log_every, tokenizer=None if tokenizer == "char" else tokenizer)
-                model_cfg, train_cfg = resume_configs(res, overrides)
+                model_cfg, train_cfg = resume_configs(res, {k: v for k, v in given.items() if k in _RESUME_KEYS})
                 source = corpus or res.checkpoint.train_state.get("corpus") or None
                 val_source = str(val_file.resolve()) if val_file else res.checkpoint.train_state.get("val_corpus")
                 # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
@@ -265,18 +276,18 @@ def train(
                 gpu = resolve_device(device).type == "cuda"
                 auto = auto_size(tokenizer=tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
                                  gpu=gpu)
-                hidden = hidden_size or auto.hidden_size
+                hidden = _given_or(hidden_size, auto.hidden_size)
                 tie = tie_weights if tie_weights is not None else (auto.tie_weights and embed_size in (None, hidden))
                 model_cfg = ModelConfig(
                     vocab_size=data.tokenizer.vocab_size, cell=cell, hidden_size=hidden,
-                    num_layers=num_layers or auto.num_layers, dropout=auto.dropout if dropout is None else dropout,
-                    embed_size=embed_size or (hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie)
+                    num_layers=_given_or(num_layers, auto.num_layers), dropout=_given_or(dropout, auto.dropout),
+                    embed_size=_given_or(embed_size, hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie)
                 train_cfg = TrainConfig(
-                    seq_len=seq_len or auto.seq_len, batch_size=batch_size or auto.batch_size, lr=lr or auto.lr,
-                    weight_decay=weight_decay, clip=clip, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
-                    epochs=epochs, max_steps=max_steps, max_minutes=max_minutes, val_fraction=val_fraction,
-                    eval_every=eval_every, patience=patience, seed=seed, device=device, max_bad_steps=max_bad_steps,
-                    log_every=log_every or 10)
+                    seq_len=_given_or(seq_len, auto.seq_len), batch_size=_given_or(batch_size, auto.batch_size),
+                    lr=_given_or(lr, auto.lr), weight_decay=weight_decay, clip=clip, warmup_steps=warmup_steps,
+                    min_lr_ratio=min_lr_ratio, epochs=epochs, max_steps=max_steps, max_minutes=max_minutes,
+                    val_fraction=val_fraction, eval_every=eval_every, patience=patience, seed=seed, device=device,
+                    max_bad_steps=max_bad_steps, log_every=_given_or(log_every, 10))
                 if out is not None:
                     if dist.is_main and out.exists() and any(out.glob("*.safetensors")):
                         raise ConfigError(f"{out} already holds a run; pass --resume {out} to continue it "
@@ -310,7 +321,7 @@ def train(
         if as_json:
             sample_text = ("".join(_end_of_training_sample(run_dir / BEST, length=sample_length, seed=seed))
                            if sample_length > 0 else None)
-            sys.stdout.write(json.dumps({
+            sys.stdout.write(jsonio.dumps({
                 "run": str(run_dir), "checkpoint": str(run_dir / BEST), "best_val_loss": best["val_loss"],
                 "best_val_bpc": best["val_bpc"], "best_val_perplexity": math.exp(best["val_loss"]),
                 "best_step": best["step"], "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
@@ -327,6 +338,29 @@ def train(
                 sys.stdout.write(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+
+
+# train's numeric options (all checked against config.LIMITS before any work) and the options a
+# resumed run hands to resume_configs to honour or refuse.
+_TRAIN_NUMBERS = ("hidden_size", "num_layers", "embed_size", "dropout", "seq_len", "batch_size", "lr",
+                  "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps", "max_minutes",
+                  "val_fraction", "eval_every", "patience", "seed", "min_count", "max_vocab", "max_bad_steps",
+                  "sample_length", "log_every")
+_RESUME_KEYS = ("tokenizer", "cell", "hidden_size", "num_layers", "embed_size", "dropout", "tie_weights", "seq_len",
+                "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
+                "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
+                "max_bad_steps", "log_every")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line), as opposed to its default."""
+    source = ctx.get_parameter_source(name)  # click's ParameterSource (Typer may vendor click)
+    return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _given_or(value: Any, automatic: Any) -> Any:
+    """The user's value when given (0 included: it is a value, and the configs check it), else the automatic one."""
+    return automatic if value is None else value
 
 
 def _print_loss_chart(run_dir: Path) -> None:
@@ -453,7 +487,7 @@ def perplexity(
             "perplexity": result.perplexity, "seconds": seconds,
         }
         if as_json:
-            sys.stdout.write(json.dumps(report) + "\n")
+            sys.stdout.write(jsonio.dumps(report) + "\n")
             return
         table = Table(show_header=False, box=None)
         for label, value in (("tokens", f"{report['tokens']:,}"), ("characters", f"{report['characters']:,}"),
@@ -493,7 +527,7 @@ def info(
             "train_state": loaded.train_state,
         }
         if as_json:
-            sys.stdout.write(json.dumps(report) + "\n")
+            sys.stdout.write(jsonio.dumps(report) + "\n")
             return
         table = Table(show_header=False, box=None)
         table.add_row("checkpoint", str(resolved))
@@ -505,17 +539,27 @@ def info(
         table.add_row("tokenizer", f"{loaded.tokenizer.kind}, {loaded.tokenizer.vocab_size:,} tokens")
         state = loaded.train_state
         if state:
-            table.add_row("trained", f"step {state.get('step', '?'):,} (epoch {state.get('epoch', '?')}), "
-                                     f"{state.get('tokens_seen', 0):,} tokens, {state.get('elapsed_seconds', 0):.0f} s")
+            table.add_row("trained", f"step {_count(state.get('step'))} (epoch {_count(state.get('epoch'))}), "
+                                     f"{_count(state.get('tokens_seen'))} tokens, "
+                                     f"{_seconds(state.get('elapsed_seconds'))}")
             best = state.get("best_val_loss")
             if isinstance(best, (int, float)) and math.isfinite(best):
-                table.add_row("best val loss", f"{best:.4f} nats/token at step {state.get('best_step', '?'):,}")
-            table.add_row("corpus", str(state.get("corpus", "?")))
+                table.add_row("best val loss", f"{best:.4f} nats/token at step {_count(state.get('best_step'))}")
+            table.add_row("corpus", str(state.get("corpus") or "?"))
         if loaded.train_config:
             cfg = loaded.train_config
             table.add_row("training", f"batch {cfg.batch_size} × seq {cfg.seq_len}, lr {cfg.lr:g}, "
                                       f"weight decay {cfg.weight_decay:g}, clip {cfg.clip:g}, seed {cfg.seed}")
         console.print(table)
+
+
+def _count(value: Any) -> str:
+    """A count from a checkpoint's training state, or '?' where it lacks one."""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else "?"
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.0f} s" if isinstance(value, (int, float)) and math.isfinite(value) else "? s"
 
 
 # ── bench ───────────────────────────────────────────────────────────────────────────────────────
@@ -554,7 +598,7 @@ def bench(
                           sample_streams=sample_streams, repeats=repeats, device=device)
         result = run_bench(cfg, on_progress=lambda what: err.print(f"charlm: measuring {what}…", markup=False))
         if as_json:
-            console.print_json(json.dumps(result.to_dict()))
+            console.print_json(jsonio.dumps(result.to_dict()))
             return
         table = Table(title=f"charlm bench · {num_layers}×{hidden_size} {cell.upper()} · {result.device}")
         table.add_column("what")
@@ -641,7 +685,7 @@ def corpus_list(
                          "download_bytes": spec.download_size, "splits": [s.split for s in spec.splits],
                          "prepared": ready is not None, "train": str(ready.train) if ready else None})
         if as_json:
-            sys.stdout.write(json.dumps({"root": str(root), "corpora": rows}) + "\n")
+            sys.stdout.write(jsonio.dumps({"root": str(root), "corpora": rows}) + "\n")
             return
         width = max(len(row["name"]) for row in rows)
         console.print(f"{'name':<{width}}  download  splits            tokenizer  ready", markup=False)
@@ -679,7 +723,7 @@ def corpus_get(
                   "files": [{"name": f.name, "url": f.url, "sha256": f.sha256, "verified_by": f.verified_by}
                             for f in result.files]}
         if as_json:
-            sys.stdout.write(json.dumps(report) + "\n")
+            sys.stdout.write(jsonio.dumps(report) + "\n")
             return
         if not result.downloaded:
             err.print(f"charlm: {result.name} is already here (--force fetches it again)", markup=False)
@@ -736,7 +780,7 @@ def score(
             rows.sort(key=lambda r: (math.isnan(r["nats_per_token"]), r["nats_per_token"]), reverse=sort == "worst")
         rows = rows[:top] if top else rows
         if as_json:
-            sys.stdout.write(json.dumps({"file": str(file), "checkpoint": str(resolved), "tokenizer": loaded.tokenizer.kind,
+            sys.stdout.write(jsonio.dumps({"file": str(file), "checkpoint": str(resolved), "tokenizer": loaded.tokenizer.kind,
                                          "include_end": include_end, "lines": rows}) + "\n")
             return
         table = Table(box=None)
@@ -758,8 +802,8 @@ def score(
 def plot(
     run: Annotated[Optional[Path], typer.Argument(help="A run folder. Default: the newest run under checkpoints/.")] = None,
     png: Annotated[Optional[Path], typer.Option(help='Also save the chart as a PNG (needs: pip install "charlm[plot]").')] = None,
-    width: Annotated[int, typer.Option(min=10, help="Chart width in characters.")] = 60,
-    height: Annotated[int, typer.Option(min=3, help="Chart height in lines.")] = 12,
+    width: Annotated[int, typer.Option(min=10, max=1000, help="Chart width in characters.")] = 60,
+    height: Annotated[int, typer.Option(min=3, max=500, help="Chart height in lines.")] = 12,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
 ) -> None:
     """Show a run's training and validation loss against step, as a text chart (and optionally a PNG).
@@ -773,7 +817,7 @@ def plot(
         run_dir = run if run is not None else resolve_checkpoint(None).parent
         metrics = read_metrics(run_dir)
         if as_json:
-            sys.stdout.write(json.dumps({"run": str(run_dir), "train_loss": metrics.train, "val_loss": metrics.val,
+            sys.stdout.write(jsonio.dumps({"run": str(run_dir), "train_loss": metrics.train, "val_loss": metrics.val,
                                          "val_bpc": metrics.val_bpc, "best": metrics.best,
                                          "resumes": metrics.resumes, "finished": metrics.end is not None}) + "\n")
         else:
@@ -825,7 +869,7 @@ def export(
                   "inputs": list(result.input_names), "outputs": list(result.output_names), "opset": result.opset,
                   "batch_size": result.batch_size, "max_abs_difference": difference}
         if as_json:
-            sys.stdout.write(json.dumps(report) + "\n")
+            sys.stdout.write(jsonio.dumps(report) + "\n")
             return
         console.print(f"wrote {result.path} (inputs {', '.join(result.input_names)}; outputs "
                       f"{', '.join(result.output_names)}; opset {result.opset})", markup=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -31,16 +32,119 @@ class _DictMixin:
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
-            raise ConfigError(f"{cls.__name__} has unknown fields: {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:  # a missing field
-            raise ConfigError(f"{cls.__name__}: {exc}") from None
+            raise ConfigError(f"{cls.__name__} has unknown fields: {brief(unknown)}")
+        required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING  # type: ignore[arg-type]
+                    and f.name not in data]
+        if required:
+            raise ConfigError(f"{cls.__name__} lacks {', '.join(required)}")
+        return cls(**data)
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values an option may take: whole numbers or finite reals between ``low`` and ``high``."""
+
+    kind: type  # int or float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+    note: str = ""  # e.g. "0 = off"
+
+    def allows(self, value: Any) -> bool:
+        if self.kind is int:
+            if not _is_int(value):
+                return False
+        elif not _finite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        def num(x: float) -> str:
+            return f"{int(x):,}" if self.kind is int else f"{x:g}"
+
+        high = None if self.high is not None and self.high >= _INT_MAX else self.high
+        if self.low is not None and high is not None:
+            bounds = (f"{'(' if self.low_open else '['}{num(self.low)}, {num(high)}"
+                      f"{')' if self.high_open else ']'}")
+            text = f"a whole number in {bounds}" if self.kind is int else f"in {bounds}"
+        elif self.low is not None:
+            text = f"{'a whole number ' if self.kind is int else ''}{'>' if self.low_open else '≥'} {num(self.low)}"
+        else:
+            text = "a whole number" if self.kind is int else "a finite number"
+        return f"{text} ({self.note})" if self.note else text
+
+
+_INT_MAX = 2**63 - 1  # beyond this no counter, seed or size fits the int64 that torch and numpy use
+_POSITIVE = Range(int, 1, _INT_MAX)
+# Every numeric option, by field name: the configs check their fields with these and the CLI checks
+# what the user gave before any work starts. A size's bound is far above what any machine can train
+# (a memory check refuses what does not fit); it exists so no arithmetic on it overflows.
+LIMITS: dict[str, Range] = {
+    "vocab_size": Range(int, 1, 2**24),
+    "embed_size": Range(int, 1, 2**20),
+    "hidden_size": Range(int, 1, 2**20),
+    "num_layers": Range(int, 1, 1024),
+    "dropout": Range(float, 0, 1, high_open=True),
+    "seq_len": Range(int, 1, 2**24),
+    "batch_size": Range(int, 1, 2**24),
+    "lr": Range(float, 0, 1000, low_open=True),
+    "min_lr_ratio": Range(float, 0, 1),
+    "warmup_steps": Range(int, 0, _INT_MAX),
+    "weight_decay": Range(float, 0, None),
+    "clip": Range(float, 0, None, note="0 = off"),
+    "epochs": _POSITIVE,
+    "max_steps": _POSITIVE,
+    "max_minutes": Range(float, 0, None, low_open=True),
+    "val_fraction": Range(float, 0, 1, low_open=True, high_open=True),
+    "eval_every": _POSITIVE,
+    "patience": _POSITIVE,
+    "seed": Range(int, 0, 2**63 - 1),
+    "max_bad_steps": _POSITIVE,
+    "log_every": _POSITIVE,
+    "temperature": Range(float, 0, None, note="0 = always the most likely token"),
+    "top_k": Range(int, 1, 2**24),
+    "top_p": Range(float, 0, 1, low_open=True),
+    "length": Range(int, 0, 10**8),
+    "num_samples": Range(int, 1, 10_000),
+    "sample_length": Range(int, 0, 10**8, note="0 = none"),
+    "min_count": _POSITIVE,
+    "max_vocab": Range(int, 2, 2**24),
+}
+
+
+def check_option(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise ``ConfigError`` naming ``--name`` and its range unless ``value`` is allowed.
+
+    ``optional``: ``None`` means "not given" (never 0: zero is a value, checked like any other).
+    """
+    if value is None and optional:
+        return
+    rule = LIMITS[name]
+    _check(rule.allows(value), f"--{name.replace('_', '-')} must be {rule.describe()} (got {brief(value)})")
+
+
+def check_decay(*, lr: float, weight_decay: float) -> None:
+    """AdamW multiplies every weight by 1 − lr × weight decay each step: at 1 or more it zeroes or
+    flips them, which no training wants."""
+    _check(lr * weight_decay < 1, f"--weight-decay × --lr must be < 1: AdamW multiplies the weights by "
+                                  f"1 − lr × weight decay each step (got {weight_decay:g} × {lr:g})")
+
+
+def brief(value: Any) -> str:
+    """A short, safe rendering of a value from anywhere (a hostile file's metadata included)."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 40, 40, 4, 4, 2
 
 
 @dataclass(frozen=True)
@@ -56,13 +160,10 @@ class ModelConfig(_DictMixin):
     tie_weights: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.cell in CELLS, f"--cell must be one of {', '.join(CELLS)} (got {self.cell!r})")
-        for name in ("vocab_size", "embed_size", "hidden_size", "num_layers"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                   f"--{name.replace('_', '-')} must be a whole number ≥ 1 (got {value!r})")
-        _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-               f"--dropout must be in [0, 1) (got {self.dropout!r})")
+        _check(isinstance(self.cell, str) and self.cell in CELLS,
+               f"--cell must be one of {', '.join(CELLS)} (got {brief(self.cell)})")
+        for name in ("vocab_size", "embed_size", "hidden_size", "num_layers", "dropout"):
+            check_option(name, getattr(self, name))
         _check(isinstance(self.tie_weights, bool), "--tie-weights must be true or false")
         _check(not self.tie_weights or self.embed_size == self.hidden_size,
                f"--tie-weights needs --embed-size equal to --hidden-size "
@@ -92,29 +193,14 @@ class TrainConfig(_DictMixin):
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "log_every", "max_bad_steps"):
-            value = getattr(self, name)
-            _check(_is_int(value) and value >= 1,
-                   f"--{name.replace('_', '-')} must be a whole number ≥ 1 (got {value!r})")
-        for name in ("epochs", "max_steps", "eval_every", "patience"):
-            value = getattr(self, name)
-            _check(value is None or (_is_int(value) and value >= 1),
-                   f"--{name.replace('_', '-')} must be a whole number ≥ 1 (got {value!r})")
-        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0,
-               f"--warmup-steps must be a whole number ≥ 0 (got {self.warmup_steps!r})")
-        _check(_is_int(self.seed), f"--seed must be a whole number (got {self.seed!r})")
-        _check(_finite(self.lr) and self.lr > 0, f"--lr must be > 0 (got {self.lr!r})")
-        _check(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
-               f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio!r})")
-        _check(_finite(self.weight_decay) and self.weight_decay >= 0,
-               f"--weight-decay must be ≥ 0 (got {self.weight_decay!r})")
-        _check(_finite(self.clip) and self.clip >= 0, f"--clip must be ≥ 0 (0 = off) (got {self.clip!r})")
-        _check(self.max_minutes is None or (_finite(self.max_minutes) and self.max_minutes > 0),
-               f"--max-minutes must be > 0 (got {self.max_minutes!r})")
-        _check(_finite(self.val_fraction) and 0 < self.val_fraction < 1,
-               f"--val-fraction must be in (0, 1) (got {self.val_fraction!r})")
-        _check(self.device in DEVICES,
-               f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        for name in ("seq_len", "batch_size", "log_every", "max_bad_steps", "warmup_steps", "seed", "lr",
+                     "min_lr_ratio", "weight_decay", "clip", "val_fraction"):
+            check_option(name, getattr(self, name))
+        for name in ("epochs", "max_steps", "eval_every", "patience", "max_minutes"):
+            check_option(name, getattr(self, name), optional=True)
+        _check(isinstance(self.device, str) and self.device in DEVICES,
+               f"--device must be one of {', '.join(DEVICES)} (got {brief(self.device)})")
+        check_decay(lr=self.lr, weight_decay=self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -130,17 +216,10 @@ class SampleConfig(_DictMixin):
     stop: str | None = None
 
     def __post_init__(self) -> None:
-        _check(_finite(self.temperature) and self.temperature >= 0,
-               f"--temperature must be ≥ 0 (0 = always the most likely token) (got {self.temperature!r})")
-        _check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
-               f"--top-k must be a whole number ≥ 1 (got {self.top_k!r})")
-        _check(self.top_p is None or (_finite(self.top_p) and 0 < self.top_p <= 1),
-               f"--top-p must be in (0, 1] (got {self.top_p!r})")
-        _check(_is_int(self.length) and self.length >= 0,
-               f"--length must be a whole number ≥ 0 (got {self.length!r})")
-        _check(_is_int(self.num_samples) and self.num_samples >= 1,
-               f"--num-samples must be a whole number ≥ 1 (got {self.num_samples!r})")
-        _check(self.seed is None or _is_int(self.seed), f"--seed must be a whole number (got {self.seed!r})")
+        for name in ("temperature", "length", "num_samples"):
+            check_option(name, getattr(self, name))
+        for name in ("top_k", "top_p", "seed"):
+            check_option(name, getattr(self, name), optional=True)
         _check(self.stop is None or (isinstance(self.stop, str) and self.stop != ""),
                "--stop must be a non-empty string")
 

@@ -1,6 +1,9 @@
 """Every error charlm raises on purpose. Only ``cli.py`` turns them into messages and exit codes."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class CharlmError(Exception):
     """Base class: a failed operation (exit code 1)."""
@@ -42,6 +45,18 @@ class SaveError(CharlmError):
     """A checkpoint could not be written; the previous one is intact."""
 
 
+class OutOfMemoryError(CharlmError):
+    """The model, a batch or a set of samples does not fit in memory (the message says what to shrink)."""
+
+
+class RunInUseError(UsageError):
+    """Another charlm process is training in the same run folder."""
+
+
+class SamplingError(CharlmError):
+    """The model's output cannot be sampled from (NaN scores: its weights overflow)."""
+
+
 class DistributedError(TrainingError):
     """Another process of a distributed run died or stopped responding, or the group cannot form."""
 
@@ -66,3 +81,38 @@ class MetricsError(CharlmError):
 
 class ExportError(CharlmError):
     """A model cannot be exported, or the exported graph does not reproduce the model."""
+
+
+# ── running out of memory ───────────────────────────────────────────────────────────────────────
+
+# How PyTorch's allocators word a failed allocation: the CPU allocator raises a plain RuntimeError,
+# CUDA and MPS raise torch.OutOfMemoryError (a RuntimeError subclass).
+_OUT_OF_MEMORY_MARKS = ("out of memory", "can't allocate memory", "not enough memory", "bad_alloc",
+                        "Cannot allocate memory", "failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return not isinstance(exc, CharlmError)
+    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in _OUT_OF_MEMORY_MARKS)
+
+
+@contextmanager
+def out_of_memory_as(doing: str, hint: str = "") -> Iterator[None]:
+    """Turn running out of memory inside the block into ``OutOfMemoryError``: "out of memory
+    {doing}; {hint}". Everything else passes through unchanged."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        _release_cached_memory()
+        raise OutOfMemoryError(f"out of memory {doing}" + (f"; {hint}" if hint else "")) from None
+
+
+def _release_cached_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -5,6 +5,8 @@ straight into a plain ``nn.LSTM``/``nn.GRU``/``nn.RNN``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,6 +16,31 @@ from .config import ModelConfig
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # weight blocks per cell: the rows of weight_ih are GATES × hidden
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of ``RNNLM(cfg).state_dict()`` by name, worked out without allocating anything
+    (a checkpoint's claims are checked against these before a model is built)."""
+    H, rows = cfg.hidden_size, GATES[cfg.cell] * cfg.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (cfg.vocab_size, cfg.embed_size)}
+    for k in range(cfg.num_layers):
+        shapes[f"rnn.weight_ih_l{k}"] = (rows, cfg.embed_size if k == 0 else H)
+        shapes[f"rnn.weight_hh_l{k}"] = (rows, H)
+        shapes[f"rnn.bias_ih_l{k}"] = (rows,)
+        shapes[f"rnn.bias_hh_l{k}"] = (rows,)
+    shapes["head.weight"] = (cfg.vocab_size, H)
+    shapes["head.bias"] = (cfg.vocab_size,)
+    return shapes
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """``RNNLM(cfg).num_parameters()`` without building the model (tied weights counted once)."""
+    total = 0
+    for name, shape in parameter_shapes(cfg).items():
+        if not (cfg.tie_weights and name == "head.weight"):
+            total += math.prod(shape)
+    return total
 
 
 class RNNLM(nn.Module):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .config import SampleConfig
-from .errors import UsageError
+from .errors import SamplingError, UsageError, out_of_memory_as
 from .infer import FastStep
 from .model import RNNLM
 from .tokenizer import EOS, Tokenizer
@@ -16,11 +16,21 @@ from .tokenizer import EOS, Tokenizer
 
 def next_token(logits: torch.Tensor, *, temperature: float, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Token ids (B,) drawn from logits (B, V). Temperature 0 means argmax, whatever the seed."""
+    """Token ids (B,) drawn from logits (B, V). Temperature 0 means argmax, whatever the seed.
+
+    Defined for every input: a temperature so small that ``logits / temperature`` overflows is
+    argmax (ties shared evenly); a token scored +inf is certain (several share); NaN scores, or
+    none above -inf, raise ``SamplingError`` instead of reaching ``torch.multinomial``.
+    """
     logits = logits.float()
     if temperature == 0:
+        if bool(torch.isnan(logits).any()):
+            raise SamplingError(_NAN_SCORES)
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):  # rare: one check on the common path
+        scaled = _stable_scaled(logits, temperature)
+    logits = scaled
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -29,10 +39,32 @@ def next_token(logits: torch.Tensor, *, temperature: float, top_k: int | None = 
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the ones before it already reach top_p; the first always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[..., 0] = False  # explicitly: a top_p that rounds to 0 in float32 would drop it
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+_NAN_SCORES = ("the model's scores are NaN (its weights overflow in float32), so there is nothing to sample; "
+               "this checkpoint cannot generate text")
+
+
+def _stable_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` shifted so each row's best token is 0 and nothing overflows."""
+    if bool(torch.isnan(logits).any()):
+        raise SamplingError(_NAN_SCORES)
+    posinf = torch.isposinf(logits)
+    # Rows with +inf scores: those tokens alone, equally likely.
+    logits = torch.where(posinf.any(dim=-1, keepdim=True), torch.where(posinf, 0.0, float("-inf")), logits)
+    best = logits.amax(dim=-1, keepdim=True)
+    if bool(torch.isneginf(best).any()):
+        raise SamplingError("the model scores every token -inf, so there is nothing to sample")
+    if temperature < torch.finfo(torch.float32).tiny:  # 0 in float32 arithmetic: the limit, argmax
+        return torch.where(logits == best, 0.0, float("-inf"))
+    # Every value is now ≤ 0 and the best is exactly 0; dividing keeps the best at 0, and the
+    # others that underflow to -inf simply get probability 0 (a tiny temperature is argmax).
+    return (logits - best) / temperature
 
 
 @dataclass(frozen=True)
@@ -110,9 +142,13 @@ def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime:
         generator.seed()
     n = config.num_samples
     context = torch.as_tensor(prime_ids(tokenizer, prime).astype(np.int64), device=device)
-    state = None
-    if len(context) > 1:
-        _, state = model(context[None, :-1].expand(n, -1), None)
+    with out_of_memory_as(f"preparing {n:,} sample(s) of a {model.cfg.num_layers}×{model.cfg.hidden_size} model",
+                          "make --num-samples (or the --prime) smaller"):
+        state = None
+        if len(context) > 1:
+            _, state = model(context[None, :-1].expand(n, -1), None)
+        fast = FastStep(model)  # the same arithmetic as model(token[:, None], state), without its overhead
+        fast.reset(n, state)
     token = context[-1:].expand(n).contiguous()  # (B,)
     stop_on_eos = config.stop == EOS and tokenizer.eos_id is not None
     buffers = [_StopBuffer(None if stop_on_eos else config.stop) for _ in range(n)]
@@ -121,8 +157,6 @@ def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime:
         for decoder in decoders:
             decoder.feed(int(context[-1]))  # continue the prime's line with a space
     done = [False] * n
-    fast = FastStep(model)  # the same arithmetic as model(token[:, None], state), without its overhead
-    fast.reset(n, state)
     for _ in range(config.length):
         logits = fast.step(token)  # (B, V)
         token = next_token(logits, temperature=config.temperature, top_k=config.top_k,

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import codecs
 import re
+from array import array
 from collections import Counter
+from itertools import repeat
 from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import TokenizerError
+from .errors import ConfigError, TokenizerError
 
 UNK = "<UNK>"
 EOS = "<EOS>"
@@ -118,9 +120,9 @@ class CharTokenizer(Tokenizer):
         """The characters seen at least ``min_count`` times, at most ``max_vocab - 1`` of them (the
         most frequent; <UNK> takes the last place), in codepoint order."""
         if min_count < 1:
-            raise TokenizerError("--min-count must be ≥ 1")
+            raise ConfigError("--min-count must be ≥ 1")
         if max_vocab is not None and max_vocab < 2:
-            raise TokenizerError("--max-vocab must be ≥ 2 for a char model (it includes <UNK>)")
+            raise ConfigError("--max-vocab must be ≥ 2 for a char model (it includes <UNK>)")
         ranked = sorted((ch for ch, n in counts.items() if n >= min_count), key=lambda ch: (-counts[ch], ord(ch)))
         if max_vocab is not None:
             ranked = ranked[: max_vocab - 1]
@@ -244,9 +246,9 @@ class WordTokenizer(Tokenizer):
     @classmethod
     def fit(cls, text: str, *, min_count: int = 1, max_vocab: int | None = None) -> "WordTokenizer":
         if min_count < 1:
-            raise TokenizerError("--min-count must be ≥ 1")
+            raise ConfigError("--min-count must be ≥ 1")
         if max_vocab is not None and max_vocab < 3:
-            raise TokenizerError("--max-vocab must be ≥ 3 (it includes <UNK> and <EOS>)")
+            raise ConfigError("--max-vocab must be ≥ 3 for a word model (it includes <UNK> and <EOS>)")
         counts = Counter(w for w in cls.split(text) if w not in (EOS, UNK))
         if not counts:
             raise TokenizerError("cannot build a word vocabulary: the text has no words")
@@ -262,13 +264,16 @@ class WordTokenizer(Tokenizer):
         return len(self.itos)
 
     def encode(self, text: str) -> np.ndarray:
-        tokens = self.split(text)
-        if not tokens:
-            return np.zeros(0, dtype=ids_dtype(self.vocab_size))
-        # One dict lookup per distinct word, then a vectorised gather.
-        uniques, inverse = np.unique(np.array(tokens, dtype=object).astype(str), return_inverse=True)
-        table = np.array([self.stoi.get(w, self.unk_id) for w in uniques.tolist()], dtype=np.int64)
-        return table[inverse.reshape(-1)].astype(ids_dtype(self.vocab_size))
+        """Ids of ``text``, ``<EOS>`` after every line. Memory is linear in the text: one dict lookup
+        per word into a 4-byte array, a line at a time (never an array as wide as the longest word)."""
+        get, unk = self.stoi.get, self.unk_id
+        ids = array("i")
+        for line in self.split_lines(text):
+            words = line.split()
+            ids.extend(map(get, words, repeat(unk, len(words))))
+            ids.append(self.eos_id)
+        return np.frombuffer(ids, dtype=np.int32).astype(ids_dtype(self.vocab_size)) if ids else \
+            np.zeros(0, dtype=ids_dtype(self.vocab_size))
 
     def decode(self, ids: Iterable[int]) -> str:
         out: list[str] = []

@@ -6,12 +6,13 @@ evaluation of the whole validation split, best/last checkpoints, exact resume.
 """
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,13 +20,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
+from . import jsonio
 from .cache import check_split, corpus_ids
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, brief
 from .data import batchify, default_corpus, fit_batch_shape, num_windows, read_corpus, split_text, window
 from .distributed import Dist, device_for
-from .errors import CheckpointError, ConfigError, SaveError, TrainingError
+from .errors import CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
 from .evaluate import EvalResult, evaluate
-from .model import RNNLM, detach_state, resolve_device, select_state
+from .model import GATES, RNNLM, count_parameters, detach_state, resolve_device, select_state
 from .tokenizer import Tokenizer, fit_tokenizer
 
 Event = dict[str, Any]
@@ -134,40 +136,125 @@ def _state_tensors(state) -> dict[str, torch.Tensor]:
     return {"hidden.h": state}
 
 
-def _optim_tensors(optimizer: torch.optim.Optimizer, model: RNNLM, state) -> dict[str, torch.Tensor]:
+def _optim_tensors(optimizer: torch.optim.Optimizer, model: RNNLM, state, rng_states: torch.Tensor
+                   ) -> dict[str, torch.Tensor]:
+    """What ``--resume`` needs besides the weights. ``rng_states`` is every rank's CPU RNG state
+    (one row per rank), so each rank of a resumed distributed run draws its own dropout masks again."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).float()
-    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors["rng.cpu"] = rng_states[0].clone()  # safetensors stores no two views of one buffer
+    if len(rng_states) > 1:
+        tensors["rng.cpu.ranks"] = rng_states
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tensors.update(_state_tensors(state))
     return tensors
 
 
-def _restore_optim(optimizer: torch.optim.Optimizer, model: RNNLM, tensors: dict[str, torch.Tensor],
-                   device: torch.device):
-    for name, p in model.named_parameters():
-        keys = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == f"optim.{name}"}
-        if not keys:
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_config: ModelConfig,
+                        batch_size: int) -> None:
+    """Check a resume file against the model before anything is restored: every parameter has a
+    step and both moments of its own shape (or no parameter has any: no step was taken), the RNG
+    state has the generator's size, and the hidden state is (layers, batch, hidden) for the cell."""
+    from .model import parameter_shapes
+
+    def bad(message: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {message}; the file is damaged (resume from a copy, or start a new run)")
+
+    shapes = parameter_shapes(model_config)
+    if model_config.tie_weights:
+        del shapes["head.weight"]
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            if key not in ("rng.cpu", "rng.cpu.ranks", "rng.cuda", "hidden.h", "hidden.c"):
+                raise bad(f"unexpected entry {brief(key)}")
             continue
-        if keys.get("exp_avg") is None or keys["exp_avg"].shape != p.shape:
-            raise CheckpointError(f"optimizer state for {name} does not match the model")
-        optimizer.state[p] = {
-            "step": keys["step"].to(torch.float32),
-            "exp_avg": keys["exp_avg"].to(device),
-            "exp_avg_sq": keys["exp_avg_sq"].to(device),
-        }
-    torch.set_rng_state(tensors["rng.cpu"])
+        name, _, part = key[len("optim."):].rpartition(".")
+        if name not in shapes or part not in ("step", *_MOMENTS):
+            raise bad(f"unexpected optimizer entry {brief(key)}")
+        found.setdefault(name, {})[part] = value
+    if found:
+        for name, shape in shapes.items():
+            parts = found.get(name, {})
+            for part in ("step", *_MOMENTS):
+                if part not in parts:
+                    raise bad(f"the optimizer state lacks {name}.{part}")
+            step = parts["step"]
+            if step.numel() != 1 or not bool(torch.isfinite(step.double()).all()) or float(step.double()) < 0:
+                raise bad(f"the optimizer step of {name} is not a count")
+            for part in _MOMENTS:
+                moment = parts[part]
+                if tuple(moment.shape) != shape:
+                    raise bad(f"the optimizer state {name}.{part} has shape {tuple(moment.shape)}, "
+                              f"the parameter has {shape}")
+                if moment.dtype == torch.bool or not bool(torch.isfinite(moment.double()).all()):
+                    raise bad(f"the optimizer state {name}.{part} holds NaN, Inf or non-numbers")
+            if bool((parts["exp_avg_sq"] < 0).any()):
+                raise bad(f"the optimizer state {name}.exp_avg_sq is negative")
+    rng_size = torch.get_rng_state().numel()
+    rng = tensors.get("rng.cpu")
+    if rng is None or rng.dtype != torch.uint8 or tuple(rng.shape) != (rng_size,):
+        raise bad("the RNG state is missing or malformed")
+    ranks = tensors.get("rng.cpu.ranks")
+    if ranks is not None and (ranks.dtype != torch.uint8 or ranks.dim() != 2 or ranks.shape[1] != rng_size):
+        raise bad("the per-process RNG states are malformed")
+    for row in [rng, *(ranks if ranks is not None else [])]:
+        try:  # the generator checks its own state (mt19937's position and seeded flag)
+            torch.Generator().set_state(row.clone())
+        except RuntimeError:
+            raise bad("the RNG state is not a valid generator state") from None
+    cuda = tensors.get("rng.cuda")
+    if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 1):
+        raise bad("the CUDA RNG state is malformed")
+    expected = (model_config.num_layers, batch_size, model_config.hidden_size)
+    parts = [k for k in ("hidden.h", "hidden.c") if k in tensors]
+    if parts:
+        wanted = ["hidden.h", "hidden.c"] if model_config.cell == "lstm" else ["hidden.h"]
+        if parts != wanted:
+            raise bad(f"the carried hidden state has {' and '.join(parts)}; a {model_config.cell.upper()} "
+                      f"carries {' and '.join(wanted)}")
+        for key in parts:
+            value = tensors[key]
+            if tuple(value.shape) != expected or not value.is_floating_point() \
+                    or not bool(torch.isfinite(value).all()):
+                raise bad(f"the carried hidden state {key} is not {expected} finite numbers")
+
+
+def _restore_optim(optimizer: torch.optim.Optimizer, model: RNNLM, tensors: dict[str, torch.Tensor],
+                   device: torch.device, dist: Dist):
+    """Restore what ``check_optim_tensors`` accepted: moments through the optimizer's own
+    ``load_state_dict`` (which puts each on its parameter's device, and ``step`` where a fused
+    optimizer needs it), this rank's RNG state, and the carried hidden state (all B streams)."""
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {}
+    for index, p in enumerate(order):
+        key = f"optim.{names[id(p)]}"
+        if f"{key}.step" in tensors:
+            state[index] = {"step": tensors[f"{key}.step"].reshape(()).to(torch.float32),
+                            **{part: tensors[f"{key}.{part}"].float() for part in _MOMENTS}}
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)
+    ranks = tensors.get("rng.cpu.ranks")
+    # A fresh copy, never a view: set_rng_state reads the storage from its start, ignoring a
+    # view's offset (a row of the ranks table would restore the wrong bytes, or crash).
+    own = ranks[dist.rank] if ranks is not None and len(ranks) == dist.world_size else tensors["rng.cpu"]
+    torch.set_rng_state(own.clone())
     if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        torch.cuda.set_rng_state(tensors["rng.cuda"].clone())
     if "hidden.h" not in tensors:
         return None
-    h = tensors["hidden.h"].to(device)
-    return (h, tensors["hidden.c"].to(device)) if "hidden.c" in tensors else h
+    h = tensors["hidden.h"].float().to(device)
+    return (h, tensors["hidden.c"].float().to(device)) if "hidden.c" in tensors else h
 
 
 @dataclass
@@ -190,8 +277,10 @@ def load_resume(run: str | Path) -> Resume:
         raise CheckpointError(f"{path}: holds no training state to resume from")
     optim_path = path.parent / Path(str(optim_name)).name
     tensors, _ = ckpt.load_tensors(optim_path)
-    if "rng.cpu" not in tensors:
-        raise CheckpointError(f"{optim_path}: lacks the RNG state")
+    check_optim_tensors(optim_path, tensors, checkpoint.model_config, checkpoint.train_config.batch_size)
+    for key in ("step", "epoch", "window"):
+        if key not in checkpoint.train_state:
+            raise CheckpointError(f"{path}: train_state lacks {key!r}, so the run cannot be resumed")
     return Resume(checkpoint, tensors, path.parent)
 
 
@@ -228,16 +317,18 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     rank 0 alone writes files and reports events, and every stop decision is taken from values
     reduced across ranks, so all ranks stop at the same step.
     """
-    cfg = train_config
     dist = dist or Dist()
     run_dir = Path(run_dir)
-    if dist.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SaveError(f"cannot write {run_dir}: {exc.strerror or exc}") from None
-        for stale in run_dir.glob(".*.tmp-*"):  # left by a writer that was killed mid-save
-            stale.unlink(missing_ok=True)
+    with claim_run_dir(run_dir, dist):
+        return _train(model_config=model_config, train_config=train_config, data=data, run_dir=run_dir,
+                      source=source, on_event=on_event, should_stop=should_stop, resume=resume, dist=dist,
+                      val_source=val_source)
+
+
+def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: Path, source: str,
+           on_event: Callable[[Event], None] | None, should_stop: Callable[[], str | None] | None,
+           resume: Resume | None, dist: Dist, val_source: str | None) -> TrainResult:
+    cfg = train_config
     device = device_for(dist, resolve_device(cfg.device))
     emit = (on_event or (lambda event: None)) if dist.is_main else (lambda event: None)
     metrics_path = run_dir / "metrics.jsonl"
@@ -247,20 +338,27 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
             return
         try:
             with open(metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(event) + "\n")
+                fh.write(jsonio.dumps(event) + "\n")
         except OSError as exc:
             raise SaveError(f"cannot write {metrics_path}: {exc.strerror or exc}") from None
         emit(event)
-
-    torch.manual_seed(cfg.seed)
-    model = RNNLM(model_config).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    autocast = device.type == "cuda"
 
     shape = fit_batch_shape(len(data.train_ids), cfg.batch_size, cfg.seq_len)
     if shape.warning:
         emit({"event": "warning", "message": shape.warning})
         cfg = cfg.replace(batch_size=shape.batch_size, seq_len=shape.seq_len)
+    check_memory(model_config, cfg, device)
+    torch.manual_seed(cfg.seed)
+    with out_of_memory_as(f"building a model of {count_parameters(model_config):,} parameters",
+                          "make --hidden-size, --num-layers or --embed-size smaller"):
+        model = RNNLM(model_config).to(device)
+        optimizer = make_optimizer(model, cfg, device)
+    if dist.enabled:
+        # Different dropout masks on different streams. Seeded before a resume restores each
+        # rank's own RNG state, so a resumed run draws the masks an uninterrupted one would.
+        torch.manual_seed(cfg.seed + dist.rank)
+    autocast = device.type == "cuda"
+
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
                           f"({dist.world_size}): each process carries the same number of streams")
@@ -276,6 +374,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     warmup = min(cfg.warmup_steps, max(1, (fixed_total or 10**9) // 10))
 
     step, epoch, window_index, state = 0, 0, 0, None
+    finished: str | None = None  # what ended the run, once it has ended
     best_val, best_step, last_val, evals_since_best = math.inf, -1, math.inf, 0
     elapsed_before = 0.0
     tokens_seen = 0
@@ -289,13 +388,14 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
         tokens_seen = int(st.get("tokens_seen", 0))
         total_steps = int(st.get("total_steps", total_steps)) if not fixed_total else fixed_total
         warmup = int(st.get("warmup_steps", warmup))
-        state = _restore_optim(optimizer, model, resume.optim_tensors, device)
+        state = _restore_optim(optimizer, model, resume.optim_tensors, device, dist)
         if state is not None:
-            if (state[0] if isinstance(state, tuple) else state).shape[1] != cfg.batch_size:
-                raise ConfigError("the run was trained with a different --batch-size")
             state = select_state(state, rows)  # the saved state covers all B streams
+        if (reached := _limit_reached(cfg, resume.checkpoint.train_config, st, step=step, epoch=epoch,
+                                      elapsed=elapsed_before, fixed_total=fixed_total)) is not None:
+            raise ConfigError(f"the run in {run_dir} has already reached {reached}; give a larger limit to "
+                              f"train it further (limits count the whole run, what is done included)")
     if dist.enabled:
-        torch.manual_seed(cfg.seed + dist.rank)  # different dropout masks on different streams
         # DDP averages gradients over ranks: each rank's mean loss over B/W streams, averaged,
         # is the mean over all B streams, so the step equals a one-process step with batch B.
         net: torch.nn.Module = DistributedDataParallel(
@@ -317,7 +417,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
                 "best_step": best_step, "evals_since_best": evals_since_best, "total_steps": total_steps,
                 "warmup_steps": warmup, "elapsed_seconds": clock, "tokens_seen": tokens_seen,
                 "val_loss": last_val, "corpus": source, "val_corpus": val_source, "optim_file": optim_file,
-                "num_parameters": num_parameters, "world_size": dist.world_size}
+                "num_parameters": num_parameters, "world_size": dist.world_size, "stopped_by": finished}
 
     def check_weights() -> None:
         if not all(_is_finite(p) for p in model.parameters()):
@@ -331,13 +431,15 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
             parts = state if isinstance(state, tuple) else (state,)
             gathered = tuple(dist.all_gather_cat(p, dim=1) for p in parts)
             full_state = gathered if isinstance(state, tuple) else gathered[0]
+        # Through the run's device, which NCCL needs; a world of one gets its own state back.
+        rng_states = dist.all_gather_cat(torch.get_rng_state()[None].to(device), dim=0).cpu()
         if not dist.is_main:
             return
         check_weights()
         # The optimizer file is named by step and written first, so last.safetensors always
         # names an optimizer file that exists, whatever moment a crash hits.
         new_optim = f"last.step{step:09d}.optim.safetensors"
-        ckpt.save_tensors(run_dir / new_optim, _optim_tensors(optimizer, model, full_state),
+        ckpt.save_tensors(run_dir / new_optim, _optim_tensors(optimizer, model, full_state, rng_states),
                           {"format": ckpt.FORMAT, "step": str(step)})
         optim_file = new_optim
         ckpt.save_checkpoint(run_dir / ckpt.LAST, model=model, tokenizer=data.tokenizer,
@@ -349,7 +451,8 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     def run_eval() -> float:
         nonlocal best_val, best_step, last_val, evals_since_best
         t0 = time.perf_counter()
-        result = evaluate(model, data.val_ids, autocast=autocast, dist=dist)
+        with out_of_memory_as(f"evaluating at step {step:,}", "make --hidden-size or --num-layers smaller"):
+            result = evaluate(model, data.val_ids, autocast=autocast, dist=dist)
         last_val = result.nats_per_token
         improved = last_val < best_val
         if improved:
@@ -376,6 +479,8 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
             "resumed": resume is not None, "train_tokens": int(len(data.train_ids)),
             "val_tokens": int(len(data.val_ids))})
 
+    step_hint = (f"make --batch-size ({cfg.batch_size}) or --seq-len ({cfg.seq_len}) smaller, "
+                 f"or the model (--hidden-size, --num-layers)")
     net.train()
     stopped_by = "done"
     bad_steps = 0
@@ -401,7 +506,8 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
         lr = lr_at(step, base_lr=cfg.lr, warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with dist.guard(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+        with out_of_memory_as(f"in training step {step + 1:,}", step_hint), dist.guard(), \
+                torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             logits, new_state = net(x, state)  # (B / world size, T, V)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
             optimizer.zero_grad(set_to_none=True)
@@ -458,45 +564,189 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
             record({"event": "interrupt", "step": step, "reason": reason})
             break
 
-    if stopped_by != "interrupt" and last_eval_step != step:
-        clock += run_eval()
+    if stopped_by != "interrupt":
+        finished = stopped_by  # saved with the last checkpoint: a resume can tell what ended the run
+        if last_eval_step != step:
+            clock += run_eval()
+        else:
+            save_last()
     record({"event": "end", "step": step, "stopped_by": stopped_by, "best_val_loss": best_val,
             "best_step": best_step, "elapsed": clock})
     return TrainResult(run_dir, step, best_val, best_step, last_val, stopped_by, clock, num_parameters)
 
 
+# ── limits: memory, and a resumed run's stopping rules ──────────────────────────────────────────
+
+def training_memory_bytes(model_config: ModelConfig, batch_size: int, seq_len: int) -> int:
+    """A lower estimate of what training needs: fp32 weights, gradients and AdamW's two moments,
+    plus the activations one window keeps for backward (gates and states of every layer, the
+    embeddings, and logits with their softmax and gradient)."""
+    cfg = model_config
+    weights = 16 * count_parameters(cfg)
+    per_token = cfg.num_layers * (GATES[cfg.cell] + 2) * cfg.hidden_size + cfg.embed_size + 3 * cfg.vocab_size
+    return weights + 4 * batch_size * seq_len * per_token
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """All the memory of the device (None where it cannot be told)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+    return None
+
+
+def check_memory(model_config: ModelConfig, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before allocating anything, a model and batch that cannot fit in the whole device."""
+    need = training_memory_bytes(model_config, cfg.batch_size, cfg.seq_len)
+    have = device_memory_bytes(device)
+    if have is None or need <= have:
+        return
+    m = model_config
+    raise ConfigError(
+        f"a {m.num_layers}×{m.hidden_size} {m.cell.upper()} ({count_parameters(m):,} parameters) with "
+        f"--batch-size {cfg.batch_size} and --seq-len {cfg.seq_len} needs at least {need / 2**30:,.1f} GiB to "
+        f"train, and this {device.type.upper()} device has {have / 2**30:,.1f} GiB; make --hidden-size, "
+        f"--num-layers, --embed-size, --batch-size or --seq-len smaller")
+
+
+def _limit_reached(cfg: TrainConfig, before: TrainConfig | None, state: dict[str, Any], *, step: int, epoch: int,
+                   elapsed: float, fixed_total: int | None) -> str | None:
+    """Which stopping rule a resumed run has already met, in words (None if it can go on).
+
+    ``before`` is the configuration the run ended with and ``state["stopped_by"]`` what ended it:
+    a run that ran out of time (or patience) is finished unless the limit was raised.
+    """
+    stopped_by = state.get("stopped_by")
+    if cfg.max_steps is not None and step >= cfg.max_steps:
+        return f"--max-steps {cfg.max_steps:,} (it is at step {step:,})"
+    if cfg.epochs is not None and (epoch >= cfg.epochs or (fixed_total is not None and step >= fixed_total)):
+        return f"--epochs {cfg.epochs:,} (it is at step {step:,}, epoch {epoch:,})"
+    if cfg.max_minutes is not None and (
+            elapsed >= cfg.max_minutes * 60 or (stopped_by == "time" and before is not None
+                                                and before.max_minutes is not None
+                                                and cfg.max_minutes <= before.max_minutes)):
+        return f"--max-minutes {cfg.max_minutes:g} (it has trained for {elapsed / 60:.2f} minutes)"
+    if (stopped_by == "early-stop" and cfg.patience is not None and before is not None
+            and before.patience is not None and cfg.patience <= before.patience):
+        return f"--patience {cfg.patience} (it stopped early: no better validation loss in {cfg.patience} evaluations)"
+    return None
+
+
 # ── run folders and resume options ──────────────────────────────────────────────────────────────
 
+@contextmanager
+def claim_run_dir(run_dir: Path, dist: Dist | None = None) -> Iterator[None]:
+    """Create ``run_dir`` and hold it for the block: one charlm process trains in a folder at a time.
+
+    The lock is ``flock`` on the folder itself (no lock file to leave behind; the system drops it
+    when the process dies). A second process gets ``RunInUseError`` before it writes anything.
+    Under torchrun rank 0 holds it and tells the others whether it got it.
+    """
+    dist = dist or Dist()
+    fd, problem = None, None
+    if dist.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = _lock_folder(run_dir)
+        except OSError as exc:
+            problem = f"save:cannot write {run_dir}: {exc.strerror or exc}"
+        except RunInUseError as exc:
+            problem = f"busy:{exc}"
+    problem = dist.broadcast_object(problem)
+    if problem is not None:
+        kind, _, message = problem.partition(":")
+        if kind == "busy":
+            raise RunInUseError(message)
+        raise SaveError(message)
+    try:
+        if dist.is_main:
+            for stale in run_dir.glob(".*.tmp-*"):  # left by a writer that was killed mid-save
+                stale.unlink(missing_ok=True)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """An exclusive, non-blocking lock on ``folder``: its descriptor, or ``RunInUseError``."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unlocked
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunInUseError(f"{folder} is in use by another charlm process training there; wait for it to "
+                            f"finish (or stop it), or choose another --out") from None
+    return fd
+
+
+def run_dir_in_use(folder: Path) -> bool:
+    """Whether another process holds ``folder`` right now."""
+    if not folder.is_dir():
+        return False
+    try:
+        fd = _lock_folder(folder)
+    except RunInUseError:
+        return True
+    if fd is not None:
+        os.close(fd)
+    return False
+
+
 def new_run_dir(root: str | Path, name: str) -> Path:
-    """``root/name``, or ``root/name-2``, ``-3``, … so a new run never overwrites an old one."""
+    """``root/name``, or ``root/name-2``, ``-3``, … so a new run never overwrites an old one (nor
+    joins one that another process has just started there)."""
     root = Path(root)
     candidate, n = root / name, 1
-    while candidate.exists() and any(candidate.glob("*.safetensors")):
+    while candidate.exists() and (any(candidate.glob("*.safetensors")) or run_dir_in_use(candidate)):
         n += 1
         candidate = root / f"{name}-{n}"
     return candidate
 
 
-# Options that define the model's shape or the data layout cannot change on resume.
-_FIXED_ON_RESUME = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weights", "dropout",
-                    "batch_size", "seq_len", "val_fraction", "tokenizer")
+# What a resumed run may and may not change. The shape of the model and of the data layout, the
+# vocabulary, the seed and the warm-up are the run's own; the stopping rules, the device and
+# the optimizer's step sizes may change from here on.
+FIXED_ON_RESUME = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weights", "dropout",
+                   "batch_size", "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps")
+ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "max_minutes", "patience", "device", "eval_every",
+                        "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio")
+NOT_ON_RESUME = {"min_count": "the vocabulary is the checkpoint's", "max_vocab": "the vocabulary is the checkpoint's"}
 
 
-def resume_configs(resume: Resume, overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
-    """The checkpoint's configs with the allowed ``overrides`` applied (None = not given).
+def _as_typed(value: Any) -> str:
+    """An option value as a user would type it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value if isinstance(value, str) and len(value) <= 40 else brief(value)
 
-    A shape-defining option that disagrees with the checkpoint is an error naming it; stopping
-    rules (``--max-steps``, ``--epochs``, ``--max-minutes``, ``--patience``) and ``--device`` may change.
+
+def resume_configs(resume: Resume, given: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """The checkpoint's configs with the options the user gave (``given``: only those, by field
+    name) honoured or refused, never ignored.
+
+    An option in ``FIXED_ON_RESUME`` must equal the run's value; one in ``ADJUSTABLE_ON_RESUME``
+    replaces it for the rest of the run; one in ``NOT_ON_RESUME`` is refused whatever its value.
+    Other keys are not this function's (the corpus, the validation file, output options), and a
+    ``None`` value means "not given" (no option a user types is ever None).
     """
+    given = {key: value for key, value in given.items() if value is not None}
     model_cfg, train_cfg = resume.checkpoint.model_config, resume.checkpoint.train_config
     assert train_cfg is not None  # load_resume guarantees it
     current = {**model_cfg.to_dict(), **train_cfg.to_dict(), "tokenizer": resume.checkpoint.tokenizer.kind}
-    for key in _FIXED_ON_RESUME:
-        value = overrides.get(key)
-        if value is not None and value != current[key]:
-            raise ConfigError(f"--{key.replace('_', '-')} {value} conflicts with the run being resumed "
-                              f"({current[key]}); leave it out to keep the run's value")
-    allowed = {k: v for k, v in overrides.items()
-               if v is not None and k in ("epochs", "max_steps", "max_minutes", "patience", "device",
-                                          "eval_every", "max_bad_steps", "log_every")}
-    return model_cfg, train_cfg.replace(**allowed)
+    for key, value in given.items():
+        option = f"--{key.replace('_', '-')}"
+        if key in NOT_ON_RESUME:
+            raise ConfigError(f"{option} cannot be given with --resume: {NOT_ON_RESUME[key]}")
+        if key in FIXED_ON_RESUME and value != current[key]:
+            raise ConfigError(f"{option} {_as_typed(value)} conflicts with the run being resumed, which has "
+                              f"{option} {_as_typed(current[key])}; it cannot change on resume (leave it out)")
+    return model_cfg, train_cfg.replace(**{k: v for k, v in given.items() if k in ADJUSTABLE_ON_RESUME})

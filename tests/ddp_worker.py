@@ -12,12 +12,14 @@ parser = argparse.ArgumentParser()
 parser.add_argument("corpus")
 parser.add_argument("out")
 parser.add_argument("--stop-at", type=int, default=None)
+parser.add_argument("--dropout", type=float, default=0.0)
 args = parser.parse_args()
 
 dist = from_env("cpu")
 try:
     _, data = prepare_corpus(args.corpus, val_fraction=0.1)
-    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=32, embed_size=16, dropout=0.0)
+    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=32, embed_size=16,
+                            dropout=args.dropout)
     train_cfg = TrainConfig(seq_len=16, batch_size=4, lr=1e-2, max_steps=8, eval_every=4, warmup_steps=2,
                             log_every=1, device="cpu")
     calls = 0

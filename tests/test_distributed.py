@@ -63,6 +63,25 @@ def test_two_processes_equal_one_process(tiny_corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resumed_two_process_run_with_dropout_is_exact(tiny_corpus, tmp_path):
+    """Each rank saves and restores its own RNG state (after its per-rank seeding, not before), so
+    the dropout masks after a resume are the ones an uninterrupted run draws."""
+    worker = str(Path(__file__).with_name("ddp_worker.py"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+              str(tiny_corpus)]
+    env = subprocess_env()
+    for args in (["straight"], ["run", "--stop-at", "4"]):
+        done = subprocess.run([*launch, *args, "--dropout", "0.3"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+    more = _charlm("train", "--resume", "run", nproc=2, cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert len(_losses(tmp_path / "run")) == 8
+    assert np.allclose(_losses(tmp_path / "run"), _losses(tmp_path / "straight"), atol=1e-6, rtol=0)
+    _assert_same_weights(tmp_path / "run" / "last.safetensors", tmp_path / "straight" / "last.safetensors")
+
+
+@pytest.mark.slow
 def test_resume_a_two_process_run_with_one_process(tiny_corpus, tmp_path):
     """Interrupted after 4 of 8 steps under 2 processes, finished by 1: the same as 8 steps straight."""
     worker = str(Path(__file__).with_name("ddp_worker.py"))
