@@ -21,7 +21,8 @@ from .evaluate import evaluate
 from .model import RNNLM, resolve_device
 from .sample import generate
 from .tokenizer import CharTokenizer
-from .train import PreparedData, train
+from .data import PreparedData
+from .trainer import train
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from .data import check_not_blank, iter_corpus_chunks, read_corpus
+from .data import (PreparedData, check_not_blank, check_split, default_corpus, iter_corpus_chunks, prepare_data,
+                   prepare_texts, read_corpus)
 from .errors import CorpusError, UsageError
 from .tokenizer import (ENCODE_CHUNK, ByteTokenizer, CharTokenizer, Tokenizer, codepoints, ids_dtype,
                         tokenizer_from_dict)
@@ -160,8 +161,6 @@ def _load(folder: Path) -> CorpusIds | None:
 def _build(paths: list[Path], folder: Path, *, kind: str, val_fraction: float, min_count: int,
            max_vocab: int | None, encoding_errors: str) -> None:
     if kind == "word":  # word splitting needs whole lines; the in-memory path does it
-        from .train import prepare_data, prepare_texts
-
         texts = [read_corpus(p, encoding_errors=encoding_errors) for p in paths]
         options = dict(kind=kind, min_count=min_count, max_vocab=max_vocab)
         data = (prepare_texts(texts[0], texts[1], **options) if len(texts) == 2
@@ -219,14 +218,6 @@ class _IdsFile:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
-
-
-def check_split(*, train_tokens: int, val_tokens: int, val_chars: int) -> None:
-    if train_tokens < 1:
-        raise UsageError("the training part of the corpus is empty; lower --val-fraction or use more text")
-    if val_tokens < 2:
-        raise UsageError(f"the validation part ({val_chars} characters) has fewer than 2 tokens; "
-                         f"raise --val-fraction or use more text")
 
 
 def _scan(paths: list[Path], encoding_errors: str) -> tuple[list[int], int, np.ndarray | None]:
@@ -295,3 +286,50 @@ def _build_byte(chunks: Callable[[], Iterator[str]], folder: Path, *, num_bytes:
             pos += len(data)
             chars += len(chunk)
     return ByteTokenizer(), num_bytes, cut, cut_char, num_chars - cut_char
+
+
+# ── a run's corpus: the built-in text or a file through the cache ──────────────────────────────
+
+BUILTIN = "builtin:pydoc"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str  # a short name for the run folder
+    source: str  # a path, or BUILTIN
+    text: str | None = None  # None when the ids come from the token cache
+
+
+def builtin_corpus() -> Corpus:
+    """The text ``charlm train`` uses when given no corpus (Python's own documentation, offline)."""
+    name, text = default_corpus()
+    return Corpus(name, BUILTIN, text)
+
+
+def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
+                   max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
+                   val_path: str | None = None, on_note: Callable[[str], None] | None = None
+                   ) -> tuple[Corpus, PreparedData]:
+    """The corpus and its ids: a file goes through the on-disk token cache, the built-in one is small.
+
+    ``val_path`` validates on that file instead of the last ``val_fraction`` of the corpus.
+    ``tokenizer`` (a resumed run's) must match what the cache holds; if it does not, the text is
+    encoded with it in memory instead.
+    """
+    def in_memory(text: str, **options: Any) -> PreparedData:
+        if val_path is not None:
+            return prepare_texts(text, read_corpus(val_path, encoding_errors=encoding_errors), **options)
+        return prepare_data(text, val_fraction=val_fraction, **options)
+
+    if path is None or path == BUILTIN:
+        corpus = builtin_corpus()
+        return corpus, in_memory(corpus.text or "", tokenizer=tokenizer, kind=kind, min_count=min_count,
+                                 max_vocab=max_vocab)
+    corpus = Corpus(Path(path).stem or "corpus", str(Path(path).resolve()))
+    cached = corpus_ids(path, kind=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction,
+                        min_count=min_count, max_vocab=max_vocab, encoding_errors=encoding_errors, val_path=val_path,
+                        on_build=on_note)
+    if tokenizer is not None and tokenizer.to_dict() != cached.tokenizer.to_dict():
+        return corpus, in_memory(read_corpus(path, encoding_errors=encoding_errors), tokenizer=tokenizer)
+    return corpus, PreparedData(cached.tokenizer, cached.train_ids, cached.val_ids, cached.val_chars,
+                                cached.train_chars)

@@ -6,6 +6,7 @@ the commands so ``charlm --help`` stays fast.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -19,7 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__, jsonio
+from .config import TrainConfig
 from .errors import CharlmError, is_out_of_memory
+from .plan import DEFAULT_LOG_EVERY, DEFAULT_MINUTES
 
 app = typer.Typer(
     name="charlm",
@@ -31,7 +34,7 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 console = Console(highlight=False, soft_wrap=True)
 
-DEFAULT_MINUTES = 3.0
+_TRAIN = TrainConfig()  # the configs' defaults, stated once
 
 
 def _error(message: str, code: int) -> typer.Exit:
@@ -87,9 +90,9 @@ def _root(
 class _TrainDisplay:
     """Renders training events: a rich progress bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, *, live: bool, budget_seconds: float | None) -> None:
+    def __init__(self, *, live: bool) -> None:
         self.live = live and err.is_terminal
-        self.budget = budget_seconds
+        self.budget: float | None = None
         self.progress = None
         self.task = None
         self.total_steps: int | None = None
@@ -123,6 +126,7 @@ class _TrainDisplay:
         kind = event["event"]
         if kind == "start":
             self.total_steps = event["total_steps"]
+            self.budget = event["max_minutes"] * 60 if event.get("max_minutes") else None
             cfg = event["model_config"]
             err.print(f"charlm: {cfg['num_layers']}×{cfg['hidden_size']} {cfg['cell'].upper()}, "
                       f"{event['num_parameters']:,} parameters, {event['train_tokens']:,} training / "
@@ -187,34 +191,34 @@ def train(
     tokenizer: Annotated[str, typer.Option(help="char, word or byte.")] = "char",
     cell: Annotated[str, typer.Option(help="lstm, gru or rnn (tanh).")] = "lstm",
     hidden_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer. Default: sized to the corpus and budget.")] = None,
-    num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers. Default: 2.")] = None,
+    num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers. Default: 1 on a CPU (one wide layer learns fastest per CPU-second), 3 on a GPU.")] = None,
     embed_size: Annotated[Optional[int], typer.Option(help="Embedding width. Default: min(hidden, 128); hidden when tied.")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Dropout between layers. Default: from the expected number of epochs.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout on the embeddings, between layers and before the output layer. Default: from the expected number of epochs (0 for under 8).")] = None,
     tie_weights: Annotated[Optional[bool], typer.Option("--tie-weights/--no-tie-weights", help="Share embedding and output weights. Default: on for word models.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="BPTT window length. Default: 100 (35 for words).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams. Default: 16.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="BPTT window length. Default: 100 (35 for words, 256 on a GPU).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams. Default on a CPU: 16 up to 512 hidden units, 32 above (32 for words); 64 on a GPU.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate. Default: by model size.")] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.01,
-    clip: Annotated[float, typer.Option(help="Gradient-norm clipping threshold (0 = off).")] = 1.0,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay.")] = 100,
-    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at this fraction of --lr.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = _TRAIN.weight_decay,
+    clip: Annotated[float, typer.Option(help="Gradient-norm clipping threshold (0 = off).")] = _TRAIN.clip,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay (at most a tenth of a step/epoch limit).")] = _TRAIN.warmup_steps,
+    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at this fraction of --lr.")] = _TRAIN.min_lr_ratio,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = 0.1,
+    val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = _TRAIN.val_fraction,
     val_file: Annotated[Optional[Path], typer.Option(help="Validate on this file instead; all of CORPUS is then training text.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: every third of a time budget, 10 times per step/epoch limit; always at the end.")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 1337,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _TRAIN.seed,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = _TRAIN.device,
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: checkpoints/<corpus name>/ (a new -N folder if taken).")] = None,
     min_count: Annotated[int, typer.Option(help="Keep words (or characters) seen at least this often; the rest are <UNK>.")] = 1,
     max_vocab: Annotated[Optional[int], typer.Option(help="Keep at most this many tokens, the most frequent (<UNK> included).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped.")] = None,
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
-    max_bad_steps: Annotated[int, typer.Option(help="Stop after this many NaN/Inf steps in a row.")] = 25,
+    max_bad_steps: Annotated[int, typer.Option(help="Stop after this many NaN/Inf steps in a row.")] = _TRAIN.max_bad_steps,
     sample_length: Annotated[int, typer.Option(help="Length of the sample printed at the end (0 = none).")] = 300,
-    log_every: Annotated[Optional[int], typer.Option(help="Write the mean training loss to metrics.jsonl every N steps. Default: 10.")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help=f"Write the mean training loss to metrics.jsonl every N steps. Default: {DEFAULT_LOG_EVERY}.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result (and sample) instead.")] = False,
 ) -> None:
     """Train a model on CORPUS and keep the best and last checkpoints.
@@ -222,145 +226,58 @@ def train(
     Example: charlm train tinyshakespeare.txt --max-minutes 10
     """
     with _handled():
-        from .checkpoint import BEST
-        from .config import TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option
-        from .corpora import resolve_corpus_name
-        from .distributed import from_env, shutdown
-        from .errors import ConfigError
-        from .model import resolve_device
-        from .train import load_resume, new_run_dir, prepare_corpus, resume_configs, train as run_training
+        from .api import train as run_training
+        from .config import check_option
+        from .distributed import launched_by_torchrun
 
-        if tokenizer not in TOKENIZERS:
-            raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {tokenizer!r})")
-        # Every numeric option the user gave is checked before any work; none is ever read as "unset".
-        for name in _TRAIN_NUMBERS:
-            check_option(name, ctx.params[name], optional=True)
-        if lr is not None:
-            check_decay(lr=lr, weight_decay=weight_decay)
-        if tokenizer == "word" and max_vocab is not None and max_vocab < 3:
-            raise ConfigError(f"--max-vocab must be ≥ 3 for a word model (it includes <UNK> and <EOS>; got {max_vocab})")
-        given = {name: value for name, value in ctx.params.items() if _given(ctx, name)}
-        # A registry name reads that corpus's train.txt once 'charlm corpus get NAME' has fetched it;
-        # a file of the same name wins. The run folder keeps the corpus name, not "train".
-        run_name = None
-        if corpus is not None and (registered := resolve_corpus_name(corpus)) is not None:
-            run_name, corpus = corpus, str(registered.train)
-            if val_file is None and registered.valid is not None:
-                val_file = registered.valid  # the corpus's own validation split, not a slice of train
-        dist = from_env(device)
-        note = (lambda message: err.print(f"charlm: {message}", markup=False)) if dist.is_main else None
-        try:
-            if resume is not None:
-                if out is not None and out.resolve() != resume.resolve():
-                    raise ConfigError("--out cannot be given with --resume: a resumed run continues in its own "
-                                      f"folder ({resume})")
-                res = load_resume(resume)
-                model_cfg, train_cfg = resume_configs(res, {k: v for k, v in given.items() if k in _RESUME_KEYS})
-                source = corpus or res.checkpoint.train_state.get("corpus") or None
-                val_source = str(val_file.resolve()) if val_file else res.checkpoint.train_state.get("val_corpus")
-                # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
-                corpus_data, data = dist.main_first(lambda: prepare_corpus(
-                    source, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer,
-                    val_path=val_source, encoding_errors=encoding_errors, on_note=note))
-                run_dir = res.run_dir
-            else:
-                res = None
-                if epochs is None and max_steps is None and max_minutes is None:
-                    max_minutes = DEFAULT_MINUTES
-                val_source = str(val_file.resolve()) if val_file else None
-                corpus_data, data = dist.main_first(lambda: prepare_corpus(
-                    corpus, kind=tokenizer, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
-                    val_path=val_source, encoding_errors=encoding_errors, on_note=note))
-                if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
-                    raise ConfigError("the processes of the distributed run built different vocabularies")
-                gpu = resolve_device(device).type == "cuda"
-                auto = auto_size(tokenizer=tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
-                                 gpu=gpu)
-                hidden = _given_or(hidden_size, auto.hidden_size)
-                tie = tie_weights if tie_weights is not None else (auto.tie_weights and embed_size in (None, hidden))
-                model_cfg = ModelConfig(
-                    vocab_size=data.tokenizer.vocab_size, cell=cell, hidden_size=hidden,
-                    num_layers=_given_or(num_layers, auto.num_layers), dropout=_given_or(dropout, auto.dropout),
-                    embed_size=_given_or(embed_size, hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie)
-                train_cfg = TrainConfig(
-                    seq_len=_given_or(seq_len, auto.seq_len), batch_size=_given_or(batch_size, auto.batch_size),
-                    lr=_given_or(lr, auto.lr), weight_decay=weight_decay, clip=clip, warmup_steps=warmup_steps,
-                    min_lr_ratio=min_lr_ratio, epochs=epochs, max_steps=max_steps, max_minutes=max_minutes,
-                    val_fraction=val_fraction, eval_every=eval_every, patience=patience, seed=seed, device=device,
-                    max_bad_steps=max_bad_steps, log_every=_given_or(log_every, 10))
-                if out is not None:
-                    if dist.is_main and out.exists() and any(out.glob("*.safetensors")):
-                        raise ConfigError(f"{out} already holds a run; pass --resume {out} to continue it "
-                                          f"or choose another --out")
-                    run_dir = out
-                else:
-                    run_dir = Path(dist.broadcast_object(str(new_run_dir("checkpoints", run_name or corpus_data.name))))
-                if note and (unknown := data.tokenizer.count_unknown(data.val_ids)):
-                    note(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
-            budget_seconds = train_cfg.max_minutes * 60 if train_cfg.max_minutes else None
-            display = _TrainDisplay(live=dist.is_main, budget_seconds=budget_seconds)
-            with _StopFlag() as stop, display:
-                result = run_training(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=run_dir,
-                                      source=corpus_data.source, on_event=display, should_stop=stop, resume=res,
-                                      dist=dist, val_source=val_source)
-        finally:
-            shutdown(dist)
+        check_option("sample_length", sample_length)  # the CLI's own option; the library checks the rest
+
+        # The library plans the run (plan.plan_run); the CLI passes what was typed and renders.
+        options = {name: (str(value) if isinstance(value, Path) else value) for name, value in ctx.params.items()
+                   if name not in ("corpus", "sample_length", "as_json")}
+        main_process = int(os.environ.get("RANK", "0")) == 0 or not launched_by_torchrun()
+        display = _TrainDisplay(live=main_process)
+        with _StopFlag() as stop, display:
+            result = run_training(corpus, on_event=display, should_stop=stop,
+                                  on_note=lambda message: err.print(f"charlm: {message}", markup=False),
+                                  given_options={name for name in ctx.params if _given(ctx, name)}, **options)
+        run_dir = result.run_dir
         if result.stopped_by == "interrupt":
-            if dist.is_main:
+            if main_process:
                 err.print(f"charlm: stopped at step {result.step:,}; saved {run_dir / 'last.safetensors'}. "
                           f"Resume with: charlm train --resume {run_dir}", markup=False)
             raise typer.Exit(143 if stop.reason == "SIGTERM" else 130)
-        if not dist.is_main:
+        if not main_process:
             return
+        if not math.isfinite(result.best_val_loss):
+            raise _usage("training ended before any evaluation")
         # The run's best, which after --resume may come from before it: not this session's last improvement.
-        evaluated = display.last_eval
-        if evaluated is None or not math.isfinite(result.best_val_loss):
-            raise ConfigError("training ended before any evaluation")
-        best = {"val_loss": evaluated["best_val_loss"], "val_bpc": evaluated["best_val_bpc"],
-                "step": evaluated["best_step"]}
         if as_json:
-            sample_text = ("".join(_end_of_training_sample(run_dir / BEST, length=sample_length, seed=seed))
+            sample_text = ("".join(_end_of_training_sample(result.best_checkpoint, length=sample_length, seed=seed))
                            if sample_length > 0 else None)
             sys.stdout.write(jsonio.dumps({
-                "run": str(run_dir), "checkpoint": str(run_dir / BEST), "best_val_loss": best["val_loss"],
-                "best_val_bpc": best["val_bpc"], "best_val_perplexity": math.exp(best["val_loss"]),
-                "best_step": best["step"], "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
+                "run": str(run_dir), "checkpoint": str(result.best_checkpoint), "best_val_loss": result.best_val_loss,
+                "best_val_bpc": result.best_val_bpc, "best_val_perplexity": math.exp(min(result.best_val_loss, 700)),
+                "best_step": result.best_step, "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
                 "stopped_by": result.stopped_by, "num_parameters": result.num_parameters, "sample": sample_text}) + "\n")
             return
         _print_loss_chart(run_dir)
-        console.print(f"best val loss {best['val_loss']:.4f} nats/token · {best['val_bpc']:.4f} bits/char · "
-                      f"perplexity {math.exp(best['val_loss']):.3f} (step {best['step']:,} of {result.step:,}, "
-                      f"{result.elapsed_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
-        console.print(f"checkpoints: {run_dir / BEST}", markup=False)
+        console.print(f"best val loss {result.best_val_loss:.4f} nats/token · {result.best_val_bpc:.4f} bits/char · "
+                      f"perplexity {math.exp(min(result.best_val_loss, 700)):.3f} (step {result.best_step:,} of "
+                      f"{result.step:,}, {result.elapsed_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
+        console.print(f"checkpoints: {result.best_checkpoint}", markup=False)
         if sample_length > 0:
             console.print("sample:", markup=False)
-            for text in _end_of_training_sample(run_dir / BEST, length=sample_length, seed=seed):
+            for text in _end_of_training_sample(result.best_checkpoint, length=sample_length, seed=seed):
                 sys.stdout.write(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
-
-
-# train's numeric options (all checked against config.LIMITS before any work) and the options a
-# resumed run hands to resume_configs to honour or refuse.
-_TRAIN_NUMBERS = ("hidden_size", "num_layers", "embed_size", "dropout", "seq_len", "batch_size", "lr",
-                  "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps", "max_minutes",
-                  "val_fraction", "eval_every", "patience", "seed", "min_count", "max_vocab", "max_bad_steps",
-                  "sample_length", "log_every")
-_RESUME_KEYS = ("tokenizer", "cell", "hidden_size", "num_layers", "embed_size", "dropout", "tie_weights", "seq_len",
-                "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
-                "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
-                "max_bad_steps", "log_every")
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave option ``name`` (on the command line), as opposed to its default."""
     source = ctx.get_parameter_source(name)  # click's ParameterSource (Typer may vendor click)
     return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def _given_or(value: Any, automatic: Any) -> Any:
-    """The user's value when given (0 included: it is a value, and the configs check it), else the automatic one."""
-    return automatic if value is None else value
 
 
 def _print_loss_chart(run_dir: Path) -> None:
@@ -377,14 +294,9 @@ def _print_loss_chart(run_dir: Path) -> None:
 
 def _end_of_training_sample(path: Path, *, length: int, seed: int) -> Iterator[str]:
     """The pieces of the short sample ``train`` ends with (temperature 0.8, the run's seed)."""
-    from .checkpoint import load_checkpoint
-    from .config import SampleConfig
-    from .sample import generate
+    from .api import load
 
-    checkpoint = load_checkpoint(path)
-    config = SampleConfig(temperature=0.8, length=length, seed=seed)
-    for piece in generate(checkpoint.model, checkpoint.tokenizer, config=config):
-        yield piece.text
+    yield from load(path).generate(length=length, temperature=0.8, seed=seed)
 
 
 # ── sample ──────────────────────────────────────────────────────────────────────────────────────
@@ -408,20 +320,18 @@ def sample(
     Example: charlm sample --prime "ROMEO:" --temperature 0.7 --length 300 --seed 1
     """
     with _handled():
-        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .api import load
         from .config import SampleConfig
         from .data import read_corpus
-        from .model import resolve_device
-        from .sample import generate
 
-        config = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length,
-                              num_samples=num_samples, seed=seed, stop=stop)
+        SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, num_samples=num_samples,
+                     seed=seed, stop=stop)  # checks every option before the model is loaded
         if prime_file is not None:
             if prime:
                 raise _usage("give --prime or --prime-file, not both")
             prime = read_corpus(prime_file)
-        loaded = load_checkpoint(resolve_checkpoint(checkpoint), device=str(resolve_device(device)))
-        if loaded.tokenizer.kind == "word" and (unknown := loaded.tokenizer.unknown_symbols(prime)):
+        lm = load(checkpoint, device=device)
+        if lm.tokenizer.kind == "word" and (unknown := lm.tokenizer.unknown_symbols(prime)):
             err.print(f"charlm: warning: {len(unknown)} prime word(s) not in the vocabulary, read as <UNK>: "
                       f"{' '.join(unknown[:8])}", markup=False)
         separate = num_samples > 1
@@ -431,7 +341,8 @@ def sample(
         sys.stdout.write(prime)
         sys.stdout.flush()
         # The first sample streams live; the others are printed whole once generated.
-        for piece in generate(loaded.model, loaded.tokenizer, config=config, prime=prime):
+        for piece in lm.stream(prime, length=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               stop=stop, num_samples=num_samples):
             if piece.stream == 0:
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
@@ -464,26 +375,19 @@ def perplexity(
     Example: charlm perplexity heldout.txt --checkpoint checkpoints/tinyshakespeare
     """
     with _handled():
-        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .api import load
         from .data import read_corpus
-        from .evaluate import evaluate
-        from .model import resolve_device
 
         text = read_corpus(file, encoding_errors=encoding_errors)
-        resolved = resolve_checkpoint(checkpoint)
-        dev = resolve_device(device)
-        loaded = load_checkpoint(resolved, device=str(dev))
-        ids = loaded.tokenizer.encode(text)
-        if len(ids) < 2:
-            raise _usage(f"{file}: needs at least 2 tokens to score (has {len(ids)})")
+        lm = load(checkpoint, device=device)
         t0 = time.perf_counter()
-        result = evaluate(loaded.model, ids, autocast=dev.type == "cuda")
+        result = lm.perplexity(text)
         seconds = time.perf_counter() - t0
         report = {
-            "file": str(file), "checkpoint": str(resolved), "tokenizer": loaded.tokenizer.kind,
-            "tokens": int(len(ids)), "predicted_tokens": result.num_predicted, "characters": len(text),
-            "unknown_tokens": loaded.tokenizer.count_unknown(ids), "total_nats": result.total_nats,
-            "nats_per_token": result.nats_per_token, "bits_per_char": result.bits_per_char(len(text)),
+            "file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
+            "tokens": result.tokens, "predicted_tokens": result.predicted_tokens, "characters": result.characters,
+            "unknown_tokens": result.unknown_tokens, "total_nats": result.total_nats,
+            "nats_per_token": result.nats_per_token, "bits_per_char": result.bits_per_char,
             "perplexity": result.perplexity, "seconds": seconds,
         }
         if as_json:
@@ -497,10 +401,9 @@ def perplexity(
                              ("perplexity", f"{report['perplexity']:.3f}")):
             table.add_row(label, value)
         console.print(table)
-        if report["unknown_tokens"]:
-            unknown = loaded.tokenizer.unknown_symbols(text)
-            err.print(f"charlm: note: {report['unknown_tokens']:,} tokens are not in the model's vocabulary "
-                      f"(scored as <UNK>): {' '.join(repr(u) for u in unknown[:8])}", markup=False)
+        if result.unknown_tokens:
+            err.print(f"charlm: note: {result.unknown_tokens:,} tokens are not in the model's vocabulary "
+                      f"(scored as <UNK>): {' '.join(repr(u) for u in result.unknown[:8])}", markup=False)
 
 
 # ── info ────────────────────────────────────────────────────────────────────────────────────────
@@ -753,10 +656,8 @@ def score(
     Example: charlm score candidates.txt --sort best --top 5
     """
     with _handled():
-        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .api import load
         from .data import normalize_newlines, read_corpus
-        from .model import resolve_device
-        from .score import score_lines
 
         if sort not in ("input", "best", "worst"):
             raise _usage(f"--sort must be input, best or worst (got {sort!r})")
@@ -770,9 +671,8 @@ def score(
         numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip() or not skip_empty]
         if not numbered:
             raise _usage(f"{file}: has no lines to score")
-        resolved = resolve_checkpoint(checkpoint)
-        loaded = load_checkpoint(resolved, device=str(resolve_device(device)))
-        scores = score_lines(loaded.model, loaded.tokenizer, [line for _, line in numbered], include_end=include_end)
+        lm = load(checkpoint, device=device)
+        scores = lm.score([line for _, line in numbered], include_end=include_end)
         rows = [{"line": n, "text": s.text, "tokens": s.num_tokens, "unknown_tokens": s.num_unknown,
                  "total_nats": s.total_nats, "nats_per_token": s.nats_per_token, "perplexity": s.perplexity,
                  "bits_per_char": s.bits_per_char} for (n, _), s in zip(numbered, scores)]
@@ -780,7 +680,7 @@ def score(
             rows.sort(key=lambda r: (math.isnan(r["nats_per_token"]), r["nats_per_token"]), reverse=sort == "worst")
         rows = rows[:top] if top else rows
         if as_json:
-            sys.stdout.write(jsonio.dumps({"file": str(file), "checkpoint": str(resolved), "tokenizer": loaded.tokenizer.kind,
+            sys.stdout.write(jsonio.dumps({"file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
                                          "include_end": include_end, "lines": rows}) + "\n")
             return
         table = Table(box=None)

@@ -23,7 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import CorpusError
+from .errors import CorpusError, UsageError
+from .tokenizer import Tokenizer, fit_tokenizer
 
 ENCODING_ERRORS = ("strict", "replace", "ignore")
 
@@ -180,3 +181,41 @@ def fit_batch_shape(num_tokens: int, batch_size: int, seq_len: int) -> BatchShap
     return BatchShape(new_batch, new_seq,
                       f"the training text has only {num_tokens:,} tokens: using --batch-size {new_batch} "
                       f"and --seq-len {new_seq} instead of {batch_size} and {seq_len}")
+
+
+# ── a text split into training and validation ids ─────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class PreparedData:
+    tokenizer: Tokenizer
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    val_chars: int  # characters of the validation text: bits/char divides by this
+    train_chars: int
+
+
+def prepare_data(text: str, *, val_fraction: float, tokenizer: Tokenizer | None = None, kind: str = "char",
+                 min_count: int = 1, max_vocab: int | None = None) -> PreparedData:
+    """Split off the LAST ``val_fraction`` as validation, fit the tokenizer on the training part only."""
+    train_text, val_text = split_text(text, val_fraction, at_line=(tokenizer.kind if tokenizer else kind) == "word")
+    return prepare_texts(train_text, val_text, tokenizer=tokenizer, kind=kind, min_count=min_count,
+                         max_vocab=max_vocab)
+
+
+def prepare_texts(train_text: str, val_text: str, *, tokenizer: Tokenizer | None = None, kind: str = "char",
+                  min_count: int = 1, max_vocab: int | None = None) -> PreparedData:
+    """Ids of a training and a validation text, with the tokenizer fitted on the training text."""
+    if not train_text.strip():
+        check_split(train_tokens=0, val_tokens=0, val_chars=len(val_text))
+    tokenizer = tokenizer or fit_tokenizer(kind, train_text, min_count=min_count, max_vocab=max_vocab)
+    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
+    check_split(train_tokens=len(train_ids), val_tokens=len(val_ids), val_chars=len(val_text))
+    return PreparedData(tokenizer, train_ids, val_ids, len(val_text), len(train_text))
+
+
+def check_split(*, train_tokens: int, val_tokens: int, val_chars: int) -> None:
+    if train_tokens < 1:
+        raise UsageError("the training part of the corpus is empty; lower --val-fraction or use more text")
+    if val_tokens < 2:
+        raise UsageError(f"the validation part ({val_chars} characters) has fewer than 2 tokens; "
+                         f"raise --val-fraction or use more text")

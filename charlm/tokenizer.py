@@ -72,9 +72,6 @@ class Tokenizer:
     def count_unknown(self, ids: np.ndarray) -> int:
         return 0 if self.unk_id is None else int(np.count_nonzero(ids == self.unk_id))
 
-    def token_name(self, token_id: int) -> str:
-        return self.decode([token_id])
-
 
 class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer) -> None:

@@ -61,7 +61,8 @@ def tiny_corpus(tmp_path: Path) -> Path:
 def trained_run(tmp_path_factory) -> Path:
     """A small char model trained once for the tests that need a checkpoint."""
     from charlm.config import ModelConfig, TrainConfig
-    from charlm.train import prepare_data, train
+    from charlm.data import prepare_data
+    from charlm.trainer import train
 
     run_dir = tmp_path_factory.mktemp("run")
     data = prepare_data(TINY_TEXT, val_fraction=0.1)

@@ -6,7 +6,8 @@ import argparse
 
 from charlm.config import ModelConfig, TrainConfig
 from charlm.distributed import from_env, shutdown
-from charlm.train import prepare_corpus, train
+from charlm.cache import prepare_corpus
+from charlm.trainer import train
 
 parser = argparse.ArgumentParser()
 parser.add_argument("corpus")

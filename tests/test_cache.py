@@ -12,7 +12,8 @@ import charlm.cache as cache
 import charlm.data as data_module
 from charlm.cache import corpus_ids
 from charlm.tokenizer import CharTokenizer
-from charlm.train import prepare_corpus, prepare_data
+from charlm.cache import prepare_corpus
+from charlm.data import prepare_data
 
 # Non-ASCII text, CRLF line ends, and characters that occur only in the validation part.
 TEXT = ("naïve café — line one\r\nΔelta two\rthree 😀 four\n" * 40) + "tail only: ж§\n"
@@ -119,7 +120,7 @@ def test_a_resumed_tokenizer_that_differs_from_the_cache_is_used_instead(tmp_pat
 
 @pytest.mark.parametrize("kind", ["char", "byte", "word"])
 def test_a_separate_validation_file(tmp_path, small_chunks, kind):
-    from charlm.train import prepare_texts
+    from charlm.data import prepare_texts
 
     train_path, val_path = tmp_path / "train.txt", tmp_path / "valid.txt"
     train_path.write_bytes(TEXT.encode("utf-8"))

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from charlm.checkpoint import load_checkpoint
 from charlm.cli import app
-from charlm.train import load_resume
+from charlm.trainer import load_resume
 
 from conftest import subprocess_env
 
@@ -77,7 +77,7 @@ def test_signal_saves_last_and_says_how_to_resume(tmp_path, tiny_corpus, sig, co
 def test_a_resumed_run_that_does_not_improve_reports_the_earlier_best(tmp_path, tiny_corpus, monkeypatch):
     """The summary is the run's best, not this session's: a resumed session whose evaluations are all
     worse still ends normally (the signal test above hit this when the last few steps ran at lr ≈ 0)."""
-    import charlm.train as train_module
+    import charlm.trainer as train_module
     from charlm.evaluate import EvalResult
 
     out = tmp_path / "run"

@@ -23,7 +23,7 @@ from charlm.errors import CheckpointError, ConfigError, OutOfMemoryError, RunInU
 from charlm.model import RNNLM, count_parameters, parameter_shapes
 from charlm.sample import generate, next_token
 from charlm.tokenizer import CharTokenizer, WordTokenizer
-from charlm.train import claim_run_dir, load_resume, new_run_dir, prepare_data, train
+from charlm.trainer import claim_run_dir, load_resume, new_run_dir
 
 from conftest import subprocess_env
 
@@ -382,8 +382,8 @@ def test_out_of_memory_in_a_training_step_keeps_the_checkpoints(tmp_path, tiny_c
 
 
 @pytest.mark.parametrize("where, command, expected", [
-    ("charlm.train.RNNLM.__init__", "train", "out of memory building a model"),
-    ("charlm.train.evaluate", "train", "out of memory evaluating"),
+    ("charlm.trainer.RNNLM.__init__", "train", "out of memory building a model"),
+    ("charlm.trainer.evaluate", "train", "out of memory evaluating"),
     ("charlm.sample.FastStep.reset", "sample", "--num-samples"),
     ("safetensors.torch.load_file", "sample", "out of memory loading"),
 ])
@@ -401,7 +401,7 @@ def test_a_cuda_style_out_of_memory_is_caught_too(tmp_path, tiny_corpus, monkeyp
     def cuda_oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("charlm.train.evaluate", cuda_oom)
+    monkeypatch.setattr("charlm.trainer.evaluate", cuda_oom)
     result = invoke("train", tiny_corpus, "--out", tmp_path / "run", "--max-steps", "2", *TINY)
     assert "out of memory evaluating" in one_line_error(result, 1)
 

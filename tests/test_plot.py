@@ -66,7 +66,8 @@ def test_a_folder_without_metrics_is_an_error(tmp_path):
 
 def test_metrics_of_a_real_training_run(tmp_path):
     from charlm.config import ModelConfig, TrainConfig
-    from charlm.train import prepare_data, train
+    from charlm.data import prepare_data
+    from charlm.trainer import train
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -8,7 +8,8 @@ import torch
 from charlm.checkpoint import load_checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import ConfigError, TrainingError
-from charlm.train import load_resume, lr_at, new_run_dir, prepare_data, resume_configs, train
+from charlm.data import prepare_data
+from charlm.trainer import load_resume, lr_at, new_run_dir, resume_configs, train
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -97,7 +98,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_text, monkeypatch
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr("charlm.train.F.cross_entropy", poisoned)
+    monkeypatch.setattr("charlm.trainer.F.cross_entropy", poisoned)
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
         train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

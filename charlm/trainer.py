@@ -10,7 +10,7 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,91 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import jsonio
-from .cache import check_split, corpus_ids
 from .config import ModelConfig, TrainConfig, brief
-from .data import batchify, default_corpus, fit_batch_shape, num_windows, read_corpus, split_text, window
+from .data import PreparedData, batchify, fit_batch_shape, num_windows, window
 from .distributed import Dist, device_for
 from .errors import CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
 from .evaluate import EvalResult, evaluate
 from .model import GATES, RNNLM, count_parameters, detach_state, resolve_device, select_state
-from .tokenizer import Tokenizer, fit_tokenizer
 
 Event = dict[str, Any]
-BUILTIN = "builtin:pydoc"
-
-
-# ── data ────────────────────────────────────────────────────────────────────────────────────────
-
-@dataclass(frozen=True)
-class Corpus:
-    name: str  # a short name for the run folder
-    source: str  # a path, or BUILTIN
-    text: str | None = None  # None when the ids come from the token cache
-
-
-def load_corpus(path: str | None, *, encoding_errors: str = "strict") -> Corpus:
-    if path is None or path == BUILTIN:
-        name, text = default_corpus()
-        return Corpus(name, BUILTIN, text)
-    text = read_corpus(path, encoding_errors=encoding_errors)
-    return Corpus(Path(path).stem or "corpus", str(Path(path).resolve()), text)
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    tokenizer: Tokenizer
-    train_ids: np.ndarray
-    val_ids: np.ndarray
-    val_chars: int  # characters of the validation text: bits/char divides by this
-    train_chars: int
-
-
-def prepare_data(text: str, *, val_fraction: float, tokenizer: Tokenizer | None = None, kind: str = "char",
-                 min_count: int = 1, max_vocab: int | None = None) -> PreparedData:
-    """Split off the LAST ``val_fraction`` as validation, fit the tokenizer on the training part only."""
-    train_text, val_text = split_text(text, val_fraction, at_line=(tokenizer.kind if tokenizer else kind) == "word")
-    return prepare_texts(train_text, val_text, tokenizer=tokenizer, kind=kind, min_count=min_count,
-                         max_vocab=max_vocab)
-
-
-def prepare_texts(train_text: str, val_text: str, *, tokenizer: Tokenizer | None = None, kind: str = "char",
-                  min_count: int = 1, max_vocab: int | None = None) -> PreparedData:
-    """Ids of a training and a validation text, with the tokenizer fitted on the training text."""
-    if not train_text.strip():
-        check_split(train_tokens=0, val_tokens=0, val_chars=len(val_text))
-    tokenizer = tokenizer or fit_tokenizer(kind, train_text, min_count=min_count, max_vocab=max_vocab)
-    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
-    check_split(train_tokens=len(train_ids), val_tokens=len(val_ids), val_chars=len(val_text))
-    return PreparedData(tokenizer, train_ids, val_ids, len(val_text), len(train_text))
-
-
-def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
-                   max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
-                   val_path: str | None = None, on_note: Callable[[str], None] | None = None
-                   ) -> tuple[Corpus, PreparedData]:
-    """The corpus and its ids: a file goes through the on-disk token cache, the built-in one is small.
-
-    ``val_path`` validates on that file instead of the last ``val_fraction`` of the corpus.
-    ``tokenizer`` (a resumed run's) must match what the cache holds; if it does not, the text is
-    encoded with it in memory instead.
-    """
-    def in_memory(text: str, **options: Any) -> PreparedData:
-        if val_path is not None:
-            return prepare_texts(text, read_corpus(val_path, encoding_errors=encoding_errors), **options)
-        return prepare_data(text, val_fraction=val_fraction, **options)
-
-    if path is None or path == BUILTIN:
-        corpus = load_corpus(None)
-        return corpus, in_memory(corpus.text or "", tokenizer=tokenizer, kind=kind, min_count=min_count,
-                                 max_vocab=max_vocab)
-    corpus = Corpus(Path(path).stem or "corpus", str(Path(path).resolve()))
-    cached = corpus_ids(path, kind=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction,
-                        min_count=min_count, max_vocab=max_vocab, encoding_errors=encoding_errors, val_path=val_path,
-                        on_build=on_note)
-    if tokenizer is not None and tokenizer.to_dict() != cached.tokenizer.to_dict():
-        return corpus, in_memory(read_corpus(path, encoding_errors=encoding_errors), tokenizer=tokenizer)
-    return corpus, PreparedData(cached.tokenizer, cached.train_ids, cached.val_ids, cached.val_chars,
-                                cached.train_chars)
 
 
 # ── schedule ────────────────────────────────────────────────────────────────────────────────────
@@ -286,8 +209,11 @@ def load_resume(run: str | Path) -> Resume:
 
 # ── the loop ────────────────────────────────────────────────────────────────────────────────────
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
+    """What a run ended with. Losses are nats/token on the validation split; the best is the
+    run's own, from before a resume too."""
+
     run_dir: Path
     step: int
     best_val_loss: float
@@ -296,7 +222,11 @@ class TrainResult:
     stopped_by: str  # "done", "time", "early-stop", "interrupt"
     elapsed_seconds: float
     num_parameters: int
-    history: list[Event] = field(default_factory=list)
+    best_val_bpc: float = float("nan")  # bits per character of the validation text
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.run_dir / ckpt.BEST
 
 
 def _is_finite(value: torch.Tensor) -> bool:
@@ -317,6 +247,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     rank 0 alone writes files and reports events, and every stop decision is taken from values
     reduced across ranks, so all ranks stop at the same step.
     """
+    if train_config.max_steps is None and train_config.epochs is None and train_config.max_minutes is None:
+        raise ConfigError("give a stopping rule (max_steps, epochs or max_minutes): without one training never "
+                          "ends (charlm.train and the CLI default to 3 minutes)")
     dist = dist or Dist()
     run_dir = Path(run_dir)
     with claim_run_dir(run_dir, dist):
@@ -572,7 +505,9 @@ def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepar
             save_last()
     record({"event": "end", "step": step, "stopped_by": stopped_by, "best_val_loss": best_val,
             "best_step": best_step, "elapsed": clock})
-    return TrainResult(run_dir, step, best_val, best_step, last_val, stopped_by, clock, num_parameters)
+    predicted = max(len(data.val_ids) - 1, 0)
+    best_bpc = EvalResult(best_val * predicted, predicted).bits_per_char(data.val_chars)
+    return TrainResult(run_dir, step, best_val, best_step, last_val, stopped_by, clock, num_parameters, best_bpc)
 
 
 # ── limits: memory, and a resumed run's stopping rules ──────────────────────────────────────────

@@ -1,0 +1,146 @@
+"""The Python API. The command line is built on exactly these calls.
+
+    import charlm
+    lm = charlm.load("checkpoints/tinyshakespeare")           # a .safetensors file or a run folder
+    for piece in lm.generate("ROMEO:", length=200, temperature=0.8, seed=1):
+        print(piece, end="")
+    lm.perplexity(open("valid.txt").read())                   # nats/token, bits/char, perplexity, <UNK>
+    lm.score(["The apple and pear salad.", "The apple and pair salad."])
+    run = charlm.train("corpus.txt", max_minutes=3)            # the CLI's defaults; returns a TrainResult
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Collection, Iterator, Sequence
+
+from .checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from .config import SampleConfig
+from .model import resolve_device
+from .sample import Piece, generate as _generate
+from .score import LineScore, score_lines
+from .trainer import TrainResult
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """How well a model predicts a text. ``bits_per_char`` divides by the text's characters, so it
+    compares models with different tokenizers; ``unknown_tokens`` were scored as ``<UNK>``."""
+
+    tokens: int
+    predicted_tokens: int
+    characters: int
+    unknown_tokens: int
+    total_nats: float
+    nats_per_token: float
+    bits_per_char: float
+    perplexity: float
+    unknown: tuple[str, ...]  # the unknown characters or words themselves (at most 50)
+
+
+class LanguageModel:
+    """A trained model with its tokenizer: generate text, and score or measure text with it."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model
+        self.tokenizer = checkpoint.tokenizer
+        self.path = checkpoint.path
+
+    def __repr__(self) -> str:
+        cfg = self.checkpoint.model_config
+        return (f"LanguageModel({str(self.path)!r}: {cfg.num_layers}×{cfg.hidden_size} {cfg.cell.upper()}, "
+                f"{self.tokenizer.kind} tokenizer, {self.tokenizer.vocab_size:,} tokens)")
+
+    def stream(self, prime: str = "", *, length: int = 500, temperature: float = 0.8, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop: str | None = None,
+               num_samples: int = 1) -> Iterator[Piece]:
+        """``num_samples`` samples generated as one batch, a ``Piece(stream, text, done)`` per token."""
+        config = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length,
+                              num_samples=num_samples, seed=seed, stop=stop)
+        return _generate(self.model, self.tokenizer, config=config, prime=prime)
+
+    def generate(self, prime: str = "", *, length: int = 500, temperature: float = 0.8, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: str | None = None) -> Iterator[str]:
+        """The text that follows ``prime``, a piece (token) at a time. The same seed gives the same
+        text as ``charlm sample --seed``; temperature 0 is always the most likely token.
+
+        >>> "".join(lm.generate("ROMEO:", length=50, seed=1))  # doctest: +SKIP
+        """
+        for piece in self.stream(prime, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed, stop=stop):
+            if piece.text:
+                yield piece.text
+
+    def samples(self, prime: str = "", *, num_samples: int, **options: Any) -> list[str]:
+        """``num_samples`` whole samples (without the prime), generated together."""
+        texts = [""] * num_samples
+        for piece in self.stream(prime, num_samples=num_samples, **options):
+            texts[piece.stream] += piece.text
+        return texts
+
+    def perplexity(self, text: str) -> Perplexity:
+        """Score ``text`` in one pass: each token predicted from everything before it."""
+        from .errors import UsageError
+        from .evaluate import evaluate
+
+        ids = self.tokenizer.encode(text)
+        if len(ids) < 2:
+            raise UsageError(f"the text needs at least 2 tokens to score (has {len(ids)})")
+        device = self.model.embedding.weight.device
+        result = evaluate(self.model, ids, autocast=device.type == "cuda")
+        unknown = self.tokenizer.count_unknown(ids)
+        return Perplexity(
+            tokens=int(len(ids)), predicted_tokens=result.num_predicted, characters=len(text),
+            unknown_tokens=unknown, total_nats=result.total_nats, nats_per_token=result.nats_per_token,
+            bits_per_char=result.bits_per_char(len(text)), perplexity=result.perplexity,
+            unknown=tuple(self.tokenizer.unknown_symbols(text)[:50]) if unknown else ())
+
+    def score(self, lines: Sequence[str], *, include_end: bool = True) -> list[LineScore]:
+        """Each line scored on its own, from a fresh line start (lower nats/token = more likely)."""
+        return score_lines(self.model, self.tokenizer, list(lines), include_end=include_end)
+
+
+def load(where: str | os.PathLike[str] | None = None, *, device: str = "cpu",
+         root: str | os.PathLike[str] = "checkpoints") -> LanguageModel:
+    """A checkpoint file, a run folder (its best checkpoint), or (None) the newest run under ``root``.
+
+    >>> lm = charlm.load("checkpoints/tinyshakespeare")  # doctest: +SKIP
+    """
+    return LanguageModel(load_checkpoint(resolve_checkpoint(where, root=root), device=str(resolve_device(device))))
+
+
+def train(corpus: str | os.PathLike[str] | None = None, *, on_event: Callable[[dict[str, Any]], None] | None = None,
+          should_stop: Callable[[], str | None] | None = None, on_note: Callable[[str], None] | None = None,
+          given_options: Collection[str] | None = None, **options: Any) -> TrainResult:
+    """Train a model on ``corpus`` (a file, a registry name, or None for the built-in text) with the
+    same defaults and checks as ``charlm train``; options by their CLI names (``max_minutes=3``,
+    ``hidden_size=512``, ``resume="checkpoints/run"``, …). Returns a ``TrainResult``.
+
+    ``on_event`` receives the progress events, ``should_stop`` is polled after each step (an answer
+    such as "SIGINT" saves and stops), ``on_note`` receives one-line notes. ``given_options`` names
+    the options the user gave explicitly (default: the keyword arguments passed here), which a
+    resumed run honours or refuses even when equal to a default.
+
+    >>> run = charlm.train("corpus.txt", max_minutes=3)  # doctest: +SKIP
+    """
+    from . import trainer
+    from .distributed import from_env, shutdown
+    from .plan import options_from, plan_run
+
+    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    opts = options_from({"corpus": None if corpus is None else str(corpus), **values})
+    given = set(options) if given_options is None else set(given_options)
+    opts.check()
+    dist = from_env(opts.device)
+    try:
+        plan = plan_run(opts, given=given, dist=dist, on_note=on_note)
+        if on_note is not None and dist.is_main:
+            for note in plan.notes:
+                on_note(note)
+        return trainer.train(model_config=plan.model_config, train_config=plan.train_config, data=plan.data,
+                             run_dir=plan.run_dir, source=plan.source, on_event=on_event, should_stop=should_stop,
+                             resume=plan.resume, dist=dist, val_source=plan.val_source)
+    finally:
+        shutdown(dist)

@@ -1,0 +1,185 @@
+"""Planning a training run: from what the user asked for to exactly what the trainer will do.
+
+``TrainOptions`` holds what a user can ask (``None``: "choose for me"); ``plan_run`` makes every
+decision between that and the trainer, so ``charlm train`` and ``charlm.train()`` make the same
+ones: a registry corpus name → its files, options checked before any work, the corpus tokenized
+(through the token cache), the model and batch sized to the corpus and budget (``auto_size``), a
+resumed run's options honoured or refused, a fine-tuned model's vocabulary carried over, and the
+run folder chosen.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Collection
+
+from .config import TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option
+from .errors import ConfigError
+
+DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
+DEFAULT_LOG_EVERY = 10
+_TRAIN = TrainConfig()
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything ``charlm train`` accepts, by the option's name. ``None`` means "not given"."""
+
+    corpus: str | None = None  # a file, a registry name, or None for the built-in text
+    tokenizer: str = "char"
+    cell: str = "lstm"
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    embed_size: int | None = None
+    dropout: float | None = None
+    tie_weights: bool | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = _TRAIN.weight_decay
+    clip: float = _TRAIN.clip
+    warmup_steps: int = _TRAIN.warmup_steps
+    min_lr_ratio: float = _TRAIN.min_lr_ratio
+    epochs: int | None = None
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    val_fraction: float = _TRAIN.val_fraction
+    val_file: str | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    seed: int = _TRAIN.seed
+    device: str = _TRAIN.device
+    out: str | None = None
+    min_count: int = 1
+    max_vocab: int | None = None
+    resume: str | None = None
+    encoding_errors: str = "strict"
+    max_bad_steps: int = _TRAIN.max_bad_steps
+    log_every: int | None = None
+
+    def check(self) -> None:
+        """Every numeric option against its range (config.LIMITS), before any work is done."""
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
+        for name in NUMERIC_OPTIONS:
+            check_option(name, getattr(self, name), optional=True)
+        if self.lr is not None:
+            check_decay(lr=self.lr, weight_decay=self.weight_decay)
+        if self.tokenizer == "word" and self.max_vocab is not None and self.max_vocab < 3:
+            raise ConfigError(f"--max-vocab must be ≥ 3 for a word model (it includes <UNK> and <EOS>; "
+                              f"got {self.max_vocab})")
+
+
+NUMERIC_OPTIONS = ("hidden_size", "num_layers", "embed_size", "dropout", "seq_len", "batch_size", "lr",
+                   "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps", "max_minutes",
+                   "val_fraction", "eval_every", "patience", "seed", "min_count", "max_vocab", "max_bad_steps",
+                   "log_every")
+# The options a resumed run hands to trainer.resume_configs, which honours or refuses each.
+_RESUME_KEYS = ("tokenizer", "cell", "hidden_size", "num_layers", "embed_size", "dropout", "tie_weights", "seq_len",
+                "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
+                "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
+                "max_bad_steps", "log_every")
+
+
+@dataclass
+class RunPlan:
+    """What the trainer is handed: configs, data, where to write, and what to resume."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    data: Any  # data.PreparedData
+    run_dir: Path
+    source: str  # the corpus file (or the built-in's name), recorded in the checkpoint
+    val_source: str | None
+    resume: Any = None  # trainer.Resume
+    notes: list[str] = field(default_factory=list)
+
+
+def _given_or(value: Any, automatic: Any) -> Any:
+    """The user's value when given (0 included: it is a value, and the configs check it)."""
+    return automatic if value is None else value
+
+
+def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = None,
+             on_note: Callable[[str], None] | None = None) -> RunPlan:
+    """Decide everything about a run. ``given`` names the options the user gave explicitly (a
+    resumed run honours or refuses each of them, even one equal to its default)."""
+    from .cache import prepare_corpus
+    from .corpora import resolve_corpus_name
+    from .distributed import Dist
+    from .model import resolve_device
+    from .trainer import load_resume, new_run_dir, resume_configs
+
+    options.check()
+    dist = dist or Dist()
+    note = on_note if dist.is_main else None
+    corpus, val_file, run_name = options.corpus, options.val_file, None
+    # A registry name reads that corpus's train.txt once 'charlm corpus get NAME' has fetched it;
+    # a file of the same name wins. The run folder keeps the corpus name, not "train".
+    if corpus is not None and (registered := resolve_corpus_name(corpus)) is not None:
+        run_name, corpus = corpus, str(registered.train)
+        if val_file is None and registered.valid is not None:
+            val_file = str(registered.valid)  # the corpus's own validation split, not a slice of train
+    val_source = str(Path(val_file).resolve()) if val_file else None
+
+    if options.resume is not None:
+        resume_dir = Path(options.resume)
+        if options.out is not None and Path(options.out).resolve() != resume_dir.resolve():
+            raise ConfigError(f"--out cannot be given with --resume: a resumed run continues in its own folder "
+                              f"({resume_dir})")
+        res = load_resume(resume_dir)
+        model_cfg, train_cfg = resume_configs(res, {k: getattr(options, k) for k in given if k in _RESUME_KEYS})
+        source = corpus or res.checkpoint.train_state.get("corpus") or None
+        val_source = val_source or res.checkpoint.train_state.get("val_corpus")
+        # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
+        corpus_data, data = dist.main_first(lambda: prepare_corpus(
+            source, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer, val_path=val_source,
+            encoding_errors=options.encoding_errors, on_note=note))
+        return RunPlan(model_cfg, train_cfg, data, res.run_dir, corpus_data.source, val_source, resume=res)
+
+    max_minutes = options.max_minutes
+    if options.epochs is None and options.max_steps is None and max_minutes is None:
+        max_minutes = DEFAULT_MINUTES
+    corpus_data, data = dist.main_first(lambda: prepare_corpus(
+        corpus, kind=options.tokenizer, val_fraction=options.val_fraction, min_count=options.min_count,
+        max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note))
+    if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
+        raise ConfigError("the processes of the distributed run built different vocabularies")
+    auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
+                     gpu=resolve_device(options.device).type == "cuda")
+    hidden = _given_or(options.hidden_size, auto.hidden_size)
+    tie = (options.tie_weights if options.tie_weights is not None
+           else auto.tie_weights and options.embed_size in (None, hidden))
+    model_cfg = ModelConfig(
+        vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=hidden,
+        num_layers=_given_or(options.num_layers, auto.num_layers), dropout=_given_or(options.dropout, auto.dropout),
+        embed_size=_given_or(options.embed_size, hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie)
+    train_cfg = TrainConfig(
+        seq_len=_given_or(options.seq_len, auto.seq_len), batch_size=_given_or(options.batch_size, auto.batch_size),
+        lr=_given_or(options.lr, auto.lr), weight_decay=options.weight_decay, clip=options.clip,
+        warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio, epochs=options.epochs,
+        max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
+        eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
+        max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY))
+    if options.out is not None:
+        run_dir = Path(options.out)
+        if dist.is_main and run_dir.exists() and any(run_dir.glob("*.safetensors")):
+            raise ConfigError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it "
+                              f"or choose another --out")
+    else:
+        run_dir = Path(dist.broadcast_object(str(new_run_dir("checkpoints", run_name or corpus_data.name))))
+    notes = []
+    if unknown := data.tokenizer.count_unknown(data.val_ids):
+        notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
+    return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes)
+
+
+def options_from(values: dict[str, Any]) -> TrainOptions:
+    """``TrainOptions`` from keyword values, refusing a name that is not an option (with the list)."""
+    known = {f.name for f in dataclasses.fields(TrainOptions)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; the options are "
+                          f"{', '.join(sorted(known))}")
+    return TrainOptions(**values)
