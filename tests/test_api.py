@@ -1,0 +1,92 @@
+"""The public Python API (``charlm.load``, ``charlm.train``), using only the public names."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import charlm
+from charlm.cli import app
+from charlm.errors import ConfigError
+
+PLAY = ("ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
+        "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n\n") * 60
+TINY = dict(hidden_size=24, embed_size=12, seq_len=16, batch_size=4, device="cpu", eval_every=10)
+
+
+@pytest.fixture(scope="module")
+def play_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("api")
+    corpus = folder / "play.txt"
+    corpus.write_text(PLAY, encoding="utf-8")
+    run = charlm.train(corpus, out=folder / "run", max_steps=40, **TINY)
+    return run.run_dir
+
+
+def test_train_returns_a_result_and_writes_a_run(play_run):
+    lm = charlm.load(play_run)
+    assert isinstance(lm, charlm.LanguageModel) and "LSTM" in repr(lm)
+    assert (play_run / "best.safetensors").is_file() and (play_run / "metrics.jsonl").is_file()
+
+
+def test_generate_is_seeded_and_equals_the_cli(play_run):
+    lm = charlm.load(play_run)
+    text = "".join(lm.generate("ROMEO:", length=60, temperature=0.8, seed=1))
+    assert text == "".join(lm.generate("ROMEO:", length=60, temperature=0.8, seed=1))
+    assert text != "".join(lm.generate("ROMEO:", length=60, temperature=0.8, seed=2))
+    cli = CliRunner().invoke(app, ["sample", "--checkpoint", str(play_run), "--prime", "ROMEO:", "--length", "60",
+                                   "--temperature", "0.8", "--seed", "1"])
+    assert cli.exit_code == 0 and cli.stdout == "ROMEO:" + text + "\n"
+    samples = lm.samples("ROMEO:", num_samples=3, length=20, seed=4)
+    assert len(samples) == 3 and all(len(s) == 20 for s in samples)
+
+
+def test_perplexity_and_score(play_run):
+    lm = charlm.load(play_run)
+    result = lm.perplexity("JULIET:\nO Romeo, Romeo?\n")
+    assert result.unknown_tokens == 0 and result.characters == 24
+    assert math.isclose(result.perplexity, math.exp(result.nats_per_token))
+    assert result.bits_per_char == pytest.approx(result.total_nats / math.log(2) / 24)
+    strange = lm.perplexity("Zebra 123\n")
+    assert strange.unknown_tokens > 0 and "Z" in strange.unknown
+    likely, unlikely = lm.score(["O Romeo, Romeo", "qqq zzz xxq"])
+    assert likely.nats_per_token < unlikely.nats_per_token
+
+
+def test_train_refuses_unknown_options_and_nonsense(tmp_path):
+    with pytest.raises(ConfigError, match="unknown training option"):
+        charlm.train(None, hidden=12)
+    with pytest.raises(ConfigError, match="--hidden-size"):
+        charlm.train(None, hidden_size=0, out=tmp_path / "r")
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python block, verbatim, with its budget shortened (the slow test runs it whole)."""
+    code = _readme_python_block().replace("max_minutes=3", "max_minutes=0.02")
+    _prepare_example_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "checkpoints" / "corpus" / "best.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written_with_its_three_minutes(tmp_path, monkeypatch):
+    _prepare_example_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_readme_python_block(), "README.md", "exec"), {})
+    assert (tmp_path / "checkpoints" / "corpus" / "best.safetensors").is_file()
+
+
+def _readme_python_block() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python API"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def _prepare_example_files(folder: Path) -> None:
+    (folder / "corpus.txt").write_text(PLAY, encoding="utf-8")
+    (folder / "valid.txt").write_text(PLAY[:400], encoding="utf-8")
+    charlm.train(folder / "corpus.txt", out=folder / "checkpoints" / "tinyshakespeare", max_steps=5, **TINY)
