@@ -215,6 +215,8 @@ def train(
     min_count: Annotated[int, typer.Option(help="Keep words (or characters) seen at least this often; the rest are <UNK>.")] = 1,
     max_vocab: Annotated[Optional[int], typer.Option(help="Keep at most this many tokens, the most frequent (<UNK> included).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune: start a new run from this checkpoint or run folder (its shape and vocabulary; a fresh optimizer and schedule). Unseen tokens become <UNK>.")] = None,
+    extend_vocab: Annotated[bool, typer.Option("--extend-vocab", help="With --init-from: add the new text's unseen tokens to the vocabulary (new embedding and output rows; the old rows unchanged).")] = False,
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
     max_bad_steps: Annotated[int, typer.Option(help="Stop after this many NaN/Inf steps in a row.")] = _TRAIN.max_bad_steps,
     sample_length: Annotated[int, typer.Option(help="Length of the sample printed at the end (0 = none).")] = 300,
@@ -321,7 +323,7 @@ def sample(
     """
     with _handled():
         from .api import load
-        from .config import SampleConfig
+        from .config import SampleConfig, brief
         from .data import read_corpus
 
         SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, num_samples=num_samples,
@@ -333,7 +335,7 @@ def sample(
         lm = load(checkpoint, device=device)
         if lm.tokenizer.kind == "word" and (unknown := lm.tokenizer.unknown_symbols(prime)):
             err.print(f"charlm: warning: {len(unknown)} prime word(s) not in the vocabulary, read as <UNK>: "
-                      f"{' '.join(unknown[:8])}", markup=False)
+                      f"{' '.join(brief(word) for word in unknown[:8])}", markup=False)
         separate = num_samples > 1
         buffers: list[list[str]] = [[] for _ in range(num_samples)]
         if separate:
@@ -477,7 +479,7 @@ def bench(
     batch_size: Annotated[int, typer.Option(min=1, help="Training streams.")] = 64,
     seq_len: Annotated[int, typer.Option(min=1, help="Training window.")] = 128,
     steps: Annotated[int, typer.Option(min=20, help="Training steps per repeat (the first third is warm-up).")] = 40,
-    sample_streams: Annotated[int, typer.Option(min=1, help="Streams for the batched sampling figure.")] = 64,
+    sample_streams: Annotated[int, typer.Option(min=1, max=10_000, help="Streams for the batched sampling figure.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Repeats; each figure is their median.")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
@@ -738,7 +740,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="The .onnx file to write; a .onnx.json description is written beside it.")],
     checkpoint: Annotated[Optional[Path], typer.Option(help="A .safetensors file or a run folder. Default: the newest run.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Fix the batch size in the graph. Default: any batch size.")] = None,
-    opset: Annotated[int, typer.Option(min=17, help="ONNX opset version.")] = 17,
+    opset: Annotated[int, typer.Option(min=17, max=20, help="ONNX opset version (17 to 20, what torch's TorchScript exporter writes).")] = 17,
     check: Annotated[Optional[bool], typer.Option("--check/--no-check",
                                                   help="Run the graph next to the model and compare (needs onnxruntime). "
                                                        "Default: check when onnxruntime is installed.")] = None,

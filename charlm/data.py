@@ -56,7 +56,7 @@ def iter_corpus_chunks(path: str | os.PathLike[str], *, encoding_errors: str = "
 
     path = Path(path)
     if encoding_errors not in ENCODING_ERRORS:
-        raise CorpusError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}")
+        raise UsageError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)} (got {encoding_errors!r})")
     if not path.exists():
         raise CorpusError(f"{path}: no such file")
     if path.is_dir():

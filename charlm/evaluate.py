@@ -31,7 +31,8 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.nats_per_token, 700.0))
+        # exp overflows a float past ~709.78 nats: that perplexity is infinite, not a 300-digit number.
+        return math.exp(self.nats_per_token) if self.nats_per_token < 709.0 else math.inf
 
     def bits_per_char(self, num_chars: int) -> float:
         return self.total_nats / LN2 / num_chars if num_chars else float("nan")

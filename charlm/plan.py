@@ -54,6 +54,8 @@ class TrainOptions:
     min_count: int = 1
     max_vocab: int | None = None
     resume: str | None = None
+    init_from: str | None = None  # fine-tune: a checkpoint or run folder to start from
+    extend_vocab: bool = False
     encoding_errors: str = "strict"
     max_bad_steps: int = _TRAIN.max_bad_steps
     log_every: int | None = None
@@ -66,6 +68,16 @@ class TrainOptions:
             check_option(name, getattr(self, name), optional=True)
         if self.lr is not None:
             check_decay(lr=self.lr, weight_decay=self.weight_decay)
+        from .data import ENCODING_ERRORS
+
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise ConfigError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)} "
+                              f"(got {self.encoding_errors!r})")
+        if self.extend_vocab and self.init_from is None:
+            raise ConfigError("--extend-vocab needs --init-from (it extends that model's vocabulary)")
+        if self.init_from is not None and self.resume is not None:
+            raise ConfigError("give --resume (continue a run) or --init-from (start a new run from a model), "
+                              "not both")
         if self.tokenizer == "word" and self.max_vocab is not None and self.max_vocab < 3:
             raise ConfigError(f"--max-vocab must be ≥ 3 for a word model (it includes <UNK> and <EOS>; "
                               f"got {self.max_vocab})")
@@ -94,6 +106,7 @@ class RunPlan:
     val_source: str | None
     resume: Any = None  # trainer.Resume
     notes: list[str] = field(default_factory=list)
+    init_weights: Any = None  # fine-tuning: the starting model's tensors
 
 
 def _given_or(value: Any, automatic: Any) -> Any:
@@ -109,7 +122,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     from .corpora import resolve_corpus_name
     from .distributed import Dist
     from .model import resolve_device
-    from .trainer import load_resume, new_run_dir, resume_configs
+    from .trainer import load_resume, resume_configs
 
     options.check()
     dist = dist or Dist()
@@ -136,11 +149,18 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         corpus_data, data = dist.main_first(lambda: prepare_corpus(
             source, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer, val_path=val_source,
             encoding_errors=options.encoding_errors, on_note=note))
-        return RunPlan(model_cfg, train_cfg, data, res.run_dir, corpus_data.source, val_source, resume=res)
+        notes = []
+        if unknown := data.tokenizer.count_unknown(data.train_ids):
+            notes.append(f"note: {unknown:,} training tokens are not in the resumed model's vocabulary "
+                         f"(read as <UNK>); is this the run's corpus?")
+        return RunPlan(model_cfg, train_cfg, data, res.run_dir, corpus_data.source, val_source, resume=res,
+                       notes=notes)
 
     max_minutes = options.max_minutes
     if options.epochs is None and options.max_steps is None and max_minutes is None:
         max_minutes = DEFAULT_MINUTES
+    if options.init_from is not None:
+        return _plan_fine_tune(options, given, dist, note, corpus, val_source, run_name, max_minutes)
     corpus_data, data = dist.main_first(lambda: prepare_corpus(
         corpus, kind=options.tokenizer, val_fraction=options.val_fraction, min_count=options.min_count,
         max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note))
@@ -162,17 +182,80 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
         eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
         max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY))
-    if options.out is not None:
-        run_dir = Path(options.out)
-        if dist.is_main and run_dir.exists() and any(run_dir.glob("*.safetensors")):
-            raise ConfigError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it "
-                              f"or choose another --out")
-    else:
-        run_dir = Path(dist.broadcast_object(str(new_run_dir("checkpoints", run_name or corpus_data.name))))
+    run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
     notes = []
     if unknown := data.tokenizer.count_unknown(data.val_ids):
         notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
     return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes)
+
+
+def _new_run_dir(options: TrainOptions, dist: Any, name: str) -> Path:
+    """``--out`` (which must not hold a run already), or a fresh ``checkpoints/<name>[-N]``."""
+    from .trainer import new_run_dir
+
+    if options.out is None:
+        return Path(dist.broadcast_object(str(new_run_dir("checkpoints", name))))
+    run_dir = Path(options.out)
+    if dist.is_main and run_dir.exists() and any(run_dir.glob("*.safetensors")):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it "
+                          f"or choose another --out")
+    return run_dir
+
+
+# What a fine-tune takes from the model it starts from: the shape (and with it the tokenizer).
+_SHAPE = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weights", "tokenizer")
+
+
+def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, note: Callable[[str], None] | None,
+                    corpus: str | None, val_source: str | None, run_name: str | None,
+                    max_minutes: float | None) -> RunPlan:
+    """A new run that starts from a trained model: its shape and vocabulary (extended with the new
+    text's symbols on ``--extend-vocab``), a fresh optimizer and schedule. Tokens the model never
+    saw become ``<UNK>`` otherwise, and the plan's notes say how many."""
+    from .cache import prepare_corpus
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .tokenizer import extend_tokenizer
+
+    base = load_checkpoint(resolve_checkpoint(options.init_from))
+    shape = {**base.model_config.to_dict(), "tokenizer": base.tokenizer.kind}
+    for key in _SHAPE:
+        if key in given and getattr(options, key) != shape[key]:
+            raise ConfigError(f"--{key.replace('_', '-')} {getattr(options, key)} conflicts with the model given "
+                              f"to --init-from, which has {shape[key]}; a fine-tune keeps the model's shape")
+    for key in ("min_count", "max_vocab"):
+        if key in given and not options.extend_vocab:
+            raise ConfigError(f"--{key.replace('_', '-')} applies to the new symbols of --extend-vocab only; "
+                              f"without it the vocabulary is the model's")
+    tokenizer = base.tokenizer
+    if options.extend_vocab:
+        _, fitted = dist.main_first(lambda: prepare_corpus(
+            corpus, kind=tokenizer.kind, val_fraction=options.val_fraction, min_count=options.min_count,
+            max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note))
+        tokenizer = extend_tokenizer(tokenizer, fitted.tokenizer)
+    corpus_data, data = dist.main_first(lambda: prepare_corpus(
+        corpus, val_fraction=options.val_fraction, tokenizer=tokenizer, val_path=val_source,
+        encoding_errors=options.encoding_errors, on_note=note))
+    before = base.train_config or TrainConfig()
+    model_cfg = dataclasses.replace(base.model_config, vocab_size=tokenizer.vocab_size,
+                                    dropout=_given_or(options.dropout, base.model_config.dropout))
+    train_cfg = TrainConfig(
+        seq_len=_given_or(options.seq_len, before.seq_len), batch_size=_given_or(options.batch_size, before.batch_size),
+        lr=_given_or(options.lr, before.lr), weight_decay=options.weight_decay, clip=options.clip,
+        warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio, epochs=options.epochs,
+        max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
+        eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
+        max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY))
+    notes = []
+    if added := tokenizer.vocab_size - base.tokenizer.vocab_size:
+        notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "
+                     f"and output rows start fresh, the other {base.tokenizer.vocab_size:,} are the model's")
+    if unknown := tokenizer.count_unknown(data.train_ids):
+        notes.append(f"note: {unknown:,} training tokens are not in the vocabulary of the model given to "
+                     f"--init-from and are read as <UNK> (--extend-vocab learns them instead)")
+    run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
+    weights = {name: tensor.detach().cpu() for name, tensor in base.model.state_dict().items()}
+    return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
+                   init_weights=weights)
 
 
 def options_from(values: dict[str, Any]) -> TrainOptions:

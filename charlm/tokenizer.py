@@ -317,6 +317,19 @@ def normalize_words(text: str) -> str:
     return "".join(" ".join(line.split()) + "\n" for line in WordTokenizer.split_lines(text))
 
 
+def extend_tokenizer(base: Tokenizer, seen: Tokenizer) -> Tokenizer:
+    """``base`` with the symbols of ``seen`` (a tokenizer fitted on new text) that it lacks appended,
+    so every old token keeps its id (fine-tuning with ``--extend-vocab``)."""
+    if base.kind != seen.kind:
+        raise TokenizerError(f"cannot extend a {base.kind} vocabulary with {seen.kind} tokens")
+    if isinstance(base, CharTokenizer) and isinstance(seen, CharTokenizer):
+        known = set(base.itos[1:])
+        return CharTokenizer(base.itos[1:] + [c for c in seen.itos[1:] if c not in known])
+    if isinstance(base, WordTokenizer) and isinstance(seen, WordTokenizer):
+        return WordTokenizer(base.itos[2:] + [w for w in seen.itos[2:] if w not in base.stoi])
+    return base  # bytes: nothing is ever unknown
+
+
 def fit_tokenizer(kind: str, text: str, *, min_count: int = 1, max_vocab: int | None = None) -> Tokenizer:
     if kind == "char":
         return CharTokenizer.fit(text, min_count=min_count, max_vocab=max_vocab)
@@ -327,9 +340,19 @@ def fit_tokenizer(kind: str, text: str, *, min_count: int = 1, max_vocab: int | 
     raise TokenizerError(f"unknown tokenizer {kind!r}; choose char, word or byte")
 
 
+def _has_surrogate(symbols: list[str]) -> bool:
+    """Lone UTF-16 surrogates: valid in JSON, but no UTF-8 text holds them and no terminal prints them."""
+    return any(0xD800 <= ord(ch) <= 0xDFFF for symbol in symbols for ch in symbol)
+
+
 def tokenizer_from_dict(data: Any) -> Tokenizer:
     if not isinstance(data, dict) or "kind" not in data:
         raise TokenizerError("tokenizer description must be an object with a 'kind'")
+    for key in ("chars", "words"):
+        symbols = data.get(key)
+        if isinstance(symbols, list) and all(isinstance(s, str) for s in symbols) and _has_surrogate(symbols):
+            raise TokenizerError(f"the {key} vocabulary holds a lone surrogate code point (U+D800–U+DFFF), "
+                                 f"which is not text")
     kind = data["kind"]
     try:
         if kind == "char":

@@ -82,7 +82,7 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_config: ModelConfig,
-                        batch_size: int) -> None:
+                        batch_size: int, steps_taken: int | None = None) -> None:
     """Check a resume file against the model before anything is restored: every parameter has a
     step and both moments of its own shape (or no parameter has any: no step was taken), the RNG
     state has the generator's size, and the hidden state is (layers, batch, hidden) for the cell."""
@@ -104,6 +104,8 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
         if name not in shapes or part not in ("step", *_MOMENTS):
             raise bad(f"unexpected optimizer entry {brief(key)}")
         found.setdefault(name, {})[part] = value
+    if not found and steps_taken:
+        raise bad(f"the optimizer state is missing although the run has taken {steps_taken:,} steps")
     if found:
         for name, shape in shapes.items():
             parts = found.get(name, {})
@@ -111,8 +113,9 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
                 if part not in parts:
                     raise bad(f"the optimizer state lacks {name}.{part}")
             step = parts["step"]
-            if step.numel() != 1 or not bool(torch.isfinite(step.double()).all()) or float(step.double()) < 0:
-                raise bad(f"the optimizer step of {name} is not a count")
+            if step.numel() != 1 or not bool(torch.isfinite(step.double()).all()) or float(step.double()) < 0 \
+                    or (steps_taken is not None and float(step.double()) > steps_taken):
+                raise bad(f"the optimizer step of {name} is not a count of the run's steps")
             for part in _MOMENTS:
                 moment = parts[part]
                 if tuple(moment.shape) != shape:
@@ -200,7 +203,8 @@ def load_resume(run: str | Path) -> Resume:
         raise CheckpointError(f"{path}: holds no training state to resume from")
     optim_path = path.parent / Path(str(optim_name)).name
     tensors, _ = ckpt.load_tensors(optim_path)
-    check_optim_tensors(optim_path, tensors, checkpoint.model_config, checkpoint.train_config.batch_size)
+    check_optim_tensors(optim_path, tensors, checkpoint.model_config, checkpoint.train_config.batch_size,
+                        checkpoint.train_state.get("step"))
     for key in ("step", "epoch", "window"):
         if key not in checkpoint.train_state:
             raise CheckpointError(f"{path}: train_state lacks {key!r}, so the run cannot be resumed")
@@ -236,7 +240,8 @@ def _is_finite(value: torch.Tensor) -> bool:
 def train(*, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: str | Path,
           source: str = "", on_event: Callable[[Event], None] | None = None,
           should_stop: Callable[[], str | None] | None = None, resume: Resume | None = None,
-          dist: Dist | None = None, val_source: str | None = None) -> TrainResult:
+          dist: Dist | None = None, val_source: str | None = None,
+          init_weights: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train a model and write checkpoints and metrics.jsonl into ``run_dir``.
 
     ``should_stop`` is polled after every step; a non-empty answer (e.g. "SIGINT") ends the run
@@ -246,6 +251,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     With ``dist`` (a torchrun world) each rank trains its own slice of the B streams under DDP;
     rank 0 alone writes files and reports events, and every stop decision is taken from values
     reduced across ranks, so all ranks stop at the same step.
+
+    ``init_weights`` (fine-tuning) starts from another model's tensors instead of a random
+    initialisation; a vocabulary that grew keeps the old rows and initialises only the new ones.
     """
     if train_config.max_steps is None and train_config.epochs is None and train_config.max_minutes is None:
         raise ConfigError("give a stopping rule (max_steps, epochs or max_minutes): without one training never "
@@ -255,12 +263,13 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     with claim_run_dir(run_dir, dist):
         return _train(model_config=model_config, train_config=train_config, data=data, run_dir=run_dir,
                       source=source, on_event=on_event, should_stop=should_stop, resume=resume, dist=dist,
-                      val_source=val_source)
+                      val_source=val_source, init_weights=init_weights)
 
 
 def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: Path, source: str,
            on_event: Callable[[Event], None] | None, should_stop: Callable[[], str | None] | None,
-           resume: Resume | None, dist: Dist, val_source: str | None) -> TrainResult:
+           resume: Resume | None, dist: Dist, val_source: str | None,
+           init_weights: dict[str, torch.Tensor] | None = None) -> TrainResult:
     cfg = train_config
     device = device_for(dist, resolve_device(cfg.device))
     emit = (on_event or (lambda event: None)) if dist.is_main else (lambda event: None)
@@ -277,6 +286,9 @@ def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepar
         emit(event)
 
     shape = fit_batch_shape(len(data.train_ids), cfg.batch_size, cfg.seq_len)
+    if shape.warning and resume is not None:
+        raise ConfigError(f"the training text is too short for the resumed run's --batch-size {cfg.batch_size} and "
+                          f"--seq-len {cfg.seq_len} ({len(data.train_ids):,} tokens); resume on the run's corpus")
     if shape.warning:
         emit({"event": "warning", "message": shape.warning})
         cfg = cfg.replace(batch_size=shape.batch_size, seq_len=shape.seq_len)
@@ -284,7 +296,10 @@ def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepar
     torch.manual_seed(cfg.seed)
     with out_of_memory_as(f"building a model of {count_parameters(model_config):,} parameters",
                           "make --hidden-size, --num-layers or --embed-size smaller"):
-        model = RNNLM(model_config).to(device)
+        model = RNNLM(model_config)
+        if init_weights is not None:
+            load_initial_weights(model, init_weights)
+        model.to(device)
         optimizer = make_optimizer(model, cfg, device)
     if dist.enabled:
         # Different dropout masks on different streams. Seeded before a resume restores each
@@ -508,6 +523,25 @@ def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepar
     predicted = max(len(data.val_ids) - 1, 0)
     best_bpc = EvalResult(best_val * predicted, predicted).bits_per_char(data.val_chars)
     return TrainResult(run_dir, step, best_val, best_step, last_val, stopped_by, clock, num_parameters, best_bpc)
+
+
+def load_initial_weights(model: RNNLM, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into ``model``. Where the model's vocabulary is larger (a fine-tune with
+    ``--extend-vocab``), the embedding and output rows of the old tokens are copied and the new
+    rows keep their fresh initialisation; every other tensor must match exactly."""
+    with torch.no_grad():
+        for name, target in model.state_dict(keep_vars=True).items():
+            if name not in weights:
+                if name == "head.weight" and model.cfg.tie_weights:
+                    continue
+                raise CheckpointError(f"the model to start from has no tensor {name}")
+            source = weights[name]
+            grows = name in ("embedding.weight", "head.weight", "head.bias") and source.shape[1:] == target.shape[1:] \
+                and source.shape[0] <= target.shape[0]
+            if source.shape != target.shape and not grows:
+                raise CheckpointError(f"tensor {name} of the model to start from has shape {tuple(source.shape)}, "
+                                      f"this run's model needs {tuple(target.shape)}")
+            target[: source.shape[0]].copy_(source)
 
 
 # ── limits: memory, and a resumed run's stopping rules ──────────────────────────────────────────

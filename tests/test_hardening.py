@@ -129,6 +129,8 @@ DEEP = "[" * 100_000 + "]" * 100_000
     ("train_state", "[]"), ("train_state", '{"step": "?"}'), ("train_state", '{"step": -4}'),
     ("train_state", '{"elapsed_seconds": "x"}'), ("train_state", '{"best_val_loss": "low"}'),
     ("train_state", '{"corpus": {"a": 1}}'), ("train_state", '{"best_step": 1.5}'),
+    ("tokenizer", json.dumps({"kind": "char", "chars": ["\ud800", "b", "c", "d", "e", "f", "\n"]})),
+    ("tokenizer", json.dumps({"kind": "word", "words": ["a\udfffb", "c", "d", "e", "f", "g"]})),
 ])
 def test_malformed_metadata_is_a_checkpoint_error(saved, field, value):
     _rewrite(saved, **{field: value})
@@ -499,6 +501,8 @@ def _first(tensors, suffix):
     lambda t: t.pop("hidden.c"),
     lambda t: t.update({"optim.nothing.exp_avg": torch.zeros(1)}),
     lambda t: t.update({"surprise": torch.zeros(1)}),
+    lambda t: [t.pop(k) for k in [k for k in t if k.startswith("optim.")]],  # steps were taken: state expected
+    lambda t: t.update({_first(t, ".step"): torch.tensor(3e38)}),  # more optimizer steps than the run took
 ])
 def test_a_damaged_optimizer_file_is_a_checkpoint_error(run, change):
     _damage(run, change)
@@ -571,3 +575,24 @@ def test_two_processes_started_on_one_folder(tmp_path, tiny_corpus):
     assert "in use by another charlm process" in stderr or "already holds a run" in stderr
     assert load_checkpoint(out / "last.safetensors").train_state["step"] == 300
     assert load_resume(out).checkpoint.train_state["step"] == 300
+
+
+def test_resume_on_a_corpus_too_short_for_the_run_is_refused(run, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("First Citizen\n", encoding="utf-8")
+    message = one_line_error(invoke("train", short, "--resume", run, "--max-steps", "9"), 2)
+    assert "too short for the resumed run's --batch-size 2" in message
+
+
+def test_encoding_errors_out_of_its_choices_is_a_usage_error(tmp_path, tiny_corpus, trained_run):
+    result = invoke("train", tiny_corpus, "--out", tmp_path / "r", "--encoding-errors", "bogus", *TINY)
+    assert "--encoding-errors must be one of" in one_line_error(result, 2)
+    result = invoke("perplexity", tiny_corpus, "--checkpoint", trained_run, "--encoding-errors", "bogus")
+    assert "--encoding-errors must be one of" in one_line_error(result, 2)
+
+
+def test_a_perplexity_that_overflows_is_infinite():
+    from charlm.evaluate import EvalResult
+
+    assert EvalResult(float("inf"), 3).perplexity == math.inf and EvalResult(800.0, 1).perplexity == math.inf
+    assert EvalResult(2.0, 1).perplexity == pytest.approx(math.exp(2.0))
