@@ -57,6 +57,7 @@ class CorpusIds:
     train_chars: int
     val_chars: int
     folder: Path | None  # the cache entry, None when built in memory
+    files: dict[str, Any] | None = None  # a folder corpus: its train/val files and what was skipped
 
     @property
     def train_ids(self) -> np.ndarray:
@@ -87,6 +88,56 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
     for p in paths:
         if not p.is_file():
             read_corpus(p)  # raises the precise error (missing, a directory, …)
+    options = dict(kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
+                   encoding_errors=encoding_errors)
+    return _cached(paths, settings, lambda tmp: _build(paths, tmp, n_train=1, **options),
+                   root=root, on_build=on_build, what=str(paths[0]))
+
+
+def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (), kind: str, val_fraction: float,
+               min_count: int = 1, max_vocab: int | None = None, encoding_errors: str = "strict",
+               val_path: str | os.PathLike[str] | None = None, root: Path | None = None,
+               on_build: Callable[[str], None] | None = None) -> CorpusIds:
+    """The cached ids of every text file under ``folder`` (names matching ``include``), as one
+    corpus: files in path order, each ending in a newline. Binary files, empty ones, and (with
+    ``encoding_errors="strict"``) files that are not UTF-8 are skipped and counted. Validation is
+    the last files in that order that make up ``val_fraction`` of the bytes, so no file is split
+    between training and validation (or ``val_path``). The key covers the whole file list, with
+    sizes and modification times."""
+    folder = Path(folder)
+    candidates = corpus_files(folder, include)
+    paths = candidates + ([Path(val_path)] if val_path is not None else [])
+    settings = {"kind": kind, "val_fraction": None if val_path is not None else val_fraction, "folder": True,
+                "include": sorted(include), "min_count": min_count, "max_vocab": max_vocab,
+                "encoding_errors": encoding_errors}
+    options = dict(kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
+                   encoding_errors=encoding_errors)
+    return _cached(paths, settings, lambda tmp: _build_folder(folder, candidates, val_path, tmp, **options),
+                   root=root, on_build=on_build, what=f"{len(candidates):,} files under {folder}")
+
+
+def corpus_files(folder: Path, include: tuple[str, ...] = ()) -> list[Path]:
+    """Files under ``folder`` whose names match any ``include`` pattern (all files if none), in a
+    stable order (by path); hidden files and folders (a leading dot) and symlinked folders are left out."""
+    import fnmatch
+
+    if not folder.is_dir():
+        raise CorpusError(f"{folder}: not a folder")
+    found = []
+    for parent, folders, names in os.walk(folder):
+        folders[:] = sorted(d for d in folders if not d.startswith("."))
+        for name in names:
+            if not name.startswith(".") and (not include or any(fnmatch.fnmatch(name, pattern) for pattern in include)):
+                path = Path(parent) / name
+                if path.is_file():
+                    found.append(path)
+    if not found:
+        raise CorpusError(f"{folder}: no files" + (f" matching {' or '.join(include)}" if include else ""))
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _cached(paths: list[Path], settings: dict[str, Any], build: Callable[[Path], None], *, root: Path | None,
+            on_build: Callable[[str], None] | None, what: str) -> CorpusIds:
     folder = (root or cache_root()) / "tokens" / cache_key(paths, settings)
     cached = _load(folder)
     if cached is not None:
@@ -97,8 +148,7 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
             cached = _load(folder)
             if cached is not None:
                 return cached
-            _build_entry(paths, folder, kind=kind, val_fraction=val_fraction, min_count=min_count,
-                         max_vocab=max_vocab, encoding_errors=encoding_errors, on_build=on_build)
+            _build_entry(folder, build, on_build=on_build, what=what)
     except OSError as exc:
         raise CorpusError(f"cannot write the token cache in {folder.parent}: {exc.strerror or exc}; "
                           f"set CHARLM_CACHE_DIR to a writable folder") from None
@@ -119,15 +169,16 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         yield
 
 
-def _build_entry(paths: list[Path], folder: Path, *, on_build: Callable[[str], None] | None, **options: Any) -> None:
+def _build_entry(folder: Path, build: Callable[[Path], None], *, on_build: Callable[[str], None] | None,
+                 what: str) -> None:
     """Build the entry in a temporary folder and rename it into place (a killed build leaves no half entry)."""
     if on_build:
-        on_build(f"tokenizing {paths[0]} (cached in {folder} for later runs)")
+        on_build(f"tokenizing {what} (cached in {folder} for later runs)")
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _build(paths, tmp, **options)
+        build(tmp)
         if folder.exists():  # a damaged entry (``_load`` refused it); the lock keeps other builders out
             shutil.rmtree(folder, ignore_errors=True)
         try:
@@ -155,16 +206,21 @@ def _load(folder: Path) -> CorpusIds | None:
         if type(exc).__module__.startswith("charlm"):
             return None
         raise
-    return CorpusIds(tokenizer, ids, int(meta["cut"]), int(meta["train_chars"]), int(meta["val_chars"]), folder)
+    return CorpusIds(tokenizer, ids, int(meta["cut"]), int(meta["train_chars"]), int(meta["val_chars"]), folder,
+                     meta.get("files"))
 
 
-def _build(paths: list[Path], folder: Path, *, kind: str, val_fraction: float, min_count: int,
-           max_vocab: int | None, encoding_errors: str) -> None:
+def _build(paths: list[Path], folder: Path, *, n_train: int, kind: str, val_fraction: float, min_count: int,
+           max_vocab: int | None, encoding_errors: str, separate: bool = False,
+           extra: dict[str, Any] | None = None) -> None:
+    """Token ids of ``paths``: the first ``n_train`` are training text, the rest validation (none:
+    the last ``val_fraction`` of the characters). ``separate`` ends every file with a newline."""
     if kind == "word":  # word splitting needs whole lines; the in-memory path does it
-        texts = [read_corpus(p, encoding_errors=encoding_errors) for p in paths]
+        texts = [_file_text(p, encoding_errors, separate) for p in paths]
         options = dict(kind=kind, min_count=min_count, max_vocab=max_vocab)
-        data = (prepare_texts(texts[0], texts[1], **options) if len(texts) == 2
-                else prepare_data(texts[0], val_fraction=val_fraction, **options))
+        train_text = "".join(texts[:n_train])
+        data = (prepare_texts(train_text, "".join(texts[n_train:]), **options) if n_train < len(texts)
+                else prepare_data(train_text, val_fraction=val_fraction, **options))
         with _IdsFile(folder / "ids.npy", data.train_ids.dtype, len(data.train_ids) + len(data.val_ids)) as ids:
             ids.write_at(0, data.train_ids)
             ids.write_at(len(data.train_ids), data.val_ids)
@@ -173,12 +229,13 @@ def _build(paths: list[Path], folder: Path, *, kind: str, val_fraction: float, m
     else:
         def chunks() -> Iterator[str]:
             for p in paths:
-                yield from iter_corpus_chunks(p, encoding_errors=encoding_errors)
+                yield from _file_chunks(p, encoding_errors, separate)
 
-        chars_per_file, num_bytes, seen = _scan(paths, encoding_errors)
+        chars_per_file, num_bytes, seen = _scan(paths, encoding_errors, separate)
         num_chars = sum(chars_per_file)
         check_not_blank(paths[0], empty=num_chars == 0, blank=seen is None)
-        cut_char = chars_per_file[0] if len(paths) == 2 else int(num_chars * (1.0 - val_fraction))
+        cut_char = (sum(chars_per_file[:n_train]) if n_train < len(paths)
+                    else int(num_chars * (1.0 - val_fraction)))
         if kind == "char":
             result = _build_char(chunks, folder, num_chars=num_chars, seen=seen, cut_char=cut_char,
                                  min_count=min_count, max_vocab=max_vocab)
@@ -187,8 +244,63 @@ def _build(paths: list[Path], folder: Path, *, kind: str, val_fraction: float, m
     tokenizer, num_tokens, cut, train_chars, val_chars = result
     check_split(train_tokens=cut, val_tokens=num_tokens - cut, val_chars=val_chars)
     meta = {"version": CACHE_VERSION, "sources": [str(p.resolve()) for p in paths], "tokenizer": tokenizer.to_dict(),
-            "num_tokens": num_tokens, "cut": cut, "train_chars": train_chars, "val_chars": val_chars}
+            "num_tokens": num_tokens, "cut": cut, "train_chars": train_chars, "val_chars": val_chars, **(extra or {})}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _file_chunks(path: Path, encoding_errors: str, separate: bool) -> Iterator[str]:
+    """The file's text in pieces; with ``separate``, a newline after a last line that lacks one."""
+    last = ""
+    for chunk in iter_corpus_chunks(path, encoding_errors=encoding_errors):
+        last = chunk[-1]
+        yield chunk
+    if separate and last != "\n":
+        yield "\n"
+
+
+def _file_text(path: Path, encoding_errors: str, separate: bool) -> str:
+    return "".join(_file_chunks(path, encoding_errors, separate))
+
+
+def _usable(path: Path, encoding_errors: str) -> str | None:
+    """Why a file of a folder corpus is left out ("binary", "not UTF-8", "empty"), or None."""
+    blank = True
+    try:
+        for chunk in iter_corpus_chunks(path, encoding_errors=encoding_errors):
+            blank = blank and chunk.isspace()
+    except CorpusError as exc:
+        return "binary" if "looks binary" in str(exc) else "not UTF-8" if "UTF-8" in str(exc) else "unreadable"
+    return "empty" if blank else None
+
+
+def _build_folder(root: Path, candidates: list[Path], val_path: str | os.PathLike[str] | None, folder: Path,
+                  **options: Any) -> None:
+    usable, skipped = [], {}
+    for path in candidates:
+        reason = _usable(path, options["encoding_errors"])
+        if reason is None:
+            usable.append(path)
+        else:
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if not usable:
+        raise CorpusError(f"{root}: none of its {len(candidates):,} files is UTF-8 text "
+                          f"({', '.join(f'{n} {why}' for why, n in skipped.items())})")
+    if val_path is not None:
+        train, val = usable, [Path(val_path)]
+    elif len(usable) >= 2:
+        # The last files (in path order) that make up val_fraction of the bytes, at least one,
+        # and at least one file left for training.
+        sizes = [p.stat().st_size for p in usable]
+        target, total, start = options["val_fraction"] * sum(sizes), 0, len(usable)
+        while start > 1 and total < target:
+            start -= 1
+            total += sizes[start]
+        train, val = usable[:start], usable[start:]
+    else:
+        train, val = usable, []  # one file: its last val_fraction, as for a single file
+    files = {"train_files": len(train), "val_files": len(val), "skipped": skipped,
+             "train_paths": [str(p) for p in train], "val_paths": [str(p) for p in val]}
+    _build(train + val, folder, n_train=len(train), separate=True, extra={"files": files}, **options)
 
 
 class _IdsFile:
@@ -220,14 +332,15 @@ class _IdsFile:
         self.fh.close()
 
 
-def _scan(paths: list[Path], encoding_errors: str) -> tuple[list[int], int, np.ndarray | None]:
+def _scan(paths: list[Path], encoding_errors: str,
+          separate: bool = False) -> tuple[list[int], int, np.ndarray | None]:
     """Pass 1: characters per file, UTF-8 bytes, and which codepoints occur (None if all whitespace)."""
     chars_per_file, num_bytes = [], 0
     seen = np.zeros(0x110000, dtype=bool)
     blank = True
     for path in paths:
         chars_per_file.append(0)
-        for chunk in iter_corpus_chunks(path, encoding_errors=encoding_errors):
+        for chunk in _file_chunks(path, encoding_errors, separate):
             chars_per_file[-1] += len(chunk)
             num_bytes += len(chunk.encode("utf-8", "surrogatepass"))
             blank = blank and chunk.isspace()
@@ -308,28 +421,47 @@ def builtin_corpus() -> Corpus:
 
 def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
                    max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
-                   val_path: str | None = None, on_note: Callable[[str], None] | None = None
-                   ) -> tuple[Corpus, PreparedData]:
-    """The corpus and its ids: a file goes through the on-disk token cache, the built-in one is small.
+                   val_path: str | None = None, on_note: Callable[[str], None] | None = None,
+                   include: tuple[str, ...] = ()) -> tuple[Corpus, PreparedData]:
+    """The corpus and its ids: a file or a folder of files goes through the on-disk token cache,
+    the built-in text is small.
 
-    ``val_path`` validates on that file instead of the last ``val_fraction`` of the corpus.
-    ``tokenizer`` (a resumed run's) must match what the cache holds; if it does not, the text is
-    encoded with it in memory instead.
+    ``val_path`` validates on that file instead of the last ``val_fraction`` of the corpus (the
+    last files of a folder). ``tokenizer`` (a resumed or fine-tuned run's) must match what the
+    cache holds; if it does not, the text is encoded with it in memory instead.
     """
-    def in_memory(text: str, **options: Any) -> PreparedData:
+    def in_memory(text: str, val_text: str | None = None, **options: Any) -> PreparedData:
         if val_path is not None:
-            return prepare_texts(text, read_corpus(val_path, encoding_errors=encoding_errors), **options)
+            val_text = read_corpus(val_path, encoding_errors=encoding_errors)
+        if val_text is not None:
+            return prepare_texts(text, val_text, **options)
         return prepare_data(text, val_fraction=val_fraction, **options)
 
     if path is None or path == BUILTIN:
         corpus = builtin_corpus()
         return corpus, in_memory(corpus.text or "", tokenizer=tokenizer, kind=kind, min_count=min_count,
                                  max_vocab=max_vocab)
-    corpus = Corpus(Path(path).stem or "corpus", str(Path(path).resolve()))
-    cached = corpus_ids(path, kind=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction,
-                        min_count=min_count, max_vocab=max_vocab, encoding_errors=encoding_errors, val_path=val_path,
-                        on_build=on_note)
+    source = Path(path)
+    corpus = Corpus(source.resolve().name if source.is_dir() else source.stem or "corpus", str(source.resolve()))
+    options = dict(kind=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction, min_count=min_count,
+                   max_vocab=max_vocab, encoding_errors=encoding_errors, val_path=val_path, on_build=on_note)
+    if source.is_dir():
+        cached = folder_ids(source, include=tuple(include), **options)
+        files = cached.files or {}
+        if on_note is not None and (skipped := files.get("skipped")):
+            on_note(f"note: skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())} file(s) under {source}"
+                    + (" (--encoding-errors replace reads files that are not UTF-8)" if "not UTF-8" in skipped else ""))
+    else:
+        if include:
+            raise UsageError("--include selects files of a folder corpus; the corpus here is one file")
+        cached = corpus_ids(path, **options)
     if tokenizer is not None and tokenizer.to_dict() != cached.tokenizer.to_dict():
+        if source.is_dir():
+            files = cached.files or {}
+            text = "".join(_file_text(Path(p), encoding_errors, True) for p in files.get("train_paths", []))
+            val_text = "".join(_file_text(Path(p), encoding_errors, True) for p in files.get("val_paths", [])) \
+                if files.get("val_paths") and val_path is None else None
+            return corpus, in_memory(text, val_text, tokenizer=tokenizer)
         return corpus, in_memory(read_corpus(path, encoding_errors=encoding_errors), tokenizer=tokenizer)
     return corpus, PreparedData(cached.tokenizer, cached.train_ids, cached.val_ids, cached.val_chars,
                                 cached.train_chars)

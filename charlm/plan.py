@@ -26,7 +26,8 @@ _TRAIN = TrainConfig()
 class TrainOptions:
     """Everything ``charlm train`` accepts, by the option's name. ``None`` means "not given"."""
 
-    corpus: str | None = None  # a file, a registry name, or None for the built-in text
+    corpus: str | None = None  # a file, a folder of files, a registry name, or None for the built-in text
+    include: tuple[str, ...] = ()  # a folder corpus: the file name patterns to read (all files if empty)
     tokenizer: str = "char"
     cell: str = "lstm"
     hidden_size: int | None = None
@@ -146,9 +147,10 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         source = corpus or res.checkpoint.train_state.get("corpus") or None
         val_source = val_source or res.checkpoint.train_state.get("val_corpus")
         # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
+        include = options.include or tuple(res.checkpoint.train_state.get("include") or ())
         corpus_data, data = dist.main_first(lambda: prepare_corpus(
             source, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer, val_path=val_source,
-            encoding_errors=options.encoding_errors, on_note=note))
+            encoding_errors=options.encoding_errors, on_note=note, include=include))
         notes = []
         if unknown := data.tokenizer.count_unknown(data.train_ids):
             notes.append(f"note: {unknown:,} training tokens are not in the resumed model's vocabulary "
@@ -163,7 +165,8 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         return _plan_fine_tune(options, given, dist, note, corpus, val_source, run_name, max_minutes)
     corpus_data, data = dist.main_first(lambda: prepare_corpus(
         corpus, kind=options.tokenizer, val_fraction=options.val_fraction, min_count=options.min_count,
-        max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note))
+        max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note,
+        include=options.include))
     if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
         raise ConfigError("the processes of the distributed run built different vocabularies")
     auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
@@ -230,11 +233,12 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     if options.extend_vocab:
         _, fitted = dist.main_first(lambda: prepare_corpus(
             corpus, kind=tokenizer.kind, val_fraction=options.val_fraction, min_count=options.min_count,
-            max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note))
+            max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note,
+            include=options.include))
         tokenizer = extend_tokenizer(tokenizer, fitted.tokenizer)
     corpus_data, data = dist.main_first(lambda: prepare_corpus(
         corpus, val_fraction=options.val_fraction, tokenizer=tokenizer, val_path=val_source,
-        encoding_errors=options.encoding_errors, on_note=note))
+        encoding_errors=options.encoding_errors, on_note=note, include=options.include))
     before = base.train_config or TrainConfig()
     model_cfg = dataclasses.replace(base.model_config, vocab_size=tokenizer.vocab_size,
                                     dropout=_given_or(options.dropout, base.model_config.dropout))
@@ -265,4 +269,6 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
     if unknown:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; the options are "
                           f"{', '.join(sorted(known))}")
-    return TrainOptions(**values)
+    if values.get("include") is not None:
+        values = {**values, "include": tuple(values["include"])}
+    return TrainOptions(**{k: v for k, v in values.items() if not (k == "include" and v is None)})

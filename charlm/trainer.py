@@ -241,7 +241,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
           source: str = "", on_event: Callable[[Event], None] | None = None,
           should_stop: Callable[[], str | None] | None = None, resume: Resume | None = None,
           dist: Dist | None = None, val_source: str | None = None,
-          init_weights: dict[str, torch.Tensor] | None = None) -> TrainResult:
+          init_weights: dict[str, torch.Tensor] | None = None, include: tuple[str, ...] = ()) -> TrainResult:
     """Train a model and write checkpoints and metrics.jsonl into ``run_dir``.
 
     ``should_stop`` is polled after every step; a non-empty answer (e.g. "SIGINT") ends the run
@@ -263,13 +263,13 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     with claim_run_dir(run_dir, dist):
         return _train(model_config=model_config, train_config=train_config, data=data, run_dir=run_dir,
                       source=source, on_event=on_event, should_stop=should_stop, resume=resume, dist=dist,
-                      val_source=val_source, init_weights=init_weights)
+                      val_source=val_source, init_weights=init_weights, include=include)
 
 
 def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: Path, source: str,
            on_event: Callable[[Event], None] | None, should_stop: Callable[[], str | None] | None,
            resume: Resume | None, dist: Dist, val_source: str | None,
-           init_weights: dict[str, torch.Tensor] | None = None) -> TrainResult:
+           init_weights: dict[str, torch.Tensor] | None = None, include: tuple[str, ...] = ()) -> TrainResult:
     cfg = train_config
     device = device_for(dist, resolve_device(cfg.device))
     emit = (on_event or (lambda event: None)) if dist.is_main else (lambda event: None)
@@ -365,7 +365,8 @@ def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepar
                 "best_step": best_step, "evals_since_best": evals_since_best, "total_steps": total_steps,
                 "warmup_steps": warmup, "elapsed_seconds": clock, "tokens_seen": tokens_seen,
                 "val_loss": last_val, "corpus": source, "val_corpus": val_source, "optim_file": optim_file,
-                "num_parameters": num_parameters, "world_size": dist.world_size, "stopped_by": finished}
+                "num_parameters": num_parameters, "world_size": dist.world_size, "stopped_by": finished,
+                **({"include": list(include)} if include else {})}
 
     def check_weights() -> None:
         if not all(_is_finite(p) for p in model.parameters()):

@@ -84,8 +84,9 @@ def test_a_second_builder_waits_for_the_first_and_uses_its_entry(tmp_path, monke
         waiter.start()
         waiter.join(0.5)
         assert waiter.is_alive()  # it waits for the lock instead of building alongside
-        cache._build_entry([path], folder, on_build=None, kind="char", val_fraction=0.1, min_count=1,
-                           max_vocab=None, encoding_errors="strict")
+        cache._build_entry(folder, lambda tmp: cache._build([path], tmp, n_train=1, kind="char", val_fraction=0.1,
+                                                            min_count=1, max_vocab=None, encoding_errors="strict"),
+                           on_build=None, what=str(path))
         inode = (folder / "ids.npy").stat().st_ino
     waiter.join(30)
     assert built == [1]  # only "the other process" built
