@@ -142,6 +142,7 @@ def train(corpus: str | os.PathLike[str] | None = None, *, on_event: Callable[[d
         return trainer.train(model_config=plan.model_config, train_config=plan.train_config, data=plan.data,
                              run_dir=plan.run_dir, source=plan.source, on_event=on_event, should_stop=should_stop,
                              resume=plan.resume, dist=dist, val_source=plan.val_source,
-                             init_weights=plan.init_weights, include=opts.include)
+                             init_weights=plan.init_weights,
+                             corpus_options={"include": opts.include, "exclude": opts.exclude})
     finally:
         shutdown(dist)

@@ -94,7 +94,8 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
                    root=root, on_build=on_build, what=str(paths[0]))
 
 
-def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (), kind: str, val_fraction: float,
+def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+               kind: str, val_fraction: float,
                min_count: int = 1, max_vocab: int | None = None, encoding_errors: str = "strict",
                val_path: str | os.PathLike[str] | None = None, root: Path | None = None,
                on_build: Callable[[str], None] | None = None) -> CorpusIds:
@@ -105,10 +106,10 @@ def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (),
     between training and validation (or ``val_path``). The key covers the whole file list, with
     sizes and modification times."""
     folder = Path(folder)
-    candidates = corpus_files(folder, include)
+    candidates = corpus_files(folder, include, exclude)
     paths = candidates + ([Path(val_path)] if val_path is not None else [])
     settings = {"kind": kind, "val_fraction": None if val_path is not None else val_fraction, "folder": True,
-                "include": sorted(include), "min_count": min_count, "max_vocab": max_vocab,
+                "include": sorted(include), "exclude": sorted(exclude), "min_count": min_count, "max_vocab": max_vocab,
                 "encoding_errors": encoding_errors}
     options = dict(kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
                    encoding_errors=encoding_errors)
@@ -116,18 +117,22 @@ def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (),
                    root=root, on_build=on_build, what=f"{len(candidates):,} files under {folder}")
 
 
-def corpus_files(folder: Path, include: tuple[str, ...] = ()) -> list[Path]:
+def corpus_files(folder: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Path]:
     """Files under ``folder`` whose names match any ``include`` pattern (all files if none), in a
-    stable order (by path); hidden files and folders (a leading dot) and symlinked folders are left out."""
+    stable order (by path); hidden files and folders (a leading dot), symlinked folders, and files
+    or folders whose names match an ``exclude`` pattern are left out."""
     import fnmatch
 
     if not folder.is_dir():
         raise CorpusError(f"{folder}: not a folder")
     found = []
     for parent, folders, names in os.walk(folder):
-        folders[:] = sorted(d for d in folders if not d.startswith("."))
+        folders[:] = sorted(d for d in folders
+                            if not d.startswith(".") and not any(fnmatch.fnmatch(d, pattern) for pattern in exclude))
         for name in names:
-            if not name.startswith(".") and (not include or any(fnmatch.fnmatch(name, pattern) for pattern in include)):
+            if name.startswith(".") or any(fnmatch.fnmatch(name, pattern) for pattern in exclude):
+                continue
+            if not include or any(fnmatch.fnmatch(name, pattern) for pattern in include):
                 path = Path(parent) / name
                 if path.is_file():
                     found.append(path)
@@ -422,7 +427,7 @@ def builtin_corpus() -> Corpus:
 def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
                    max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
                    val_path: str | None = None, on_note: Callable[[str], None] | None = None,
-                   include: tuple[str, ...] = ()) -> tuple[Corpus, PreparedData]:
+                   include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> tuple[Corpus, PreparedData]:
     """The corpus and its ids: a file or a folder of files goes through the on-disk token cache,
     the built-in text is small.
 
@@ -446,14 +451,15 @@ def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float,
     options = dict(kind=tokenizer.kind if tokenizer else kind, val_fraction=val_fraction, min_count=min_count,
                    max_vocab=max_vocab, encoding_errors=encoding_errors, val_path=val_path, on_build=on_note)
     if source.is_dir():
-        cached = folder_ids(source, include=tuple(include), **options)
+        cached = folder_ids(source, include=tuple(include), exclude=tuple(exclude), **options)
         files = cached.files or {}
         if on_note is not None and (skipped := files.get("skipped")):
             on_note(f"note: skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())} file(s) under {source}"
                     + (" (--encoding-errors replace reads files that are not UTF-8)" if "not UTF-8" in skipped else ""))
     else:
-        if include:
-            raise UsageError("--include selects files of a folder corpus; the corpus here is one file")
+        if include or exclude:
+            raise UsageError(f"--{'include' if include else 'exclude'} selects files of a folder corpus; the "
+                             f"corpus here is one file")
         cached = corpus_ids(path, **options)
     if tokenizer is not None and tokenizer.to_dict() != cached.tokenizer.to_dict():
         if source.is_dir():

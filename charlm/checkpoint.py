@@ -215,9 +215,10 @@ def check_train_state(path: Path, state: Any) -> dict[str, Any]:
         value = state["elapsed_seconds"]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
             raise bad("elapsed_seconds", "a finite number ≥ 0")
-    include = state.get("include")
-    if include is not None and not (isinstance(include, list) and all(isinstance(p, str) for p in include)):
-        raise bad("include", "a list of file name patterns")
+    for key in ("include", "exclude"):
+        patterns = state.get(key)
+        if patterns is not None and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+            raise bad(key, "a list of file name patterns")
     for key in _STATE_TEXTS:
         if key in state and state[key] is not None and not isinstance(state[key], str):
             raise bad(key, "a string or null")

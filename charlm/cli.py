@@ -189,6 +189,7 @@ def train(
         help="UTF-8 text file to train on, a folder of them (read recursively; see --include), or a corpus name from 'charlm corpus list' (after 'charlm corpus get NAME'). "
              "Default: Python's built-in documentation text (offline).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="A folder corpus: read only files whose names match this pattern (e.g. '*.c'; repeat for more). Default: every file but hidden ones. Binary and non-UTF-8 files are skipped and counted.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="A folder corpus: leave out files and folders whose names match this pattern (e.g. 'site-packages', 'test_*'; repeat for more).")] = None,
     tokenizer: Annotated[str, typer.Option(help="char, word or byte.")] = "char",
     cell: Annotated[str, typer.Option(help="lstm, gru or rnn (tanh).")] = "lstm",
     hidden_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer. Default: sized to the corpus and budget.")] = None,

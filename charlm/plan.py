@@ -28,6 +28,7 @@ class TrainOptions:
 
     corpus: str | None = None  # a file, a folder of files, a registry name, or None for the built-in text
     include: tuple[str, ...] = ()  # a folder corpus: the file name patterns to read (all files if empty)
+    exclude: tuple[str, ...] = ()  # a folder corpus: file or folder name patterns to leave out
     tokenizer: str = "char"
     cell: str = "lstm"
     hidden_size: int | None = None
@@ -147,10 +148,13 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         source = corpus or res.checkpoint.train_state.get("corpus") or None
         val_source = val_source or res.checkpoint.train_state.get("val_corpus")
         # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
-        include = options.include or tuple(res.checkpoint.train_state.get("include") or ())
+        state = res.checkpoint.train_state
+        options = dataclasses.replace(options, include=options.include or tuple(state.get("include") or ()),
+                                      exclude=options.exclude or tuple(state.get("exclude") or ()))
         corpus_data, data = dist.main_first(lambda: prepare_corpus(
             source, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer, val_path=val_source,
-            encoding_errors=options.encoding_errors, on_note=note, include=include))
+            encoding_errors=options.encoding_errors, on_note=note, include=options.include,
+            exclude=options.exclude))
         notes = []
         if unknown := data.tokenizer.count_unknown(data.train_ids):
             notes.append(f"note: {unknown:,} training tokens are not in the resumed model's vocabulary "
@@ -166,7 +170,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     corpus_data, data = dist.main_first(lambda: prepare_corpus(
         corpus, kind=options.tokenizer, val_fraction=options.val_fraction, min_count=options.min_count,
         max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note,
-        include=options.include))
+        include=options.include, exclude=options.exclude))
     if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
         raise ConfigError("the processes of the distributed run built different vocabularies")
     auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
@@ -234,11 +238,11 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
         _, fitted = dist.main_first(lambda: prepare_corpus(
             corpus, kind=tokenizer.kind, val_fraction=options.val_fraction, min_count=options.min_count,
             max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note,
-            include=options.include))
+            include=options.include, exclude=options.exclude))
         tokenizer = extend_tokenizer(tokenizer, fitted.tokenizer)
     corpus_data, data = dist.main_first(lambda: prepare_corpus(
         corpus, val_fraction=options.val_fraction, tokenizer=tokenizer, val_path=val_source,
-        encoding_errors=options.encoding_errors, on_note=note, include=options.include))
+        encoding_errors=options.encoding_errors, on_note=note, include=options.include, exclude=options.exclude))
     before = base.train_config or TrainConfig()
     model_cfg = dataclasses.replace(base.model_config, vocab_size=tokenizer.vocab_size,
                                     dropout=_given_or(options.dropout, base.model_config.dropout))
@@ -269,6 +273,6 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
     if unknown:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; the options are "
                           f"{', '.join(sorted(known))}")
-    if values.get("include") is not None:
-        values = {**values, "include": tuple(values["include"])}
-    return TrainOptions(**{k: v for k, v in values.items() if not (k == "include" and v is None)})
+    for key in ("include", "exclude"):  # lists from the command line, tuples in the options
+        values = {**values, key: tuple(values.get(key) or ())}
+    return TrainOptions(**values)

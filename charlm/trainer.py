@@ -6,6 +6,7 @@ evaluation of the whole validation split, best/last checkpoints, exact resume.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -241,7 +242,8 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
           source: str = "", on_event: Callable[[Event], None] | None = None,
           should_stop: Callable[[], str | None] | None = None, resume: Resume | None = None,
           dist: Dist | None = None, val_source: str | None = None,
-          init_weights: dict[str, torch.Tensor] | None = None, include: tuple[str, ...] = ()) -> TrainResult:
+          init_weights: dict[str, torch.Tensor] | None = None,
+          corpus_options: dict[str, Any] | None = None) -> TrainResult:
     """Train a model and write checkpoints and metrics.jsonl into ``run_dir``.
 
     ``should_stop`` is polled after every step; a non-empty answer (e.g. "SIGINT") ends the run
@@ -252,7 +254,8 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     rank 0 alone writes files and reports events, and every stop decision is taken from values
     reduced across ranks, so all ranks stop at the same step.
 
-    ``init_weights`` (fine-tuning) starts from another model's tensors instead of a random
+    ``corpus_options`` (a folder corpus's ``include``/``exclude`` patterns) are kept in the
+    checkpoint for ``--resume``. ``init_weights`` (fine-tuning) starts from another model's tensors instead of a random
     initialisation; a vocabulary that grew keeps the old rows and initialises only the new ones.
     """
     if train_config.max_steps is None and train_config.epochs is None and train_config.max_minutes is None:
@@ -261,269 +264,336 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     dist = dist or Dist()
     run_dir = Path(run_dir)
     with claim_run_dir(run_dir, dist):
-        return _train(model_config=model_config, train_config=train_config, data=data, run_dir=run_dir,
-                      source=source, on_event=on_event, should_stop=should_stop, resume=resume, dist=dist,
-                      val_source=val_source, init_weights=init_weights, include=include)
+        return _Run(model_config=model_config, train_config=train_config, data=data, run_dir=run_dir,
+                    source=source, on_event=on_event, should_stop=should_stop, resume=resume, dist=dist,
+                    val_source=val_source, init_weights=init_weights,
+                    corpus_options=corpus_options or {}).run()
 
 
-def _train(*, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: Path, source: str,
-           on_event: Callable[[Event], None] | None, should_stop: Callable[[], str | None] | None,
-           resume: Resume | None, dist: Dist, val_source: str | None,
-           init_weights: dict[str, torch.Tensor] | None = None, include: tuple[str, ...] = ()) -> TrainResult:
-    cfg = train_config
-    device = device_for(dist, resolve_device(cfg.device))
-    emit = (on_event or (lambda event: None)) if dist.is_main else (lambda event: None)
-    metrics_path = run_dir / "metrics.jsonl"
+@dataclass
+class Progress:
+    """Where a run stands; saved in ``train_state`` and restored by ``--resume``."""
 
-    def record(event: Event) -> None:
-        if not dist.is_main:
+    step: int = 0
+    epoch: int = 0
+    window: int = 0  # the next window of the current epoch
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    val_loss: float = math.inf
+    evals_since_best: int = 0
+    tokens_seen: int = 0
+    total_steps: int = 10**9  # the schedule's length (re-estimated from the clock under a time budget)
+    warmup_steps: int = 0
+    elapsed_seconds: float = 0.0  # the run's clock, evaluation included, across sessions
+    stopped_by: str | None = None  # what ended the run, once it has ended
+    optim_file: str | None = None
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], **defaults: Any) -> "Progress":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**defaults, **{k: v for k, v in state.items() if k in known and v is not None}})
+
+
+class _Run:
+    """One training session: ``__init__`` sets up, ``run`` is the loop, and each phase of a step
+    (``train_step``, ``evaluate_and_save``, ``stop_before_step``) reads on its own."""
+
+    def __init__(self, *, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: Path,
+                 source: str, on_event: Callable[[Event], None] | None, should_stop: Callable[[], str | None] | None,
+                 resume: Resume | None, dist: Dist, val_source: str | None,
+                 init_weights: dict[str, torch.Tensor] | None, corpus_options: dict[str, Any]) -> None:
+        cfg = train_config
+        self.dist, self.data, self.run_dir, self.resume = dist, data, run_dir, resume
+        self.source, self.val_source, self.corpus_options = source, val_source, corpus_options
+        self.should_stop = should_stop
+        self.device = device_for(dist, resolve_device(cfg.device))
+        self.emit = (on_event or (lambda event: None)) if dist.is_main else (lambda event: None)
+        self.metrics_path = run_dir / "metrics.jsonl"
+
+        shape = fit_batch_shape(len(data.train_ids), cfg.batch_size, cfg.seq_len)
+        if shape.warning and resume is not None:
+            raise ConfigError(f"the training text is too short for the resumed run's --batch-size {cfg.batch_size} "
+                              f"and --seq-len {cfg.seq_len} ({len(data.train_ids):,} tokens); resume on the run's "
+                              f"corpus")
+        if shape.warning:
+            self.emit({"event": "warning", "message": shape.warning})
+            cfg = cfg.replace(batch_size=shape.batch_size, seq_len=shape.seq_len)
+        self.cfg = cfg
+        check_memory(model_config, cfg, self.device)
+        torch.manual_seed(cfg.seed)
+        with out_of_memory_as(f"building a model of {count_parameters(model_config):,} parameters",
+                              "make --hidden-size, --num-layers or --embed-size smaller"):
+            self.model = RNNLM(model_config)
+            if init_weights is not None:
+                load_initial_weights(self.model, init_weights)
+            self.model.to(self.device)
+            self.optimizer = make_optimizer(self.model, cfg, self.device)
+        if dist.enabled:
+            # Different dropout masks on different streams. Seeded before a resume restores each
+            # rank's own RNG state, so a resumed run draws the masks an uninterrupted one would.
+            torch.manual_seed(cfg.seed + dist.rank)
+        self.autocast = self.device.type == "cuda"
+
+        if cfg.batch_size % dist.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
+                              f"({dist.world_size}): each process carries the same number of streams")
+        self.streams = batchify(data.train_ids, cfg.batch_size)  # (B, N // B), all ranks see the same layout
+        per_rank = cfg.batch_size // dist.world_size
+        self.rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's streams
+        self.steps_per_epoch = num_windows(self.streams.shape[1], cfg.seq_len)
+        planned = [s for s in (cfg.max_steps, cfg.epochs * self.steps_per_epoch if cfg.epochs else None) if s]
+        self.fixed_total = min(planned) if planned else None
+        self.budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+
+        self.progress = Progress(total_steps=self.fixed_total or 10**9,
+                                 warmup_steps=min(cfg.warmup_steps, max(1, (self.fixed_total or 10**9) // 10)))
+        self.state = None  # the hidden state carried from window to window (this rank's streams)
+        if resume is not None:
+            self._restore(resume)
+        if dist.enabled:
+            # DDP averages gradients over ranks: each rank's mean loss over B/W streams, averaged,
+            # is the mean over all B streams, so the step equals a one-process step with batch B.
+            self.net: torch.nn.Module = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.net = self.model
+        self.num_parameters = self.model.num_parameters()
+        self.elapsed_before = self.progress.elapsed_seconds
+        self.start_time = time.perf_counter()
+        self.clock = self.local_elapsed()  # the run's clock: the ranks' mean, so every rank reads the same time
+
+    def _restore(self, resume: Resume) -> None:
+        st = resume.checkpoint.train_state
+        self.model.load_state_dict(resume.checkpoint.model.state_dict())
+        self.progress = Progress.from_state(st, warmup_steps=self.progress.warmup_steps,
+                                            total_steps=self.progress.total_steps)
+        self.progress.stopped_by, self.progress.optim_file = None, None
+        if self.fixed_total:
+            self.progress.total_steps = self.fixed_total
+        self.state = _restore_optim(self.optimizer, self.model, resume.optim_tensors, self.device, self.dist)
+        if self.state is not None:
+            self.state = select_state(self.state, self.rows)  # the saved state covers all B streams
+        p = self.progress
+        if (reached := _limit_reached(self.cfg, resume.checkpoint.train_config, st, step=p.step, epoch=p.epoch,
+                                      elapsed=p.elapsed_seconds, fixed_total=self.fixed_total)) is not None:
+            raise ConfigError(f"the run in {self.run_dir} has already reached {reached}; give a larger limit to "
+                              f"train it further (limits count the whole run, what is done included)")
+
+    # ── bookkeeping ──
+
+    def local_elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def record(self, event: Event) -> None:
+        """Append an event to metrics.jsonl (rank 0) and hand it to ``on_event``."""
+        if not self.dist.is_main:
             return
         try:
-            with open(metrics_path, "a", encoding="utf-8") as fh:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
                 fh.write(jsonio.dumps(event) + "\n")
         except OSError as exc:
-            raise SaveError(f"cannot write {metrics_path}: {exc.strerror or exc}") from None
-        emit(event)
+            raise SaveError(f"cannot write {self.metrics_path}: {exc.strerror or exc}") from None
+        self.emit(event)
 
-    shape = fit_batch_shape(len(data.train_ids), cfg.batch_size, cfg.seq_len)
-    if shape.warning and resume is not None:
-        raise ConfigError(f"the training text is too short for the resumed run's --batch-size {cfg.batch_size} and "
-                          f"--seq-len {cfg.seq_len} ({len(data.train_ids):,} tokens); resume on the run's corpus")
-    if shape.warning:
-        emit({"event": "warning", "message": shape.warning})
-        cfg = cfg.replace(batch_size=shape.batch_size, seq_len=shape.seq_len)
-    check_memory(model_config, cfg, device)
-    torch.manual_seed(cfg.seed)
-    with out_of_memory_as(f"building a model of {count_parameters(model_config):,} parameters",
-                          "make --hidden-size, --num-layers or --embed-size smaller"):
-        model = RNNLM(model_config)
-        if init_weights is not None:
-            load_initial_weights(model, init_weights)
-        model.to(device)
-        optimizer = make_optimizer(model, cfg, device)
-    if dist.enabled:
-        # Different dropout masks on different streams. Seeded before a resume restores each
-        # rank's own RNG state, so a resumed run draws the masks an uninterrupted one would.
-        torch.manual_seed(cfg.seed + dist.rank)
-    autocast = device.type == "cuda"
+    def train_state(self) -> dict[str, Any]:
+        p = self.progress
+        return {"step": p.step, "epoch": p.epoch, "window": p.window, "best_val_loss": p.best_val_loss,
+                "best_step": p.best_step, "evals_since_best": p.evals_since_best, "total_steps": p.total_steps,
+                "warmup_steps": p.warmup_steps, "elapsed_seconds": self.clock, "tokens_seen": p.tokens_seen,
+                "val_loss": p.val_loss, "corpus": self.source, "val_corpus": self.val_source,
+                "optim_file": p.optim_file, "num_parameters": self.num_parameters,
+                "world_size": self.dist.world_size, "stopped_by": p.stopped_by,
+                **{key: list(value) for key, value in self.corpus_options.items() if value}}
 
-    if cfg.batch_size % dist.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
-                          f"({dist.world_size}): each process carries the same number of streams")
-    streams = batchify(data.train_ids, cfg.batch_size)  # (B, N // B), all ranks see the same layout
-    per_rank = cfg.batch_size // dist.world_size
-    rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's streams
-    steps_per_epoch = num_windows(streams.shape[1], cfg.seq_len)
-
-    planned = [s for s in (cfg.max_steps, cfg.epochs * steps_per_epoch if cfg.epochs else None) if s]
-    fixed_total = min(planned) if planned else None
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-    total_steps = fixed_total or 10**9
-    warmup = min(cfg.warmup_steps, max(1, (fixed_total or 10**9) // 10))
-
-    step, epoch, window_index, state = 0, 0, 0, None
-    finished: str | None = None  # what ended the run, once it has ended
-    best_val, best_step, last_val, evals_since_best = math.inf, -1, math.inf, 0
-    elapsed_before = 0.0
-    tokens_seen = 0
-    if resume is not None:
-        model.load_state_dict(resume.checkpoint.model.state_dict())
-        st = resume.checkpoint.train_state
-        step, epoch, window_index = int(st["step"]), int(st["epoch"]), int(st["window"])
-        best_val, best_step = float(st.get("best_val_loss", math.inf)), int(st.get("best_step", -1))
-        evals_since_best = int(st.get("evals_since_best", 0))
-        elapsed_before = float(st.get("elapsed_seconds", 0.0))
-        tokens_seen = int(st.get("tokens_seen", 0))
-        total_steps = int(st.get("total_steps", total_steps)) if not fixed_total else fixed_total
-        warmup = int(st.get("warmup_steps", warmup))
-        state = _restore_optim(optimizer, model, resume.optim_tensors, device, dist)
-        if state is not None:
-            state = select_state(state, rows)  # the saved state covers all B streams
-        if (reached := _limit_reached(cfg, resume.checkpoint.train_config, st, step=step, epoch=epoch,
-                                      elapsed=elapsed_before, fixed_total=fixed_total)) is not None:
-            raise ConfigError(f"the run in {run_dir} has already reached {reached}; give a larger limit to "
-                              f"train it further (limits count the whole run, what is done included)")
-    if dist.enabled:
-        # DDP averages gradients over ranks: each rank's mean loss over B/W streams, averaged,
-        # is the mean over all B streams, so the step equals a one-process step with batch B.
-        net: torch.nn.Module = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        net = model
-
-    num_parameters = model.num_parameters()
-    start_time = time.perf_counter()
-    optim_file = None
-
-    def local_elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start_time
-
-    clock = local_elapsed()  # the run's clock: the ranks' mean, so every rank reads the same time
-
-    def train_state() -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "window": window_index, "best_val_loss": best_val,
-                "best_step": best_step, "evals_since_best": evals_since_best, "total_steps": total_steps,
-                "warmup_steps": warmup, "elapsed_seconds": clock, "tokens_seen": tokens_seen,
-                "val_loss": last_val, "corpus": source, "val_corpus": val_source, "optim_file": optim_file,
-                "num_parameters": num_parameters, "world_size": dist.world_size, "stopped_by": finished,
-                **({"include": list(include)} if include else {})}
-
-    def check_weights() -> None:
-        if not all(_is_finite(p) for p in model.parameters()):
+    def check_weights(self) -> None:
+        if not all(_is_finite(p) for p in self.model.parameters()):
             raise TrainingError("the weights became NaN/Inf; the last good checkpoint is kept")
 
-    def save_last() -> None:
-        nonlocal optim_file
-        # Every rank takes part: the saved hidden state is all B streams, gathered in rank order.
+    def save_last(self) -> None:
+        """last.safetensors and its optimizer file (every rank takes part: the saved hidden state
+        is all B streams and every rank's RNG state, gathered in rank order)."""
+        dist, state = self.dist, self.state
         full_state = None
         if state is not None:
             parts = state if isinstance(state, tuple) else (state,)
             gathered = tuple(dist.all_gather_cat(p, dim=1) for p in parts)
             full_state = gathered if isinstance(state, tuple) else gathered[0]
         # Through the run's device, which NCCL needs; a world of one gets its own state back.
-        rng_states = dist.all_gather_cat(torch.get_rng_state()[None].to(device), dim=0).cpu()
+        rng_states = dist.all_gather_cat(torch.get_rng_state()[None].to(self.device), dim=0).cpu()
         if not dist.is_main:
             return
-        check_weights()
+        self.check_weights()
         # The optimizer file is named by step and written first, so last.safetensors always
         # names an optimizer file that exists, whatever moment a crash hits.
-        new_optim = f"last.step{step:09d}.optim.safetensors"
-        ckpt.save_tensors(run_dir / new_optim, _optim_tensors(optimizer, model, full_state, rng_states),
-                          {"format": ckpt.FORMAT, "step": str(step)})
-        optim_file = new_optim
-        ckpt.save_checkpoint(run_dir / ckpt.LAST, model=model, tokenizer=data.tokenizer,
-                             train_config=cfg, train_state=train_state())
-        for old in run_dir.glob("last.step*.optim.safetensors"):
+        new_optim = f"last.step{self.progress.step:09d}.optim.safetensors"
+        ckpt.save_tensors(self.run_dir / new_optim, _optim_tensors(self.optimizer, self.model, full_state, rng_states),
+                          {"format": ckpt.FORMAT, "step": str(self.progress.step)})
+        self.progress.optim_file = new_optim
+        ckpt.save_checkpoint(self.run_dir / ckpt.LAST, model=self.model, tokenizer=self.data.tokenizer,
+                             train_config=self.cfg, train_state=self.train_state())
+        for old in self.run_dir.glob("last.step*.optim.safetensors"):
             if old.name != new_optim:
                 old.unlink(missing_ok=True)
 
-    def run_eval() -> float:
-        nonlocal best_val, best_step, last_val, evals_since_best
-        t0 = time.perf_counter()
-        with out_of_memory_as(f"evaluating at step {step:,}", "make --hidden-size or --num-layers smaller"):
-            result = evaluate(model, data.val_ids, autocast=autocast, dist=dist)
-        last_val = result.nats_per_token
-        improved = last_val < best_val
-        if improved:
-            best_val, best_step, evals_since_best = last_val, step, 0
-            if dist.is_main:
-                check_weights()
-                ckpt.save_checkpoint(run_dir / ckpt.BEST, model=model, tokenizer=data.tokenizer,
-                                     train_config=cfg, train_state=train_state())
+    # ── the phases of a step ──
+
+    def stop_before_step(self) -> str | None:
+        """Whether the run is over before the next step: "done", "time", or None (go on). A new
+        epoch starts here (and resets the carried state)."""
+        p = self.progress
+        if self.fixed_total is not None and p.step >= self.fixed_total:
+            return "done"
+        if self.budget is not None and self.clock + self.last_eval_seconds >= self.budget:
+            return "time"
+        if p.window >= self.steps_per_epoch:
+            p.epoch, p.window, self.state = p.epoch + 1, 0, None
+            if self.cfg.epochs is not None and p.epoch >= self.cfg.epochs:
+                return "done"
+        return None
+
+    def train_step(self) -> tuple[float, float, str | None]:
+        """One window forward and backward, then the optimizer step if everything was finite.
+        Returns (the loss, averaged over ranks; the learning rate; a stop request)."""
+        cfg, dist, p = self.cfg, self.dist, self.progress
+        x, y = window(self.streams, p.window, cfg.seq_len, self.rows)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        lr = lr_at(p.step, base_lr=cfg.lr, warmup_steps=p.warmup_steps, total_steps=p.total_steps,
+                   min_lr_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with out_of_memory_as(f"in training step {p.step + 1:,}", self.step_hint), dist.guard(), \
+                torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits, new_state = self.net(x, self.state)  # (B / world size, T, V)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP the gradients arrive averaged over ranks
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                        cfg.clip if cfg.clip > 0 else math.inf)
+        reason = self.should_stop() if self.should_stop else None
+        if dist.enabled:  # one small collective a step: the mean loss, the clock and stop requests
+            shared = dist.all_reduce_sum(torch.tensor(
+                [float(loss.detach()), self.local_elapsed(), 1.0 if reason else 0.0], dtype=torch.float64))
+            loss_value, self.clock = float(shared[0]) / dist.world_size, float(shared[1]) / dist.world_size
+            reason = reason or ("stopped by another process" if shared[2] > 0 else None)
         else:
-            evals_since_best += 1
-        save_last()
+            loss_value, self.clock = float(loss.item()), self.local_elapsed()
+        if math.isfinite(loss_value) and _is_finite(self.grad_norm):
+            self.optimizer.step()
+            self.bad_steps = 0
+            self.state = detach_state(new_state)
+            self.interval_loss += loss_value
+            self.interval_count += 1
+        else:
+            self.bad_steps += 1
+            self.state = None  # a non-finite state would poison every later window
+            self.record({"event": "bad_step", "step": p.step, "loss": loss_value, "consecutive": self.bad_steps})
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise TrainingError(f"the loss or gradients were NaN/Inf for {self.bad_steps} steps in a row at step "
+                                    f"{p.step}; stopped. The last good checkpoint in {self.run_dir} is kept; try a "
+                                    f"lower --lr or --clip")
+        p.step += 1
+        p.window += 1
+        p.tokens_seen += x.numel() * dist.world_size
+        self.interval_tokens += x.numel() * dist.world_size
+        return loss_value, lr, reason
+
+    def evaluate_and_save(self) -> float:
+        """Evaluate the whole validation split, keep best (if better) and last; the seconds it took."""
+        p, dist, data = self.progress, self.dist, self.data
+        t0 = time.perf_counter()
+        with out_of_memory_as(f"evaluating at step {p.step:,}", "make --hidden-size or --num-layers smaller"):
+            result = evaluate(self.model, data.val_ids, autocast=self.autocast, dist=dist)
+        p.val_loss = result.nats_per_token
+        improved = p.val_loss < p.best_val_loss
+        if improved:
+            p.best_val_loss, p.best_step, p.evals_since_best = p.val_loss, p.step, 0
+            if dist.is_main:
+                self.check_weights()
+                ckpt.save_checkpoint(self.run_dir / ckpt.BEST, model=self.model, tokenizer=data.tokenizer,
+                                     train_config=self.cfg, train_state=self.train_state())
+        else:
+            p.evals_since_best += 1
+        self.save_last()
         seconds = float(dist.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64))[0])
         seconds /= dist.world_size
         # The run's best so far (an earlier session's, when resumed) on the same split, in bits/char too.
-        best = EvalResult(best_val * result.num_predicted, result.num_predicted)
-        record({"event": "eval", "step": step, "epoch": epoch, "val_loss": last_val, "best_val_loss": best_val,
-                "val_bpc": result.bits_per_char(data.val_chars), "improved": improved, "best_step": best_step,
-                "best_val_bpc": best.bits_per_char(data.val_chars), "eval_seconds": seconds, "elapsed": clock})
+        best = EvalResult(p.best_val_loss * result.num_predicted, result.num_predicted)
+        self.record({"event": "eval", "step": p.step, "epoch": p.epoch, "val_loss": p.val_loss,
+                     "best_val_loss": p.best_val_loss, "val_bpc": result.bits_per_char(data.val_chars),
+                     "improved": improved, "best_step": p.best_step,
+                     "best_val_bpc": best.bits_per_char(data.val_chars), "eval_seconds": seconds,
+                     "elapsed": self.clock})
         return seconds
 
-    record({"event": "start", "step": step, "total_steps": fixed_total, "max_minutes": cfg.max_minutes,
-            "steps_per_epoch": steps_per_epoch, "num_parameters": num_parameters, "device": str(device),
-            "world_size": dist.world_size, "model_config": model_config.to_dict(), "train_config": cfg.to_dict(),
-            "resumed": resume is not None, "train_tokens": int(len(data.train_ids)),
-            "val_tokens": int(len(data.val_ids))})
+    def log_step(self, lr: float) -> None:
+        """Every ``log_every`` steps: the mean training loss since the last record, and the speed."""
+        p = self.progress
+        if p.step % self.cfg.log_every == 0 and self.interval_count:
+            self.record({"event": "step", "step": p.step, "epoch": p.epoch,
+                         "loss": self.interval_loss / self.interval_count, "lr": lr,
+                         "grad_norm": float(self.grad_norm),
+                         "tokens_per_second": self.interval_tokens / max(self.clock - self.interval_start, 1e-9),
+                         "elapsed": self.clock,
+                         "total_steps": p.total_steps if (self.fixed_total or self.budget) else None})
+            self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
 
-    step_hint = (f"make --batch-size ({cfg.batch_size}) or --seq-len ({cfg.seq_len}) smaller, "
-                 f"or the model (--hidden-size, --num-layers)")
-    net.train()
-    stopped_by = "done"
-    bad_steps = 0
-    last_eval_seconds = 0.0
-    last_eval_step = step if resume is not None else -1
-    last_eval_at = clock
-    interval_tokens, interval_start, interval_loss, interval_count = 0, clock, 0.0, 0
-    eval_period = budget / 3 if budget else None  # evaluation costs steps: 2 during the run + 1 at the end
-    eval_every = cfg.eval_every or (None if budget else max(1, (fixed_total or steps_per_epoch) // 10))
+    # ── the loop ──
 
-    while True:
-        if fixed_total is not None and step >= fixed_total:
-            break
-        if budget is not None and clock + last_eval_seconds >= budget:
-            stopped_by = "time"
-            break
-        if window_index >= steps_per_epoch:
-            epoch, window_index, state = epoch + 1, 0, None
-            if cfg.epochs is not None and epoch >= cfg.epochs:
+    def run(self) -> TrainResult:
+        cfg, p = self.cfg, self.progress
+        self.record({"event": "start", "step": p.step, "total_steps": self.fixed_total,
+                     "max_minutes": cfg.max_minutes, "steps_per_epoch": self.steps_per_epoch,
+                     "num_parameters": self.num_parameters, "device": str(self.device),
+                     "world_size": self.dist.world_size, "model_config": self.model.cfg.to_dict(),
+                     "train_config": cfg.to_dict(), "resumed": self.resume is not None,
+                     "train_tokens": int(len(self.data.train_ids)), "val_tokens": int(len(self.data.val_ids))})
+        self.step_hint = (f"make --batch-size ({cfg.batch_size}) or --seq-len ({cfg.seq_len}) smaller, "
+                          f"or the model (--hidden-size, --num-layers)")
+        self.net.train()
+        self.bad_steps, self.last_eval_seconds = 0, 0.0
+        self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
+        last_eval_step = p.step if self.resume is not None else -1
+        last_eval_at = self.clock
+        # Evaluation costs steps: under a budget, 2 during the run + 1 at the end.
+        eval_period = self.budget / 3 if self.budget else None
+        eval_every = cfg.eval_every or (None if self.budget else max(1, (self.fixed_total or self.steps_per_epoch) // 10))
+
+        stopped_by = "done"
+        while (ended := self.stop_before_step()) is None:
+            _, lr, reason = self.train_step()
+            if self.budget is not None and self.fixed_total is None and p.step >= max(p.warmup_steps, 20) \
+                    and p.step % 10 == 0:
+                rate = p.step / max(self.clock, 1e-9)  # steps per second, evaluation included
+                p.total_steps = max(p.step + 1, int(p.step + (self.budget - self.clock - self.last_eval_seconds) * rate))
+            self.log_step(lr)
+            if (eval_every is not None and p.step % eval_every == 0) or \
+                    (eval_period is not None and self.clock - last_eval_at >= eval_period):
+                self.last_eval_seconds = self.evaluate_and_save()
+                last_eval_step = p.step
+                self.clock = last_eval_at = self.interval_start = self.clock + self.last_eval_seconds
+                if cfg.patience is not None and p.evals_since_best >= cfg.patience:
+                    stopped_by = "early-stop"
+                    break
+            if reason:
+                stopped_by = "interrupt"
+                self.save_last()
+                self.record({"event": "interrupt", "step": p.step, "reason": reason})
                 break
-        x, y = window(streams, window_index, cfg.seq_len, rows)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        lr = lr_at(step, base_lr=cfg.lr, warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with out_of_memory_as(f"in training step {step + 1:,}", step_hint), dist.guard(), \
-                torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits, new_state = net(x, state)  # (B / world size, T, V)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP the gradients arrive averaged over ranks
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-        reason = should_stop() if should_stop else None
-        if dist.enabled:  # one small collective a step: the mean loss, the clock and stop requests
-            shared = dist.all_reduce_sum(torch.tensor(
-                [float(loss.detach()), local_elapsed(), 1.0 if reason else 0.0], dtype=torch.float64))
-            loss_value, clock = float(shared[0]) / dist.world_size, float(shared[1]) / dist.world_size
-            reason = reason or ("stopped by another process" if shared[2] > 0 else None)
         else:
-            loss_value, clock = float(loss.item()), local_elapsed()
-        if math.isfinite(loss_value) and _is_finite(grad_norm):
-            optimizer.step()
-            bad_steps = 0
-            state = detach_state(new_state)
-            interval_loss += loss_value
-            interval_count += 1
-        else:
-            bad_steps += 1
-            state = None  # a non-finite state would poison every later window
-            record({"event": "bad_step", "step": step, "loss": loss_value, "consecutive": bad_steps})
-            if bad_steps >= cfg.max_bad_steps:
-                raise TrainingError(f"the loss or gradients were NaN/Inf for {bad_steps} steps in a row at step "
-                                    f"{step}; stopped. The last good checkpoint in {run_dir} is kept; try a "
-                                    f"lower --lr or --clip")
-        step += 1
-        window_index += 1
-        tokens_seen += x.numel() * dist.world_size
-        interval_tokens += x.numel() * dist.world_size
+            stopped_by = ended
 
-        if budget is not None and fixed_total is None and step >= max(warmup, 20) and step % 10 == 0:
-            rate = step / max(clock, 1e-9)  # steps per second, evaluation included
-            total_steps = max(step + 1, int(step + (budget - clock - last_eval_seconds) * rate))
-        if step % cfg.log_every == 0 and interval_count:
-            record({"event": "step", "step": step, "epoch": epoch, "loss": interval_loss / interval_count,
-                    "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens_per_second": interval_tokens / max(clock - interval_start, 1e-9),
-                    "elapsed": clock, "total_steps": total_steps if (fixed_total or budget) else None})
-            interval_tokens, interval_start, interval_loss, interval_count = 0, clock, 0.0, 0
-        due = (eval_every is not None and step % eval_every == 0) or \
-              (eval_period is not None and clock - last_eval_at >= eval_period)
-        if due:
-            last_eval_seconds = run_eval()
-            last_eval_step = step
-            clock = last_eval_at = interval_start = clock + last_eval_seconds
-            if cfg.patience is not None and evals_since_best >= cfg.patience:
-                stopped_by = "early-stop"
-                break
-        if reason:
-            stopped_by = "interrupt"
-            save_last()
-            record({"event": "interrupt", "step": step, "reason": reason})
-            break
-
-    if stopped_by != "interrupt":
-        finished = stopped_by  # saved with the last checkpoint: a resume can tell what ended the run
-        if last_eval_step != step:
-            clock += run_eval()
-        else:
-            save_last()
-    record({"event": "end", "step": step, "stopped_by": stopped_by, "best_val_loss": best_val,
-            "best_step": best_step, "elapsed": clock})
-    predicted = max(len(data.val_ids) - 1, 0)
-    best_bpc = EvalResult(best_val * predicted, predicted).bits_per_char(data.val_chars)
-    return TrainResult(run_dir, step, best_val, best_step, last_val, stopped_by, clock, num_parameters, best_bpc)
+        if stopped_by != "interrupt":
+            p.stopped_by = stopped_by  # saved with the last checkpoint: a resume can tell what ended the run
+            if last_eval_step != p.step:
+                self.clock += self.evaluate_and_save()
+            else:
+                self.save_last()
+        self.record({"event": "end", "step": p.step, "stopped_by": stopped_by, "best_val_loss": p.best_val_loss,
+                     "best_step": p.best_step, "elapsed": self.clock})
+        predicted = max(len(self.data.val_ids) - 1, 0)
+        best_bpc = EvalResult(p.best_val_loss * predicted, predicted).bits_per_char(self.data.val_chars)
+        return TrainResult(self.run_dir, p.step, p.best_val_loss, p.best_step, p.val_loss, stopped_by, self.clock,
+                           self.num_parameters, best_bpc)
 
 
 def load_initial_weights(model: RNNLM, weights: dict[str, torch.Tensor]) -> None:

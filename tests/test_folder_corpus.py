@@ -105,3 +105,14 @@ def test_folder_errors(tree, tmp_path, args, code, message):
 def test_include_with_a_single_file_is_refused(tree, tmp_path):
     result = invoke("train", tree / "main.c", "--include", "*.c", "--out", tmp_path / "r", "--max-steps", "2", *SHAPE)
     assert result.exit_code == 2 and "--include selects files of a folder corpus" in result.stderr
+
+
+def test_exclude_leaves_out_files_and_folders_by_name(tree, tmp_path):
+    ids = folder_ids(tree, include=("*.c", "*.h"), exclude=("lib", "util.*"), kind="char", val_fraction=0.1,
+                     root=tmp_path / "cache")
+    names = [os.path.relpath(p, tree) for p in ids.files["train_paths"] + ids.files["val_paths"]]
+    assert names == ["main.c"]
+    out = tmp_path / "run"
+    result = invoke("train", tree, "--include", "*.c", "--exclude", "deep", "--out", out, "--max-steps", "2", *SHAPE)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / "last.safetensors").train_state["exclude"] == ["deep"]
