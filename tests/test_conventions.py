@@ -86,3 +86,38 @@ def test_no_color_on_a_terminal(trained_run):
     assert os.waitstatus_to_exitcode(status) == 0, output
     assert b"parameters" in output
     assert b"\x1b[" not in output
+
+
+def test_the_package_has_no_import_cycle():
+    """Every `from .x import` in charlm/ (at module level or inside a function) forms an acyclic graph."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "charlm"
+    graph = {}
+    for path in package.glob("*.py"):
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    edges.add(node.module.split(".")[0])
+                else:
+                    edges.update(alias.name for alias in node.names)
+        graph[path.stem] = edges - {path.stem, "__init__"}
+
+    def visit(module, trail):
+        assert module not in trail, " → ".join([*trail, module])
+        for target in sorted(graph.get(module, ())):
+            visit(target, [*trail, module])
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_the_cli_module_decides_nothing_about_runs():
+    """The decisions of a training run live in plan.py: the CLI never sizes a model or builds a config."""
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "charlm" / "cli.py").read_text(encoding="utf-8")
+    for name in ("auto_size", "ModelConfig(", "resume_configs", "new_run_dir", "prepare_corpus", "load_resume"):
+        assert name not in source, name
