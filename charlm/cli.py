@@ -239,7 +239,7 @@ def train(
         # The library plans the run (plan.plan_run); the CLI passes what was typed and renders.
         options = {name: (str(value) if isinstance(value, Path) else value) for name, value in ctx.params.items()
                    if name not in ("corpus", "sample_length", "as_json")}
-        main_process = int(os.environ.get("RANK", "0")) == 0 or not launched_by_torchrun()
+        main_process = not launched_by_torchrun() or os.environ.get("RANK", "0").strip() in ("0", "")
         display = _TrainDisplay(live=main_process)
         with _StopFlag() as stop, display:
             result = run_training(corpus, on_event=display, should_stop=stop,

@@ -110,7 +110,10 @@ def _collective(fn, *args, **kwargs) -> None:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; launch with torchrun") from None
 
 
 def from_env(device_name: str) -> Dist:
