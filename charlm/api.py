@@ -23,6 +23,16 @@ from .score import LineScore, score_lines
 from .trainer import TrainResult
 
 
+def _text(name: str, value: Any, *, optional: bool = False) -> None:
+    """Refuse a non-string where text belongs (a UsageError naming the argument, not a TypeError)."""
+    from .config import brief
+    from .errors import UsageError
+
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise UsageError(f"{name} must be a string{' or None' if optional else ''} (got {type(value).__name__} "
+                         f"{brief(value)})")
+
+
 @dataclass(frozen=True)
 class Perplexity:
     """How well a model predicts a text. ``bits_per_char`` divides by the text's characters, so it
@@ -57,6 +67,7 @@ class LanguageModel:
                top_p: float | None = None, seed: int | None = None, stop: str | None = None,
                num_samples: int = 1) -> Iterator[Piece]:
         """``num_samples`` samples generated as one batch, a ``Piece(stream, text, done)`` per token."""
+        _text("prime", prime)
         config = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length,
                               num_samples=num_samples, seed=seed, stop=stop)
         return _generate(self.model, self.tokenizer, config=config, prime=prime)
@@ -85,6 +96,7 @@ class LanguageModel:
         from .errors import UsageError
         from .evaluate import evaluate
 
+        _text("text", text)
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
             raise UsageError(f"the text needs at least 2 tokens to score (has {len(ids)})")
@@ -99,7 +111,15 @@ class LanguageModel:
 
     def score(self, lines: Sequence[str], *, include_end: bool = True) -> list[LineScore]:
         """Each line scored on its own, from a fresh line start (lower nats/token = more likely)."""
-        return score_lines(self.model, self.tokenizer, list(lines), include_end=include_end)
+        from .errors import UsageError
+
+        if isinstance(lines, str):
+            raise UsageError("score takes a list of lines, not one string (lm.score([text]) scores one line; "
+                             "lm.perplexity(text) scores a whole text)")
+        lines = list(lines)
+        for i, line in enumerate(lines):
+            _text(f"lines[{i}]", line)
+        return score_lines(self.model, self.tokenizer, lines, include_end=include_end)
 
 
 def load(where: str | os.PathLike[str] | None = None, *, device: str = "cpu",
@@ -108,6 +128,12 @@ def load(where: str | os.PathLike[str] | None = None, *, device: str = "cpu",
 
     >>> lm = charlm.load("checkpoints/tinyshakespeare")  # doctest: +SKIP
     """
+    from .errors import UsageError
+
+    for name, value in (("where", where), ("root", root)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise UsageError(f"{name} must be a path (got {type(value).__name__})")
+    _text("device", device)
     return LanguageModel(load_checkpoint(resolve_checkpoint(where, root=root), device=str(resolve_device(device))))
 
 
@@ -129,8 +155,12 @@ def train(corpus: str | os.PathLike[str] | None = None, *, on_event: Callable[[d
     from .distributed import from_env, shutdown
     from .plan import options_from, plan_run
 
-    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-    opts = options_from({"corpus": None if corpus is None else str(corpus), **values})
+    from .errors import UsageError
+
+    if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
+        raise UsageError(f"corpus must be a path, a corpus name or None (got {type(corpus).__name__})")
+    values = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()}
+    opts = options_from({"corpus": None if corpus is None else os.fspath(corpus), **values})
     given = set(options) if given_options is None else set(given_options)
     opts.check()
     dist = from_env(opts.device)
@@ -143,6 +173,6 @@ def train(corpus: str | os.PathLike[str] | None = None, *, on_event: Callable[[d
                              run_dir=plan.run_dir, source=plan.source, on_event=on_event, should_stop=should_stop,
                              resume=plan.resume, dist=dist, val_source=plan.val_source,
                              init_weights=plan.init_weights,
-                             corpus_options={"include": opts.include, "exclude": opts.exclude})
+                             corpus_options=plan.corpus_options)
     finally:
         shutdown(dist)

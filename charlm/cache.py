@@ -16,6 +16,7 @@ start on the same corpus wait, then use it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ from .errors import CorpusError, UsageError
 from .tokenizer import (ENCODE_CHUNK, ByteTokenizer, CharTokenizer, Tokenizer, codepoints, ids_dtype,
                         tokenizer_from_dict)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a folder entry records its files by absolute path, with a digest
 
 
 def cache_root() -> Path:
@@ -107,6 +108,14 @@ def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (),
     sizes and modification times."""
     folder = Path(folder)
     candidates = corpus_files(folder, include, exclude)
+    if val_path is not None:
+        if not Path(val_path).is_file():
+            read_corpus(val_path)  # raises the precise error (missing, a directory, …)
+        # A --val-file inside the folder is validation text only, never also trained on.
+        val_resolved = Path(val_path).resolve()
+        candidates = [p for p in candidates if p.resolve() != val_resolved]
+        if not candidates:
+            raise CorpusError(f"{folder}: no files left to train on (the only one is --val-file {val_path})")
     paths = candidates + ([Path(val_path)] if val_path is not None else [])
     settings = {"kind": kind, "val_fraction": None if val_path is not None else val_fraction, "folder": True,
                 "include": sorted(include), "exclude": sorted(exclude), "min_count": min_count, "max_vocab": max_vocab,
@@ -293,19 +302,44 @@ def _build_folder(root: Path, candidates: list[Path], val_path: str | os.PathLik
     if val_path is not None:
         train, val = usable, [Path(val_path)]
     elif len(usable) >= 2:
-        # The last files (in path order) that make up val_fraction of the bytes, at least one,
-        # and at least one file left for training.
-        sizes = [p.stat().st_size for p in usable]
-        target, total, start = options["val_fraction"] * sum(sizes), 0, len(usable)
-        while start > 1 and total < target:
-            start -= 1
-            total += sizes[start]
+        start = _val_start([p.stat().st_size for p in usable], options["val_fraction"])
         train, val = usable[:start], usable[start:]
     else:
         train, val = usable, []  # one file: its last val_fraction, as for a single file
+    sizes = {p: p.stat().st_size for p in train + val}
     files = {"train_files": len(train), "val_files": len(val), "skipped": skipped,
-             "train_paths": [str(p) for p in train], "val_paths": [str(p) for p in val]}
+             "val_bytes_fraction": (sum(sizes[p] for p in val) / max(sum(sizes.values()), 1) if val else None),
+             "train_paths": [str(p.resolve()) for p in train], "val_paths": [str(p.resolve()) for p in val],
+             "digest": files_digest(root, train, val)}
     _build(train + val, folder, n_train=len(train), separate=True, extra={"files": files}, **options)
+
+
+def _val_start(sizes: list[int], val_fraction: float) -> int:
+    """Where validation starts: the last files (in path order) whose bytes come closest to
+    ``val_fraction`` of the whole, at least one, with at least one file left for training."""
+    target, total, best, best_gap = val_fraction * sum(sizes), 0, len(sizes) - 1, None
+    for start in range(len(sizes) - 1, 0, -1):
+        total += sizes[start]
+        gap = abs(total - target)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = start, gap
+        if total >= target:
+            break
+    return best
+
+
+def files_digest(root: Path, train: list[Path], val: list[Path]) -> str:
+    """What a folder corpus's split is made of (each file's path under ``root`` and size, and which
+    side it is on), so a resumed run can tell that the folder changed under it."""
+    def entry(p: Path) -> list[Any]:
+        try:
+            name = p.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:  # a --val-file outside the folder
+            name = str(p.resolve())
+        return [name, p.stat().st_size]
+
+    what = {"train": [entry(p) for p in train], "val": [entry(p) for p in val]}
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 class _IdsFile:
@@ -416,12 +450,26 @@ class Corpus:
     name: str  # a short name for the run folder
     source: str  # a path, or BUILTIN
     text: str | None = None  # None when the ids come from the token cache
+    files: dict[str, Any] | None = None  # a folder corpus: its split (cache.folder_ids), what was skipped
 
 
 def builtin_corpus() -> Corpus:
     """The text ``charlm train`` uses when given no corpus (Python's own documentation, offline)."""
     name, text = default_corpus()
     return Corpus(name, BUILTIN, text)
+
+
+def _note_folder(on_note: Callable[[str], None], source: Path, files: dict[str, Any], *, val_fraction: float,
+                 val_path: str | None) -> None:
+    """The notes a folder corpus earns: files skipped, and a validation split far from --val-fraction."""
+    if skipped := files.get("skipped"):
+        on_note(f"note: skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())} file(s) under {source}"
+                + (" (--encoding-errors replace reads files that are not UTF-8)" if "not UTF-8" in skipped else ""))
+    actual = files.get("val_bytes_fraction")
+    if val_path is None and actual is not None and not 0.5 * val_fraction <= actual <= 2 * val_fraction:
+        on_note(f"note: validating on the last {files.get('val_files', 0):,} file(s) under {source}, "
+                f"{actual:.1%} of the bytes (--val-fraction {val_fraction:g}; no file is split between "
+                f"training and validation; --val-file chooses the validation text)")
 
 
 def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
@@ -443,6 +491,9 @@ def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float,
         return prepare_data(text, val_fraction=val_fraction, **options)
 
     if path is None or path == BUILTIN:
+        if include or exclude:
+            raise UsageError(f"--{'include' if include else 'exclude'} selects files of a folder corpus; "
+                             f"no corpus was given (the built-in text is used)")
         corpus = builtin_corpus()
         return corpus, in_memory(corpus.text or "", tokenizer=tokenizer, kind=kind, min_count=min_count,
                                  max_vocab=max_vocab)
@@ -453,9 +504,9 @@ def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float,
     if source.is_dir():
         cached = folder_ids(source, include=tuple(include), exclude=tuple(exclude), **options)
         files = cached.files or {}
-        if on_note is not None and (skipped := files.get("skipped")):
-            on_note(f"note: skipped {', '.join(f'{n:,} {why}' for why, n in skipped.items())} file(s) under {source}"
-                    + (" (--encoding-errors replace reads files that are not UTF-8)" if "not UTF-8" in skipped else ""))
+        corpus = dataclasses.replace(corpus, files=files)
+        if on_note is not None:
+            _note_folder(on_note, source, files, val_fraction=val_fraction, val_path=val_path)
     else:
         if include or exclude:
             raise UsageError(f"--{'include' if include else 'exclude'} selects files of a folder corpus; the "

@@ -186,7 +186,7 @@ def _json_field(path: Path, metadata: dict[str, str], key: str) -> Any:
 _STATE_COUNTS = ("step", "epoch", "window", "evals_since_best", "total_steps", "warmup_steps", "tokens_seen",
                  "num_parameters", "world_size")
 _STATE_LOSSES = ("best_val_loss", "val_loss")
-_STATE_TEXTS = ("corpus", "val_corpus", "optim_file", "stopped_by")
+_STATE_TEXTS = ("corpus", "val_corpus", "optim_file", "stopped_by", "corpus_digest")
 
 
 def check_train_state(path: Path, state: Any) -> dict[str, Any]:
@@ -222,6 +222,10 @@ def check_train_state(path: Path, state: Any) -> dict[str, Any]:
     for key in _STATE_TEXTS:
         if key in state and state[key] is not None and not isinstance(state[key], str):
             raise bad(key, "a string or null")
+    from .data import ENCODING_ERRORS
+
+    if "encoding_errors" in state and state["encoding_errors"] not in ENCODING_ERRORS:
+        raise bad("encoding_errors", f"one of {', '.join(ENCODING_ERRORS)}")
     return state
 
 
@@ -334,8 +338,8 @@ def resolve_checkpoint(where: str | os.PathLike[str] | None, *, root: str | os.P
         root = Path(root)
         runs = [p for p in root.glob("*/") if (p / BEST).is_file() or (p / LAST).is_file()] if root.is_dir() else []
         if not runs:
-            raise CheckpointError(f"no checkpoint under {root}/; train one with 'charlm train' "
-                                  f"or pass --checkpoint")
+            raise CheckpointError(f"no checkpoint under {root}/; train one first ('charlm train', charlm.train) "
+                                  f"or name a checkpoint file or run folder")
         where = max(runs, key=lambda p: max(f.stat().st_mtime for f in (p / BEST, p / LAST) if f.is_file()))
     where = Path(where)
     if where.is_dir():

@@ -109,6 +109,13 @@ class RunPlan:
     resume: Any = None  # trainer.Resume
     notes: list[str] = field(default_factory=list)
     init_weights: Any = None  # fine-tuning: the starting model's tensors
+    corpus_options: dict[str, Any] = field(default_factory=dict)  # how the corpus was read, kept for --resume
+
+
+def _corpus_options(options: "TrainOptions", corpus: Any) -> dict[str, Any]:
+    """What a resumed run must read the corpus with again (cache.Corpus ``corpus``)."""
+    return {"include": list(options.include), "exclude": list(options.exclude),
+            "encoding_errors": options.encoding_errors, "corpus_digest": (corpus.files or {}).get("digest")}
 
 
 def _given_or(value: Any, automatic: Any) -> Any:
@@ -147,10 +154,14 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         model_cfg, train_cfg = resume_configs(res, {k: getattr(options, k) for k in given if k in _RESUME_KEYS})
         source = corpus or res.checkpoint.train_state.get("corpus") or None
         val_source = val_source or res.checkpoint.train_state.get("val_corpus")
-        # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
+        # The corpus is read as the run read it: its folder patterns and --encoding-errors, unless given.
         state = res.checkpoint.train_state
-        options = dataclasses.replace(options, include=options.include or tuple(state.get("include") or ()),
-                                      exclude=options.exclude or tuple(state.get("exclude") or ()))
+        options = dataclasses.replace(
+            options, include=options.include or tuple(state.get("include") or ()),
+            exclude=options.exclude or tuple(state.get("exclude") or ()),
+            encoding_errors=(options.encoding_errors if "encoding_errors" in given
+                             else state.get("encoding_errors") or options.encoding_errors))
+        # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
         corpus_data, data = dist.main_first(lambda: prepare_corpus(
             source, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer, val_path=val_source,
             encoding_errors=options.encoding_errors, on_note=note, include=options.include,
@@ -160,8 +171,13 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         if (unknown := data.tokenizer.count_unknown(data.train_ids)) > 0.25 * len(data.train_ids):
             notes.append(f"warning: {unknown:,} of the {len(data.train_ids):,} training tokens are not in the "
                          f"resumed model's vocabulary (read as <UNK>); is this the run's corpus?")
+        digest = (corpus_data.files or {}).get("digest")
+        if state.get("corpus_digest") and digest != state["corpus_digest"]:
+            notes.append(f"warning: the files under {corpus_data.source} (or their sizes) changed since the run "
+                         f"began, so its training and validation text differ from before; the best "
+                         f"validation loss so far was measured on the old validation files")
         return RunPlan(model_cfg, train_cfg, data, res.run_dir, corpus_data.source, val_source, resume=res,
-                       notes=notes)
+                       notes=notes, corpus_options=_corpus_options(options, corpus_data))
 
     max_minutes = options.max_minutes
     if options.epochs is None and options.max_steps is None and max_minutes is None:
@@ -194,7 +210,8 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     notes = []
     if unknown := data.tokenizer.count_unknown(data.val_ids):
         notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
-    return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes)
+    return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
+                   corpus_options=_corpus_options(options, corpus_data))
 
 
 def _new_run_dir(options: TrainOptions, dist: Any, name: str) -> Path:
@@ -264,7 +281,10 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
     weights = {name: tensor.detach().cpu() for name, tensor in base.model.state_dict().items()}
     return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
-                   init_weights=weights)
+                   init_weights=weights, corpus_options=_corpus_options(options, corpus_data))
+
+
+_TEXT_OPTIONS = ("tokenizer", "cell", "device", "encoding_errors", "corpus", "val_file", "out", "resume", "init_from")
 
 
 def options_from(values: dict[str, Any]) -> TrainOptions:
@@ -274,6 +294,19 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
     if unknown:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; the options are "
                           f"{', '.join(sorted(known))}")
+    for key in _TEXT_OPTIONS:
+        nullable = key not in ("tokenizer", "cell", "device", "encoding_errors")
+        if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
+            raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
+                              f"(got {type(values[key]).__name__})")
+    for key in ("tie_weights", "extend_vocab"):
+        if key in values and not (isinstance(values[key], bool) or (key == "tie_weights" and values[key] is None)):
+            raise ConfigError(f"{key} must be True or False (got {type(values[key]).__name__})")
     for key in ("include", "exclude"):  # lists from the command line, tuples in the options
-        values = {**values, key: tuple(values.get(key) or ())}
+        patterns = values.get(key) or ()
+        if isinstance(patterns, str):  # include="*.c": one pattern, not its characters
+            patterns = (patterns,)
+        if not (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) and p for p in patterns)):
+            raise ConfigError(f"{key} must be a file name pattern or a list of them (got {patterns!r:.80})")
+        values = {**values, key: tuple(patterns)}
     return TrainOptions(**values)

@@ -254,8 +254,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     rank 0 alone writes files and reports events, and every stop decision is taken from values
     reduced across ranks, so all ranks stop at the same step.
 
-    ``corpus_options`` (a folder corpus's ``include``/``exclude`` patterns) are kept in the
-    checkpoint for ``--resume``. ``init_weights`` (fine-tuning) starts from another model's tensors instead of a random
+    ``corpus_options`` (how the corpus was read: ``encoding_errors``, a folder corpus's
+    ``include``/``exclude`` patterns and the digest of its split) are kept in the checkpoint for
+    ``--resume``. ``init_weights`` (fine-tuning) starts from another model's tensors instead of a random
     initialisation; a vocabulary that grew keeps the old rows and initialises only the new ones.
     """
     if train_config.max_steps is None and train_config.epochs is None and train_config.max_minutes is None:
@@ -403,7 +404,8 @@ class _Run:
                 "val_loss": p.val_loss, "corpus": self.source, "val_corpus": self.val_source,
                 "optim_file": p.optim_file, "num_parameters": self.num_parameters,
                 "world_size": self.dist.world_size, "stopped_by": p.stopped_by,
-                **{key: list(value) for key, value in self.corpus_options.items() if value}}
+                **{key: list(value) if isinstance(value, (list, tuple)) else value
+                   for key, value in self.corpus_options.items() if value}}
 
     def check_weights(self) -> None:
         if not all(_is_finite(p) for p in self.model.parameters()):

@@ -90,3 +90,17 @@ def _prepare_example_files(folder: Path) -> None:
     (folder / "corpus.txt").write_text(PLAY, encoding="utf-8")
     (folder / "valid.txt").write_text(PLAY[:400], encoding="utf-8")
     charlm.train(folder / "corpus.txt", out=folder / "checkpoints" / "tinyshakespeare", max_steps=5, **TINY)
+
+
+def test_wrong_types_are_charlm_errors_not_type_errors(play_run, tmp_path):
+    from charlm.errors import CharlmError
+
+    lm = charlm.load(play_run)
+    for call in (lambda: lm.score("O Romeo"), lambda: lm.score([1, 2]), lambda: lm.perplexity(b"bytes"),
+                 lambda: "".join(lm.generate(5)), lambda: charlm.load(5),
+                 lambda: charlm.train(None, include=5), lambda: charlm.train(None, out=3),
+                 lambda: charlm.train(None, tie_weights="yes"), lambda: charlm.train(3.5)):
+        with pytest.raises(CharlmError):
+            call()
+    with pytest.raises(CharlmError, match="no checkpoint under .*name a checkpoint file or run folder"):
+        charlm.load(root=tmp_path)

@@ -116,3 +116,60 @@ def test_exclude_leaves_out_files_and_folders_by_name(tree, tmp_path):
     result = invoke("train", tree, "--include", "*.c", "--exclude", "deep", "--out", out, "--max-steps", "2", *SHAPE)
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out / "last.safetensors").train_state["exclude"] == ["deep"]
+
+
+def test_cached_file_lists_are_absolute_and_read_back_from_anywhere(tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tree.parent)
+    ids = folder_ids(tree.name, include=("*.c",), kind="char", val_fraction=0.1, root=tmp_path / "cache")
+    paths = ids.files["train_paths"] + ids.files["val_paths"]
+    assert all(os.path.isabs(p) for p in paths) and ids.files["digest"]
+
+
+def test_the_validation_split_comes_closest_to_the_fraction(tmp_path):
+    from charlm.cache import _val_start
+
+    assert _val_start([100] * 10, 0.1) == 9  # one file of ten: exactly the fraction
+    assert _val_start([10] * 9 + [1000], 0.1) == 9  # a huge last file: still one file (at least one)
+    assert _val_start([100, 100, 100, 5, 5], 0.1) == 3  # 10 bytes (3%) is closer to 31 than 110 (35%)
+    assert _val_start([100, 100], 0.9) == 1  # one file is always left for training
+    root = tmp_path / "c"
+    root.mkdir()
+    for name, size in (("a.txt", 4000), ("b.txt", 4000), ("z.txt", 8000)):
+        (root / name).write_text("x y\n" * (size // 4), encoding="utf-8")
+    result = invoke("train", root, "--out", tmp_path / "r", "--max-steps", "1", *SHAPE)
+    assert result.exit_code == 0, result.output
+    assert "validating on the last 1 file(s)" in result.stderr and "50.0% of the bytes" in result.stderr
+
+
+def test_val_file_inside_the_folder_is_not_trained_on_and_a_missing_one_is_refused(tree, tmp_path):
+    ids = folder_ids(tree, include=("*.c",), kind="char", val_fraction=0.1, val_path=tree / "main.c",
+                     root=tmp_path / "cache")
+    assert str((tree / "main.c").resolve()) not in ids.files["train_paths"]
+    assert ids.files["val_paths"] == [str((tree / "main.c").resolve())]
+    result = invoke("train", tree, "--val-file", tmp_path / "missing.txt", "--out", tmp_path / "r",
+                    "--max-steps", "1", *SHAPE)
+    assert result.exit_code == 1 and "missing.txt" in result.stderr and "Traceback" not in result.output
+
+
+def test_include_without_a_corpus_is_refused(tmp_path):
+    result = invoke("train", "--include", "*.c", "--out", tmp_path / "r", "--max-steps", "1", *SHAPE)
+    assert result.exit_code == 2 and "no corpus was given" in result.stderr, result.output
+
+
+def test_resume_reads_the_folder_as_the_run_did_and_warns_when_it_changed(tree, tmp_path):
+    import charlm
+
+    out = tmp_path / "run"
+    charlm.train(tree, include="*.c", encoding_errors="replace", out=out, max_steps=2, hidden_size=16, embed_size=8,
+                 seq_len=8, batch_size=2, device="cpu")
+    state = load_checkpoint(out / "last.safetensors").train_state
+    assert state["include"] == ["*.c"] and state["encoding_errors"] == "replace" and state["corpus_digest"]
+    notes = []
+    charlm.train(resume=out, max_steps=3, on_note=notes.append)  # through the API: patterns kept
+    state = load_checkpoint(out / "last.safetensors").train_state
+    assert state["include"] == ["*.c"] and state["encoding_errors"] == "replace"
+    assert not any("changed" in n for n in notes) and not any("not UTF-8" in n for n in notes), notes
+    (tree / "extra.c").write_text("int extra;\n" * 50, encoding="utf-8")
+    changed = invoke("train", "--resume", out, "--max-steps", "4")
+    assert changed.exit_code == 0, changed.output
+    assert "changed since the run began" in changed.stderr
