@@ -33,10 +33,17 @@ def _text(name: str, value: Any, *, optional: bool = False) -> None:
                          f"{brief(value)})")
 
 
+WORD_CAVEAT = ("a word model is not charged for the whitespace its tokenizer normalises nor for spelling "
+               "out <UNK> words, so its bits/char and bits/byte are lower bounds, not comparable with a char or "
+               "byte model's as they stand")
+
+
 @dataclass(frozen=True)
 class Perplexity:
-    """How well a model predicts a text. ``bits_per_char`` divides by the text's characters, so it
-    compares models with different tokenizers; ``unknown_tokens`` were scored as ``<UNK>``."""
+    """How well a model predicts a text. ``bits_per_char`` and ``bits_per_byte`` divide by the
+    text's characters and UTF-8 bytes, so they compare char and byte models (enwik8 results are
+    per byte); a word model's are lower bounds (``caveat``). ``unknown_tokens`` were scored as
+    ``<UNK>``."""
 
     tokens: int
     predicted_tokens: int
@@ -47,6 +54,9 @@ class Perplexity:
     bits_per_char: float
     perplexity: float
     unknown: tuple[str, ...]  # the unknown characters or words themselves (at most 50)
+    bytes: int = 0  # of the text in UTF-8
+    bits_per_byte: float = float("nan")  # what enwik8-style results report
+    caveat: str | None = None  # what the per-character figures leave out (word models), else None
 
 
 class LanguageModel:
@@ -103,11 +113,14 @@ class LanguageModel:
         device = self.model.embedding.weight.device
         result = evaluate(self.model, ids, autocast=device.type == "cuda")
         unknown = self.tokenizer.count_unknown(ids)
+        num_bytes = len(text.encode("utf-8", errors="surrogatepass"))
         return Perplexity(
             tokens=int(len(ids)), predicted_tokens=result.num_predicted, characters=len(text),
             unknown_tokens=unknown, total_nats=result.total_nats, nats_per_token=result.nats_per_token,
             bits_per_char=result.bits_per_char(len(text)), perplexity=result.perplexity,
-            unknown=tuple(self.tokenizer.unknown_symbols(text)[:50]) if unknown else ())
+            unknown=tuple(self.tokenizer.unknown_symbols(text)[:50]) if unknown else (),
+            bytes=num_bytes, bits_per_byte=result.bits_per_char(num_bytes),
+            caveat=WORD_CAVEAT if self.tokenizer.kind == "word" else None)
 
     def score(self, lines: Sequence[str], *, include_end: bool = True) -> list[LineScore]:
         """Each line scored on its own, from a fresh line start (lower nats/token = more likely)."""

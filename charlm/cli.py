@@ -122,11 +122,18 @@ class _TrainDisplay:
             parts.append(event.get("elapsed", 0.0) / self.budget)
         return min(1.0, max(parts))
 
+    def per_unit(self, nats_per_token: float, bits_per_char: float) -> str:
+        """Bits per byte for a byte model (what enwik8 results report), else bits per character."""
+        if getattr(self, "tokenizer", None) == "byte":
+            return f"{nats_per_token / math.log(2):.4f} bits/byte"
+        return f"{bits_per_char:.4f} bits/char"
+
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "start":
             self.total_steps = event["total_steps"]
             self.budget = event["max_minutes"] * 60 if event.get("max_minutes") else None
+            self.tokenizer = event.get("tokenizer")
             cfg = event["model_config"]
             err.print(f"charlm: {cfg['num_layers']}×{cfg['hidden_size']} {cfg['cell'].upper()}, "
                       f"{event['num_parameters']:,} parameters, {event['train_tokens']:,} training / "
@@ -142,7 +149,7 @@ class _TrainDisplay:
         elif kind == "eval":
             self.last_eval = event
             line = (f"step {event['step']:,}: val loss {event['val_loss']:.4f} nats/token, "
-                    f"{event['val_bpc']:.4f} bits/char" + (" (best)" if event["improved"] else ""))
+                    + self.per_unit(event["val_loss"], event["val_bpc"]) + (" (best)" if event["improved"] else ""))
             if self.progress is not None:
                 self.progress.console.print(line, markup=False)
             else:
@@ -192,10 +199,16 @@ def train(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="A folder corpus: leave out files and folders whose names match this pattern (e.g. 'site-packages', 'test_*'; repeat for more).")] = None,
     tokenizer: Annotated[str, typer.Option(help="char, word or byte.")] = "char",
     cell: Annotated[str, typer.Option(help="lstm, gru or rnn (tanh).")] = "lstm",
+    optimizer: Annotated[str, typer.Option(help="adamw, sgd (plain, as the PyTorch word-LM example; default --lr 20 for words, --clip 0.25), adagrad or rmsprop (decay 0.95, as char-rnn). All use the warm-up + cosine schedule; the non-AdamW ones default to no weight decay.")] = "adamw",
     hidden_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer. Default: sized to the corpus and budget.")] = None,
     num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers. Default: 1 on a CPU (one wide layer learns fastest per CPU-second), 3 on a GPU.")] = None,
     embed_size: Annotated[Optional[int], typer.Option(help="Embedding width. Default: min(hidden, 128) on a CPU, min(hidden, 256) on a GPU; hidden when tied.")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Dropout on the embeddings, between layers and before the output layer. Default: from the expected number of epochs: char/byte 0 under 8, 0.1 under 20, else 0.25; word 0.3, or 0.5 over 5 epochs.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Variational dropout (one mask per stream and window) between layers and on the last layer's output, and on the embeddings unless --input-dropout. Default: from the expected number of epochs.")] = None,
+    input_dropout: Annotated[Optional[float], typer.Option(help="Variational dropout on the embedding output (one mask per stream and window). Default: --dropout, or as auto-sized for word models.")] = None,
+    embed_dropout: Annotated[Optional[float], typer.Option(help="Drop whole tokens: every use of a dropped token's embedding in a batch (AWD-LSTM). Default: by expected epochs (0 for char models).")] = None,
+    weight_drop: Annotated[Optional[float], typer.Option(help="DropConnect on the hidden-to-hidden weights, a new mask each window; the fused kernel still runs. Default: by expected epochs.")] = None,
+    activation_reg: Annotated[Optional[float], typer.Option(help="AR: add this × the mean square of the last layer's outputs to the loss. Default: 0.")] = None,
+    temporal_reg: Annotated[Optional[float], typer.Option(help="TAR: add this × the mean square of their change from step to step. Default: 0.")] = None,
     tie_weights: Annotated[Optional[bool], typer.Option("--tie-weights/--no-tie-weights", help="Share embedding and output weights. Default: on for word models.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="BPTT window length. Default: 100 (35 for words, 256 on a GPU).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams. Default on a CPU: 16 up to 512 hidden units, 32 above (32 for words); 64 on a GPU.")] = None,
@@ -209,7 +222,7 @@ def train(
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
     val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = _TRAIN.val_fraction,
     val_file: Annotated[Optional[Path], typer.Option(help="Validate on this file instead; all of CORPUS is then training text.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: every third of a time budget, 10 times per step/epoch limit; always at the end.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: under a time budget every twentieth of it, but at most ~5% of the time spent evaluating; 10 times per step/epoch limit; always at the end.")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = _TRAIN.device,
@@ -263,12 +276,15 @@ def train(
                 "run": str(run_dir), "checkpoint": str(result.best_checkpoint), "best_val_loss": result.best_val_loss,
                 "best_val_bpc": result.best_val_bpc, "best_val_perplexity": math.exp(min(result.best_val_loss, 700)),
                 "best_step": result.best_step, "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
-                "stopped_by": result.stopped_by, "num_parameters": result.num_parameters, "sample": sample_text}) + "\n")
+                "stopped_by": result.stopped_by, "num_parameters": result.num_parameters,
+                "eval_seconds": result.eval_seconds, "sample": sample_text}) + "\n")
             return
         _print_loss_chart(run_dir)
-        console.print(f"best val loss {result.best_val_loss:.4f} nats/token · {result.best_val_bpc:.4f} bits/char · "
+        console.print(f"best val loss {result.best_val_loss:.4f} nats/token · "
+                      f"{display.per_unit(result.best_val_loss, result.best_val_bpc)} · "
                       f"perplexity {math.exp(min(result.best_val_loss, 700)):.3f} (step {result.best_step:,} of "
-                      f"{result.step:,}, {result.elapsed_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
+                      f"{result.step:,}, {result.elapsed_seconds:.0f} s, evaluation "
+                      f"{result.eval_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
         console.print(f"checkpoints: {result.best_checkpoint}", markup=False)
         if sample_length > 0:
             console.print("sample:", markup=False)
@@ -374,7 +390,7 @@ def perplexity(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
 ) -> None:
-    """Score held-out text: nats/token, bits/char (comparable across tokenizers) and perplexity.
+    """Score held-out text: nats/token, perplexity, and bits/char and bits/byte (comparable across char and byte models; a word model's are lower bounds).
 
     Example: charlm perplexity heldout.txt --checkpoint checkpoints/tinyshakespeare
     """
@@ -391,8 +407,9 @@ def perplexity(
             "file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
             "tokens": result.tokens, "predicted_tokens": result.predicted_tokens, "characters": result.characters,
             "unknown_tokens": result.unknown_tokens, "total_nats": result.total_nats,
-            "nats_per_token": result.nats_per_token, "bits_per_char": result.bits_per_char,
-            "perplexity": result.perplexity, "seconds": seconds,
+            "nats_per_token": result.nats_per_token, "bits_per_char": result.bits_per_char, "bytes": result.bytes,
+            "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity, "caveat": result.caveat,
+            "seconds": seconds,
         }
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
@@ -401,10 +418,13 @@ def perplexity(
         for label, value in (("tokens", f"{report['tokens']:,}"), ("characters", f"{report['characters']:,}"),
                              ("<UNK> tokens", f"{report['unknown_tokens']:,}"),
                              ("nats/token", f"{report['nats_per_token']:.4f}"),
-                             ("bits/char", f"{report['bits_per_char']:.4f}"),
+                             ("bits/char" + ("*" if result.caveat else ""), f"{report['bits_per_char']:.4f}"),
+                             ("bits/byte" + ("*" if result.caveat else ""), f"{report['bits_per_byte']:.4f}"),
                              ("perplexity", f"{report['perplexity']:.3f}")):
             table.add_row(label, value)
         console.print(table)
+        if result.caveat:
+            err.print(f"charlm: * {result.caveat}", markup=False)
         if result.unknown_tokens:
             err.print(f"charlm: note: {result.unknown_tokens:,} tokens are not in the model's vocabulary "
                       f"(scored as <UNK>): {' '.join(repr(u) for u in result.unknown[:8])}", markup=False)
@@ -438,10 +458,14 @@ def info(
             return
         table = Table(show_header=False, box=None)
         table.add_row("checkpoint", str(resolved))
-        table.add_row("model", f"{loaded.model_config.num_layers}×{loaded.model_config.hidden_size} "
-                               f"{loaded.model_config.cell.upper()}, embedding {loaded.model_config.embed_size}, "
-                               f"dropout {loaded.model_config.dropout:g}"
-                               + (", tied weights" if loaded.model_config.tie_weights else ""))
+        mc = loaded.model_config
+        table.add_row("model", f"{mc.num_layers}×{mc.hidden_size} {mc.cell.upper()}, embedding {mc.embed_size}"
+                               + (", tied weights" if mc.tie_weights else ""))
+        table.add_row("regularisation", ", ".join(
+            [f"dropout {mc.dropout:g}"]
+            + ([f"input dropout {mc.input_dropout:g}"] if mc.input_dropout is not None else [])
+            + [f"{name} {value:g}" for name, value in (("embedding dropout", mc.embed_dropout),
+                                                       ("weight drop", mc.weight_drop)) if value]))
         table.add_row("parameters", f"{report['parameters']:,}")
         table.add_row("tokenizer", f"{loaded.tokenizer.kind}, {loaded.tokenizer.vocab_size:,} tokens")
         state = loaded.train_state
@@ -455,8 +479,10 @@ def info(
             table.add_row("corpus", str(state.get("corpus") or "?"))
         if loaded.train_config:
             cfg = loaded.train_config
-            table.add_row("training", f"batch {cfg.batch_size} × seq {cfg.seq_len}, lr {cfg.lr:g}, "
-                                      f"weight decay {cfg.weight_decay:g}, clip {cfg.clip:g}, seed {cfg.seed}")
+            table.add_row("training", f"{cfg.optimizer}, batch {cfg.batch_size} × seq {cfg.seq_len}, lr {cfg.lr:g}, "
+                                      f"weight decay {cfg.weight_decay:g}, clip {cfg.clip:g}, seed {cfg.seed}"
+                                      + "".join(f", {name} {value:g}" for name, value in
+                                                (("AR", cfg.activation_reg), ("TAR", cfg.temporal_reg)) if value))
         console.print(table)
 
 

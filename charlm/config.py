@@ -16,6 +16,7 @@ from .errors import ConfigError
 CELLS = ("lstm", "gru", "rnn")
 TOKENIZERS = ("char", "word", "byte")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+OPTIMIZERS = ("adamw", "sgd", "adagrad", "rmsprop")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -93,6 +94,11 @@ LIMITS: dict[str, Range] = {
     "hidden_size": Range(int, 1, 2**20),
     "num_layers": Range(int, 1, 1024),
     "dropout": Range(float, 0, 1, high_open=True),
+    "input_dropout": Range(float, 0, 1, high_open=True),
+    "embed_dropout": Range(float, 0, 1, high_open=True),
+    "weight_drop": Range(float, 0, 1, high_open=True),
+    "activation_reg": Range(float, 0, 1000),
+    "temporal_reg": Range(float, 0, 1000),
     "seq_len": Range(int, 1, 2**24),
     "batch_size": Range(int, 1, 2**24),
     "lr": Range(float, 0, 1000, low_open=True),
@@ -156,14 +162,19 @@ class ModelConfig(_DictMixin):
     embed_size: int = 128
     hidden_size: int = 256
     num_layers: int = 2
-    dropout: float = 0.0
+    dropout: float = 0.0  # variational: between layers and on the last layer's output (and see input_dropout)
     tie_weights: bool = False
+    input_dropout: float | None = None  # variational, on the embedding output; None: the same as dropout
+    embed_dropout: float = 0.0  # whole tokens: every use of a dropped token's embedding in a batch
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
 
     def __post_init__(self) -> None:
         _check(isinstance(self.cell, str) and self.cell in CELLS,
                f"--cell must be one of {', '.join(CELLS)} (got {brief(self.cell)})")
-        for name in ("vocab_size", "embed_size", "hidden_size", "num_layers", "dropout"):
+        for name in ("vocab_size", "embed_size", "hidden_size", "num_layers", "dropout", "embed_dropout",
+                     "weight_drop"):
             check_option(name, getattr(self, name))
+        check_option("input_dropout", self.input_dropout, optional=True)
         _check(isinstance(self.tie_weights, bool), "--tie-weights must be true or false")
         _check(not self.tie_weights or self.embed_size == self.hidden_size,
                f"--tie-weights needs --embed-size equal to --hidden-size "
@@ -191,13 +202,18 @@ class TrainConfig(_DictMixin):
     device: str = "auto"
     max_bad_steps: int = 25
     log_every: int = 10
+    activation_reg: float = 0.0  # AR: + this × mean square of the last layer's (dropped-out) outputs
+    temporal_reg: float = 0.0  # TAR: + this × mean square of their step-to-step change (before dropout)
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "log_every", "max_bad_steps", "warmup_steps", "seed", "lr",
-                     "min_lr_ratio", "weight_decay", "clip", "val_fraction"):
+                     "min_lr_ratio", "weight_decay", "clip", "val_fraction", "activation_reg", "temporal_reg"):
             check_option(name, getattr(self, name))
         for name in ("epochs", "max_steps", "eval_every", "patience", "max_minutes"):
             check_option(name, getattr(self, name), optional=True)
+        _check(isinstance(self.optimizer, str) and self.optimizer in OPTIMIZERS,
+               f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {brief(self.optimizer)})")
         _check(isinstance(self.device, str) and self.device in DEVICES,
                f"--device must be one of {', '.join(DEVICES)} (got {brief(self.device)})")
         check_decay(lr=self.lr, weight_decay=self.weight_decay)
@@ -245,6 +261,11 @@ class AutoSize:
     batch_size: int
     lr: float
     reason: str
+    input_dropout: float | None = None
+    embed_dropout: float = 0.0
+    weight_drop: float = 0.0
+    activation_reg: float = 0.0
+    temporal_reg: float = 0.0
 
 
 # Rough CPU training rates (tokens/s on 2 cores) per hidden size, used only to guess how many

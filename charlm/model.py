@@ -2,13 +2,22 @@
 
 Parameter names are PyTorch's own (``rnn.weight_ih_l0``, …), so the recurrent weights load
 straight into a plain ``nn.LSTM``/``nn.GRU``/``nn.RNN``.
+
+Regularisation in training (AWD-LSTM, Merity et al. 2017), all off in eval mode:
+- variational ("locked") dropout: one mask per stream for the whole window, on the embedding
+  output (``input_dropout``), between layers and on the last layer's output (``dropout``);
+- embedding dropout (``embed_dropout``): whole tokens, every use of a dropped token in the batch;
+- weight drop (``weight_drop``): DropConnect on each hidden-to-hidden matrix, one mask per window.
+  The dropped copy is passed to the same fused kernel (oneDNN / cuDNN) that ``nn.LSTM`` calls, one
+  layer at a time; the stored weights never change.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import _VF, nn
 
 from .config import ModelConfig
 
@@ -49,10 +58,8 @@ class RNNLM(nn.Module):
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_size)
         extra = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
-        self.rnn = _CELLS[cfg.cell](
-            cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
-            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, **extra)
-        self.drop = nn.Dropout(cfg.dropout)
+        # The dropout between layers is ours (variational), so the module's own is 0.
+        self.rnn = _CELLS[cfg.cell](cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True, **extra)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
@@ -83,14 +90,62 @@ class RNNLM(nn.Module):
         h = torch.zeros(shape, device=device, dtype=dtype)
         return (h, torch.zeros_like(h)) if self.cfg.cell == "lstm" else h
 
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        emb = self.drop(self.embedding(x))  # (B, T, E)
-        out, state = self.rnn(emb, state)  # (B, T, H)
-        logits = self.head(self.drop(out))  # (B, T, V)
-        return logits, state
+    def forward(self, x: torch.Tensor, state: State | None = None, *,
+                with_outputs: bool = False) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, tuple]:
+        """Logits (B, T, V) and the new state; ``with_outputs`` adds the last layer's outputs
+        before and after dropout (for activation regularisation)."""
+        cfg, training = self.cfg, self.training
+        emb = self.embedding(x)  # (B, T, E)
+        if training and cfg.embed_dropout > 0:
+            keep = torch.empty(cfg.vocab_size, device=emb.device, dtype=emb.dtype).bernoulli_(1 - cfg.embed_dropout)
+            emb = emb * (keep / (1 - cfg.embed_dropout))[x].unsqueeze(-1)
+        emb = locked_dropout(emb, cfg.dropout if cfg.input_dropout is None else cfg.input_dropout, training)
+        if training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1)):
+            raw, state = self._layer_by_layer(emb, state)
+        else:
+            raw, state = self.rnn(emb, state)  # (B, T, H): all layers in one fused call
+        out = locked_dropout(raw, cfg.dropout, training)
+        logits = self.head(out)
+        return (logits, state, (raw, out)) if with_outputs else (logits, state)
+
+    def _layer_by_layer(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """The recurrence a layer at a time: variational dropout between layers, and each
+        hidden-to-hidden matrix through DropConnect, into the kernel ``nn.LSTM`` itself calls."""
+        cfg = self.cfg
+        if state is None:
+            state = self.init_state(x.size(0), device=x.device, dtype=x.dtype)
+        finals = []
+        for k in range(cfg.num_layers):
+            if k > 0:
+                x = locked_dropout(x, cfg.dropout, True)
+            w_hh = getattr(self.rnn, f"weight_hh_l{k}")
+            if cfg.weight_drop > 0:
+                w_hh = F.dropout(w_hh, cfg.weight_drop, True)
+            weights = [getattr(self.rnn, f"weight_ih_l{k}"), w_hh, getattr(self.rnn, f"bias_ih_l{k}"),
+                       getattr(self.rnn, f"bias_hh_l{k}")]
+            if cfg.cell == "lstm":
+                h, c = state  # type: ignore[misc]
+                x, h_k, c_k = _VF.lstm(x, (h[k:k + 1], c[k:k + 1]), weights, True, 1, 0.0, True, False, True)
+                finals.append((h_k, c_k))
+            else:
+                run = _VF.gru if cfg.cell == "gru" else _VF.rnn_tanh
+                x, h_k = run(x, state[k:k + 1], weights, True, 1, 0.0, True, False, True)  # type: ignore[index]
+                finals.append(h_k)
+        if cfg.cell == "lstm":
+            return x, (torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals]))
+        return x, torch.cat(finals)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+
+def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout with one mask per stream for the whole window (x is (B, T, F)): the same units are
+    dropped at every time step, as variational dropout needs."""
+    if not training or p <= 0:
+        return x
+    mask = torch.empty(x.size(0), 1, x.size(2), device=x.device, dtype=x.dtype).bernoulli_(1 - p)
+    return x * (mask / (1 - p))
 
 
 def detach_state(state: State | None) -> State | None:

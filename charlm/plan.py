@@ -31,10 +31,16 @@ class TrainOptions:
     exclude: tuple[str, ...] = ()  # a folder corpus: file or folder name patterns to leave out
     tokenizer: str = "char"
     cell: str = "lstm"
+    optimizer: str = "adamw"
     hidden_size: int | None = None
     num_layers: int | None = None
     embed_size: int | None = None
     dropout: float | None = None
+    input_dropout: float | None = None
+    embed_dropout: float | None = None
+    weight_drop: float | None = None
+    activation_reg: float | None = None
+    temporal_reg: float | None = None
     tie_weights: bool | None = None
     seq_len: int | None = None
     batch_size: int | None = None
@@ -85,12 +91,14 @@ class TrainOptions:
                               f"got {self.max_vocab})")
 
 
-NUMERIC_OPTIONS = ("hidden_size", "num_layers", "embed_size", "dropout", "seq_len", "batch_size", "lr",
+NUMERIC_OPTIONS = ("hidden_size", "num_layers", "embed_size", "dropout", "input_dropout", "embed_dropout",
+                   "weight_drop", "activation_reg", "temporal_reg", "seq_len", "batch_size", "lr",
                    "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps", "max_minutes",
                    "val_fraction", "eval_every", "patience", "seed", "min_count", "max_vocab", "max_bad_steps",
                    "log_every")
 # The options a resumed run hands to trainer.resume_configs, which honours or refuses each.
-_RESUME_KEYS = ("tokenizer", "cell", "hidden_size", "num_layers", "embed_size", "dropout", "tie_weights", "seq_len",
+_RESUME_KEYS = ("tokenizer", "cell", "hidden_size", "num_layers", "embed_size", "dropout", "input_dropout",
+                "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "tie_weights", "seq_len",
                 "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
                 "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
                 "max_bad_steps", "log_every")
@@ -128,7 +136,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     """Decide everything about a run. ``given`` names the options the user gave explicitly (a
     resumed run honours or refuses each of them, even one equal to its default)."""
     from .cache import prepare_corpus
-    from .corpora import resolve_corpus_name
+    from .corpora import get_spec, resolve_corpus_name
     from .distributed import Dist
     from .model import resolve_device
     from .trainer import load_resume, resume_configs
@@ -143,6 +151,14 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         run_name, corpus = corpus, str(registered.train)
         if val_file is None and registered.valid is not None:
             val_file = str(registered.valid)  # the corpus's own validation split, not a slice of train
+        # The tokenizer its published results use (enwik8: bytes), unless one was asked for.
+        measured_with = get_spec(run_name).tokenizer
+        if "tokenizer" not in given and options.resume is None and options.init_from is None \
+                and options.tokenizer != measured_with:
+            options = dataclasses.replace(options, tokenizer=measured_with)
+            if note is not None:
+                note(f"note: --tokenizer {measured_with}, the tokenizer {run_name}'s published results use "
+                     f"(give --tokenizer to choose another)")
     val_source = str(Path(val_file).resolve()) if val_file else None
 
     if options.resume is not None:
@@ -198,20 +214,43 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     model_cfg = ModelConfig(
         vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=hidden,
         num_layers=_given_or(options.num_layers, auto.num_layers), dropout=_given_or(options.dropout, auto.dropout),
-        embed_size=_given_or(options.embed_size, hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie)
+        embed_size=_given_or(options.embed_size, hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie,
+        input_dropout=_given_or(options.input_dropout, auto.input_dropout),
+        embed_dropout=_given_or(options.embed_dropout, auto.embed_dropout),
+        weight_drop=_given_or(options.weight_drop, auto.weight_drop))
+    lr, weight_decay, clip = _optimizer_defaults(options, given, auto.lr)
     train_cfg = TrainConfig(
         seq_len=_given_or(options.seq_len, auto.seq_len), batch_size=_given_or(options.batch_size, auto.batch_size),
-        lr=_given_or(options.lr, auto.lr), weight_decay=options.weight_decay, clip=options.clip,
+        lr=lr, weight_decay=weight_decay, clip=clip, optimizer=options.optimizer,
         warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio, epochs=options.epochs,
         max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
         eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
-        max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY))
+        max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
+        activation_reg=_given_or(options.activation_reg, auto.activation_reg),
+        temporal_reg=_given_or(options.temporal_reg, auto.temporal_reg))
     run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
     notes = []
     if unknown := data.tokenizer.count_unknown(data.val_ids):
         notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
     return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
                    corpus_options=_corpus_options(options, corpus_data))
+
+
+# The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
+OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
+                "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
+
+
+def _optimizer_defaults(options: TrainOptions, given: Collection[str], adamw_lr: float) -> tuple[float, float, float]:
+    """--lr, --weight-decay and --clip: the user's, else the optimizer's own defaults (AdamW's
+    auto-sized rate; for the others a rate of their scale, no L2 decay, and SGD the word-LM
+    example's clip of 0.25)."""
+    if options.optimizer == "adamw":
+        return _given_or(options.lr, adamw_lr), options.weight_decay, options.clip
+    lr = _given_or(options.lr, OPTIMIZER_LR[options.optimizer][options.tokenizer])
+    weight_decay = options.weight_decay if "weight_decay" in given else 0.0
+    clip = options.clip if "clip" in given else 0.25 if options.optimizer == "sgd" else options.clip
+    return lr, weight_decay, clip
 
 
 def _new_run_dir(options: TrainOptions, dist: Any, name: str) -> Path:
@@ -262,15 +301,21 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
         corpus, val_fraction=options.val_fraction, tokenizer=tokenizer, val_path=val_source,
         encoding_errors=options.encoding_errors, on_note=note, include=options.include, exclude=options.exclude))
     before = base.train_config or TrainConfig()
-    model_cfg = dataclasses.replace(base.model_config, vocab_size=tokenizer.vocab_size,
-                                    dropout=_given_or(options.dropout, base.model_config.dropout))
+    model_cfg = dataclasses.replace(
+        base.model_config, vocab_size=tokenizer.vocab_size, **{
+            key: _given_or(getattr(options, key), getattr(base.model_config, key))
+            for key in ("dropout", "input_dropout", "embed_dropout", "weight_drop")})
     train_cfg = TrainConfig(
         seq_len=_given_or(options.seq_len, before.seq_len), batch_size=_given_or(options.batch_size, before.batch_size),
-        lr=_given_or(options.lr, before.lr), weight_decay=options.weight_decay, clip=options.clip,
+        lr=_given_or(options.lr, before.lr if options.optimizer == before.optimizer else
+                     OPTIMIZER_LR.get(options.optimizer, {}).get(base.tokenizer.kind, before.lr)),
+        weight_decay=options.weight_decay, clip=options.clip, optimizer=options.optimizer,
         warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio, epochs=options.epochs,
         max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
         eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
-        max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY))
+        max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
+        activation_reg=_given_or(options.activation_reg, before.activation_reg),
+        temporal_reg=_given_or(options.temporal_reg, before.temporal_reg))
     notes = []
     if added := tokenizer.vocab_size - base.tokenizer.vocab_size:
         notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "
@@ -284,7 +329,7 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
                    init_weights=weights, corpus_options=_corpus_options(options, corpus_data))
 
 
-_TEXT_OPTIONS = ("tokenizer", "cell", "device", "encoding_errors", "corpus", "val_file", "out", "resume", "init_from")
+_TEXT_OPTIONS = ("tokenizer", "cell", "optimizer", "device", "encoding_errors", "corpus", "val_file", "out", "resume", "init_from")
 
 
 def options_from(values: dict[str, Any]) -> TrainOptions:
@@ -295,7 +340,7 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; the options are "
                           f"{', '.join(sorted(known))}")
     for key in _TEXT_OPTIONS:
-        nullable = key not in ("tokenizer", "cell", "device", "encoding_errors")
+        nullable = key not in ("tokenizer", "cell", "optimizer", "device", "encoding_errors")
         if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
             raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
                               f"(got {type(values[key]).__name__})")

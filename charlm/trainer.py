@@ -45,10 +45,19 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
 
 # ── optimizer and resume state ──────────────────────────────────────────────────────────────────
 
-def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """``cfg.optimizer``: AdamW (decoupled weight decay), plain SGD (the PyTorch word-LM example's),
+    Adagrad (min-char-rnn's) or RMSprop with decay 0.95 (char-rnn's); the others' weight decay is
+    the L2 kind. Biases and other vectors are never decayed; the trainer sets the rate each step."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=cfg.lr)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=0.95)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
 
 
@@ -79,14 +88,18 @@ def _optim_tensors(optimizer: torch.optim.Optimizer, model: RNNLM, state, rng_st
     return tensors
 
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+# Each optimizer's per-parameter state besides ``step``, and which of it can never be negative.
+_MOMENTS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": (), "adagrad": ("sum",), "rmsprop": ("square_avg",)}
+_NON_NEGATIVE = ("exp_avg_sq", "sum", "square_avg")
 
 
 def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_config: ModelConfig,
-                        batch_size: int, steps_taken: int | None = None) -> None:
+                        batch_size: int, steps_taken: int | None = None, optimizer: str = "adamw") -> None:
     """Check a resume file against the model before anything is restored: every parameter has a
-    step and both moments of its own shape (or no parameter has any: no step was taken), the RNG
-    state has the generator's size, and the hidden state is (layers, batch, hidden) for the cell."""
+    step and the optimizer's moments, of its own shape (or no parameter has any: no step was taken;
+    plain SGD keeps none), the RNG state has the generator's size, and the hidden state is
+    (layers, batch, hidden) for the cell."""
+    moments = _MOMENTS[optimizer]
     from .model import parameter_shapes
 
     def bad(message: str) -> CheckpointError:
@@ -102,30 +115,30 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
                 raise bad(f"unexpected entry {brief(key)}")
             continue
         name, _, part = key[len("optim."):].rpartition(".")
-        if name not in shapes or part not in ("step", *_MOMENTS):
+        if name not in shapes or part not in ("step", *moments) or not moments:
             raise bad(f"unexpected optimizer entry {brief(key)}")
         found.setdefault(name, {})[part] = value
-    if not found and steps_taken:
+    if not found and steps_taken and moments:
         raise bad(f"the optimizer state is missing although the run has taken {steps_taken:,} steps")
     if found:
         for name, shape in shapes.items():
             parts = found.get(name, {})
-            for part in ("step", *_MOMENTS):
+            for part in ("step", *moments):
                 if part not in parts:
                     raise bad(f"the optimizer state lacks {name}.{part}")
             step = parts["step"]
             if step.numel() != 1 or not bool(torch.isfinite(step.double()).all()) or float(step.double()) < 0 \
                     or (steps_taken is not None and float(step.double()) > steps_taken):
                 raise bad(f"the optimizer step of {name} is not a count of the run's steps")
-            for part in _MOMENTS:
+            for part in moments:
                 moment = parts[part]
                 if tuple(moment.shape) != shape:
                     raise bad(f"the optimizer state {name}.{part} has shape {tuple(moment.shape)}, "
                               f"the parameter has {shape}")
                 if moment.dtype == torch.bool or not bool(torch.isfinite(moment.double()).all()):
                     raise bad(f"the optimizer state {name}.{part} holds NaN, Inf or non-numbers")
-            if bool((parts["exp_avg_sq"] < 0).any()):
-                raise bad(f"the optimizer state {name}.exp_avg_sq is negative")
+                if part in _NON_NEGATIVE and bool((moment < 0).any()):
+                    raise bad(f"the optimizer state {name}.{part} is negative")
     rng_size = torch.get_rng_state().numel()
     rng = tensors.get("rng.cpu")
     if rng is None or rng.dtype != torch.uint8 or tuple(rng.shape) != (rng_size,):
@@ -156,7 +169,7 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
 
 
 def _restore_optim(optimizer: torch.optim.Optimizer, model: RNNLM, tensors: dict[str, torch.Tensor],
-                   device: torch.device, dist: Dist):
+                   device: torch.device, dist: Dist, kind: str):
     """Restore what ``check_optim_tensors`` accepted: moments through the optimizer's own
     ``load_state_dict`` (which puts each on its parameter's device, and ``step`` where a fused
     optimizer needs it), this rank's RNG state, and the carried hidden state (all B streams)."""
@@ -167,7 +180,7 @@ def _restore_optim(optimizer: torch.optim.Optimizer, model: RNNLM, tensors: dict
         key = f"optim.{names[id(p)]}"
         if f"{key}.step" in tensors:
             state[index] = {"step": tensors[f"{key}.step"].reshape(()).to(torch.float32),
-                            **{part: tensors[f"{key}.{part}"].float() for part in _MOMENTS}}
+                            **{part: tensors[f"{key}.{part}"].float() for part in _MOMENTS[kind]}}
     saved = optimizer.state_dict()
     saved["state"] = state
     optimizer.load_state_dict(saved)
@@ -205,7 +218,7 @@ def load_resume(run: str | Path) -> Resume:
     optim_path = path.parent / Path(str(optim_name)).name
     tensors, _ = ckpt.load_tensors(optim_path)
     check_optim_tensors(optim_path, tensors, checkpoint.model_config, checkpoint.train_config.batch_size,
-                        checkpoint.train_state.get("step"))
+                        checkpoint.train_state.get("step"), checkpoint.train_config.optimizer)
     for key in ("step", "epoch", "window"):
         if key not in checkpoint.train_state:
             raise CheckpointError(f"{path}: train_state lacks {key!r}, so the run cannot be resumed")
@@ -228,6 +241,7 @@ class TrainResult:
     elapsed_seconds: float
     num_parameters: int
     best_val_bpc: float = float("nan")  # bits per character of the validation text
+    eval_seconds: float = 0.0  # of this session's time, spent evaluating (and saving checkpoints)
 
     @property
     def best_checkpoint(self) -> Path:
@@ -371,7 +385,8 @@ class _Run:
         self.progress.stopped_by, self.progress.optim_file = None, None
         if self.fixed_total:
             self.progress.total_steps = self.fixed_total
-        self.state = _restore_optim(self.optimizer, self.model, resume.optim_tensors, self.device, self.dist)
+        self.state = _restore_optim(self.optimizer, self.model, resume.optim_tensors, self.device, self.dist,
+                                    self.cfg.optimizer)
         if self.state is not None:
             self.state = select_state(self.state, self.rows)  # the saved state covers all B streams
         p = self.progress
@@ -465,10 +480,18 @@ class _Run:
             group["lr"] = lr
         with out_of_memory_as(f"in training step {p.step + 1:,}", self.step_hint), dist.guard(), \
                 torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits, new_state = self.net(x, self.state)  # (B / world size, T, V)
+            if cfg.activation_reg > 0 or cfg.temporal_reg > 0:
+                logits, new_state, (raw, dropped) = self.net(x, self.state, with_outputs=True)
+            else:
+                logits, new_state = self.net(x, self.state)  # (B / world size, T, V)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            objective = loss
+            if cfg.activation_reg > 0:  # AR: large activations cost (after dropout, as in AWD-LSTM)
+                objective = objective + cfg.activation_reg * dropped.float().pow(2).mean()
+            if cfg.temporal_reg > 0 and raw.size(1) > 1:  # TAR: fast-changing hidden states cost
+                objective = objective + cfg.temporal_reg * (raw[:, 1:] - raw[:, :-1]).float().pow(2).mean()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP the gradients arrive averaged over ranks
+            objective.backward()  # under DDP the gradients arrive averaged over ranks
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                         cfg.clip if cfg.clip > 0 else math.inf)
         reason = self.should_stop() if self.should_stop else None
@@ -539,6 +562,16 @@ class _Run:
                          "total_steps": p.total_steps if (self.fixed_total or self.budget) else None})
             self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
 
+    def eval_period(self, steps_since: int, since: float) -> float:
+        """Seconds between evaluations under a time budget: a twentieth of it, or 20 × the cost
+        of an evaluation if that is more (its cost measured, or estimated from the training speed
+        as a third of a training step per token, until the first evaluation)."""
+        cost = self.last_eval_seconds
+        if cost == 0.0:
+            seconds_per_token = (self.clock - since) / max(steps_since * self.cfg.batch_size * self.cfg.seq_len, 1)
+            cost = len(self.data.val_ids) * seconds_per_token / 3
+        return max(self.budget / 20, 20 * cost)
+
     # ── the loop ──
 
     def run(self) -> TrainResult:
@@ -548,7 +581,8 @@ class _Run:
                      "num_parameters": self.num_parameters, "device": str(self.device),
                      "world_size": self.dist.world_size, "model_config": self.model.cfg.to_dict(),
                      "train_config": cfg.to_dict(), "resumed": self.resume is not None,
-                     "train_tokens": int(len(self.data.train_ids)), "val_tokens": int(len(self.data.val_ids))})
+                     "train_tokens": int(len(self.data.train_ids)), "val_tokens": int(len(self.data.val_ids)),
+                     "tokenizer": self.data.tokenizer.kind})
         self.step_hint = (f"make --batch-size ({cfg.batch_size}) or --seq-len ({cfg.seq_len}) smaller, "
                           f"or the model (--hidden-size, --num-layers)")
         self.net.train()
@@ -556,9 +590,12 @@ class _Run:
         self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
         last_eval_step = p.step if self.resume is not None else -1
         last_eval_at = self.clock
-        # Evaluation costs steps: under a budget, 2 during the run + 1 at the end.
-        eval_period = self.budget / 3 if self.budget else None
+        # Under a time budget, evaluate every twentieth of it, but never spend more than about 5%
+        # of the time evaluating: at most once per 20 × what an evaluation costs (estimated from the
+        # training speed until the first one is timed). A run that overfits keeps its best point;
+        # a large validation split is evaluated seldom.
         eval_every = cfg.eval_every or (None if self.budget else max(1, (self.fixed_total or self.steps_per_epoch) // 10))
+        self.eval_seconds_total = 0.0
 
         stopped_by = "done"
         while (ended := self.stop_before_step()) is None:
@@ -568,9 +605,11 @@ class _Run:
                 rate = p.step / max(self.clock, 1e-9)  # steps per second, evaluation included
                 p.total_steps = max(p.step + 1, int(p.step + (self.budget - self.clock - self.last_eval_seconds) * rate))
             self.log_step(lr)
-            if (eval_every is not None and p.step % eval_every == 0) or \
-                    (eval_period is not None and self.clock - last_eval_at >= eval_period):
+            timed_eval = cfg.eval_every is None and self.budget is not None and \
+                self.clock - last_eval_at >= self.eval_period(p.step - max(last_eval_step, 0), last_eval_at)
+            if (eval_every is not None and p.step % eval_every == 0) or timed_eval:
                 self.last_eval_seconds = self.evaluate_and_save()
+                self.eval_seconds_total += self.last_eval_seconds
                 last_eval_step = p.step
                 self.clock = last_eval_at = self.interval_start = self.clock + self.last_eval_seconds
                 if cfg.patience is not None and p.evals_since_best >= cfg.patience:
@@ -587,15 +626,17 @@ class _Run:
         if stopped_by != "interrupt":
             p.stopped_by = stopped_by  # saved with the last checkpoint: a resume can tell what ended the run
             if last_eval_step != p.step:
-                self.clock += self.evaluate_and_save()
+                seconds = self.evaluate_and_save()
+                self.clock += seconds
+                self.eval_seconds_total += seconds
             else:
                 self.save_last()
         self.record({"event": "end", "step": p.step, "stopped_by": stopped_by, "best_val_loss": p.best_val_loss,
-                     "best_step": p.best_step, "elapsed": self.clock})
+                     "best_step": p.best_step, "elapsed": self.clock, "eval_seconds": self.eval_seconds_total})
         predicted = max(len(self.data.val_ids) - 1, 0)
         best_bpc = EvalResult(p.best_val_loss * predicted, predicted).bits_per_char(self.data.val_chars)
         return TrainResult(self.run_dir, p.step, p.best_val_loss, p.best_step, p.val_loss, stopped_by, self.clock,
-                           self.num_parameters, best_bpc)
+                           self.num_parameters, best_bpc, self.eval_seconds_total)
 
 
 def load_initial_weights(model: RNNLM, weights: dict[str, torch.Tensor]) -> None:
@@ -757,8 +798,9 @@ def new_run_dir(root: str | Path, name: str) -> Path:
 # What a resumed run may and may not change. The shape of the model and of the data layout, the
 # vocabulary, the seed and the warm-up are the run's own; the stopping rules, the device and
 # the optimizer's step sizes may change from here on.
-FIXED_ON_RESUME = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weights", "dropout",
-                   "batch_size", "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps")
+FIXED_ON_RESUME = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weights", "dropout", "input_dropout",
+                   "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "batch_size",
+                   "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps")
 ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "max_minutes", "patience", "device", "eval_every",
                         "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio")
 NOT_ON_RESUME = {"min_count": "the vocabulary is the checkpoint's", "max_vocab": "the vocabulary is the checkpoint's"}

@@ -104,3 +104,36 @@ def test_wrong_types_are_charlm_errors_not_type_errors(play_run, tmp_path):
             call()
     with pytest.raises(CharlmError, match="no checkpoint under .*name a checkpoint file or run folder"):
         charlm.load(root=tmp_path)
+
+
+def test_a_registry_corpus_trains_with_the_tokenizer_its_results_use(tmp_path, monkeypatch):
+    from charlm import corpora
+
+    folder = tmp_path / "corpora" / "enwik8"
+    folder.mkdir(parents=True)
+    (folder / "train.txt").write_text(PLAY, encoding="utf-8")
+    (folder / "valid.txt").write_text(PLAY[:2000], encoding="utf-8")
+    prepared = corpora.PreparedCorpus("enwik8", folder, {"train": folder / "train.txt",
+                                                         "valid": folder / "valid.txt"})
+    monkeypatch.setattr(corpora, "resolve_corpus_name", lambda name, **kw: prepared if name == "enwik8" else None)
+    notes = []
+    run = charlm.train("enwik8", out=tmp_path / "b", max_steps=2, on_note=notes.append, **TINY)
+    assert charlm.load(run.run_dir).tokenizer.kind == "byte"
+    assert any("--tokenizer byte, the tokenizer enwik8's published results use" in n for n in notes)
+    chosen = charlm.train("enwik8", out=tmp_path / "c", max_steps=2, tokenizer="char", **TINY)
+    assert charlm.load(chosen.run_dir).tokenizer.kind == "char"  # asked for: honoured
+
+
+def test_bits_per_byte_and_the_word_model_caveat(play_run, tmp_path):
+    lm = charlm.load(play_run)
+    text = "ROMEO: café\n"
+    result = lm.perplexity(text)
+    assert result.bytes == len(text.encode()) == len(text) + 1
+    assert result.bits_per_byte == pytest.approx(result.total_nats / math.log(2) / result.bytes)
+    assert result.caveat is None
+    corpus = tmp_path / "w.txt"
+    corpus.write_text("the cat sat on the mat .\n" * 100, encoding="utf-8")
+    words = charlm.train(corpus, tokenizer="word", out=tmp_path / "w", max_steps=2, **TINY)
+    assert "lower bounds" in charlm.load(words.run_dir).perplexity("the cat sat .\n").caveat
+    cli = CliRunner().invoke(app, ["perplexity", str(corpus), "--checkpoint", str(words.run_dir)])
+    assert cli.exit_code == 0 and "bits/char*" in cli.stdout and "lower bounds" in cli.stderr

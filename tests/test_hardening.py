@@ -518,7 +518,9 @@ def test_resuming_a_finished_run_says_which_limit_it_reached(run, tmp_path, tiny
     timed = tmp_path / "timed"
     assert invoke("train", tiny_corpus, "--out", timed, "--max-minutes", "0.002", *TINY).exit_code == 0
     assert "already reached --max-minutes" in one_line_error(invoke("train", "--resume", timed), 2)
-    result = invoke("train", "--resume", timed, "--max-minutes", "0.01")
+    # A larger budget trains on (a step limit keeps it short on a loaded machine).
+    steps = load_checkpoint(timed / "last.safetensors").train_state["step"]
+    result = invoke("train", "--resume", timed, "--max-minutes", "10", "--max-steps", str(steps + 2))
     assert result.exit_code == 0, result.output
 
 

@@ -47,9 +47,15 @@ def test_training_writes_checkpoints_and_metrics_and_the_loss_falls(tmp_path, ti
     assert best.train_state["best_val_loss"] == pytest.approx(result.best_val_loss)
 
 
-def test_resume_is_exact_on_cpu(tmp_path, tiny_text):
+@pytest.mark.parametrize("optimizer, regularised", [("adamw", False), ("adamw", True), ("sgd", True),
+                                                    ("adagrad", False), ("rmsprop", False)])
+def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised):
     data = prepare_data(tiny_text, val_fraction=0.1)
-    model_cfg, train_cfg = _configs(data, max_steps=30)
+    model_cfg, train_cfg = _configs(data, max_steps=30, optimizer=optimizer,
+                                    lr={"sgd": 1.0, "adagrad": 0.1}.get(optimizer, 1e-2),
+                                    **(dict(activation_reg=1.0, temporal_reg=1.0) if regularised else {}))
+    if regularised:  # every random mask (embedding, variational, DropConnect) must come back on resume
+        model_cfg = model_cfg.replace(input_dropout=0.3, embed_dropout=0.1, weight_drop=0.3)
     full = tmp_path / "full"
     train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=full)
 
@@ -128,3 +134,29 @@ def test_new_run_dir_never_reuses_a_run(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "best.safetensors").write_bytes(b"")
     assert new_run_dir(tmp_path, "x") == tmp_path / "x-2"
+
+
+def test_an_optimizer_file_of_another_optimizer_is_refused(tmp_path, tiny_text):
+    from charlm.errors import CheckpointError
+    from charlm.trainer import check_optim_tensors
+
+    data = prepare_data(tiny_text, val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, max_steps=3)
+    train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path / "r")
+    res = load_resume(tmp_path / "r")
+    for other in ("sgd", "adagrad", "rmsprop"):
+        with pytest.raises(CheckpointError, match="damaged"):
+            check_optim_tensors(tmp_path / "x", res.optim_tensors, model_cfg, 4, 3, other)
+
+
+def test_evaluation_under_a_budget_is_frequent_but_bounded(tmp_path, tiny_text):
+    data = prepare_data(tiny_text * 3, val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, max_minutes=0.15, eval_every=None, log_every=10)
+    result = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path / "r")
+    events = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    end = [e for e in events if e["event"] == "end"][-1]
+    assert len(evals) >= 5  # a twentieth of 9 s when evaluating is cheap: several, not 3
+    assert end["eval_seconds"] == pytest.approx(sum(e["eval_seconds"] for e in evals))
+    assert result.eval_seconds == pytest.approx(end["eval_seconds"])
+    assert end["eval_seconds"] <= 0.25 * end["elapsed"]  # bounded (loosely: a loaded machine is noisy)
