@@ -147,7 +147,8 @@ def main() -> None:
     parser.add_argument("corpus", type=Path, help="a folder with train.txt, valid.txt and test.txt")
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--options", default="", help="extra charlm train options: records a sweep point")
-    parser.add_argument("--only", choices=("charlm", "reference"), help="run one side only")
+    parser.add_argument("--only", choices=("charlm", "reference"),
+                        help="run one side only (the reference takes the vocabulary of charlm's run with --options)")
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="charlm-word-")) / "run"
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
@@ -160,9 +161,11 @@ def main() -> None:
         print(json.dumps({"charlm": {k: result["charlm"][k] for k in ("valid_perplexity", "test_perplexity",
                                                                        "steps", "best_step")}}), flush=True)
     if args.only != "charlm":
-        if not (run_dir / "best.safetensors").exists():  # the vocabulary: a default charlm run's
-            subprocess.run([sys.executable, "-m", "charlm", "train", str(args.corpus / "train.txt"), "--tokenizer",
-                            "word", "--max-steps", "1", "--out", str(run_dir), "--sample-length", "0"],
+        if not (run_dir / "best.safetensors").exists():
+            # The vocabulary of the charlm run this would be paired with: the same command, one step.
+            subprocess.run([sys.executable, "-m", "charlm", "train", str(args.corpus / "train.txt"), "--val-file",
+                            str(args.corpus / "valid.txt"), "--tokenizer", "word", "--max-steps", "1", "--out",
+                            str(run_dir), "--sample-length", "0", *shlex.split(args.options)],
                            check=True, capture_output=True)
         result["reference"] = run_reference(args.corpus, args.minutes, run_dir / "best.safetensors")
         print(json.dumps({"reference": {k: result["reference"][k] for k in ("valid_perplexity", "test_perplexity",

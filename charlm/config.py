@@ -248,6 +248,35 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Word models on 2 CPU cores (tied, one layer, batch 20 × 35, a ~4k-word vocabulary: Grimm),
+# tokens/s per hidden size, to guess the epochs a budget buys.
+_CPU_WORD_TOKENS_PER_SECOND = {256: 12_000, 400: 7_000, 512: 5_000, 768: 3_000}
+
+
+def _auto_size_words(*, train_tokens: int, minutes: float, gpu: bool, gpu_size: tuple[int, int, int]) -> "AutoSize":
+    """Word models: plain SGD at rate 20 with clipping 0.25 (the PyTorch word-LM example's
+    optimiser, which beat AdamW by far on Grimm: benchmarks/results/sweep-word-grimm-3min.json),
+    tied embeddings, and AWD-LSTM regularisation that grows with the epochs the budget buys."""
+    if gpu:
+        hidden, layers, batch = gpu_size
+        rate = 400_000
+    else:
+        hidden = 400 if minutes <= 5 else 512 if minutes <= 20 else 768
+        if train_tokens < 20_000:
+            hidden = 256
+        layers, batch = 1, 20
+        rate = _CPU_WORD_TOKENS_PER_SECOND[hidden]
+    epochs = minutes * 60 * rate / max(train_tokens, 1)
+    # (dropout, input dropout, embedding dropout, weight drop) by expected epochs.
+    reg = ((0.1, 0.1, 0.0, 0.0) if epochs < 3 else (0.2, 0.3, 0.05, 0.1) if epochs < 8
+           else (0.3, 0.4, 0.05, 0.2) if epochs < 30 else (0.4, 0.5, 0.1, 0.3))
+    # AR/TAR (AWD-LSTM's 2 and 1) were worth 1.6 test perplexity on Grimm in 3 minutes (40.5 vs 42.0).
+    ar, tar = (2.0, 1.0) if epochs >= 8 else (0.0, 0.0)
+    return AutoSize(hidden, layers, hidden, reg[0], True, 35, batch, 3e-3,
+                    f"word model, ~{epochs:.0f} epochs expected", input_dropout=reg[1], embed_dropout=reg[2],
+                    weight_drop=reg[3], activation_reg=ar, temporal_reg=tar, optimizer="sgd")
+
+
 @dataclass(frozen=True)
 class AutoSize:
     """What ``auto_size`` picked, so the CLI can say why."""
@@ -266,6 +295,7 @@ class AutoSize:
     weight_drop: float = 0.0
     activation_reg: float = 0.0
     temporal_reg: float = 0.0
+    optimizer: str = "adamw"  # the default optimiser; ``lr`` is AdamW's rate either way
 
 
 # Rough CPU training rates (tokens/s on 2 cores) per hidden size, used only to guess how many
@@ -302,11 +332,9 @@ def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, g
         batch = 16 if hidden <= 512 else 32
         lr = _CPU_LR[hidden]
         rate = _CPU_TOKENS_PER_SECOND[hidden]
-    expected_epochs = minutes * 60 * rate / max(train_tokens, 1)
     if tokenizer == "word":
-        seq_len, dropout = 35, 0.5 if expected_epochs > 5 else 0.3
-        return AutoSize(hidden, layers, hidden, dropout, True, seq_len, 32 if not gpu else batch, min(lr, 3e-3),
-                        f"word model, ~{expected_epochs:.0f} epochs expected")
+        return _auto_size_words(train_tokens=train_tokens, minutes=minutes, gpu=gpu, gpu_size=(hidden, layers, batch))
+    expected_epochs = minutes * 60 * rate / max(train_tokens, 1)
     dropout = 0.0 if expected_epochs < 8 else 0.1 if expected_epochs < 20 else 0.25
     embed = min(hidden, 128 if not gpu else 256)
     return AutoSize(hidden, layers, embed, dropout, False, seq_len, batch, lr,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from .config import TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option
+from .config import OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option
 from .errors import ConfigError
 
 DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
@@ -31,7 +31,7 @@ class TrainOptions:
     exclude: tuple[str, ...] = ()  # a folder corpus: file or folder name patterns to leave out
     tokenizer: str = "char"
     cell: str = "lstm"
-    optimizer: str = "adamw"
+    optimizer: str | None = None  # None: SGD for word models, AdamW otherwise (config.auto_size)
     hidden_size: int | None = None
     num_layers: int | None = None
     embed_size: int | None = None
@@ -59,7 +59,7 @@ class TrainOptions:
     seed: int = _TRAIN.seed
     device: str = _TRAIN.device
     out: str | None = None
-    min_count: int = 1
+    min_count: int | None = None  # None: 2 for word models (a trained <UNK>), 1 otherwise
     max_vocab: int | None = None
     resume: str | None = None
     init_from: str | None = None  # fine-tune: a checkpoint or run folder to start from
@@ -72,6 +72,8 @@ class TrainOptions:
         """Every numeric option against its range (config.LIMITS), before any work is done."""
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         for name in NUMERIC_OPTIONS:
             check_option(name, getattr(self, name), optional=True)
         if self.lr is not None:
@@ -201,7 +203,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     if options.init_from is not None:
         return _plan_fine_tune(options, given, dist, note, corpus, val_source, run_name, max_minutes)
     corpus_data, data = dist.main_first(lambda: prepare_corpus(
-        corpus, kind=options.tokenizer, val_fraction=options.val_fraction, min_count=options.min_count,
+        corpus, kind=options.tokenizer, val_fraction=options.val_fraction, min_count=_min_count(options),
         max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note,
         include=options.include, exclude=options.exclude))
     if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
@@ -218,6 +220,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         input_dropout=_given_or(options.input_dropout, auto.input_dropout),
         embed_dropout=_given_or(options.embed_dropout, auto.embed_dropout),
         weight_drop=_given_or(options.weight_drop, auto.weight_drop))
+    options = dataclasses.replace(options, optimizer=options.optimizer or auto.optimizer)
     lr, weight_decay, clip = _optimizer_defaults(options, given, auto.lr)
     train_cfg = TrainConfig(
         seq_len=_given_or(options.seq_len, auto.seq_len), batch_size=_given_or(options.batch_size, auto.batch_size),
@@ -239,6 +242,15 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
 # The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
 OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
                 "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
+
+
+def _min_count(options: TrainOptions) -> int:
+    """--min-count, else 2 for words (the words seen once become <UNK>, so <UNK> is trained and
+    a held-out text's unseen words are predicted as it: worth ~0.2 nats/word on Grimm) and 1 for
+    characters and bytes (every symbol kept)."""
+    if options.min_count is not None:
+        return options.min_count
+    return 2 if options.tokenizer == "word" else 1
 
 
 def _optimizer_defaults(options: TrainOptions, given: Collection[str], adamw_lr: float) -> tuple[float, float, float]:
@@ -293,7 +305,8 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     tokenizer = base.tokenizer
     if options.extend_vocab:
         _, fitted = dist.main_first(lambda: prepare_corpus(
-            corpus, kind=tokenizer.kind, val_fraction=options.val_fraction, min_count=options.min_count,
+            corpus, kind=tokenizer.kind, val_fraction=options.val_fraction,
+            min_count=_min_count(dataclasses.replace(options, tokenizer=tokenizer.kind)),
             max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note,
             include=options.include, exclude=options.exclude))
         tokenizer = extend_tokenizer(tokenizer, fitted.tokenizer)
@@ -301,15 +314,17 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
         corpus, val_fraction=options.val_fraction, tokenizer=tokenizer, val_path=val_source,
         encoding_errors=options.encoding_errors, on_note=note, include=options.include, exclude=options.exclude))
     before = base.train_config or TrainConfig()
+    optimizer = options.optimizer or before.optimizer
     model_cfg = dataclasses.replace(
         base.model_config, vocab_size=tokenizer.vocab_size, **{
             key: _given_or(getattr(options, key), getattr(base.model_config, key))
             for key in ("dropout", "input_dropout", "embed_dropout", "weight_drop")})
     train_cfg = TrainConfig(
         seq_len=_given_or(options.seq_len, before.seq_len), batch_size=_given_or(options.batch_size, before.batch_size),
-        lr=_given_or(options.lr, before.lr if options.optimizer == before.optimizer else
-                     OPTIMIZER_LR.get(options.optimizer, {}).get(base.tokenizer.kind, before.lr)),
-        weight_decay=options.weight_decay, clip=options.clip, optimizer=options.optimizer,
+        lr=_given_or(options.lr, before.lr if optimizer == before.optimizer else
+                     OPTIMIZER_LR.get(optimizer, {}).get(base.tokenizer.kind, before.lr)),
+        weight_decay=options.weight_decay if "weight_decay" in given else before.weight_decay,
+        clip=options.clip if "clip" in given else before.clip, optimizer=optimizer,
         warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio, epochs=options.epochs,
         max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
         eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
@@ -340,7 +355,7 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; the options are "
                           f"{', '.join(sorted(known))}")
     for key in _TEXT_OPTIONS:
-        nullable = key not in ("tokenizer", "cell", "optimizer", "device", "encoding_errors")
+        nullable = key not in ("tokenizer", "cell", "device", "encoding_errors")
         if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
             raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
                               f"(got {type(values[key]).__name__})")

@@ -563,14 +563,14 @@ class _Run:
             self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
 
     def eval_period(self, steps_since: int, since: float) -> float:
-        """Seconds between evaluations under a time budget: a twentieth of it, or 20 × the cost
+        """Seconds between evaluations under a time budget: a twentieth of it, or 30 × the cost
         of an evaluation if that is more (its cost measured, or estimated from the training speed
         as a third of a training step per token, until the first evaluation)."""
         cost = self.last_eval_seconds
         if cost == 0.0:
             seconds_per_token = (self.clock - since) / max(steps_since * self.cfg.batch_size * self.cfg.seq_len, 1)
             cost = len(self.data.val_ids) * seconds_per_token / 3
-        return max(self.budget / 20, 20 * cost)
+        return max(self.budget / 20, 30 * cost)
 
     # ── the loop ──
 
@@ -590,8 +590,8 @@ class _Run:
         self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
         last_eval_step = p.step if self.resume is not None else -1
         last_eval_at = self.clock
-        # Under a time budget, evaluate every twentieth of it, but never spend more than about 5%
-        # of the time evaluating: at most once per 20 × what an evaluation costs (estimated from the
+        # Under a time budget, evaluate every twentieth of it, but never spend more than about 3%
+        # of the time evaluating: at most once per 30 × what an evaluation costs (estimated from the
         # training speed until the first one is timed). A run that overfits keeps its best point;
         # a large validation split is evaluated seldom.
         eval_every = cfg.eval_every or (None if self.budget else max(1, (self.fixed_total or self.steps_per_epoch) // 10))

@@ -137,3 +137,18 @@ def test_bits_per_byte_and_the_word_model_caveat(play_run, tmp_path):
     assert "lower bounds" in charlm.load(words.run_dir).perplexity("the cat sat .\n").caveat
     cli = CliRunner().invoke(app, ["perplexity", str(corpus), "--checkpoint", str(words.run_dir)])
     assert cli.exit_code == 0 and "bits/char*" in cli.stdout and "lower bounds" in cli.stderr
+
+
+def test_word_defaults_sgd_and_a_trained_unk_and_every_one_can_be_overridden(tmp_path):
+    corpus = tmp_path / "w.txt"
+    corpus.write_text("a rare word .\n" + "the cat sat on the mat .\nthe dog sat .\n" * 60, encoding="utf-8")
+    run = charlm.train(corpus, tokenizer="word", out=tmp_path / "a", max_steps=2, device="cpu")
+    ckpt = charlm.load(run.run_dir).checkpoint
+    assert (ckpt.train_config.optimizer, ckpt.train_config.lr, ckpt.train_config.clip) == ("sgd", 20.0, 0.25)
+    assert ckpt.train_config.weight_decay == 0.0 and ckpt.model_config.weight_drop > 0
+    assert "rare" not in ckpt.tokenizer.to_dict()["words"]  # seen once: <UNK>, which is thereby trained
+    mine = charlm.train(corpus, tokenizer="word", out=tmp_path / "b", max_steps=2, device="cpu", optimizer="adamw",
+                        min_count=1, weight_drop=0.0, lr=1e-3)
+    ckpt = charlm.load(mine.run_dir).checkpoint
+    assert (ckpt.train_config.optimizer, ckpt.train_config.lr, ckpt.model_config.weight_drop) == ("adamw", 1e-3, 0.0)
+    assert "rare" in ckpt.tokenizer.to_dict()["words"]

@@ -54,3 +54,15 @@ def test_auto_size_grows_with_budget_and_is_capped_by_small_data():
     assert tiny.hidden_size == 256 and tiny.dropout > 0  # many epochs on little data: regularise
     word = auto_size(tokenizer="word", train_tokens=200_000, max_minutes=10, gpu=False)
     assert word.tie_weights and word.embed_size == word.hidden_size
+
+
+def test_word_models_get_sgd_and_regularisation_that_grows_with_the_epochs_the_budget_buys():
+    one_pass = auto_size(tokenizer="word", train_tokens=10_000_000, max_minutes=3, gpu=False)
+    grimm = auto_size(tokenizer="word", train_tokens=88_000, max_minutes=3, gpu=False)
+    long = auto_size(tokenizer="word", train_tokens=88_000, max_minutes=60, gpu=False)
+    assert grimm.optimizer == one_pass.optimizer == "sgd" and grimm.batch_size == 20 and grimm.tie_weights
+    rates = lambda a: (a.dropout, a.input_dropout, a.embed_dropout, a.weight_drop)  # noqa: E731
+    assert all(x <= y for x, y in zip(rates(one_pass), rates(grimm))) and rates(one_pass) != rates(grimm)
+    assert all(x <= y for x, y in zip(rates(grimm), rates(long))) and long.weight_drop > 0
+    char = auto_size(tokenizer="char", train_tokens=1_000_000, max_minutes=3, gpu=False)
+    assert char.optimizer == "adamw" and (char.embed_dropout, char.weight_drop) == (0.0, 0.0)

@@ -115,7 +115,7 @@ def test_activation_regularisation_adds_to_the_objective_not_to_the_reported_los
     corpus.write_text(text)
     common = dict(tokenizer="word", hidden_size=16, num_layers=1, seq_len=8, batch_size=4, max_steps=6,
                   device="cpu", dropout=0.0, weight_drop=0.0, embed_dropout=0.0, eval_every=6)
-    plain = charlm.train(corpus, out=tmp_path / "a", **common)
+    plain = charlm.train(corpus, out=tmp_path / "a", activation_reg=0.0, temporal_reg=0.0, **common)
     with_ar = charlm.train(corpus, out=tmp_path / "b", activation_reg=2.0, temporal_reg=1.0, **common)
     assert plain.best_val_loss != with_ar.best_val_loss  # the penalty changed the updates
     state = charlm.load(tmp_path / "b").checkpoint.train_config
