@@ -7,9 +7,11 @@ Rounds alternate bare and charlm measurements so both see the same machine load;
 the median of the per-round ratios. Writes benchmarks/results/speed-<device>.json.
 
 * training: charlm's trainer (data windows, clipping, schedule, logging; evaluation excluded) vs a
-  bare embedding → nn.LSTM → linear loop with AdamW;
-* sampling: charlm's sampler (one stream, then N streams) vs a bare one-token nn.LSTM loop, plus the
-  largest difference between their next-token log-probabilities;
+  bare embedding → nn.LSTM → linear loop with AdamW, in fp32 and (unless --no-bf16) both again under
+  CPU bf16 autocast;
+* sampling: charlm's sampler (one stream, then N streams, N in fp32 and bf16) vs a bare one-token
+  nn.LSTM loop, plus the largest difference between their next-token log-probabilities, and between
+  the bf16 and fp32 steps' (over the tokens with probability ≥ 1e-3);
 * perplexity: charlm's evaluator vs charlm's training tokens/s, plus its difference from a
   token-by-token loop;
 * tokenization MB/s, and ``charlm --help`` vs ``python -c "import torch"`` start-up.
@@ -30,36 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm.bench import (BenchConfig, eval_rate, matmul_gflops, model_for, sample_rate, synthetic_ids,
+from charlm.bench import (BenchConfig, bare_train_rate, eval_rate, matmul_gflops, model_for, sample_rate, synthetic_ids,
                           tokenize_rate, tokenizer_for, train_rate)
 from charlm.evaluate import evaluate
 from charlm.infer import FastStep
+from charlm.precision import cpu_bf16_instructions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinyshakespeare.txt"
-
-
-def bare_train_rate(cfg: BenchConfig, steps: int) -> float:
-    """The reference: the plainest correct training loop of the same shape."""
-    torch.manual_seed(0)
-    emb, lstm = nn.Embedding(cfg.vocab_size, cfg.embed_size), nn.LSTM(cfg.embed_size, cfg.hidden_size,
-                                                                       cfg.num_layers, batch_first=True)
-    head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
-    params = [*emb.parameters(), *lstm.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    ids = torch.from_numpy(synthetic_ids(cfg.vocab_size, cfg.batch_size * (cfg.seq_len + 1)).astype(np.int64))
-    data = ids.view(cfg.batch_size, cfg.seq_len + 1)
-    x, y = data[:, :-1], data[:, 1:]
-    warm = max(10, steps // 3)
-    for i in range(steps):
-        if i == warm:
-            start = time.perf_counter()
-        out, _ = lstm(emb(x))
-        loss = nn.functional.cross_entropy(head(out).reshape(-1, cfg.vocab_size), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (steps - warm) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
@@ -91,6 +71,22 @@ def sampler_max_logprob_diff(cfg: BenchConfig) -> float:
 
 
 @torch.inference_mode()
+def bf16_sampler_max_logprob_diff(cfg: BenchConfig, streams: int) -> float:
+    """bf16 steps against fp32 steps on the same tokens, over the tokens either gives p ≥ 1e-3."""
+    model = model_for(cfg, torch.device("cpu"))
+    tokens = torch.from_numpy(synthetic_ids(cfg.vocab_size, 200 * streams, seed=5).astype(np.int64)).view(streams, -1)
+    exact, low = FastStep(model), FastStep(model, dtype=torch.bfloat16)
+    exact.reset(streams)
+    low.reset(streams)
+    worst = 0.0
+    for t in range(tokens.shape[1]):
+        a, b = exact.step(tokens[:, t]).log_softmax(-1), low.step(tokens[:, t]).log_softmax(-1)
+        likely = (a > -6.9) | (b > -6.9)
+        worst = max(worst, float((a - b).abs()[likely].max()))
+    return worst
+
+
+@torch.inference_mode()
 def evaluator_diff(cfg: BenchConfig) -> float:
     """Batched evaluator vs feeding one token at a time through the model."""
     model = model_for(cfg, torch.device("cpu"))
@@ -101,6 +97,17 @@ def evaluator_diff(cfg: BenchConfig) -> float:
         logits, state = model(tokens[None, t:t + 1], state)
         total -= float(logits[0, -1].log_softmax(-1)[tokens[t + 1]])
     return abs(batched - total) / (len(ids) - 1)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def startup_seconds(command: list[str]) -> float:
@@ -120,6 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 only")
     args = parser.parse_args()
     cfg = BenchConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, embed_size=args.embed_size,
                       batch_size=args.batch_size, seq_len=args.seq_len, train_steps=args.steps, device="cpu")
@@ -133,12 +141,20 @@ def main() -> None:
     rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
         row = {
-            "bare_train": bare_train_rate(cfg, args.steps),
+            "bare_train": bare_train_rate(cfg, cpu),
             "charlm_train": train_rate(cfg, cpu),
             "bare_sample_1": bare_sample_rate(cfg, 300),
             "charlm_sample_1": sample_rate(model, tokenizer, streams=1, length=600),
             "charlm_sample_n": sample_rate(model, tokenizer, streams=args.streams, length=150),
-            "charlm_eval": eval_rate(model, val, autocast=False),
+            **({"bare_train_bf16": bare_train_rate(cfg, cpu, bf16=True),
+                "charlm_train_bf16": train_rate(cfg, cpu, "bf16"),
+                "charlm_sample_n_bf16": sample_rate(model, tokenizer, streams=args.streams, length=150,
+                                                    precision="bf16"),
+                "matmul_gflops_bf16": matmul_gflops(cpu, dtype=torch.bfloat16),
+                "skinny_matmul_gflops_bf16": matmul_gflops(cpu, (args.streams, 2 * cfg.hidden_size,
+                                                                 4 * cfg.hidden_size), dtype=torch.bfloat16, reps=50),
+                } if args.bf16 else {}),
+            "charlm_eval": eval_rate(model, val),
             "tokenize_mb_s": tokenize_rate(text),
             "help_s": startup_seconds(help_cmd),
             "import_torch_s": startup_seconds(torch_cmd),
@@ -164,8 +180,22 @@ def main() -> None:
     # step's own skinny (N-row) product reaches alone; both as multiples of one stream.
     bound_n = med("matmul_gflops") * 1e9 / step_flops
     skinny_n = med("skinny_matmul_gflops") * 1e9 / step_flops
+    bf16 = {} if not args.bf16 else {
+        "train_bf16_charlm_over_bare_bf16": ratio("charlm_train_bf16", "bare_train_bf16"),
+        "train_bf16_over_fp32": ratio("charlm_train_bf16", "charlm_train"),
+        "bare_train_bf16_over_fp32": ratio("bare_train_bf16", "bare_train"),
+        "sample_n_bf16_over_sample_1": ratio("charlm_sample_n_bf16", "charlm_sample_1"),
+        "sample_n_bf16_over_sample_n_fp32": ratio("charlm_sample_n_bf16", "charlm_sample_n"),
+    }
+    bf16_ceiling = {} if not args.bf16 else {
+        "sample_n_bf16_over_1_if_at_bf16_matmul_rate": med("matmul_gflops_bf16") * 1e9 / step_flops
+                                                        / med("charlm_sample_1"),
+        "sample_n_bf16_over_1_if_at_skinny_bf16_matmul_rate": med("skinny_matmul_gflops_bf16") * 1e9 / step_flops
+                                                               / med("charlm_sample_1"),
+    }
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "bf16_instructions": cpu_bf16_instructions(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "shape": f"{L}x{H} LSTM, embed {E}, vocab {V}, batch {cfg.batch_size}, seq {cfg.seq_len}",
         "rounds": args.rounds,
@@ -176,6 +206,7 @@ def main() -> None:
             "sample_n_over_sample_1": ratio("charlm_sample_n", "charlm_sample_1"),
             "eval_over_train": ratio("charlm_eval", "charlm_train"),
             "help_over_import_torch": ratio("help_s", "import_torch_s"),
+            **bf16,
         },
         "ceilings": {
             "train_fraction_of_matmul_rate": med("charlm_train") * 3 * forward_flops / (med("matmul_gflops") * 1e9),
@@ -184,9 +215,12 @@ def main() -> None:
                                                        / (med("skinny_matmul_gflops") * 1e9),
             "sample_n_over_1_if_at_matmul_rate": bound_n / med("charlm_sample_1"),
             "sample_n_over_1_if_at_skinny_matmul_rate": skinny_n / med("charlm_sample_1"),
+            **bf16_ceiling,
         },
         "parity": {"sampler_max_logprob_diff": sampler_max_logprob_diff(cfg),
-                   "evaluator_vs_token_loop_nats_per_token": evaluator_diff(cfg)},
+                   "evaluator_vs_token_loop_nats_per_token": evaluator_diff(cfg),
+                   **({"bf16_sampler_max_logprob_diff_likely_tokens": bf16_sampler_max_logprob_diff(cfg, args.streams)}
+                      if args.bf16 else {})},
         "per_round": rounds,
     }
     RESULTS.mkdir(exist_ok=True)

@@ -36,6 +36,7 @@ def summarize(run_dir: Path) -> dict:
         "evals": [(e["step"], round(e["val_loss"], 4)) for e in evals],
         "model_config": start["model_config"], "train_config": start["train_config"],
         "num_parameters": start["num_parameters"], "device": start["device"],
+        "precision": start.get("precision", "fp32"), "precision_reason": start.get("precision_reason"),
     }
 
 
@@ -53,7 +54,10 @@ def main() -> None:
         command = [sys.executable, "-m", "charlm", "train", args.corpus, "--max-minutes", str(args.minutes),
                    "--out", str(run_dir), "--sample-length", "0", *shlex.split(args.options)]
         subprocess.run(command, check=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+    from charlm.precision import cpu_bf16_instructions
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
+               f"native bf16: {cpu_bf16_instructions() or 'none'}")
     command = f"charlm train {args.corpus} --max-minutes {args.minutes:g}"
     result = {"command": f"{command} {args.options}".strip(), "machine": machine, **summarize(run_dir)}
     RESULTS.mkdir(exist_ok=True)

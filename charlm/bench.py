@@ -19,6 +19,7 @@ import torch
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .evaluate import evaluate
 from .model import RNNLM, resolve_device
+from .precision import FP32, Precision, resolve_precision
 from .sample import generate
 from .tokenizer import CharTokenizer
 from .data import PreparedData
@@ -39,6 +40,7 @@ class BenchConfig:
     sample_streams: int = 64
     repeats: int = 3
     device: str = "auto"
+    bf16: bool | None = None  # also measure bf16 (training, evaluation, sampling); None: where it is fast
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class BenchResult:
     tokenize_mb_per_second: float
     matmul_gflops: float
     peak_memory_mb: float
+    bare_train_tokens_per_second: float = 0.0  # a bare nn.LSTM loop of the same shape
+    # The same figures with bf16 matmuls (train, bare train, eval, sample_n, matmul_gflops), or None.
+    bf16: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +76,7 @@ def tokenizer_for(vocab_size: int) -> CharTokenizer:
     return CharTokenizer([chr(0x21 + i) for i in range(vocab_size - 1)])
 
 
-def train_rate(cfg: BenchConfig, device: torch.device) -> float:
+def train_rate(cfg: BenchConfig, device: torch.device, precision: str = "fp32") -> float:
     """The trainer's tokens/s with evaluation excluded: the median of its logged intervals."""
     tokenizer = tokenizer_for(cfg.vocab_size)
     ids = synthetic_ids(cfg.vocab_size, cfg.batch_size * (cfg.seq_len * (cfg.train_steps + 2) + 1))
@@ -79,7 +84,7 @@ def train_rate(cfg: BenchConfig, device: torch.device) -> float:
     model_cfg = ModelConfig(vocab_size=cfg.vocab_size, cell=cfg.cell, hidden_size=cfg.hidden_size,
                             num_layers=cfg.num_layers, embed_size=cfg.embed_size)
     train_cfg = TrainConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=cfg.train_steps,
-                            eval_every=10**9, log_every=5, warmup_steps=2, device=str(device))
+                            eval_every=10**9, log_every=5, warmup_steps=2, device=str(device), precision=precision)
     rates: list[float] = []
 
     def collect(event: dict) -> None:
@@ -92,23 +97,52 @@ def train_rate(cfg: BenchConfig, device: torch.device) -> float:
     return statistics.median(rates)
 
 
+def bare_train_rate(cfg: BenchConfig, device: torch.device, *, bf16: bool = False) -> float:
+    """The reference: the plainest correct training loop of the same shape (embedding → nn.LSTM →
+    linear, AdamW), with ``bf16`` its forward under bf16 autocast and the loss in fp32."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    emb = nn.Embedding(cfg.vocab_size, cfg.embed_size).to(device)
+    lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True).to(device)
+    head = nn.Linear(cfg.hidden_size, cfg.vocab_size).to(device)
+    opt = torch.optim.AdamW([*emb.parameters(), *lstm.parameters(), *head.parameters()], lr=1e-3)
+    ids = torch.from_numpy(synthetic_ids(cfg.vocab_size, cfg.batch_size * (cfg.seq_len + 1)).astype(np.int64))
+    data = ids.view(cfg.batch_size, cfg.seq_len + 1).to(device)
+    x, y = data[:, :-1], data[:, 1:]
+    steps = cfg.train_steps
+    warm = max(10, steps // 3)
+    for i in range(steps):
+        if i == warm:
+            _sync_device(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out, _ = lstm(emb(x))
+            logits = head(out)
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _sync_device(device)
+    return (steps - warm) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
+
+
 def model_for(cfg: BenchConfig, device: torch.device) -> RNNLM:
     torch.manual_seed(0)
     return RNNLM(ModelConfig(vocab_size=cfg.vocab_size, cell=cfg.cell, hidden_size=cfg.hidden_size,
                              num_layers=cfg.num_layers, embed_size=cfg.embed_size)).to(device).eval()
 
 
-def eval_rate(model: RNNLM, ids: np.ndarray, *, autocast: bool) -> float:
+def eval_rate(model: RNNLM, ids: np.ndarray, *, precision: Precision = FP32) -> float:
     start = time.perf_counter()
-    evaluate(model, ids, autocast=autocast)
+    evaluate(model, ids, precision=precision)
     _sync_device(model.embedding.weight.device)
     return (len(ids) - 1) / (time.perf_counter() - start)
 
 
-def sample_rate(model: RNNLM, tokenizer: CharTokenizer, *, streams: int, length: int) -> float:
+def sample_rate(model: RNNLM, tokenizer: CharTokenizer, *, streams: int, length: int, precision: str = "fp32") -> float:
     config = SampleConfig(length=length, num_samples=streams, seed=0, temperature=1.0)
     start = time.perf_counter()
-    chars = sum(len(piece.text) for piece in generate(model, tokenizer, config=config))
+    chars = sum(len(piece.text) for piece in generate(model, tokenizer, config=config, precision=precision))
     return chars / (time.perf_counter() - start)
 
 
@@ -154,11 +188,12 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
     say = on_progress or (lambda message: None)
     say("training")
     train_tps = median_of(cfg.repeats, lambda: train_rate(cfg, device))
+    bare_tps = median_of(cfg.repeats, lambda: bare_train_rate(cfg, device))
     model = model_for(cfg, device)
     tokenizer = tokenizer_for(cfg.vocab_size)
     val = synthetic_ids(cfg.vocab_size, 200_000, seed=1)
     say("evaluation")
-    eval_tps = median_of(cfg.repeats, lambda: eval_rate(model, val, autocast=device.type == "cuda"))
+    eval_tps = median_of(cfg.repeats, lambda: eval_rate(model, val))
     say("sampling")
     one = median_of(cfg.repeats, lambda: sample_rate(model, tokenizer, streams=1, length=cfg.sample_length))
     many = median_of(cfg.repeats, lambda: sample_rate(model, tokenizer, streams=cfg.sample_streams,
@@ -168,5 +203,19 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
     tok = median_of(cfg.repeats, lambda: tokenize_rate(text))
     say("matmul")
     gflops = median_of(cfg.repeats, lambda: matmul_gflops(device))
+    low = None
+    auto = resolve_precision("auto", device)
+    if cfg.bf16 or (cfg.bf16 is None and auto.name == "bf16"):
+        bf16 = resolve_precision("bf16", device)
+        say("bf16 training, evaluation and sampling")
+        low = {"train_tokens_per_second": median_of(cfg.repeats, lambda: train_rate(cfg, device, "bf16")),
+               "bare_train_tokens_per_second": median_of(cfg.repeats, lambda: bare_train_rate(cfg, device, bf16=True)),
+               "eval_tokens_per_second": median_of(cfg.repeats, lambda: eval_rate(model, val, precision=bf16)),
+               "sample_chars_per_second_n": median_of(cfg.repeats, lambda: sample_rate(
+                   model, tokenizer, streams=cfg.sample_streams, length=max(50, cfg.sample_length // 4),
+                   precision="bf16")),
+               "matmul_gflops": median_of(cfg.repeats, lambda: matmul_gflops(device, dtype=torch.bfloat16)),
+               "default": auto.name == "bf16", "why": auto.reason}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return BenchResult(name, asdict(cfg), train_tps, eval_tps, one, many, tok, gflops, peak_memory_mb(device))
+    return BenchResult(name, asdict(cfg), train_tps, eval_tps, one, many, tok, gflops, peak_memory_mb(device),
+                       bare_tps, low)

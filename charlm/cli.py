@@ -137,7 +137,8 @@ class _TrainDisplay:
             cfg = event["model_config"]
             err.print(f"charlm: {cfg['num_layers']}×{cfg['hidden_size']} {cfg['cell'].upper()}, "
                       f"{event['num_parameters']:,} parameters, {event['train_tokens']:,} training / "
-                      f"{event['val_tokens']:,} validation tokens, device {event['device']}"
+                      f"{event['val_tokens']:,} validation tokens, device {event['device']}, "
+                      f"{event['precision']} ({event['precision_reason']})"
                       + (" (resumed)" if event["resumed"] else ""), markup=False)
         elif kind == "warning":
             err.print(f"charlm: warning: {event['message']}", markup=False)
@@ -226,6 +227,7 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = _TRAIN.device,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16: the matmuls' number format in training (validation is fp32). auto: bf16 on a GPU with bf16 and on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere; the start line says which and why. fp16 (CUDA only) trains with a loss scaler. Word models stay fp32 under auto on a CPU. Kept by --resume unless given.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: checkpoints/<corpus name>/ (a new -N folder if taken).")] = None,
     min_count: Annotated[Optional[int], typer.Option(help="Keep words (or characters) seen at least this often; the rest are <UNK>. Default: 2 for words (so <UNK> is trained), 1 otherwise.")] = None,
     max_vocab: Annotated[Optional[int], typer.Option(help="Keep at most this many tokens, the most frequent (<UNK> included).")] = None,
@@ -334,6 +336,7 @@ def sample(
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same text.")] = None,
     stop: Annotated[Optional[str], typer.Option(help="End a sample at this string (not printed); '<EOS>' ends a word model's line.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 for the matmuls of each step. auto is fp32 (exact); bf16 is faster for many --num-samples on hardware with fast bf16, its log-probabilities within ~0.1 of fp32's.")] = "auto",
 ) -> None:
     """Generate text from a trained model, streamed to stdout as it is produced.
 
@@ -362,7 +365,7 @@ def sample(
         sys.stdout.flush()
         # The first sample streams live; the others are printed whole once generated.
         for piece in lm.stream(prime, length=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               stop=stop, num_samples=num_samples):
+                               stop=stop, num_samples=num_samples, precision=precision):
             if piece.stream == 0:
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
@@ -388,6 +391,7 @@ def perplexity(
     checkpoint: Annotated[Optional[Path], typer.Option(help="A .safetensors file or a run folder. Default: the newest run.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto or fp32: exact fp32 figures, comparable across machines and with training's validation loss; bf16: faster, within 2e-3 nats/token.")] = "auto",
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
 ) -> None:
     """Score held-out text: nats/token, perplexity, and bits/char and bits/byte (comparable across char and byte models; a word model's are lower bounds).
@@ -401,7 +405,7 @@ def perplexity(
         text = read_corpus(file, encoding_errors=encoding_errors)
         lm = load(checkpoint, device=device)
         t0 = time.perf_counter()
-        result = lm.perplexity(text)
+        result = lm.perplexity(text, precision=precision)
         seconds = time.perf_counter() - t0
         report = {
             "file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
@@ -409,7 +413,7 @@ def perplexity(
             "unknown_tokens": result.unknown_tokens, "total_nats": result.total_nats,
             "nats_per_token": result.nats_per_token, "bits_per_char": result.bits_per_char, "bytes": result.bytes,
             "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity, "caveat": result.caveat,
-            "seconds": seconds,
+            "seconds": seconds, "precision": result.precision,
         }
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
@@ -480,7 +484,8 @@ def info(
         if loaded.train_config:
             cfg = loaded.train_config
             table.add_row("training", f"{cfg.optimizer}, batch {cfg.batch_size} × seq {cfg.seq_len}, lr {cfg.lr:g}, "
-                                      f"weight decay {cfg.weight_decay:g}, clip {cfg.clip:g}, seed {cfg.seed}"
+                                      f"weight decay {cfg.weight_decay:g}, clip {cfg.clip:g}, seed {cfg.seed}, "
+                                      f"{cfg.precision}"
                                       + "".join(f", {name} {value:g}" for name, value in
                                                 (("AR", cfg.activation_reg), ("TAR", cfg.temporal_reg)) if value))
         console.print(table)
@@ -510,6 +515,7 @@ def bench(
     sample_streams: Annotated[int, typer.Option(min=1, max=10_000, help="Streams for the batched sampling figure.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Repeats; each figure is their median.")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="Also measure with bf16 matmuls. Default: where the hardware has fast bf16 (what --precision auto picks).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
 ) -> None:
     """Measure training, evaluation, sampling and tokenization speed on this machine.
@@ -528,22 +534,39 @@ def bench(
             raise ConfigError(f"--cell must be one of {', '.join(CELLS)} (got {cell!r})")
         cfg = BenchConfig(cell=cell, hidden_size=hidden_size, num_layers=num_layers, embed_size=embed_size,
                           vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len, train_steps=steps,
-                          sample_streams=sample_streams, repeats=repeats, device=device)
+                          sample_streams=sample_streams, repeats=repeats, device=device, bf16=bf16)
         result = run_bench(cfg, on_progress=lambda what: err.print(f"charlm: measuring {what}…", markup=False))
         if as_json:
             console.print_json(jsonio.dumps(result.to_dict()))
             return
         table = Table(title=f"charlm bench · {num_layers}×{hidden_size} {cell.upper()} · {result.device}")
+        low = result.bf16 or {}
         table.add_column("what")
-        table.add_column("median", justify="right")
-        table.add_row(f"training (batch {batch_size} × seq {seq_len})", f"{result.train_tokens_per_second:,.0f} tokens/s")
-        table.add_row("evaluation (perplexity)", f"{result.eval_tokens_per_second:,.0f} tokens/s")
-        table.add_row("sampling, 1 stream", f"{result.sample_chars_per_second_1:,.0f} chars/s")
-        table.add_row(f"sampling, {sample_streams} streams", f"{result.sample_chars_per_second_n:,.0f} chars/s")
-        table.add_row("char tokenization", f"{result.tokenize_mb_per_second:,.0f} MB/s")
-        table.add_row("dense matmul (fp32)", f"{result.matmul_gflops:,.0f} GFLOP/s")
-        table.add_row("peak memory", f"{result.peak_memory_mb:,.0f} MB")
+        table.add_column("fp32 (median)", justify="right")
+        if low:
+            table.add_column("bf16 (median)", justify="right")
+
+        def row(what: str, fp32: float, key: str | None, unit: str) -> None:
+            cells = [f"{fp32:,.0f} {unit}"]
+            if low:
+                cells.append(f"{low[key]:,.0f} {unit}" if key else "")
+            table.add_row(what, *cells)
+
+        row(f"training (batch {batch_size} × seq {seq_len})", result.train_tokens_per_second,
+            "train_tokens_per_second", "tokens/s")
+        row("bare nn.LSTM training loop, same shape", result.bare_train_tokens_per_second,
+            "bare_train_tokens_per_second", "tokens/s")
+        row("evaluation (perplexity)", result.eval_tokens_per_second, "eval_tokens_per_second", "tokens/s")
+        row("sampling, 1 stream", result.sample_chars_per_second_1, None, "chars/s")
+        row(f"sampling, {sample_streams} streams", result.sample_chars_per_second_n, "sample_chars_per_second_n",
+            "chars/s")
+        row("char tokenization", result.tokenize_mb_per_second, None, "MB/s")
+        row("dense matmul", result.matmul_gflops, "matmul_gflops", "GFLOP/s")
+        row("peak memory", result.peak_memory_mb, None, "MB")
         console.print(table)
+        if low:
+            err.print(f"charlm: training's --precision auto picks {'bf16' if low['default'] else 'fp32'} here: "
+                      f"{low['why']}", markup=False)
 
 
 # ── corpus ──────────────────────────────────────────────────────────────────────────────────────

@@ -17,6 +17,7 @@ CELLS = ("lstm", "gru", "rnn")
 TOKENIZERS = ("char", "word", "byte")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "sgd", "adagrad", "rmsprop")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # precision.py resolves auto by device
 
 
 def _check(condition: bool, message: str) -> None:
@@ -205,6 +206,7 @@ class TrainConfig(_DictMixin):
     activation_reg: float = 0.0  # AR: + this × mean square of the last layer's (dropped-out) outputs
     temporal_reg: float = 0.0  # TAR: + this × mean square of their step-to-step change (before dropout)
     optimizer: str = "adamw"
+    precision: str = "fp32"  # the matmuls' number format (precision.py); plan_run resolves the CLI's auto
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "log_every", "max_bad_steps", "warmup_steps", "seed", "lr",
@@ -214,6 +216,8 @@ class TrainConfig(_DictMixin):
             check_option(name, getattr(self, name), optional=True)
         _check(isinstance(self.optimizer, str) and self.optimizer in OPTIMIZERS,
                f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {brief(self.optimizer)})")
+        _check(isinstance(self.precision, str) and self.precision in PRECISIONS,
+               f"--precision must be one of {', '.join(PRECISIONS)} (got {brief(self.precision)})")
         _check(isinstance(self.device, str) and self.device in DEVICES,
                f"--device must be one of {', '.join(DEVICES)} (got {brief(self.device)})")
         check_decay(lr=self.lr, weight_decay=self.weight_decay)
@@ -304,13 +308,18 @@ _CPU_TOKENS_PER_SECOND = {256: 25_000, 512: 10_000, 768: 5_000, 1024: 3_000, 153
 # Peak rates per hidden size: 256/512 at batch 16, the rest at batch 32 (768 measured: 1.2e-2 at
 # batch 32 beat 1.5e-2; 1024/1536 scaled from the batch-16 sweeps by the same ×1.2).
 _CPU_LR = {256: 2e-2, 512: 1.2e-2, 768: 1.2e-2, 1024: 8e-3, 1536: 6e-3}
+# The same with bf16 matmuls on a CPU with native bf16 (AVX-512 BF16 / AMX): ~1.6–1.8× fp32's
+# (measured at 512 and 768; the rest scaled).
+_CPU_BF16_TOKENS_PER_SECOND = {256: 40_000, 512: 28_000, 768: 13_500, 1024: 8_000, 1536: 3_500}
 
 
-def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, gpu: bool) -> AutoSize:
+def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, gpu: bool,
+              bf16: bool = False) -> AutoSize:
     """Pick a model and batch shape for a corpus and a time budget.
 
     Larger budgets buy larger models; the expected number of passes over the data decides dropout.
-    Char/byte figures come from tiny-shakespeare runs on 2 CPU cores (see README, "Defaults").
+    Char/byte figures come from tiny-shakespeare runs on 2 CPU cores (see README, "Defaults");
+    ``bf16`` (a CPU with native bf16 training in it) buys the next size up for the same budget.
     """
     minutes = max_minutes if max_minutes is not None else 60.0
     if gpu:
@@ -320,9 +329,17 @@ def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, g
         # One wide layer: at these sizes a single sequential chain of larger matmuls beats stacked
         # narrow layers per CPU-second (tiny-shakespeare, 3 minutes: 1×512 1.493 vs 2×256 1.546).
         hidden = 512 if minutes <= 5 else 768 if minutes <= 20 else 1024 if minutes <= 90 else 1536
+        if bf16:
+            # bf16 steps cost ~0.6× fp32's, so the same minutes train the next size up
+            # (tiny-shakespeare, bf16: 3 minutes, 1×768 1.443 against 1×512 1.462; 10 minutes,
+            # 1×1024 1.417 against 1×768 1.426, both with dropout 0.2–0.25).
+            hidden = 768 if minutes <= 5 else 1024 if minutes <= 20 else 1536
         layers, seq_len = 1, 100
-        # A small corpus cannot feed a large model: cap the size by the data.
-        while hidden > 512 and train_tokens < 100 * hidden * hidden // 64:
+        # A small corpus cannot feed a large model: cap the size by the data. The bf16 sizes come
+        # with dropout (below), which lets a model twice as large per token generalise (1×1024 on
+        # tiny-shakespeare's 1.0M tokens, above).
+        tokens_per_weight = 50 if bf16 else 100
+        while hidden > 512 and train_tokens < tokens_per_weight * hidden * hidden // 64:
             hidden = {768: 512, 1024: 768, 1536: 1024}[hidden]
         if train_tokens < 200_000:
             hidden = 256
@@ -331,11 +348,15 @@ def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, g
         # (10 minutes: 1.4400 at batch 32 against 1.4417 at 16, with the old decay to 10%).
         batch = 16 if hidden <= 512 else 32
         lr = _CPU_LR[hidden]
-        rate = _CPU_TOKENS_PER_SECOND[hidden]
+        rate = (_CPU_BF16_TOKENS_PER_SECOND if bf16 else _CPU_TOKENS_PER_SECOND)[hidden]
     if tokenizer == "word":
         return _auto_size_words(train_tokens=train_tokens, minutes=minutes, gpu=gpu, gpu_size=(hidden, layers, batch))
     expected_epochs = minutes * 60 * rate / max(train_tokens, 1)
     dropout = 0.0 if expected_epochs < 8 else 0.1 if expected_epochs < 20 else 0.25
+    if bf16 and not gpu:
+        # The larger bf16 models overfit sooner: 1×768 for 8 epochs ended at 1.460 without dropout
+        # and 1.426 with 0.25; at 2 epochs dropout 0 and 0.1 tied (1.443, 1.441).
+        dropout = 0.0 if expected_epochs < 3 else 0.2 if expected_epochs < 20 else 0.25
     embed = min(hidden, 128 if not gpu else 256)
     return AutoSize(hidden, layers, embed, dropout, False, seq_len, batch, lr,
                     f"{train_tokens:,} training tokens, ~{expected_epochs:.0f} epochs expected in the budget")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .distributed import Dist
 from .model import RNNLM, select_state
+from .precision import FP32, Precision
 
 LN2 = math.log(2.0)
 WINDOW_FLOATS = 8_000_000  # floats of activations per evaluation window (32 MB)
@@ -44,8 +45,8 @@ def eval_streams(num_tokens: int) -> int:
     return int(min(64, max(1, num_tokens // 1024)))
 
 
-def _window_nats(model: RNNLM, x: torch.Tensor, y: torch.Tensor, state, autocast: bool):
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+def _window_nats(model: RNNLM, x: torch.Tensor, y: torch.Tensor, state, precision: Precision):
+    with precision.autocast(x.device):
         logits, state = model(x, state)  # (B, T, V)
     nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
     return nats, state
@@ -53,7 +54,7 @@ def _window_nats(model: RNNLM, x: torch.Tensor, y: torch.Tensor, state, autocast
 
 @torch.inference_mode()
 def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, seq_len: int = 256,
-             context: int = 128, autocast: bool = False, dist: Dist | None = None) -> EvalResult:
+             context: int = 128, precision: Precision = FP32, dist: Dist | None = None) -> EvalResult:
     """Total nats of predicting ids[1:] from what comes before, in one pass.
 
     Each stream after the first first reads the ``context`` tokens before its start without
@@ -62,6 +63,7 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
 
     With ``dist`` the streams are shared out among the ranks (stream b to rank b mod world size)
     and the totals summed, so every rank gets the same figure as a world of one would.
+    ``precision`` is the matmuls' (the losses are summed in float32/float64 whatever it is).
     """
     dist = dist or Dist()
     n = len(ids)
@@ -87,7 +89,7 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
         warm = min(context, length)
         if warm > 0 and num_streams > 1:
             cols = torch.arange(-warm, 0, device=device)[None, :]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            with precision.autocast(device):
                 _, state = model(tokens[(index + cols).clamp_(min=0)].long(), None)
             first = (mine == 0).nonzero().flatten()  # stream 0 has nothing before it: it starts cold
             for part in (state if isinstance(state, tuple) else (state,)):
@@ -96,7 +98,7 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
             t = min(seq_len, length - i)
             cols = torch.arange(i, i + t, device=device)[None, :]
             x, y = tokens[index + cols].long(), tokens[index + cols + 1].long()
-            nats, state = _window_nats(model, x, y, state, autocast)
+            nats, state = _window_nats(model, x, y, state, precision)
             total += nats.double()
         state = select_state(state, slice(len(mine) - 1, len(mine)))
     # The remainder continues the last stream, on the rank that owns it.
@@ -104,7 +106,7 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
         for i in range(num_streams * length, n - 1, seq_len):
             t = min(seq_len, n - 1 - i)
             x, y = tokens[None, i:i + t].long(), tokens[None, i + 1:i + 1 + t].long()
-            nats, state = _window_nats(model, x, y, state, autocast)
+            nats, state = _window_nats(model, x, y, state, precision)
             total += nats.double()
     dist.all_reduce_sum(total)
     model.train(was_training)

@@ -13,6 +13,10 @@ arithmetic. ``FastStep`` does the arithmetic alone:
 
 The same code serves B parallel streams, where the matmuls amortise much better. ``step`` equals the
 model's ``forward`` on one token (tested to 1e-5 against ``nn.LSTM``/``nn.GRU``/``nn.RNN``).
+
+With ``dtype=torch.bfloat16`` the recurrent and output matmuls run in bf16 (their weights stored so,
+their products added to float32 gates); the state and the gate arithmetic stay float32. On CPUs with
+native bf16 this is what lifts many-stream sampling past fp32's matmul ceiling.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ class FastStep:
     """A frozen copy of an ``RNNLM``'s weights laid out for single-token steps."""
 
     @torch.inference_mode()
-    def __init__(self, model: RNNLM) -> None:
+    def __init__(self, model: RNNLM, *, dtype: torch.dtype = torch.float32) -> None:
         cfg = model.cfg
+        self.dtype = dtype
         self.cell, self.num_layers, self.hidden = cfg.cell, cfg.num_layers, cfg.hidden_size
         self.vocab_size = cfg.vocab_size
         rnn, H = model.rnn, cfg.hidden_size
@@ -37,16 +42,17 @@ class FastStep:
         split_hh_bias = cfg.cell == "gru"
         bias0 = w("bias_ih_l0") + (0 if split_hh_bias else w("bias_hh_l0"))
         self.table = (emb @ w("weight_ih_l0").t() + bias0).contiguous()  # (V, G·H)
-        self.w_hh = [w(f"weight_hh_l{k}").t().contiguous() for k in range(self.num_layers)]  # (H, G·H)
+        low = lambda t: t.to(dtype).contiguous()  # noqa: E731  (matmul operands only)
+        self.w_hh = [low(w(f"weight_hh_l{k}").t()) for k in range(self.num_layers)]  # (H, G·H)
         self.b_hh = [w(f"bias_hh_l{k}") for k in range(self.num_layers)]
         # Layers ≥ 1: one matmul of [input | h] (B, 2H) with [W_ih; W_hh]ᵀ (2H, G·H).
-        self.w_stack = [torch.cat([w(f"weight_ih_l{k}").t(), w(f"weight_hh_l{k}").t()]).contiguous()
+        self.w_stack = [low(torch.cat([w(f"weight_ih_l{k}").t(), w(f"weight_hh_l{k}").t()]))
                         for k in range(1, self.num_layers)] if not split_hh_bias else []
         self.b_stack = [w(f"bias_ih_l{k}") + w(f"bias_hh_l{k}")
                         for k in range(1, self.num_layers)] if not split_hh_bias else []
-        self.w_ih = [w(f"weight_ih_l{k}").t().contiguous() for k in range(1, self.num_layers)] if split_hh_bias else []
+        self.w_ih = [low(w(f"weight_ih_l{k}").t()) for k in range(1, self.num_layers)] if split_hh_bias else []
         self.b_ih = [w(f"bias_ih_l{k}") for k in range(1, self.num_layers)] if split_hh_bias else []
-        self.head_w = model.head.weight.detach().float().t().contiguous()  # (H, V)
+        self.head_w = low(model.head.weight.detach().float().t())  # (H, V)
         self.head_b = model.head.bias.detach().float()
         self.gates = {"lstm": 4, "gru": 3, "rnn": 1}[cfg.cell] * H
         self.batch_size = 0
@@ -87,14 +93,14 @@ class FastStep:
             if k == 0:
                 torch.index_select(self.table, 0, tokens, out=g)
                 if self.cell == "gru":
-                    torch.addmm(self.b_hh[0], h_prev, self.w_hh[0], out=self.gh)
+                    self._addmm(self.b_hh[0], h_prev, self.w_hh[0], self.gh)
                 else:
-                    g.addmm_(h_prev, self.w_hh[0])
+                    self._addmm(g, h_prev, self.w_hh[0], g)
             elif self.cell == "gru":
-                torch.addmm(self.b_ih[k - 1], self.xh[k][:, :H], self.w_ih[k - 1], out=g)
-                torch.addmm(self.b_hh[k], h_prev, self.w_hh[k], out=self.gh)
+                self._addmm(self.b_ih[k - 1], self.xh[k][:, :H], self.w_ih[k - 1], g)
+                self._addmm(self.b_hh[k], h_prev, self.w_hh[k], self.gh)
             else:
-                torch.addmm(self.b_stack[k - 1], self.xh[k], self.w_stack[k - 1], out=g)
+                self._addmm(self.b_stack[k - 1], self.xh[k], self.w_stack[k - 1], g)
             h_out = self.xh[k + 1][:, :H]
             if self.cell == "lstm":
                 i, f, gg, o = g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:]
@@ -116,4 +122,12 @@ class FastStep:
             else:
                 torch.tanh(g, out=h_out)
             h_prev.copy_(h_out)
-        return torch.addmm(self.head_b, self.xh[self.num_layers][:, :H], self.head_w, out=self.logits)
+        return self._addmm(self.head_b, self.xh[self.num_layers][:, :H], self.head_w, self.logits)
+
+    def _addmm(self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = bias + a @ w (``bias`` may be ``out`` itself), the product in the weights' dtype."""
+        if w.dtype == torch.float32:
+            if bias is out:
+                return out.addmm_(a, w)
+            return torch.addmm(bias, a, w, out=out)
+        return torch.add(bias, torch.mm(a.to(w.dtype), w), out=out)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from .config import OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option
+from .config import OPTIMIZERS, PRECISIONS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option
 from .errors import ConfigError
 
 DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
@@ -58,6 +58,7 @@ class TrainOptions:
     patience: int | None = None
     seed: int = _TRAIN.seed
     device: str = _TRAIN.device
+    precision: str = "auto"
     out: str | None = None
     min_count: int | None = None  # None: 2 for word models (a trained <UNK>), 1 otherwise
     max_vocab: int | None = None
@@ -72,6 +73,8 @@ class TrainOptions:
         """Every numeric option against its range (config.LIMITS), before any work is done."""
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         for name in NUMERIC_OPTIONS:
@@ -103,7 +106,7 @@ _RESUME_KEYS = ("tokenizer", "cell", "hidden_size", "num_layers", "embed_size", 
                 "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "tie_weights", "seq_len",
                 "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
                 "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
-                "max_bad_steps", "log_every")
+                "max_bad_steps", "log_every", "precision")
 
 
 @dataclass
@@ -120,6 +123,7 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     init_weights: Any = None  # fine-tuning: the starting model's tensors
     corpus_options: dict[str, Any] = field(default_factory=dict)  # how the corpus was read, kept for --resume
+    precision_reason: str | None = None  # why the run's --precision (the start line says it)
 
 
 def _corpus_options(options: "TrainOptions", corpus: Any) -> dict[str, Any]:
@@ -195,7 +199,8 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
                          f"began, so its training and validation text differ from before; the best "
                          f"validation loss so far was measured on the old validation files")
         return RunPlan(model_cfg, train_cfg, data, res.run_dir, corpus_data.source, val_source, resume=res,
-                       notes=notes, corpus_options=_corpus_options(options, corpus_data))
+                       notes=notes, corpus_options=_corpus_options(options, corpus_data),
+                       precision_reason=None if "precision" in given else "the run's own")
 
     max_minutes = options.max_minutes
     if options.epochs is None and options.max_steps is None and max_minutes is None:
@@ -208,8 +213,10 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         include=options.include, exclude=options.exclude))
     if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
         raise ConfigError("the processes of the distributed run built different vocabularies")
+    device = resolve_device(options.device)
+    precision = _precision(options.precision, device, options.tokenizer)
     auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
-                     gpu=resolve_device(options.device).type == "cuda")
+                     gpu=device.type == "cuda", bf16=precision.name == "bf16")
     hidden = _given_or(options.hidden_size, auto.hidden_size)
     tie = (options.tie_weights if options.tie_weights is not None
            else auto.tie_weights and options.embed_size in (None, hidden))
@@ -230,18 +237,30 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
         max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
         activation_reg=_given_or(options.activation_reg, auto.activation_reg),
-        temporal_reg=_given_or(options.temporal_reg, auto.temporal_reg))
+        temporal_reg=_given_or(options.temporal_reg, auto.temporal_reg), precision=precision.name)
     run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
     notes = []
     if unknown := data.tokenizer.count_unknown(data.val_ids):
         notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
     return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
-                   corpus_options=_corpus_options(options, corpus_data))
+                   corpus_options=_corpus_options(options, corpus_data), precision_reason=precision.reason)
 
 
 # The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
 OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
                 "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
+
+
+def _precision(requested: str, device: Any, tokenizer: str) -> Any:
+    """--precision, with ``auto`` resolved for this device (precision.resolve_precision), except
+    that word models keep fp32 on a CPU: bf16's extra steps overfit their fp32-tuned defaults
+    (Grimm, 3 minutes: test perplexity 41.2 against 40.5; benchmarks/results/word-grimm-3min-bf16.json)."""
+    from .precision import Precision, resolve_precision
+
+    precision = resolve_precision(requested, device)
+    if requested == "auto" and tokenizer == "word" and device.type == "cpu" and precision.name != "fp32":
+        return Precision("fp32", "word models' CPU defaults are tuned in fp32")
+    return precision
 
 
 def _min_count(options: TrainOptions) -> int:
@@ -292,7 +311,10 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     from .checkpoint import load_checkpoint, resolve_checkpoint
     from .tokenizer import extend_tokenizer
 
+    from .model import resolve_device
+
     base = load_checkpoint(resolve_checkpoint(options.init_from))
+    precision = _precision(options.precision, resolve_device(options.device), base.tokenizer.kind)
     shape = {**base.model_config.to_dict(), "tokenizer": base.tokenizer.kind}
     for key in _SHAPE:
         if key in given and getattr(options, key) != shape[key]:
@@ -330,7 +352,7 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
         eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
         max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
         activation_reg=_given_or(options.activation_reg, before.activation_reg),
-        temporal_reg=_given_or(options.temporal_reg, before.temporal_reg))
+        temporal_reg=_given_or(options.temporal_reg, before.temporal_reg), precision=precision.name)
     notes = []
     if added := tokenizer.vocab_size - base.tokenizer.vocab_size:
         notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "
@@ -341,10 +363,11 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
     weights = {name: tensor.detach().cpu() for name, tensor in base.model.state_dict().items()}
     return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
-                   init_weights=weights, corpus_options=_corpus_options(options, corpus_data))
+                   init_weights=weights, corpus_options=_corpus_options(options, corpus_data),
+                   precision_reason=precision.reason)
 
 
-_TEXT_OPTIONS = ("tokenizer", "cell", "optimizer", "device", "encoding_errors", "corpus", "val_file", "out", "resume", "init_from")
+_TEXT_OPTIONS = ("tokenizer", "cell", "optimizer", "device", "precision", "encoding_errors", "corpus", "val_file", "out", "resume", "init_from")
 
 
 def options_from(values: dict[str, Any]) -> TrainOptions:
@@ -355,7 +378,7 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; the options are "
                           f"{', '.join(sorted(known))}")
     for key in _TEXT_OPTIONS:
-        nullable = key not in ("tokenizer", "cell", "device", "encoding_errors")
+        nullable = key not in ("tokenizer", "cell", "device", "precision", "encoding_errors")
         if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
             raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
                               f"(got {type(values[key]).__name__})")

@@ -11,7 +11,19 @@ from .config import SampleConfig
 from .errors import SamplingError, UsageError, out_of_memory_as
 from .infer import FastStep
 from .model import RNNLM
+from .precision import Precision, resolve_precision
 from .tokenizer import EOS, Tokenizer
+
+
+def sampling_precision(requested: str, device: torch.device) -> Precision:
+    """The matmuls' precision for sampling. ``auto`` is fp32: bf16 steps move a trained model's
+    log-probabilities of likely tokens by up to ~0.1 after a few hundred steps (the state drifts),
+    past the 1e-2 a sampler must stay within to draw from the model's own distribution (README,
+    "Precision"); bf16 is there for whoever asks."""
+    if requested == "auto":
+        resolve_precision(requested, device)  # the same checks
+        return Precision("fp32", "sampling stays exact under auto")
+    return resolve_precision(requested, device)
 
 
 def next_token(logits: torch.Tensor, *, temperature: float, top_k: int | None = None,
@@ -127,11 +139,13 @@ class _StopBuffer:
 
 
 @torch.inference_mode()
-def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime: str = "") -> Iterator[Piece]:
+def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime: str = "",
+             precision: str = "auto") -> Iterator[Piece]:
     """Stream ``config.num_samples`` samples of ``config.length`` tokens, a piece per token.
 
     ``config.stop`` ends a sample at that string (not included); for word models ``<EOS>`` ends it
-    at the end of the line.
+    at the end of the line. ``precision`` is the steps' matmuls' (``sampling_precision``); the
+    prime is always read in fp32.
     """
     model.eval()
     device = model.embedding.weight.device
@@ -141,13 +155,16 @@ def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime:
     else:
         generator.seed()
     n = config.num_samples
+    chosen = sampling_precision(precision, device)
     context = torch.as_tensor(prime_ids(tokenizer, prime).astype(np.int64), device=device)
     with out_of_memory_as(f"preparing {n:,} sample(s) of a {model.cfg.num_layers}×{model.cfg.hidden_size} model",
                           "make --num-samples (or the --prime) smaller"):
         state = None
-        if len(context) > 1:
-            _, state = model(context[None, :-1].expand(n, -1), None)
-        fast = FastStep(model)  # the same arithmetic as model(token[:, None], state), without its overhead
+        if len(context) > 1:  # read once; every sample starts from its state
+            _, state = model(context[None, :-1], None)
+            state = tuple(s.expand(-1, n, -1) for s in state) if isinstance(state, tuple) else state.expand(-1, n, -1)
+        # The same arithmetic as model(token[:, None], state), without its overhead.
+        fast = FastStep(model, dtype=chosen.dtype)
         fast.reset(n, state)
     token = context[-1:].expand(n).contiguous()  # (B,)
     stop_on_eos = config.stop == EOS and tokenizer.eos_id is not None

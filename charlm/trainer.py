@@ -27,7 +27,8 @@ from .data import PreparedData, batchify, fit_batch_shape, num_windows, window
 from .distributed import Dist, device_for
 from .errors import CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
 from .evaluate import EvalResult, evaluate
-from .model import GATES, RNNLM, count_parameters, detach_state, resolve_device, select_state
+from .model import GATES, RNNLM, State, count_parameters, detach_state, resolve_device, select_state
+from .precision import FP32, resolve_precision
 
 Event = dict[str, Any]
 
@@ -41,6 +42,14 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _float32_state(state: State | None) -> State | None:
+    """The carried state in float32 whatever the matmuls' precision (the kernels return bf16 under
+    autocast), so a run's saved state resumes in any precision."""
+    if state is None:
+        return None
+    return tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()  # type: ignore[return-value]
 
 
 # ── optimizer and resume state ──────────────────────────────────────────────────────────────────
@@ -257,7 +266,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
           should_stop: Callable[[], str | None] | None = None, resume: Resume | None = None,
           dist: Dist | None = None, val_source: str | None = None,
           init_weights: dict[str, torch.Tensor] | None = None,
-          corpus_options: dict[str, Any] | None = None) -> TrainResult:
+          corpus_options: dict[str, Any] | None = None, precision_reason: str | None = None) -> TrainResult:
     """Train a model and write checkpoints and metrics.jsonl into ``run_dir``.
 
     ``should_stop`` is polled after every step; a non-empty answer (e.g. "SIGINT") ends the run
@@ -272,6 +281,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     ``include``/``exclude`` patterns and the digest of its split) are kept in the checkpoint for
     ``--resume``. ``init_weights`` (fine-tuning) starts from another model's tensors instead of a random
     initialisation; a vocabulary that grew keeps the old rows and initialises only the new ones.
+    ``precision_reason`` says why ``train_config.precision`` (the start event reports it).
     """
     if train_config.max_steps is None and train_config.epochs is None and train_config.max_minutes is None:
         raise ConfigError("give a stopping rule (max_steps, epochs or max_minutes): without one training never "
@@ -282,7 +292,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
         return _Run(model_config=model_config, train_config=train_config, data=data, run_dir=run_dir,
                     source=source, on_event=on_event, should_stop=should_stop, resume=resume, dist=dist,
                     val_source=val_source, init_weights=init_weights,
-                    corpus_options=corpus_options or {}).run()
+                    corpus_options=corpus_options or {}, precision_reason=precision_reason).run()
 
 
 @dataclass
@@ -316,7 +326,8 @@ class _Run:
     def __init__(self, *, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: Path,
                  source: str, on_event: Callable[[Event], None] | None, should_stop: Callable[[], str | None] | None,
                  resume: Resume | None, dist: Dist, val_source: str | None,
-                 init_weights: dict[str, torch.Tensor] | None, corpus_options: dict[str, Any]) -> None:
+                 init_weights: dict[str, torch.Tensor] | None, corpus_options: dict[str, Any],
+                 precision_reason: str | None = None) -> None:
         cfg = train_config
         self.dist, self.data, self.run_dir, self.resume = dist, data, run_dir, resume
         self.source, self.val_source, self.corpus_options = source, val_source, corpus_options
@@ -347,7 +358,16 @@ class _Run:
             # Different dropout masks on different streams. Seeded before a resume restores each
             # rank's own RNG state, so a resumed run draws the masks an uninterrupted one would.
             torch.manual_seed(cfg.seed + dist.rank)
-        self.autocast = self.device.type == "cuda"
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if precision_reason:
+            self.precision = dataclasses.replace(self.precision, reason=precision_reason)
+        self.cfg = cfg = cfg.replace(precision=self.precision.name)  # the checkpoint says what ran
+        # Validation in fp32 whatever the training precision: the figure a run reports is the one
+        # `charlm perplexity` reproduces and that runs on other machines are compared by (bf16
+        # would be within 2e-3 nats/token: tests/test_precision.py).
+        self.eval_precision = FP32
+        # fp16's narrow range underflows small gradients: scale the loss (bf16 has fp32's range).
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
 
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
@@ -479,7 +499,7 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with out_of_memory_as(f"in training step {p.step + 1:,}", self.step_hint), dist.guard(), \
-                torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                self.precision.autocast(self.device):
             if cfg.activation_reg > 0 or cfg.temporal_reg > 0:
                 logits, new_state, (raw, dropped) = self.net(x, self.state, with_outputs=True)
             else:
@@ -491,7 +511,10 @@ class _Run:
             if cfg.temporal_reg > 0 and raw.size(1) > 1:  # TAR: fast-changing hidden states cost
                 objective = objective + cfg.temporal_reg * (raw[:, 1:] - raw[:, :-1]).float().pow(2).mean()
             self.optimizer.zero_grad(set_to_none=True)
-            objective.backward()  # under DDP the gradients arrive averaged over ranks
+            # under DDP the gradients arrive averaged over ranks
+            (self.scaler.scale(objective) if self.scaler else objective).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                         cfg.clip if cfg.clip > 0 else math.inf)
         reason = self.should_stop() if self.should_stop else None
@@ -502,10 +525,15 @@ class _Run:
             reason = reason or ("stopped by another process" if shared[2] > 0 else None)
         else:
             loss_value, self.clock = float(loss.item()), self.local_elapsed()
-        if math.isfinite(loss_value) and _is_finite(self.grad_norm):
-            self.optimizer.step()
+        if self.scaler and math.isfinite(loss_value):
+            # Gradients that overflowed at this loss scale: the scaler skips the step and lowers it.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if math.isfinite(loss_value) and (self.scaler or _is_finite(self.grad_norm)):
+            if not self.scaler:
+                self.optimizer.step()
             self.bad_steps = 0
-            self.state = detach_state(new_state)
+            self.state = _float32_state(detach_state(new_state))
             self.interval_loss += loss_value
             self.interval_count += 1
         else:
@@ -527,7 +555,7 @@ class _Run:
         p, dist, data = self.progress, self.dist, self.data
         t0 = time.perf_counter()
         with out_of_memory_as(f"evaluating at step {p.step:,}", "make --hidden-size or --num-layers smaller"):
-            result = evaluate(self.model, data.val_ids, autocast=self.autocast, dist=dist)
+            result = evaluate(self.model, data.val_ids, precision=self.eval_precision, dist=dist)
         p.val_loss = result.nats_per_token
         improved = p.val_loss < p.best_val_loss
         if improved:
@@ -582,7 +610,8 @@ class _Run:
                      "world_size": self.dist.world_size, "model_config": self.model.cfg.to_dict(),
                      "train_config": cfg.to_dict(), "resumed": self.resume is not None,
                      "train_tokens": int(len(self.data.train_ids)), "val_tokens": int(len(self.data.val_ids)),
-                     "tokenizer": self.data.tokenizer.kind})
+                     "tokenizer": self.data.tokenizer.kind, "precision": self.precision.name,
+                     "precision_reason": self.precision.reason})
         self.step_hint = (f"make --batch-size ({cfg.batch_size}) or --seq-len ({cfg.seq_len}) smaller, "
                           f"or the model (--hidden-size, --num-layers)")
         self.net.train()
@@ -802,7 +831,7 @@ FIXED_ON_RESUME = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weigh
                    "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "batch_size",
                    "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps")
 ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "max_minutes", "patience", "device", "eval_every",
-                        "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio")
+                        "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio", "precision")
 NOT_ON_RESUME = {"min_count": "the vocabulary is the checkpoint's", "max_vocab": "the vocabulary is the checkpoint's"}
 
 

@@ -66,3 +66,14 @@ def test_word_models_get_sgd_and_regularisation_that_grows_with_the_epochs_the_b
     assert all(x <= y for x, y in zip(rates(grimm), rates(long))) and long.weight_drop > 0
     char = auto_size(tokenizer="char", train_tokens=1_000_000, max_minutes=3, gpu=False)
     assert char.optimizer == "adamw" and (char.embed_dropout, char.weight_drop) == (0.0, 0.0)
+
+
+def test_bf16_buys_the_next_size_up_and_more_dropout_while_fp32_keeps_its_defaults():
+    for minutes, fp32_size, bf16_size in ((3, 512, 768), (10, 768, 1024)):
+        fp32 = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=minutes, gpu=False)
+        bf16 = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=minutes, gpu=False, bf16=True)
+        assert (fp32.hidden_size, bf16.hidden_size) == (fp32_size, bf16_size)
+        assert fp32.dropout == 0.0  # the measured fp32 defaults (README, "Defaults") are unchanged
+    assert bf16.dropout == 0.2  # 10 minutes of bf16 buys ~5 epochs of the larger model
+    small = auto_size(tokenizer="char", train_tokens=150_000, max_minutes=10, gpu=False, bf16=True)
+    assert small.hidden_size == 256  # small data caps the model in either precision

@@ -22,7 +22,7 @@ from conftest import subprocess_env
 
 OPTIONS = ["--max-steps", "8", "--batch-size", "4", "--seq-len", "16", "--hidden-size", "32", "--embed-size", "16",
            "--dropout", "0", "--log-every", "1", "--eval-every", "4", "--warmup-steps", "2", "--sample-length", "0",
-           "--device", "cpu"]
+           "--device", "cpu", "--precision", "fp32"]  # DDP equals one process exactly in fp32
 
 
 def _charlm(*args: str, nproc: int = 1, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -1,0 +1,161 @@
+"""--precision: which one a device gets, bf16 training against fp32, and what stays fp32."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import charlm
+from charlm import precision as precision_module
+from charlm.checkpoint import load_checkpoint
+from charlm.config import ModelConfig, TrainConfig
+from charlm.data import prepare_data
+from charlm.errors import ConfigError
+from charlm.evaluate import evaluate
+from charlm.infer import FastStep
+from charlm.model import RNNLM
+from charlm.precision import resolve_precision
+from charlm.sample import sampling_precision
+from charlm.trainer import train
+
+CPU = torch.device("cpu")
+
+
+def test_auto_follows_the_cpus_bf16_instructions(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: "avx512_bf16")
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.name == "bf16" and "avx512_bf16" in chosen.reason
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: None)
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.name == "fp32" and "no native bf16" in chosen.reason
+
+
+def test_an_explicit_precision_is_honoured_or_refused():
+    assert resolve_precision("fp32", CPU).name == "fp32"
+    assert resolve_precision("bf16", CPU).name == "bf16"  # runs anywhere (emulated where not native)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ConfigError, match="--precision must be one of"):
+        resolve_precision("half", CPU)
+    with pytest.raises(ConfigError, match="--precision must be one of"):
+        TrainConfig(precision="bf32")
+
+
+def test_cpuinfo_flags_are_read_without_failing():
+    assert precision_module.cpu_bf16_instructions() in (None, "avx512_bf16", "amx_bf16")
+
+
+def _run(tmp_path, text, precision, steps=200, **kwargs):
+    data = prepare_data(text, val_fraction=0.1)
+    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=32, embed_size=16, num_layers=1)
+    train_cfg = TrainConfig(seq_len=32, batch_size=8, lr=1e-2, max_steps=steps, eval_every=steps, warmup_steps=10,
+                            device="cpu", precision=precision, log_every=10, **kwargs)
+    run_dir = tmp_path / precision
+    return train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=run_dir), run_dir, data
+
+
+def test_bf16_and_fp32_runs_of_one_seed_end_close(tmp_path, tiny_text):
+    """Acceptance: 200 steps of the same seed in each precision end within 0.02 nats/char."""
+    fp32, _, _ = _run(tmp_path, tiny_text, "fp32")
+    bf16, run_dir, data = _run(tmp_path, tiny_text, "bf16")
+    assert fp32.best_val_loss < 2.5  # both learned something: the comparison is not of two flat lines
+    assert abs(bf16.best_val_loss - fp32.best_val_loss) < 0.02
+    start = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["precision"] == "bf16" and start["train_config"]["precision"] == "bf16"
+    assert load_checkpoint(run_dir / "last.safetensors").train_config.precision == "bf16"
+
+
+def test_a_bf16_runs_validation_is_fp32_and_its_state_saved_in_fp32(tmp_path, tiny_text):
+    result, run_dir, data = _run(tmp_path, tiny_text, "bf16", steps=40)
+    best = load_checkpoint(run_dir / "best.safetensors")
+    # The reported loss is the fp32 evaluation of the saved weights (what `charlm perplexity` says).
+    assert evaluate(best.model, data.val_ids).nats_per_token == pytest.approx(result.best_val_loss, abs=1e-6)
+    optim = load_file(str(run_dir / load_checkpoint(run_dir / "last.safetensors").train_state["optim_file"]))
+    states = [name for name in optim if name.startswith("hidden.")]
+    assert states and all(optim[name].dtype == torch.float32 for name in states)
+
+
+def test_bf16_evaluation_is_within_2e_3_nats_of_fp32(tmp_path, tiny_text):
+    """`charlm perplexity --precision bf16` is offered because this holds (the default stays fp32)."""
+    _, run_dir, data = _run(tmp_path, tiny_text, "fp32", steps=100)
+    lm = charlm.load(run_dir / "best.safetensors")
+    text = tiny_text[-3000:]
+    exact, fast = lm.perplexity(text), lm.perplexity(text, precision="bf16")
+    assert exact.precision == "fp32" and fast.precision == "bf16"
+    assert lm.perplexity(text, precision="auto").nats_per_token == exact.nats_per_token
+    assert exact.nats_per_token < 2.6  # a model that learned something
+    assert abs(fast.nats_per_token - exact.nats_per_token) < 2e-3
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        lm.perplexity(text, precision="fp16")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_bf16_sampling_steps_stay_near_fp32_and_auto_samples_in_fp32(cell):
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=30, cell=cell, hidden_size=32, embed_size=16, num_layers=2)).eval()
+    exact, low = FastStep(model), FastStep(model, dtype=torch.bfloat16)
+    exact.reset(4)
+    low.reset(4)
+    tokens = torch.randint(0, 30, (4, 40))
+    with torch.inference_mode():
+        for t in range(tokens.shape[1]):
+            a, b = exact.step(tokens[:, t]).log_softmax(-1), low.step(tokens[:, t]).log_softmax(-1)
+            assert (a - b).abs().max() < 0.1, t
+    assert sampling_precision("auto", CPU).name == "fp32"
+    assert sampling_precision("bf16", CPU).name == "bf16"
+
+
+def test_the_same_seed_samples_the_same_text_under_auto_and_fp32(trained_run):
+    lm = charlm.load(trained_run)
+    options = dict(length=60, seed=3, num_samples=3)
+    assert lm.samples(**options) == lm.samples(**options, precision="fp32")
+    assert all(lm.samples(**options, precision="bf16"))  # runs, and yields text
+
+
+TINY = dict(hidden_size=24, embed_size=12, seq_len=16, batch_size=4, device="cpu", eval_every=10)
+
+
+@pytest.mark.parametrize("flag, chosen", [("avx512_bf16", "bf16"), (None, "fp32")])
+def test_a_planned_run_stores_what_auto_chose_and_resume_keeps_it(tmp_path, tiny_corpus, monkeypatch, flag, chosen):
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: flag)
+    events = []
+    run = charlm.train(tiny_corpus, out=tmp_path / "run", max_steps=10, on_event=events.append, **TINY)
+    assert events[0]["precision"] == chosen and events[0]["train_config"]["precision"] == chosen
+    assert (flag or "no native bf16") in events[0]["precision_reason"]
+    assert load_checkpoint(run.run_dir / "last.safetensors").train_config.precision == chosen
+    # The machine changes its mind (another CPU): the run keeps its precision unless one is given.
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: None if flag else "avx512_bf16")
+    resumed = []
+    charlm.train(tiny_corpus, resume=run.run_dir, max_steps=15, on_event=resumed.append)
+    assert resumed[0]["precision"] == chosen and resumed[0]["precision_reason"] == "the run's own"
+    other = "fp32" if chosen == "bf16" else "bf16"
+    again = []
+    charlm.train(tiny_corpus, resume=run.run_dir, max_steps=20, on_event=again.append, precision=other)
+    assert again[0]["precision"] == other
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        charlm.train(tiny_corpus, out=tmp_path / "fp16", max_steps=5, precision="fp16", **TINY)
+    with pytest.raises(ConfigError, match="--precision must be one of"):
+        charlm.train(tiny_corpus, out=tmp_path / "bad", max_steps=5, precision="int8", **TINY)
+
+
+def test_word_models_train_in_fp32_under_auto_and_in_bf16_when_asked(tmp_path, tiny_corpus, monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_bf16_instructions", lambda: "avx512_bf16")
+    auto, asked = [], []
+    charlm.train(tiny_corpus, tokenizer="word", out=tmp_path / "a", max_steps=3, on_event=auto.append, **TINY)
+    charlm.train(tiny_corpus, tokenizer="word", out=tmp_path / "b", max_steps=3, on_event=asked.append,
+                 precision="bf16", **TINY)
+    assert auto[0]["precision"] == "fp32" and "word" in auto[0]["precision_reason"]
+    assert asked[0]["precision"] == "bf16" and asked[0]["precision_reason"] == "as asked"
+
+
+def test_bench_measures_bf16_beside_fp32_with_the_bare_loops():
+    from charlm.bench import BenchConfig, run_bench
+
+    tiny = dict(hidden_size=16, num_layers=1, embed_size=8, batch_size=2, seq_len=8, train_steps=20,
+                sample_length=40, sample_streams=2, repeats=1, device="cpu")
+    both = run_bench(BenchConfig(**tiny, bf16=True))
+    assert both.bare_train_tokens_per_second > 0 and both.train_tokens_per_second > 0
+    assert {"train_tokens_per_second", "bare_train_tokens_per_second", "eval_tokens_per_second",
+            "sample_chars_per_second_n", "matmul_gflops"} <= set(both.bf16)
+    assert all(both.bf16[key] > 0 for key in ("train_tokens_per_second", "bare_train_tokens_per_second"))
+    assert run_bench(BenchConfig(**tiny, bf16=False)).bf16 is None
