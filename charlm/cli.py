@@ -227,7 +227,7 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = _TRAIN.device,
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16: the matmuls' number format in training (validation is fp32). auto: bf16 on a GPU with bf16 and on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere; the start line says which and why. fp16 (CUDA only) trains with a loss scaler. Word models stay fp32 under auto on a CPU. Kept by --resume unless given.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16: the matmuls' number format in training (validation is fp32). auto: bf16 on a GPU with bf16 and on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere; the start line says which and why. fp16 (CUDA only) trains with a loss scaler. Kept by --resume unless given.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: checkpoints/<corpus name>/ (a new -N folder if taken).")] = None,
     min_count: Annotated[Optional[int], typer.Option(help="Keep words (or characters) seen at least this often; the rest are <UNK>. Default: 2 for words (so <UNK> is trained), 1 otherwise.")] = None,
     max_vocab: Annotated[Optional[int], typer.Option(help="Keep at most this many tokens, the most frequent (<UNK> included).")] = None,

@@ -145,6 +145,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     from .corpora import get_spec, resolve_corpus_name
     from .distributed import Dist
     from .model import resolve_device
+    from .precision import resolve_precision
     from .trainer import load_resume, resume_configs
 
     options.check()
@@ -214,7 +215,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
         raise ConfigError("the processes of the distributed run built different vocabularies")
     device = resolve_device(options.device)
-    precision = _precision(options.precision, device, options.tokenizer)
+    precision = resolve_precision(options.precision, device)
     auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
                      gpu=device.type == "cuda", bf16=precision.name == "bf16")
     hidden = _given_or(options.hidden_size, auto.hidden_size)
@@ -249,18 +250,6 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
 # The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
 OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
                 "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
-
-
-def _precision(requested: str, device: Any, tokenizer: str) -> Any:
-    """--precision, with ``auto`` resolved for this device (precision.resolve_precision), except
-    that word models keep fp32 on a CPU: bf16's extra steps overfit their fp32-tuned defaults
-    (Grimm, 3 minutes: test perplexity 41.2 against 40.5; benchmarks/results/word-grimm-3min-bf16.json)."""
-    from .precision import Precision, resolve_precision
-
-    precision = resolve_precision(requested, device)
-    if requested == "auto" and tokenizer == "word" and device.type == "cpu" and precision.name != "fp32":
-        return Precision("fp32", "word models' CPU defaults are tuned in fp32")
-    return precision
 
 
 def _min_count(options: TrainOptions) -> int:
@@ -312,9 +301,10 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     from .tokenizer import extend_tokenizer
 
     from .model import resolve_device
+    from .precision import resolve_precision
 
     base = load_checkpoint(resolve_checkpoint(options.init_from))
-    precision = _precision(options.precision, resolve_device(options.device), base.tokenizer.kind)
+    precision = resolve_precision(options.precision, resolve_device(options.device))
     shape = {**base.model_config.to_dict(), "tokenizer": base.tokenizer.kind}
     for key in _SHAPE:
         if key in given and getattr(options, key) != shape[key]:

@@ -77,3 +77,11 @@ def test_bf16_buys_the_next_size_up_and_more_dropout_while_fp32_keeps_its_defaul
     assert bf16.dropout == 0.2  # 10 minutes of bf16 buys ~5 epochs of the larger model
     small = auto_size(tokenizer="char", train_tokens=150_000, max_minutes=10, gpu=False, bf16=True)
     assert small.hidden_size == 256  # small data caps the model in either precision
+
+
+def test_bf16_word_models_expect_more_epochs_and_regularise_more():
+    fp32 = auto_size(tokenizer="word", train_tokens=88_000, max_minutes=3, gpu=False)
+    bf16 = auto_size(tokenizer="word", train_tokens=88_000, max_minutes=3, gpu=False, bf16=True)
+    assert fp32.hidden_size == bf16.hidden_size == 400
+    assert (fp32.dropout, fp32.weight_drop) == (0.3, 0.2)  # ~14 epochs (Grimm, 3 minutes)
+    assert (bf16.dropout, bf16.input_dropout, bf16.embed_dropout, bf16.weight_drop) == (0.4, 0.5, 0.1, 0.3)
