@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .evaluate import evaluate
@@ -101,7 +102,6 @@ def bare_train_rate(cfg: BenchConfig, device: torch.device, *, bf16: bool = Fals
     """The reference: the plainest correct training loop of the same shape (embedding → nn.LSTM →
     linear, AdamW), with ``bf16`` its forward under bf16 autocast and the loss in fp32."""
     torch.manual_seed(0)
-    nn = torch.nn
     emb = nn.Embedding(cfg.vocab_size, cfg.embed_size).to(device)
     lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True).to(device)
     head = nn.Linear(cfg.hidden_size, cfg.vocab_size).to(device)

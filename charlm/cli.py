@@ -344,11 +344,12 @@ def sample(
     """
     with _handled():
         from .api import load
-        from .config import SampleConfig, brief
+        from .config import SampleConfig, brief, check_precision
         from .data import read_corpus
 
         SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, num_samples=num_samples,
                      seed=seed, stop=stop)  # checks every option before the model is loaded
+        check_precision(precision)
         if prime_file is not None:
             if prime:
                 raise _usage("give --prime or --prime-file, not both")
@@ -400,8 +401,10 @@ def perplexity(
     """
     with _handled():
         from .api import load
+        from .config import check_precision
         from .data import read_corpus
 
+        check_precision(precision)
         text = read_corpus(file, encoding_errors=encoding_errors)
         lm = load(checkpoint, device=device)
         t0 = time.perf_counter()

@@ -138,6 +138,13 @@ def check_option(name: str, value: Any, *, optional: bool = False) -> None:
     _check(rule.allows(value), f"--{name.replace('_', '-')} must be {rule.describe()} (got {brief(value)})")
 
 
+def check_precision(value: Any) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``PRECISIONS`` (which one a device can run
+    is precision.resolve_precision's question)."""
+    _check(isinstance(value, str) and value in PRECISIONS,
+           f"--precision must be one of {', '.join(PRECISIONS)} (got {brief(value)})")
+
+
 def check_decay(*, lr: float, weight_decay: float) -> None:
     """AdamW multiplies every weight by 1 − lr × weight decay each step: at 1 or more it zeroes or
     flips them, which no training wants."""
@@ -216,8 +223,7 @@ class TrainConfig(_DictMixin):
             check_option(name, getattr(self, name), optional=True)
         _check(isinstance(self.optimizer, str) and self.optimizer in OPTIMIZERS,
                f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {brief(self.optimizer)})")
-        _check(isinstance(self.precision, str) and self.precision in PRECISIONS,
-               f"--precision must be one of {', '.join(PRECISIONS)} (got {brief(self.precision)})")
+        check_precision(self.precision)
         _check(isinstance(self.device, str) and self.device in DEVICES,
                f"--device must be one of {', '.join(DEVICES)} (got {brief(self.device)})")
         check_decay(lr=self.lr, weight_decay=self.weight_decay)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from .config import OPTIMIZERS, PRECISIONS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option
+from .config import (OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option,
+                     check_precision)
 from .errors import ConfigError
 
 DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
@@ -73,8 +74,7 @@ class TrainOptions:
         """Every numeric option against its range (config.LIMITS), before any work is done."""
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        check_precision(self.precision)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         for name in NUMERIC_OPTIONS:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .config import PRECISIONS
+from .config import check_precision
 from .errors import ConfigError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,11 +65,10 @@ def cpu_bf16_instructions() -> str | None:
     return None
 
 
-def resolve_precision(requested: str, device: torch.device, *, option: str = "--precision") -> Precision:
+def resolve_precision(requested: str, device: torch.device) -> Precision:
     """``auto``: bf16 on a CUDA GPU that has it and on a CPU with native bf16, fp32 elsewhere. An
     explicit choice is honoured where the device can run it and refused where it cannot."""
-    if requested not in PRECISIONS:
-        raise ConfigError(f"{option} must be one of {', '.join(PRECISIONS)} (got {requested!r})")
+    check_precision(requested)
     kind = device.type
     if requested == "auto":
         if kind == "cuda" and torch.cuda.is_bf16_supported():
@@ -79,10 +79,10 @@ def resolve_precision(requested: str, device: torch.device, *, option: str = "--
             return Precision("fp32", "this CPU has no native bf16 instructions")
         return Precision("fp32", f"mixed precision on {kind} is not measured")
     if requested == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{option} bf16: this GPU has no bf16 support (use fp16 or fp32)")
+        raise ConfigError("--precision bf16: this GPU has no bf16 support (use fp16 or fp32)")
     if requested == "fp16" and kind != "cuda":
         # oneDNN has no fp16 LSTM on CPUs without AVX-512 FP16, and fp16 gains nothing over bf16 there.
-        raise ConfigError(f"{option} fp16 needs a CUDA GPU (on a {kind}: bf16 or fp32)")
+        raise ConfigError(f"--precision fp16 needs a CUDA GPU (on a {kind}: bf16 or fp32)")
     if requested == "bf16" and kind == "mps":
-        raise ConfigError(f"{option} bf16 is not supported on mps (use fp32)")
+        raise ConfigError("--precision bf16 is not supported on mps (use fp32)")
     return Precision(requested, "as asked")

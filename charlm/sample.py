@@ -21,7 +21,6 @@ def sampling_precision(requested: str, device: torch.device) -> Precision:
     past the 1e-2 a sampler must stay within to draw from the model's own distribution (README,
     "Precision"); bf16 is there for whoever asks."""
     if requested == "auto":
-        resolve_precision(requested, device)  # the same checks
         return Precision("fp32", "sampling stays exact under auto")
     return resolve_precision(requested, device)
 

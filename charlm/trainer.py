@@ -362,10 +362,6 @@ class _Run:
         if precision_reason:
             self.precision = dataclasses.replace(self.precision, reason=precision_reason)
         self.cfg = cfg = cfg.replace(precision=self.precision.name)  # the checkpoint says what ran
-        # Validation in fp32 whatever the training precision: the figure a run reports is the one
-        # `charlm perplexity` reproduces and that runs on other machines are compared by (bf16
-        # would be within 2e-3 nats/token: tests/test_precision.py).
-        self.eval_precision = FP32
         # fp16's narrow range underflows small gradients: scale the loss (bf16 has fp32's range).
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
 
@@ -525,12 +521,11 @@ class _Run:
             reason = reason or ("stopped by another process" if shared[2] > 0 else None)
         else:
             loss_value, self.clock = float(loss.item()), self.local_elapsed()
-        if self.scaler and math.isfinite(loss_value):
-            # Gradients that overflowed at this loss scale: the scaler skips the step and lowers it.
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
         if math.isfinite(loss_value) and (self.scaler or _is_finite(self.grad_norm)):
-            if not self.scaler:
+            if self.scaler:  # gradients that overflowed at this loss scale: it skips the step and lowers it
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
                 self.optimizer.step()
             self.bad_steps = 0
             self.state = _float32_state(detach_state(new_state))
@@ -555,7 +550,10 @@ class _Run:
         p, dist, data = self.progress, self.dist, self.data
         t0 = time.perf_counter()
         with out_of_memory_as(f"evaluating at step {p.step:,}", "make --hidden-size or --num-layers smaller"):
-            result = evaluate(self.model, data.val_ids, precision=self.eval_precision, dist=dist)
+            # fp32 whatever the training precision: the figure a run reports is the one `charlm
+            # perplexity` reproduces and runs on other machines are compared by (bf16 would be
+            # within 2e-3 nats/token: tests/test_precision.py).
+            result = evaluate(self.model, data.val_ids, precision=FP32, dist=dist)
         p.val_loss = result.nats_per_token
         improved = p.val_loss < p.best_val_loss
         if improved:

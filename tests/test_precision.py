@@ -159,3 +159,15 @@ def test_bench_measures_bf16_beside_fp32_with_the_bare_loops():
             "sample_chars_per_second_n", "matmul_gflops"} <= set(both.bf16)
     assert all(both.bf16[key] > 0 for key in ("train_tokens_per_second", "bare_train_tokens_per_second"))
     assert run_bench(BenchConfig(**tiny, bf16=False)).bf16 is None
+
+
+@pytest.mark.parametrize("command", [["sample"], ["perplexity", "README.md"], ["train", "--max-steps", "1"]])
+def test_a_bad_precision_is_a_usage_error_before_any_work(command, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from charlm.cli import app
+
+    monkeypatch.chdir(tmp_path)  # no checkpoints here: the option is refused before anything is looked for
+    (tmp_path / "README.md").write_text("some text\n", encoding="utf-8")
+    result = CliRunner().invoke(app, [*command, "--precision", "half"])
+    assert result.exit_code == 2 and "--precision must be one of auto, fp32, bf16, fp16" in result.output
