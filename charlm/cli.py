@@ -135,7 +135,8 @@ class _TrainDisplay:
             self.budget = event["max_minutes"] * 60 if event.get("max_minutes") else None
             self.tokenizer = event.get("tokenizer")
             cfg = event["model_config"]
-            err.print(f"charlm: {cfg['num_layers']}×{cfg['hidden_size']} {cfg['cell'].upper()}, "
+            err.print(f"charlm: {cfg['num_layers']}×{cfg['hidden_size']} {cfg['cell'].upper()}"
+                      f"{' (residual)' if cfg.get('residual') else ''}, "
                       f"{event['num_parameters']:,} parameters, {event['train_tokens']:,} training / "
                       f"{event['val_tokens']:,} validation tokens, device {event['device']}, "
                       f"{event['precision']} ({event['precision_reason']})"
@@ -199,7 +200,7 @@ def train(
     include: Annotated[Optional[list[str]], typer.Option("--include", help="A folder corpus: read only files whose names match this pattern (e.g. '*.c'; repeat for more). Default: every file but hidden ones. Binary and non-UTF-8 files are skipped and counted.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="A folder corpus: leave out files and folders whose names match this pattern (e.g. 'site-packages', 'test_*'; repeat for more).")] = None,
     tokenizer: Annotated[str, typer.Option(help="char, word or byte.")] = "char",
-    cell: Annotated[str, typer.Option(help="lstm, gru or rnn (tanh).")] = "lstm",
+    cell: Annotated[str, typer.Option(help="lstm, gru, rnn (tanh) or peephole (an LSTM whose gates also see the cell state; README: Cells).")] = "lstm",
     optimizer: Annotated[Optional[str], typer.Option(help="adamw, sgd (plain, as the PyTorch word-LM example: --lr 20 for words, --clip 0.25), adagrad or rmsprop (decay 0.95, as char-rnn). All use the warm-up + cosine schedule; the non-AdamW ones default to no weight decay. Default: sgd for word models, adamw otherwise (measured: README, Word models).")] = None,
     hidden_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer. Default: sized to the corpus and budget.")] = None,
     num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers. Default: 1 on a CPU (one wide layer learns fastest per CPU-second), 3 on a GPU.")] = None,
@@ -211,6 +212,7 @@ def train(
     activation_reg: Annotated[Optional[float], typer.Option(help="AR: add this × the mean square of the last layer's outputs to the loss. Default: 0.")] = None,
     temporal_reg: Annotated[Optional[float], typer.Option(help="TAR: add this × the mean square of their change from step to step. Default: 0.")] = None,
     tie_weights: Annotated[Optional[bool], typer.Option("--tie-weights/--no-tie-weights", help="Share embedding and output weights. Default: on for word models.")] = None,
+    residual: Annotated[Optional[bool], typer.Option("--residual/--no-residual", help="Skip connections between stacked layers: each layer after the first adds its input to its output (needs --num-layers ≥ 2). Default: off.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="BPTT window length. Default: 100 (35 for words, 256 on a GPU).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams. Default on a CPU: 16 up to 512 hidden units, 32 above (32 for words); 64 on a GPU.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate. Default: by model size.")] = None,
@@ -467,7 +469,8 @@ def info(
         table.add_row("checkpoint", str(resolved))
         mc = loaded.model_config
         table.add_row("model", f"{mc.num_layers}×{mc.hidden_size} {mc.cell.upper()}, embedding {mc.embed_size}"
-                               + (", tied weights" if mc.tie_weights else ""))
+                               + (", tied weights" if mc.tie_weights else "")
+                               + (", residual connections" if mc.residual else ""))
         table.add_row("regularisation", ", ".join(
             [f"dropout {mc.dropout:g}"]
             + ([f"input dropout {mc.input_dropout:g}"] if mc.input_dropout is not None else [])
@@ -507,7 +510,7 @@ def _seconds(value: Any) -> str:
 
 @app.command()
 def bench(
-    cell: Annotated[str, typer.Option(help="lstm, gru or rnn.")] = "lstm",
+    cell: Annotated[str, typer.Option(help="lstm, gru, rnn or peephole.")] = "lstm",
     hidden_size: Annotated[int, typer.Option(min=1, help="Hidden units per layer.")] = 512,
     num_layers: Annotated[int, typer.Option(min=1, help="Recurrent layers.")] = 2,
     embed_size: Annotated[int, typer.Option(min=1, help="Embedding width.")] = 128,

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-CELLS = ("lstm", "gru", "rnn")
+CELLS = ("lstm", "gru", "rnn", "peephole")
 TOKENIZERS = ("char", "word", "byte")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "sgd", "adagrad", "rmsprop")
@@ -175,6 +175,7 @@ class ModelConfig(_DictMixin):
     input_dropout: float | None = None  # variational, on the embedding output; None: the same as dropout
     embed_dropout: float = 0.0  # whole tokens: every use of a dropped token's embedding in a batch
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
+    residual: bool = False  # skip connections between stacked layers (layer k+1 reads h_k + x_k)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.cell, str) and self.cell in CELLS,
@@ -184,6 +185,9 @@ class ModelConfig(_DictMixin):
             check_option(name, getattr(self, name))
         check_option("input_dropout", self.input_dropout, optional=True)
         _check(isinstance(self.tie_weights, bool), "--tie-weights must be true or false")
+        _check(isinstance(self.residual, bool), "--residual must be true or false")
+        _check(not self.residual or self.num_layers >= 2,
+               f"--residual connects stacked layers: it needs --num-layers ≥ 2 (got {self.num_layers})")
         _check(not self.tie_weights or self.embed_size == self.hidden_size,
                f"--tie-weights needs --embed-size equal to --hidden-size "
                f"(got {self.embed_size} and {self.hidden_size})")

@@ -2,7 +2,7 @@
 
     tokens (B,) int64 ─┐                        ┌─▶ logits (B, V)
     h (L, B, H) ───────┼──▶ embed → RNN → head ─┼─▶ h_out (L, B, H)
-    c (L, B, H) ───────┘      (LSTM only)       └─▶ c_out (L, B, H)
+    c (L, B, H) ───────┘  (LSTM, peephole LSTM) └─▶ c_out (L, B, H)
 
 A step graph is what a runtime generating text needs: it samples a token from ``logits``, feeds it
 back with ``h_out``/``c_out`` as the next ``h``/``c``, and starts from zeros. (Scoring a whole text
@@ -33,7 +33,7 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .errors import ExportError, MissingDependencyError
-from .model import RNNLM
+from .model import RNNLM, has_cell_state
 from .tokenizer import Tokenizer
 
 DEFAULT_OPSET = 17
@@ -41,28 +41,16 @@ FORMAT = "charlm-onnx/1"
 
 
 class _Step(nn.Module):
-    """One step of a GRU or tanh-RNN model: (tokens, h) → (logits, h_out)."""
+    """One step of the model: (tokens, h) → (logits, h_out), or (tokens, h, c) → (logits, h_out, c_out)
+    for the cells with a cell state. The model's own eval-mode forward is what gets traced."""
 
     def __init__(self, model: RNNLM) -> None:
         super().__init__()
-        self.embedding, self.rnn, self.head = model.embedding, model.rnn, model.head
+        self.model = model
 
-    def forward(self, tokens: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, h_out = self.rnn(self.embedding(tokens)[:, None, :], h)  # (B, 1, H)
-        return self.head(out[:, 0]), h_out  # (B, V), (L, B, H)
-
-
-class _LstmStep(nn.Module):
-    """One step of an LSTM model: (tokens, h, c) → (logits, h_out, c_out)."""
-
-    def __init__(self, model: RNNLM) -> None:
-        super().__init__()
-        self.embedding, self.rnn, self.head = model.embedding, model.rnn, model.head
-
-    def forward(self, tokens: torch.Tensor, h: torch.Tensor,
-                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, (h_out, c_out) = self.rnn(self.embedding(tokens)[:, None, :], (h, c))  # (B, 1, H)
-        return self.head(out[:, 0]), h_out, c_out  # (B, V), (L, B, H), (L, B, H)
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, new_state = self.model(tokens[:, None], state if len(state) == 2 else state[0])  # (B, 1, V)
+        return (logits[:, 0],) + (new_state if isinstance(new_state, tuple) else (new_state,))
 
 
 @dataclass(frozen=True)
@@ -76,7 +64,7 @@ class OnnxExport:
 
 
 def io_names(cell: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    if cell == "lstm":
+    if has_cell_state(cell):
         return ("tokens", "h", "c"), ("logits", "h_out", "c_out")
     return ("tokens", "h"), ("logits", "h_out")
 
@@ -101,7 +89,7 @@ def export_onnx(model: RNNLM, path: str | os.PathLike[str], *, batch_size: int |
     # A CPU fp32 copy in eval mode: no dropout in the graph, and the caller's model is untouched.
     cpu_model = copy.deepcopy(model).to("cpu", torch.float32).eval()
     cfg = cpu_model.cfg
-    step = _LstmStep(cpu_model) if cfg.cell == "lstm" else _Step(cpu_model)
+    step = _Step(cpu_model)
     inputs, outputs = io_names(cfg.cell)
     example_batch = batch_size or 1
     state = torch.zeros(cfg.num_layers, example_batch, cfg.hidden_size)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import RNNLM, State
+from .model import GATES, RNNLM, State, has_cell_state
 
 
 class FastStep:
@@ -33,6 +33,7 @@ class FastStep:
         cfg = model.cfg
         self.dtype = dtype
         self.cell, self.num_layers, self.hidden = cfg.cell, cfg.num_layers, cfg.hidden_size
+        self.residual = cfg.residual
         self.vocab_size = cfg.vocab_size
         rnn, H = model.rnn, cfg.hidden_size
         self.device = model.embedding.weight.device
@@ -54,7 +55,10 @@ class FastStep:
         self.b_ih = [w(f"bias_ih_l{k}") for k in range(1, self.num_layers)] if split_hh_bias else []
         self.head_w = low(model.head.weight.detach().float().t())  # (H, V)
         self.head_b = model.head.bias.detach().float()
-        self.gates = {"lstm": 4, "gru": 3, "rnn": 1}[cfg.cell] * H
+        self.gates = GATES[cfg.cell] * H
+        # A peephole LSTM's gates i and f see c₋₁, and o the new c, through these vectors (each (H,)).
+        self.peepholes = [[w(f"peephole_{gate}_l{k}") for gate in ("i", "f", "o")]
+                          for k in range(self.num_layers)] if cfg.cell == "peephole" else []
         self.batch_size = 0
 
     def reset(self, batch_size: int, state: State | None = None) -> None:
@@ -81,7 +85,7 @@ class FastStep:
         """The current state in ``nn.LSTM``'s layout: (h, c) or h, each (L, B, H)."""
         H = self.hidden
         h = torch.stack([self.xh[k][:, H:] for k in range(self.num_layers)])
-        return (h, torch.stack(self.c)) if self.cell == "lstm" else h
+        return (h, torch.stack(self.c)) if has_cell_state(self.cell) else h
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -111,6 +115,19 @@ class FastStep:
                 c.mul_(f).addcmul_(i, gg)  # c = f·c + i·g
                 torch.tanh(c, out=self.tmp)
                 torch.mul(o, self.tmp, out=h_out)
+            elif self.cell == "peephole":
+                i, f, gg, o = g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:]
+                p_i, p_f, p_o = self.peepholes[k]
+                c = self.c[k]
+                i.addcmul_(c, p_i)
+                f.addcmul_(c, p_f)
+                torch.sigmoid_(g[:, :2 * H])
+                torch.tanh_(gg)
+                c.mul_(f).addcmul_(i, gg)  # c = f·c + i·g
+                o.addcmul_(c, p_o)  # the output gate looks at the new c
+                torch.sigmoid_(o)
+                torch.tanh(c, out=self.tmp)
+                torch.mul(o, self.tmp, out=h_out)
             elif self.cell == "gru":
                 gh = self.gh
                 rz = g[:, :2 * H].add_(gh[:, :2 * H]).sigmoid_()
@@ -122,6 +139,8 @@ class FastStep:
             else:
                 torch.tanh(g, out=h_out)
             h_prev.copy_(h_out)
+            if self.residual and k > 0:
+                h_out.add_(self.xh[k][:, :H])  # the next layer reads h_k + x_k; the state keeps h_k
         return self._addmm(self.head_b, self.xh[self.num_layers][:, :H], self.head_w, self.logits)
 
     def _addmm(self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

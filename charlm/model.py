@@ -1,7 +1,12 @@
-"""``RNNLM``: embedding → multi-layer LSTM/GRU/tanh-RNN → dropout → linear head.
+"""``RNNLM``: embedding → multi-layer LSTM/GRU/tanh-RNN/peephole LSTM → dropout → linear head.
 
 Parameter names are PyTorch's own (``rnn.weight_ih_l0``, …), so the recurrent weights load
-straight into a plain ``nn.LSTM``/``nn.GRU``/``nn.RNN``.
+straight into a plain ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (a peephole LSTM adds its peephole vectors,
+``cells.py``).
+
+With ``residual``, each stacked layer after the first adds its input to its output (a skip
+connection: layer k+1 reads h_k + x_k), which shortens the gradient path through a deep stack. The
+carried state is each layer's own h; the skip is added on the way up only.
 
 Regularisation in training (AWD-LSTM, Merity et al. 2017), all off in eval mode:
 - variational ("locked") dropout: one mask per stream for the whole window, on the embedding
@@ -19,13 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import _VF, nn
 
+from .cells import PeepholeLSTM, peephole_lstm_layer
 from .config import ModelConfig
 
 # An LSTM state is (h, c); GRU and RNN states are a single h. Each is (num_layers, B, hidden).
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
-_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # weight blocks per cell: the rows of weight_ih are GATES × hidden
+_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN, "peephole": PeepholeLSTM}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1, "peephole": 4}  # weight blocks: the rows of weight_ih are GATES × hidden
+
+
+def has_cell_state(cell: str) -> bool:
+    """Whether the cell carries (h, c) rather than h alone."""
+    return cell in ("lstm", "peephole")
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -38,6 +49,9 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"rnn.weight_hh_l{k}"] = (rows, H)
         shapes[f"rnn.bias_ih_l{k}"] = (rows,)
         shapes[f"rnn.bias_hh_l{k}"] = (rows,)
+        if cfg.cell == "peephole":
+            for gate in ("i", "f", "o"):
+                shapes[f"rnn.peephole_{gate}_l{k}"] = (H,)
     shapes["head.weight"] = (cfg.vocab_size, H)
     shapes["head.bias"] = (cfg.vocab_size,)
     return shapes
@@ -57,9 +71,12 @@ class RNNLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_size)
-        extra = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
-        # The dropout between layers is ours (variational), so the module's own is 0.
-        self.rnn = _CELLS[cfg.cell](cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True, **extra)
+        if cfg.cell == "peephole":
+            self.rnn = PeepholeLSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers)
+        else:
+            extra = {"nonlinearity": "tanh"} if cfg.cell == "rnn" else {}
+            # The dropout between layers is ours (variational), so the module's own is 0.
+            self.rnn = _CELLS[cfg.cell](cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True, **extra)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
@@ -70,7 +87,7 @@ class RNNLM(nn.Module):
         if not self.cfg.tie_weights:
             nn.init.normal_(self.head.weight, std=self.cfg.hidden_size ** -0.5)
         nn.init.zeros_(self.head.bias)
-        if self.cfg.cell == "lstm":
+        if has_cell_state(self.cfg.cell):
             # Forget-gate bias 1: remember by default, a standard LSTM trick that speeds early training.
             h = self.cfg.hidden_size
             for name, param in self.rnn.named_parameters():
@@ -88,7 +105,7 @@ class RNNLM(nn.Module):
         device = device if device is not None else self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
         h = torch.zeros(shape, device=device, dtype=dtype)
-        return (h, torch.zeros_like(h)) if self.cfg.cell == "lstm" else h
+        return (h, torch.zeros_like(h)) if has_cell_state(self.cfg.cell) else h
 
     def forward(self, x: torch.Tensor, state: State | None = None, *,
                 with_outputs: bool = False) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, tuple]:
@@ -100,30 +117,37 @@ class RNNLM(nn.Module):
             keep = torch.empty(cfg.vocab_size, device=emb.device, dtype=emb.dtype).bernoulli_(1 - cfg.embed_dropout)
             emb = emb * (keep / (1 - cfg.embed_dropout))[x].unsqueeze(-1)
         emb = locked_dropout(emb, cfg.dropout if cfg.input_dropout is None else cfg.input_dropout, training)
-        if training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1)):
+        if cfg.residual or (training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1))):
             raw, state = self._layer_by_layer(emb, state)
         else:
-            raw, state = self.rnn(emb, state)  # (B, T, H): all layers in one fused call
+            raw, state = self.rnn(emb, state)  # (B, T, H): all layers in one call (one fused kernel for nn.*)
         out = locked_dropout(raw, cfg.dropout, training)
         logits = self.head(out)
         return (logits, state, (raw, out)) if with_outputs else (logits, state)
 
     def _layer_by_layer(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """The recurrence a layer at a time: variational dropout between layers, and each
-        hidden-to-hidden matrix through DropConnect, into the kernel ``nn.LSTM`` itself calls."""
-        cfg = self.cfg
+        """The recurrence a layer at a time: variational dropout between layers, each
+        hidden-to-hidden matrix through DropConnect into the kernel ``nn.LSTM`` itself calls, and
+        the skip connections of ``residual``. Dropout and DropConnect apply in training only."""
+        cfg, training = self.cfg, self.training
         if state is None:
             state = self.init_state(x.size(0), device=x.device, dtype=x.dtype)
         finals = []
         for k in range(cfg.num_layers):
+            skip = x if cfg.residual and k > 0 else None
             if k > 0:
-                x = locked_dropout(x, cfg.dropout, True)
+                x = locked_dropout(x, cfg.dropout, training)
             w_hh = getattr(self.rnn, f"weight_hh_l{k}")
-            if cfg.weight_drop > 0:
+            if training and cfg.weight_drop > 0:
                 w_hh = F.dropout(w_hh, cfg.weight_drop, True)
             weights = [getattr(self.rnn, f"weight_ih_l{k}"), w_hh, getattr(self.rnn, f"bias_ih_l{k}"),
                        getattr(self.rnn, f"bias_hh_l{k}")]
-            if cfg.cell == "lstm":
+            if cfg.cell == "peephole":
+                h, c = state  # type: ignore[misc]
+                peepholes = [getattr(self.rnn, f"peephole_{gate}_l{k}") for gate in ("i", "f", "o")]
+                x, h_k, c_k = peephole_lstm_layer(x, h[k], c[k], *weights, *peepholes)
+                finals.append((h_k[None], c_k[None]))
+            elif cfg.cell == "lstm":
                 h, c = state  # type: ignore[misc]
                 x, h_k, c_k = _VF.lstm(x, (h[k:k + 1], c[k:k + 1]), weights, True, 1, 0.0, True, False, True)
                 finals.append((h_k, c_k))
@@ -131,7 +155,9 @@ class RNNLM(nn.Module):
                 run = _VF.gru if cfg.cell == "gru" else _VF.rnn_tanh
                 x, h_k = run(x, state[k:k + 1], weights, True, 1, 0.0, True, False, True)  # type: ignore[index]
                 finals.append(h_k)
-        if cfg.cell == "lstm":
+            if skip is not None:
+                x = x + skip.to(x.dtype)  # the undropped input: the identity path stays clean
+        if has_cell_state(cfg.cell):
             return x, (torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals]))
         return x, torch.cat(finals)
 

@@ -43,6 +43,7 @@ class TrainOptions:
     activation_reg: float | None = None
     temporal_reg: float | None = None
     tie_weights: bool | None = None
+    residual: bool | None = None  # None: off
     seq_len: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -102,7 +103,7 @@ NUMERIC_OPTIONS = ("hidden_size", "num_layers", "embed_size", "dropout", "input_
                    "val_fraction", "eval_every", "patience", "seed", "min_count", "max_vocab", "max_bad_steps",
                    "log_every")
 # The options a resumed run hands to trainer.resume_configs, which honours or refuses each.
-_RESUME_KEYS = ("tokenizer", "cell", "hidden_size", "num_layers", "embed_size", "dropout", "input_dropout",
+_RESUME_KEYS = ("tokenizer", "cell", "residual", "hidden_size", "num_layers", "embed_size", "dropout", "input_dropout",
                 "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "tie_weights", "seq_len",
                 "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
                 "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
@@ -227,7 +228,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         embed_size=_given_or(options.embed_size, hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie,
         input_dropout=_given_or(options.input_dropout, auto.input_dropout),
         embed_dropout=_given_or(options.embed_dropout, auto.embed_dropout),
-        weight_drop=_given_or(options.weight_drop, auto.weight_drop))
+        weight_drop=_given_or(options.weight_drop, auto.weight_drop), residual=_given_or(options.residual, False))
     options = dataclasses.replace(options, optimizer=options.optimizer or auto.optimizer)
     lr, weight_decay, clip = _optimizer_defaults(options, given, auto.lr)
     train_cfg = TrainConfig(
@@ -287,7 +288,7 @@ def _new_run_dir(options: TrainOptions, dist: Any, name: str) -> Path:
 
 
 # What a fine-tune takes from the model it starts from: the shape (and with it the tokenizer).
-_SHAPE = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weights", "tokenizer")
+_SHAPE = ("cell", "residual", "hidden_size", "num_layers", "embed_size", "tie_weights", "tokenizer")
 
 
 def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, note: Callable[[str], None] | None,
@@ -372,8 +373,8 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
         if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
             raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
                               f"(got {type(values[key]).__name__})")
-    for key in ("tie_weights", "extend_vocab"):
-        if key in values and not (isinstance(values[key], bool) or (key == "tie_weights" and values[key] is None)):
+    for key in ("tie_weights", "residual", "extend_vocab"):
+        if key in values and not (isinstance(values[key], bool) or (key != "extend_vocab" and values[key] is None)):
             raise ConfigError(f"{key} must be True or False (got {type(values[key]).__name__})")
     for key in ("include", "exclude"):  # lists from the command line, tuples in the options
         patterns = values.get(key) or ()

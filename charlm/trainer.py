@@ -27,7 +27,8 @@ from .data import PreparedData, batchify, fit_batch_shape, num_windows, window
 from .distributed import Dist, device_for
 from .errors import CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
 from .evaluate import EvalResult, evaluate
-from .model import GATES, RNNLM, State, count_parameters, detach_state, resolve_device, select_state
+from .model import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
+                    select_state)
 from .precision import FP32, resolve_precision
 
 Event = dict[str, Any]
@@ -166,7 +167,7 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
     expected = (model_config.num_layers, batch_size, model_config.hidden_size)
     parts = [k for k in ("hidden.h", "hidden.c") if k in tensors]
     if parts:
-        wanted = ["hidden.h", "hidden.c"] if model_config.cell == "lstm" else ["hidden.h"]
+        wanted = ["hidden.h", "hidden.c"] if has_cell_state(model_config.cell) else ["hidden.h"]
         if parts != wanted:
             raise bad(f"the carried hidden state has {' and '.join(parts)}; a {model_config.cell.upper()} "
                       f"carries {' and '.join(wanted)}")
@@ -825,7 +826,7 @@ def new_run_dir(root: str | Path, name: str) -> Path:
 # What a resumed run may and may not change. The shape of the model and of the data layout, the
 # vocabulary, the seed and the warm-up are the run's own; the stopping rules, the device and
 # the optimizer's step sizes may change from here on.
-FIXED_ON_RESUME = ("cell", "hidden_size", "num_layers", "embed_size", "tie_weights", "dropout", "input_dropout",
+FIXED_ON_RESUME = ("cell", "residual", "hidden_size", "num_layers", "embed_size", "tie_weights", "dropout", "input_dropout",
                    "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "batch_size",
                    "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps")
 ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "max_minutes", "patience", "device", "eval_every",

@@ -37,22 +37,27 @@ def _losses(run: Path) -> list[float]:
     return [e["loss"] for e in events if e["event"] == "step"]
 
 
-def _assert_same_weights(a: Path, b: Path) -> None:
+def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     wa, wb = load_file(a), load_file(b)
     assert wa.keys() == wb.keys()
     for name in wa:
-        assert np.allclose(wa[name].numpy(), wb[name].numpy(), atol=1e-5, rtol=0), name
+        assert np.allclose(wa[name].numpy(), wb[name].numpy(), atol=atol, rtol=0), name
 
 
-def test_two_processes_equal_one_process(tiny_corpus, tmp_path):
-    two = _charlm("train", str(tiny_corpus), "--out", "two", *OPTIONS, nproc=2, cwd=tmp_path)
+@pytest.mark.parametrize("model", [[], ["--cell", "peephole", "--num-layers", "2", "--residual"]],
+                         ids=["lstm", "peephole-residual"])
+def test_two_processes_equal_one_process(model, tiny_corpus, tmp_path):
+    two = _charlm("train", str(tiny_corpus), "--out", "two", *OPTIONS, *model, nproc=2, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-2000:]
-    one = _charlm("train", str(tiny_corpus), "--out", "one", *OPTIONS, cwd=tmp_path)
+    one = _charlm("train", str(tiny_corpus), "--out", "one", *OPTIONS, *model, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     losses_one, losses_two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(losses_one) == len(losses_two) == 8
     assert np.allclose(losses_one, losses_two, atol=1e-5, rtol=0)
-    _assert_same_weights(tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors")
+    # The peephole backward sums each weight gradient over the local batch in one matmul, so two
+    # half batches round differently from one whole (measured: 1.1e-5 after 8 AdamW steps).
+    _assert_same_weights(tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors",
+                         atol=5e-5 if model else 1e-5)
     # Only rank 0 wrote: one run folder, one set of files, progress printed once.
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [

@@ -31,7 +31,7 @@ def token_by_token(model, ids, num_streams, context=256):
     return total
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
 @pytest.mark.parametrize("num_streams, n", [(1, 50), (3, 101), (4, 97)])
 def test_batched_equals_token_by_token(cell, num_streams, n):
     torch.manual_seed(1)

@@ -49,14 +49,14 @@ def run_session(path, names, tokens, state):
     return outputs
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnx_step_matches_the_model_over_several_steps(cell, batch, tmp_path):
     needs_onnx()
     model = make_model(cell).train()  # training mode on purpose: the export must still drop dropout
     result = export_onnx(model, tmp_path / "model.onnx")
     assert model.training  # the caller's model is left as it was
-    expected_inputs = ("tokens", "h", "c") if cell == "lstm" else ("tokens", "h")
+    expected_inputs = ("tokens", "h", "c") if cell in ("lstm", "peephole") else ("tokens", "h")
     assert result.input_names == expected_inputs and result.output_names[0] == "logits"
     assert result.batch_size is None and result.opset >= 17 and result.sidecar is None
 

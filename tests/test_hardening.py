@@ -70,7 +70,7 @@ def _rewrite(path, **fields):
 
 
 def test_parameter_shapes_match_the_model_without_building_it():
-    for cell in ("lstm", "gru", "rnn"):
+    for cell in ("lstm", "gru", "rnn", "peephole"):
         for tie in (False, True):
             cfg = ModelConfig(vocab_size=11, cell=cell, hidden_size=6, embed_size=6 if tie else 5, num_layers=3,
                               tie_weights=tie)

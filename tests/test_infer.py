@@ -9,7 +9,7 @@ from charlm.infer import FastStep
 from charlm.model import RNNLM
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
 @pytest.mark.parametrize("num_layers, batch_size, tie", [(1, 1, False), (2, 1, False), (3, 5, False), (2, 3, True)])
 def test_fast_step_equals_the_model(cell, num_layers, batch_size, tie):
     torch.manual_seed(0)

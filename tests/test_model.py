@@ -6,7 +6,7 @@ from charlm.config import ModelConfig
 from charlm.model import RNNLM, detach_state
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
 def test_forward_shapes_and_state_carry(cell):
     torch.manual_seed(0)
     model = RNNLM(ModelConfig(vocab_size=11, cell=cell, hidden_size=8, embed_size=6, num_layers=2)).eval()

@@ -89,7 +89,7 @@ def test_bf16_evaluation_is_within_2e_3_nats_of_fp32(tmp_path, tiny_text):
         lm.perplexity(text, precision="fp16")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
 def test_bf16_sampling_steps_stay_near_fp32_and_auto_samples_in_fp32(cell):
     torch.manual_seed(0)
     model = RNNLM(ModelConfig(vocab_size=30, cell=cell, hidden_size=32, embed_size=16, num_layers=2)).eval()

@@ -17,7 +17,7 @@ def model(cell="lstm", layers=2, **reg):
                              tie_weights=True, **reg))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
 def test_every_dropout_is_off_in_eval_mode(cell):
     regularised, plain = model(cell, **STRONG).eval(), model(cell).eval()
     plain.load_state_dict(regularised.state_dict())
@@ -27,7 +27,7 @@ def test_every_dropout_is_off_in_eval_mode(cell):
     torch.testing.assert_close(first, plain(x)[0])  # and the same as no regularisation at all
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
 def test_training_is_random_and_the_layer_by_layer_path_equals_the_fused_one(cell):
     m = model(cell, **STRONG).train()
     x = torch.randint(0, 13, (3, 6))

@@ -39,7 +39,7 @@ def make_model(vocab_size, cell, seed=0):
     return RNNLM(ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=16, embed_size=8, num_layers=2))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
 @pytest.mark.parametrize("kind", ["char", "word", "byte"])
 @pytest.mark.parametrize("include_end", [True, False])
 def test_batched_scores_equal_a_token_by_token_loop(cell, kind, include_end):

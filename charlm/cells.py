@@ -1,0 +1,191 @@
+"""Recurrent layers that PyTorch has no kernel for: the peephole LSTM (Gers & Schmidhuber 2000).
+
+The gates also look at the cell state through one diagonal (elementwise) weight vector per gate:
+
+    i = σ(Wᵢx + Uᵢh + bᵢ + pᵢ ⊙ c₋₁)        f = σ(W_f x + U_f h + b_f + p_f ⊙ c₋₁)
+    g = tanh(W_g x + U_g h + b_g)            c = f ⊙ c₋₁ + i ⊙ g
+    o = σ(W_o x + U_o h + b_o + p_o ⊙ c)     h = o ⊙ tanh(c)
+
+Gate order and parameter names are ``nn.LSTM``'s (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``,
+``bias_hh_l0``: rows i, f, g, o) plus ``peephole_i_l0``, ``peephole_f_l0``, ``peephole_o_l0``.
+
+Neither cuDNN nor oneDNN has a peephole kernel, and autograd over a Python loop of a dozen small ops
+per step records hundreds of graph nodes per window. So a layer is computed as
+- the input projection of the whole window in ONE matmul (autograd handles it);
+- the recurrence in ``_PeepholeRecurrence``, a custom autograd Function: per step one matmul and the
+  gate arithmetic written in place into preallocated (T, B, ·) buffers; its hand-written backward
+  runs the steps in reverse (one matmul each) and forms the weight gradients in one matmul at the end.
+With grad off (evaluation, sampling, ONNX export) a plain functional loop does the same sums.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATE_NAMES = ("i", "f", "o")  # the gates with a peephole
+
+
+class PeepholeLSTM(nn.Module):
+    """A multi-layer peephole LSTM with ``nn.LSTM``'s interface (batch first, no dropout, no
+    bidirection): ``forward(x (B, T, F), (h, c) each (L, B, H)) → (out (B, T, H), (h, c))``."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        H = hidden_size
+        for k in range(num_layers):
+            fan_in = input_size if k == 0 else H
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * H, fan_in)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(4 * H, H)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(4 * H)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(4 * H)))
+            for gate in GATE_NAMES:
+                self.register_parameter(f"peephole_{gate}_l{k}", nn.Parameter(torch.empty(H)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.LSTM's initialisation for the shared weights; peepholes start at 0 (a plain LSTM).
+        bound = self.hidden_size ** -0.5
+        for name, param in self.named_parameters():
+            if name.startswith("peephole_"):
+                nn.init.zeros_(param)
+            else:
+                nn.init.uniform_(param, -bound, bound)
+
+    def layer_weights(self, k: int) -> list[torch.Tensor]:
+        """Layer ``k``'s tensors in ``peephole_lstm_layer``'s argument order."""
+        return [getattr(self, f"{kind}_l{k}") for kind in
+                ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "peephole_i", "peephole_f", "peephole_o")]
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if state is None:
+            zeros = x.new_zeros(self.num_layers, x.size(0), self.hidden_size, dtype=torch.float32)
+            state = (zeros, zeros)
+        h, c = state
+        hs, cs = [], []
+        for k in range(self.num_layers):
+            x, h_k, c_k = peephole_lstm_layer(x, h[k], c[k], *self.layer_weights(k))
+            hs.append(h_k)
+            cs.append(c_k)
+        return x, (torch.stack(hs), torch.stack(cs))
+
+
+def peephole_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor,
+                        w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor, p_i: torch.Tensor,
+                        p_f: torch.Tensor, p_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One peephole LSTM layer over a window: x (B, T, F), h0 and c0 (B, H) → out (B, T, H), h, c.
+
+    The state and the gate arithmetic are float32 (float64 if the state is); under autocast the
+    matmuls run in the autocast dtype, as ``nn.LSTM``'s do."""
+    dtype = h0.dtype
+    device_type = x.device.type
+    matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+    xp = F.linear(x.transpose(0, 1), w_ih, b_ih + b_hh).to(dtype).contiguous()  # (T, B, 4H)
+    c0 = c0.to(dtype)
+    # A tracer (ONNX export) must see the functional loop: the Function's in-place buffers are opaque to it.
+    if (torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and any(t.requires_grad for t in (xp, h0, c0, w_hh, p_i, p_f, p_o))):
+        out, h, c = _PeepholeRecurrence.apply(xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype)
+    else:
+        out, h, c = _recurrence(xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype)
+    return out.transpose(0, 1), h, c
+
+
+def _recurrence(xp: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, p_i: torch.Tensor,
+                p_f: torch.Tensor, p_o: torch.Tensor, matmul_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recurrence without autograd bookkeeping, written functionally (it is what ONNX export
+    traces): xp (T, B, 4H) → out (T, B, H), h, c."""
+    w_t = w_hh.t().to(matmul_dtype)
+    outs = []
+    for t in range(xp.size(0)):
+        g = xp[t] + (h.to(matmul_dtype) @ w_t).to(xp.dtype)
+        a_i, a_f, a_g, a_o = g.chunk(4, dim=1)
+        i = torch.sigmoid(a_i + p_i * c)
+        f = torch.sigmoid(a_f + p_f * c)
+        c = f * c + i * torch.tanh(a_g)
+        h = torch.sigmoid(a_o + p_o * c) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+class _PeepholeRecurrence(torch.autograd.Function):
+    """The recurrence for training: in-place forward into (T, B, ·) buffers, hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype):  # type: ignore[override]
+        T, B, G = xp.shape
+        H = G // 4
+        with torch.autocast(xp.device.type, enabled=False):
+            w_t = w_hh.detach().t().to(matmul_dtype)
+            if matmul_dtype == xp.dtype:
+                w_t = w_t.contiguous()
+            gates = torch.empty_like(xp)  # after their nonlinearities: i, f, g, o
+            cs = xp.new_empty(T + 1, B, H)
+            hs = xp.new_empty(T + 1, B, H)
+            tanh_cs = xp.new_empty(T, B, H)
+            cs[0], hs[0] = c0, h0
+            for t in range(T):
+                g, c, c_new = gates[t], cs[t], cs[t + 1]
+                if matmul_dtype == xp.dtype:
+                    torch.addmm(xp[t], hs[t], w_t, out=g)
+                else:
+                    torch.add(xp[t], torch.mm(hs[t].to(matmul_dtype), w_t), out=g)
+                g[:, :H].addcmul_(c, p_i)
+                g[:, H:2 * H].addcmul_(c, p_f)
+                torch.sigmoid_(g[:, :2 * H])
+                torch.tanh_(g[:, 2 * H:3 * H])
+                torch.mul(g[:, H:2 * H], c, out=c_new)
+                c_new.addcmul_(g[:, :H], g[:, 2 * H:3 * H])
+                o = g[:, 3 * H:]
+                o.addcmul_(c_new, p_o)
+                torch.sigmoid_(o)
+                torch.tanh(c_new, out=tanh_cs[t])
+                torch.mul(o, tanh_cs[t], out=hs[t + 1])
+        ctx.save_for_backward(gates, cs, hs, tanh_cs, w_hh, p_i, p_f, p_o)
+        ctx.matmul_dtype = matmul_dtype
+        return hs[1:], hs[T].clone(), cs[T].clone()
+
+    @staticmethod
+    def backward(ctx, d_out, d_h, d_c):  # type: ignore[override]
+        gates, cs, hs, tanh_cs, w_hh, p_i, p_f, p_o = ctx.saved_tensors
+        T, B, G = gates.shape
+        H = G // 4
+        matmul_dtype = ctx.matmul_dtype
+        i, f, g, o = gates[..., :H], gates[..., H:2 * H], gates[..., 2 * H:3 * H], gates[..., 3 * H:]
+        c_prev = cs[:-1]
+        # Per-step factors, computed for the whole window at once:
+        #   da_o = dh ⊙ tanh(c) ⊙ σ'(o)          dc  = dc_next + dh ⊙ o ⊙ tanh'(c) + da_o ⊙ p_o
+        #   da_i = dc ⊙ g ⊙ σ'(i)    da_f = dc ⊙ c₋₁ ⊙ σ'(f)    da_g = dc ⊙ i ⊙ tanh'(g)
+        #   dc₋₁ = dc ⊙ f + da_i ⊙ p_i + da_f ⊙ p_f             dh₋₁ = da @ W_hh
+        to_o = tanh_cs * o * (1 - o)  # (T, B, H)
+        to_c = o * (1 - tanh_cs * tanh_cs)
+        ifg = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)  # (T, B, 3, H)
+        d_gates = torch.empty_like(gates)
+        d3 = d_gates.view(T, B, 4, H)
+        w = w_hh.to(matmul_dtype)
+        dh = torch.zeros_like(hs[0]) if d_h is None else d_h.clone()
+        dc = torch.zeros_like(cs[0]) if d_c is None else d_c.clone()
+        dct = torch.empty_like(dc)
+        for t in reversed(range(T)):
+            if d_out is not None:
+                dh.add_(d_out[t])
+            da = d_gates[t]
+            torch.mul(dh, to_o[t], out=da[:, 3 * H:])
+            torch.mul(dh, to_c[t], out=dct)
+            dct.add_(dc).addcmul_(da[:, 3 * H:], p_o)
+            torch.mul(ifg[t], dct.unsqueeze(1), out=d3[t, :, :3])
+            torch.mul(dct, f[t], out=dc)
+            dc.addcmul_(da[:, :H], p_i).addcmul_(da[:, H:2 * H], p_f)
+            if matmul_dtype == da.dtype:
+                torch.mm(da, w, out=dh)
+            else:
+                dh = torch.mm(da.to(matmul_dtype), w).to(da.dtype)
+        flat = d_gates.view(T * B, G)
+        d_w_hh = (flat.t() @ hs[:-1].reshape(T * B, H)).to(w_hh.dtype)
+        d_p_i = (d_gates[..., :H] * c_prev).sum((0, 1))
+        d_p_f = (d_gates[..., H:2 * H] * c_prev).sum((0, 1))
+        d_p_o = (d_gates[..., 3 * H:] * cs[1:]).sum((0, 1))
+        return d_gates, dh, dc, d_w_hh, d_p_i, d_p_f, d_p_o, None

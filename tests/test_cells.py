@@ -1,0 +1,165 @@
+"""The peephole LSTM against a cell written straight from the equations, and residual stacks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import charlm
+from charlm.cells import PeepholeLSTM, peephole_lstm_layer
+from charlm.config import ModelConfig
+from charlm.errors import ConfigError
+from charlm.model import RNNLM
+
+
+def reference_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, p_i, p_f, p_o):
+    """Gers & Schmidhuber (2000), one step at a time, plain autograd: x (B, T, F) → out, h, c."""
+    outs = []
+    for t in range(x.size(1)):
+        a_i, a_f, a_g, a_o = (x[:, t] @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh).chunk(4, dim=1)
+        i = torch.sigmoid(a_i + p_i * c)
+        f = torch.sigmoid(a_f + p_f * c)
+        c = f * c + i * torch.tanh(a_g)
+        o = torch.sigmoid(a_o + p_o * c)
+        h = o * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs, dim=1), h, c
+
+
+def layer_inputs(B=3, T=5, F=4, H=6, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()  # noqa: E731
+    return [r(B, T, F), r(B, H), r(B, H), r(4 * H, F, scale=0.5), r(4 * H, H, scale=0.5), r(4 * H), r(4 * H),
+            r(H), r(H), r(H)]
+
+
+def test_forward_equals_the_reference():
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        args = layer_inputs(B=4, T=9, F=5, H=7, dtype=dtype)
+        for mine, ref in zip(peephole_lstm_layer(*args), reference_layer(*args)):
+            assert (mine - ref).abs().max().item() <= tolerance
+        with torch.no_grad():  # the functional path evaluation and export use
+            for mine, ref in zip(peephole_lstm_layer(*args), reference_layer(*args)):
+                assert (mine - ref).abs().max().item() <= tolerance
+
+
+def test_hand_written_backward_passes_gradcheck():
+    assert torch.autograd.gradcheck(peephole_lstm_layer, layer_inputs())
+    # The gradient of the last state alone, and of the outputs alone, each takes its own path.
+    args = layer_inputs(B=2, T=4, H=3, seed=1)
+    assert torch.autograd.gradcheck(lambda *a: peephole_lstm_layer(*a)[2], args)
+    assert torch.autograd.gradcheck(lambda *a: peephole_lstm_layer(*a)[0], args)
+
+
+def test_gradients_equal_the_reference_at_a_realistic_size():
+    args = layer_inputs(B=8, T=40, F=16, H=32, dtype=torch.float32, seed=2)
+    weights = torch.randn(8, 40, 32)
+
+    def grads(fn):
+        out, h, c = fn(*args)
+        loss = (out * weights).sum() + h.square().sum() + c.sum()
+        return torch.autograd.grad(loss, args)
+
+    for mine, ref in zip(grads(peephole_lstm_layer), grads(reference_layer)):
+        assert ((mine - ref).norm() / ref.norm()).item() < 1e-5  # fp32 sums in another order, 40 steps deep
+
+
+def test_zero_peepholes_are_a_plain_lstm_with_the_same_parameter_names():
+    torch.manual_seed(0)
+    peephole, plain = PeepholeLSTM(5, 8, 2), nn.LSTM(5, 8, 2, batch_first=True)
+    assert all(p.abs().sum() == 0 for n, p in peephole.named_parameters() if n.startswith("peephole_"))
+    shared = {n: p for n, p in peephole.state_dict().items() if not n.startswith("peephole_")}
+    assert shared.keys() == plain.state_dict().keys()
+    plain.load_state_dict(shared)
+    x = torch.randn(3, 6, 5)
+    (out, (h, c)), (ref, (ref_h, ref_c)) = peephole(x), plain(x)
+    for mine, theirs in ((out, ref), (h, ref_h), (c, ref_c)):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_stays_near_fp32():
+    args = [a.detach().float() for a in layer_inputs(B=4, T=30, F=16, H=32, seed=3)]
+    exact = peephole_lstm_layer(*args)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = peephole_lstm_layer(*args)[0]
+    assert low.dtype == torch.float32  # the state and gates stay fp32; only the matmuls are bf16
+    assert (low - exact).abs().max().item() < 0.05
+
+
+def test_a_peephole_model_trains():
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=7, cell="peephole", hidden_size=16, embed_size=8, num_layers=2,
+                              dropout=0.1, weight_drop=0.2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.arange(41).remainder(7).view(1, 41).repeat(4, 1)
+    losses = []
+    for _ in range(60):
+        logits, _ = model(x[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 7), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if "peephole" in n)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])
+def test_residual_stack_adds_each_layers_input_to_its_output(cell):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=11, cell=cell, hidden_size=8, embed_size=6, num_layers=3, residual=True)
+    model = RNNLM(cfg).eval()
+    plain = RNNLM(cfg.replace(residual=False)).eval()
+    plain.load_state_dict(model.state_dict())  # the same parameters: residual adds none
+    x = torch.randint(0, 11, (2, 5))
+    # Layer by layer by hand: each layer is a one-layer model of the same cell with that layer's weights.
+    layers = []
+    for k in range(3):
+        one = RNNLM(ModelConfig(vocab_size=11, cell=cell, hidden_size=8, embed_size=6 if k == 0 else 8,
+                                num_layers=1)).eval()
+        one.rnn.load_state_dict({n.replace(f"_l{k}", "_l0"): p for n, p in model.rnn.state_dict().items()
+                                 if n.endswith(f"_l{k}")})
+        layers.append(one.rnn)
+    with torch.no_grad():
+        h = model.embedding(x)
+        for k, layer in enumerate(layers):
+            out, _ = layer(h)
+            h = out + h if k > 0 else out
+        expected = model.head(h)
+        logits, _ = model(x)
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, plain(x)[0])
+
+
+def test_residual_needs_stacked_layers():
+    with pytest.raises(ConfigError, match="--residual .* --num-layers ≥ 2"):
+        ModelConfig(vocab_size=5, num_layers=1, residual=True)
+
+
+@pytest.mark.parametrize("options", [{"cell": "peephole"}, {"cell": "lstm", "residual": True, "num_layers": 3},
+                                     {"cell": "gru", "residual": True, "num_layers": 2}])
+def test_each_new_model_trains_resumes_samples_scores_and_exports(options, tiny_corpus, tmp_path):
+    common = dict(hidden_size=16, embed_size=8, seq_len=16, batch_size=4, warmup_steps=2, eval_every=3,
+                  sample_length=0, device="cpu", precision="fp32", num_layers=2, log_every=1)
+    common.update(options)
+    common.pop("sample_length")
+    run = charlm.train(tiny_corpus, out=str(tmp_path / "run"), max_steps=4, **common)
+    assert run.step == 4
+    resumed = charlm.train(tiny_corpus, resume=str(tmp_path / "run"), max_steps=8)
+    assert resumed.step == 8
+    lm = charlm.load(tmp_path / "run")
+    config = lm.checkpoint.model_config
+    assert config.cell == options["cell"] and config.residual == options.get("residual", False)
+    text = "".join(lm.generate(prime="First", length=30, seed=4))
+    assert len(text) == 30
+    assert lm.samples(length=20, seed=4, num_samples=3) == lm.samples(length=20, seed=4, num_samples=3)
+    assert "".join(lm.generate(prime="First", length=30, seed=4)) == text
+    assert lm.perplexity("First Citizen:\nSpeak, speak.\n").perplexity > 1
+    assert len(lm.score(["All:\n", "Resolved.\n"])) == 2
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from charlm.export import check_onnx, export_onnx
+
+    export_onnx(lm.model, tmp_path / "m.onnx")
+    assert check_onnx(lm.model, tmp_path / "m.onnx") < 1e-4
