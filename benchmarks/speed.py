@@ -12,6 +12,8 @@ the median of the per-round ratios. Writes benchmarks/results/speed-<device>.jso
 * sampling: charlm's sampler (one stream, then N streams, N in fp32 and bf16) vs a bare one-token
   nn.LSTM loop, plus the largest difference between their next-token log-probabilities, and between
   the bf16 and fp32 steps' (over the tokens with probability ≥ 1e-3);
+* the peephole LSTM (unless --no-peephole; it has no fused kernel, cells.py): charlm's trainer of the
+  same shape against the bare nn.LSTM loop, and its sampler against the LSTM sampler;
 * perplexity: charlm's evaluator vs charlm's training tokens/s, plus its difference from a
   token-by-token loop;
 * tokenization MB/s, and ``charlm --help`` vs ``python -c "import torch"`` start-up.
@@ -19,6 +21,7 @@ the median of the per-round ratios. Writes benchmarks/results/speed-<device>.jso
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -128,11 +131,14 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 only")
+    parser.add_argument("--no-peephole", dest="peephole", action="store_false", help="leave out the peephole rows")
     args = parser.parse_args()
     cfg = BenchConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, embed_size=args.embed_size,
                       batch_size=args.batch_size, seq_len=args.seq_len, train_steps=args.steps, device="cpu")
     cpu = torch.device("cpu")
     model, tokenizer = model_for(cfg, cpu), tokenizer_for(cfg.vocab_size)
+    peephole_cfg = dataclasses.replace(cfg, cell="peephole")
+    peephole_model = model_for(peephole_cfg, cpu)
     val = synthetic_ids(cfg.vocab_size, 200_000, seed=1)
     text = (SHAKESPEARE.read_text(encoding="utf-8") if SHAKESPEARE.is_file()
             else "".join(tokenizer.itos[1:]) * 20_000) * 20
@@ -154,6 +160,11 @@ def main() -> None:
                 "skinny_matmul_gflops_bf16": matmul_gflops(cpu, (args.streams, 2 * cfg.hidden_size,
                                                                  4 * cfg.hidden_size), dtype=torch.bfloat16, reps=50),
                 } if args.bf16 else {}),
+            **({"charlm_train_peephole": train_rate(peephole_cfg, cpu),
+                "charlm_sample_1_peephole": sample_rate(peephole_model, tokenizer, streams=1, length=600),
+                "charlm_sample_n_peephole": sample_rate(peephole_model, tokenizer, streams=args.streams, length=150),
+                **({"charlm_train_peephole_bf16": train_rate(peephole_cfg, cpu, "bf16")} if args.bf16 else {}),
+                } if args.peephole else {}),
             "charlm_eval": eval_rate(model, val),
             "tokenize_mb_s": tokenize_rate(text),
             "help_s": startup_seconds(help_cmd),
@@ -193,6 +204,14 @@ def main() -> None:
         "sample_n_bf16_over_1_if_at_skinny_bf16_matmul_rate": med("skinny_matmul_gflops_bf16") * 1e9 / step_flops
                                                                / med("charlm_sample_1"),
     }
+    peephole = {} if not args.peephole else {
+        "train_peephole_over_bare_lstm": ratio("charlm_train_peephole", "bare_train"),
+        "train_peephole_over_charlm_lstm": ratio("charlm_train_peephole", "charlm_train"),
+        "sample_1_peephole_over_lstm": ratio("charlm_sample_1_peephole", "charlm_sample_1"),
+        "sample_n_peephole_over_lstm": ratio("charlm_sample_n_peephole", "charlm_sample_n"),
+        **({"train_peephole_bf16_over_bare_lstm_bf16": ratio("charlm_train_peephole_bf16", "bare_train_bf16")}
+           if args.bf16 else {}),
+    }
     result = {
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "bf16_instructions": cpu_bf16_instructions(),
@@ -207,6 +226,7 @@ def main() -> None:
             "eval_over_train": ratio("charlm_eval", "charlm_train"),
             "help_over_import_torch": ratio("help_s", "import_torch_s"),
             **bf16,
+            **peephole,
         },
         "ceilings": {
             "train_fraction_of_matmul_rate": med("charlm_train") * 3 * forward_flops / (med("matmul_gflops") * 1e9),

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import charlm
-from charlm.cells import PeepholeLSTM, peephole_lstm_layer
+from charlm.cells import PeepholeLSTM, fixed_weight_matmul, peephole_lstm_layer
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
 from charlm.model import RNNLM
@@ -62,6 +62,16 @@ def test_gradients_equal_the_reference_at_a_realistic_size():
 
     for mine, ref in zip(grads(peephole_lstm_layer), grads(reference_layer)):
         assert ((mine - ref).norm() / ref.norm()).item() < 1e-5  # fp32 sums in another order, 40 steps deep
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.05), (torch.float64, 1e-12)])
+def test_the_prepacked_step_product_equals_a_plain_matmul(dtype, tolerance):
+    weight, x = torch.randn(96, 40, dtype=torch.float64), torch.randn(7, 40, dtype=torch.float64)
+    product = fixed_weight_matmul(weight.to(dtype), 7)
+    for scale in (1.0, -2.0):  # used many times with one packing
+        got = product((x * scale).to(dtype)).double()
+        want = (x * scale).to(dtype).double() @ weight.to(dtype).double().t()
+        assert ((got - want).abs().max() / want.abs().max()).item() < tolerance
 
 
 def test_zero_peepholes_are_a_plain_lstm_with_the_same_parameter_names():
