@@ -119,19 +119,21 @@ def peephole_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_i
     xp = F.linear(x.transpose(0, 1), w_ih, b_ih + b_hh).to(dtype).contiguous()  # (T, B, 4H)
     c0 = c0.to(dtype)
     # A tracer (ONNX export) must see the functional loop: the Function's in-place buffers are opaque to it.
-    if (torch.is_grad_enabled() and not torch.jit.is_tracing()
-            and any(t.requires_grad for t in (xp, h0, c0, w_hh, p_i, p_f, p_o))):
-        out, h, c = _PeepholeRecurrence.apply(xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype)
-    else:
+    if torch.jit.is_tracing():
         out, h, c = _recurrence(xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (xp, h0, c0, w_hh, p_i, p_f, p_o)):
+        out, h, c = _PeepholeRecurrence.apply(xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype)
+    else:  # evaluation: the training loop's buffers, nothing kept
+        _, cs, hs, _ = _run(xp, h0, c0, w_hh.detach(), p_i.detach(), p_f.detach(), p_o.detach(), matmul_dtype)
+        out, h, c = hs[1:], hs[-1], cs[-1]
     return out.transpose(0, 1), h, c
 
 
 def _recurrence(xp: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, p_i: torch.Tensor,
                 p_f: torch.Tensor, p_o: torch.Tensor, matmul_dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The recurrence without autograd bookkeeping, written functionally (it is what ONNX export
-    traces): xp (T, B, 4H) → out (T, B, H), h, c."""
+    """The recurrence written functionally, for a tracer (ONNX export): xp (T, B, 4H) → out
+    (T, B, H), h, c."""
     w_t = w_hh.t().to(matmul_dtype)
     outs = []
     for t in range(xp.size(0)):
@@ -145,34 +147,45 @@ def _recurrence(xp: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.
     return torch.stack(outs), h, c
 
 
+def _run(xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, p_i: torch.Tensor,
+         p_f: torch.Tensor, p_o: torch.Tensor, matmul_dtype: torch.dtype
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recurrence in place into (T, B, ·) buffers: the gates after their nonlinearities
+    (i, f, g, o), c and h with the initial ones first (T + 1 each), and tanh(c)."""
+    T, B, G = xp.shape
+    H = G // 4
+    with torch.autocast(xp.device.type, enabled=False):
+        recurrent = fixed_weight_matmul(w_hh.to(matmul_dtype), B)  # h ↦ h @ W_hhᵀ
+        gates = torch.empty_like(xp)
+        cs = xp.new_empty(T + 1, B, H)
+        hs = xp.new_empty(T + 1, B, H)
+        tanh_cs = xp.new_empty(T, B, H)
+        cs[0], hs[0] = c0, h0
+        for t in range(T):
+            g, c, c_new = gates[t], cs[t], cs[t + 1]
+            torch.add(xp[t], recurrent(hs[t].to(matmul_dtype)), out=g)
+            g[:, :H].addcmul_(c, p_i)
+            g[:, H:2 * H].addcmul_(c, p_f)
+            torch.sigmoid_(g[:, :2 * H])
+            torch.tanh_(g[:, 2 * H:3 * H])
+            torch.mul(g[:, H:2 * H], c, out=c_new)
+            c_new.addcmul_(g[:, :H], g[:, 2 * H:3 * H])
+            o = g[:, 3 * H:]
+            o.addcmul_(c_new, p_o)
+            torch.sigmoid_(o)
+            torch.tanh(c_new, out=tanh_cs[t])
+            torch.mul(o, tanh_cs[t], out=hs[t + 1])
+    return gates, cs, hs, tanh_cs
+
+
 class _PeepholeRecurrence(torch.autograd.Function):
     """The recurrence for training: in-place forward into (T, B, ·) buffers, hand-written backward."""
 
     @staticmethod
     def forward(ctx, xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype):  # type: ignore[override]
-        T, B, G = xp.shape
-        H = G // 4
-        with torch.autocast(xp.device.type, enabled=False):
-            recurrent = fixed_weight_matmul(w_hh.detach().to(matmul_dtype), B)  # h ↦ h @ W_hhᵀ
-            gates = torch.empty_like(xp)  # after their nonlinearities: i, f, g, o
-            cs = xp.new_empty(T + 1, B, H)
-            hs = xp.new_empty(T + 1, B, H)
-            tanh_cs = xp.new_empty(T, B, H)
-            cs[0], hs[0] = c0, h0
-            for t in range(T):
-                g, c, c_new = gates[t], cs[t], cs[t + 1]
-                torch.add(xp[t], recurrent(hs[t].to(matmul_dtype)), out=g)
-                g[:, :H].addcmul_(c, p_i)
-                g[:, H:2 * H].addcmul_(c, p_f)
-                torch.sigmoid_(g[:, :2 * H])
-                torch.tanh_(g[:, 2 * H:3 * H])
-                torch.mul(g[:, H:2 * H], c, out=c_new)
-                c_new.addcmul_(g[:, :H], g[:, 2 * H:3 * H])
-                o = g[:, 3 * H:]
-                o.addcmul_(c_new, p_o)
-                torch.sigmoid_(o)
-                torch.tanh(c_new, out=tanh_cs[t])
-                torch.mul(o, tanh_cs[t], out=hs[t + 1])
+        T = xp.size(0)
+        gates, cs, hs, tanh_cs = _run(xp, h0, c0, w_hh.detach(), p_i.detach(), p_f.detach(), p_o.detach(),
+                                      matmul_dtype)
         ctx.save_for_backward(gates, cs, hs, tanh_cs, w_hh, p_i, p_f, p_o)
         ctx.matmul_dtype = matmul_dtype
         return hs[1:], hs[T].clone(), cs[T].clone()

@@ -9,7 +9,10 @@ arithmetic. ``FastStep`` does the arithmetic alone:
 * every other weight is transposed once, and layers ≥ 1 multiply ``[input | h]`` by the stacked
   ``[W_ih; W_hh]ᵀ`` in a single matmul;
 * all buffers are allocated once per batch size and written with ``out=`` (no per-step allocation);
-* no autograd (``inference_mode``).
+* no autograd (``inference_mode``);
+* on a CPU the products go through oneDNN with each weight reordered once per batch size
+  (``cells.fixed_weight_matmul``): measured 1.12× one stream's and 1.53× 64 streams' chars/s
+  (fp32; bf16 1.11×) against ``torch.addmm`` on the same weights.
 
 The same code serves B parallel streams, where the matmuls amortise much better. ``step`` equals the
 model's ``forward`` on one token (tested to 1e-5 against ``nn.LSTM``/``nn.GRU``/``nn.RNN``).
@@ -20,8 +23,11 @@ native bf16 this is what lifts many-stream sampling past fp32's matmul ceiling.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from .cells import GATE_NAMES, fixed_weight_matmul
 from .model import GATES, RNNLM, State, has_cell_state
 
 
@@ -29,9 +35,10 @@ class FastStep:
     """A frozen copy of an ``RNNLM``'s weights laid out for single-token steps."""
 
     @torch.inference_mode()
-    def __init__(self, model: RNNLM, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: RNNLM, *, dtype: torch.dtype = torch.float32, prepacked: bool = True) -> None:
         cfg = model.cfg
         self.dtype = dtype
+        self.prepacked = prepacked
         self.cell, self.num_layers, self.hidden = cfg.cell, cfg.num_layers, cfg.hidden_size
         self.residual = cfg.residual
         self.vocab_size = cfg.vocab_size
@@ -57,15 +64,19 @@ class FastStep:
         self.head_b = model.head.bias.detach().float()
         self.gates = GATES[cfg.cell] * H
         # A peephole LSTM's gates i and f see c₋₁, and o the new c, through these vectors (each (H,)).
-        self.peepholes = [[w(f"peephole_{gate}_l{k}") for gate in ("i", "f", "o")]
+        self.peepholes = [[w(f"peephole_{gate}_l{k}") for gate in GATE_NAMES]
                           for k in range(self.num_layers)] if cfg.cell == "peephole" else []
         self.batch_size = 0
+        self._products: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # by id of the weight
 
     def reset(self, batch_size: int, state: State | None = None) -> None:
         """Allocate the buffers for ``batch_size`` streams and load ``state`` (zeros if None)."""
         B, H, L = batch_size, self.hidden, self.num_layers
         zeros = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
         self.batch_size = B
+        if self.prepacked:  # each weight reordered once for this batch size (cells.fixed_weight_matmul)
+            weights = [*self.w_hh, *self.w_stack, *self.w_ih, self.head_w]
+            self._products = {id(w): fixed_weight_matmul(w.t().contiguous(), B) for w in weights}
         # xh[k] = [input of layer k | h of layer k]; layer k writes its h into xh[k][:, H:] and,
         # as the next layer's input, into xh[k + 1][:, :H] (the head reads xh[L][:, :H]).
         self.xh = [zeros(B, 2 * H) for _ in range(L + 1)]
@@ -145,6 +156,9 @@ class FastStep:
 
     def _addmm(self, bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out = bias + a @ w (``bias`` may be ``out`` itself), the product in the weights' dtype."""
+        product = self._products.get(id(w))
+        if product is not None:
+            return torch.add(bias, product(a.to(w.dtype)), out=out)
         if w.dtype == torch.float32:
             if bias is out:
                 return out.addmm_(a, w)

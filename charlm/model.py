@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import _VF, nn
 
-from .cells import PeepholeLSTM, peephole_lstm_layer
+from .cells import GATE_NAMES, PeepholeLSTM, peephole_lstm_layer
 from .config import ModelConfig
 
 # An LSTM state is (h, c); GRU and RNN states are a single h. Each is (num_layers, B, hidden).
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
-_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN, "peephole": PeepholeLSTM}
+_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}  # and "peephole": cells.PeepholeLSTM
 GATES = {"lstm": 4, "gru": 3, "rnn": 1, "peephole": 4}  # weight blocks: the rows of weight_ih are GATES × hidden
 
 
@@ -50,7 +50,7 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"rnn.bias_ih_l{k}"] = (rows,)
         shapes[f"rnn.bias_hh_l{k}"] = (rows,)
         if cfg.cell == "peephole":
-            for gate in ("i", "f", "o"):
+            for gate in GATE_NAMES:
                 shapes[f"rnn.peephole_{gate}_l{k}"] = (H,)
     shapes["head.weight"] = (cfg.vocab_size, H)
     shapes["head.bias"] = (cfg.vocab_size,)
@@ -144,7 +144,7 @@ class RNNLM(nn.Module):
                        getattr(self.rnn, f"bias_hh_l{k}")]
             if cfg.cell == "peephole":
                 h, c = state  # type: ignore[misc]
-                peepholes = [getattr(self.rnn, f"peephole_{gate}_l{k}") for gate in ("i", "f", "o")]
+                peepholes = [getattr(self.rnn, f"peephole_{gate}_l{k}") for gate in GATE_NAMES]
                 x, h_k, c_k = peephole_lstm_layer(x, h[k], c[k], *weights, *peepholes)
                 finals.append((h_k[None], c_k[None]))
             elif cfg.cell == "lstm":

@@ -45,3 +45,15 @@ def test_fast_step_starts_from_zeros():
     with torch.inference_mode():
         reference, _ = model(tokens[:, None])
     assert torch.allclose(fast.step(tokens), reference[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "peephole"])
+def test_prepacked_products_equal_plain_matmuls(cell):
+    torch.manual_seed(3)
+    model = RNNLM(ModelConfig(vocab_size=19, cell=cell, hidden_size=16, embed_size=8, num_layers=2,
+                              residual=True)).eval()
+    packed, plain = FastStep(model), FastStep(model, prepacked=False)
+    packed.reset(5)
+    plain.reset(5)
+    for token in torch.randint(0, 19, (10, 5)):
+        torch.testing.assert_close(packed.step(token), plain.step(token), atol=1e-5, rtol=1e-5)
