@@ -148,8 +148,9 @@ def test_residual_needs_stacked_layers():
 
 
 @pytest.mark.parametrize("options", [{"cell": "peephole"}, {"cell": "lstm", "residual": True, "num_layers": 3},
-                                     {"cell": "gru", "residual": True, "num_layers": 2}])
-def test_each_new_model_trains_resumes_samples_scores_and_exports(options, tiny_corpus, tmp_path):
+                                     {"cell": "gru", "residual": True, "num_layers": 2}, {"cell": "rnn"},
+                                     {"cell": "lstm"}, {"cell": "gru"}])
+def test_a_checkpoint_of_each_cell_trains_resumes_samples_scores_and_exports(options, tiny_corpus, tmp_path):
     common = dict(hidden_size=16, embed_size=8, seq_len=16, batch_size=4, warmup_steps=2, eval_every=3,
                   sample_length=0, device="cpu", precision="fp32", num_layers=2, log_every=1)
     common.update(options)

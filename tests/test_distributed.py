@@ -44,8 +44,8 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
         assert np.allclose(wa[name].numpy(), wb[name].numpy(), atol=atol, rtol=0), name
 
 
-@pytest.mark.parametrize("model", [[], ["--cell", "peephole", "--num-layers", "2", "--residual"]],
-                         ids=["lstm", "peephole-residual"])
+@pytest.mark.parametrize("model", [[], pytest.param(["--cell", "peephole", "--num-layers", "2", "--residual"],
+                                                  marks=pytest.mark.slow)], ids=["lstm", "peephole-residual"])
 def test_two_processes_equal_one_process(model, tiny_corpus, tmp_path):
     two = _charlm("train", str(tiny_corpus), "--out", "two", *OPTIONS, *model, nproc=2, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-2000:]
