@@ -220,6 +220,9 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
                      gpu=device.type == "cuda", bf16=precision.name == "bf16")
     hidden = _given_or(options.hidden_size, auto.hidden_size)
+    if options.residual and options.num_layers is None and auto.num_layers < 2:
+        raise ConfigError(f"--residual connects stacked layers: give --num-layers (≥ 2); the default here is "
+                          f"{auto.num_layers} (one wide layer learns fastest per CPU-second)")
     tie = (options.tie_weights if options.tie_weights is not None
            else auto.tie_weights and options.embed_size in (None, hidden))
     model_cfg = ModelConfig(

@@ -174,3 +174,8 @@ def test_a_checkpoint_of_each_cell_trains_resumes_samples_scores_and_exports(opt
 
     export_onnx(lm.model, tmp_path / "m.onnx")
     assert check_onnx(lm.model, tmp_path / "m.onnx") < 1e-4
+
+
+def test_residual_without_num_layers_says_to_give_it(tiny_corpus, tmp_path):
+    with pytest.raises(ConfigError, match=r"--residual connects stacked layers: give --num-layers \(≥ 2\)"):
+        charlm.train(tiny_corpus, out=str(tmp_path / "run"), residual=True, max_steps=1, device="cpu")
