@@ -85,3 +85,5 @@ def test_bf16_word_models_expect_more_epochs_and_regularise_more():
     assert fp32.hidden_size == bf16.hidden_size == 400
     assert (fp32.dropout, fp32.weight_drop) == (0.3, 0.2)  # ~14 epochs (Grimm, 3 minutes)
     assert (bf16.dropout, bf16.input_dropout, bf16.embed_dropout, bf16.weight_drop) == (0.4, 0.5, 0.1, 0.3)
+    long = auto_size(tokenizer="word", train_tokens=88_000, max_minutes=10, gpu=False, bf16=True)  # ~49 epochs
+    assert (long.dropout, long.input_dropout, long.embed_dropout, long.weight_drop) == (0.5, 0.65, 0.1, 0.5)
