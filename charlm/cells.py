@@ -90,10 +90,14 @@ class PeepholeLSTM(nn.Module):
             else:
                 nn.init.uniform_(param, -bound, bound)
 
+    def peepholes(self, k: int) -> list[torch.Tensor]:
+        """Layer ``k``'s peephole vectors, in ``GATE_NAMES`` order (i, f, o)."""
+        return [getattr(self, f"peephole_{gate}_l{k}") for gate in GATE_NAMES]
+
     def layer_weights(self, k: int) -> list[torch.Tensor]:
         """Layer ``k``'s tensors in ``peephole_lstm_layer``'s argument order."""
-        return [getattr(self, f"{kind}_l{k}") for kind in
-                ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "peephole_i", "peephole_f", "peephole_o")]
+        shared = [getattr(self, f"{kind}_l{k}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        return shared + self.peepholes(k)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .cells import GATE_NAMES, fixed_weight_matmul
+from .cells import fixed_weight_matmul
 from .model import GATES, RNNLM, State, has_cell_state
 
 
@@ -64,7 +64,7 @@ class FastStep:
         self.head_b = model.head.bias.detach().float()
         self.gates = GATES[cfg.cell] * H
         # A peephole LSTM's gates i and f see c₋₁, and o the new c, through these vectors (each (H,)).
-        self.peepholes = [[w(f"peephole_{gate}_l{k}") for gate in GATE_NAMES]
+        self.peepholes = [[p.detach().float() for p in rnn.peepholes(k)]
                           for k in range(self.num_layers)] if cfg.cell == "peephole" else []
         self.batch_size = 0
         self._products: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # by id of the weight

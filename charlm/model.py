@@ -144,8 +144,7 @@ class RNNLM(nn.Module):
                        getattr(self.rnn, f"bias_hh_l{k}")]
             if cfg.cell == "peephole":
                 h, c = state  # type: ignore[misc]
-                peepholes = [getattr(self.rnn, f"peephole_{gate}_l{k}") for gate in GATE_NAMES]
-                x, h_k, c_k = peephole_lstm_layer(x, h[k], c[k], *weights, *peepholes)
+                x, h_k, c_k = peephole_lstm_layer(x, h[k], c[k], *weights, *self.rnn.peepholes(k))
                 finals.append((h_k[None], c_k[None]))
             elif cfg.cell == "lstm":
                 h, c = state  # type: ignore[misc]
