@@ -20,6 +20,7 @@ from .config import SampleConfig
 from .model import resolve_device
 from .sample import Piece, generate as _generate
 from .score import LineScore, score_lines
+from .surprise import PieceLogprob
 from .trainer import TrainResult
 
 
@@ -130,6 +131,25 @@ class LanguageModel:
             unknown=tuple(self.tokenizer.unknown_symbols(text)[:50]) if unknown else (),
             bytes=num_bytes, bits_per_byte=result.bits_per_char(num_bytes),
             caveat=WORD_CAVEAT if self.tokenizer.kind == "word" else None, precision=chosen.name)
+
+    def logprobs(self, text: str, *, top: int = 5, from_line_start: bool = True,
+                 max_tokens: int | None = None) -> list[PieceLogprob]:
+        """How surprised the model is by each piece of ``text`` (a character; a word for word
+        models): its log-probability in nats and the ``top`` tokens the model expected there.
+        ``from_line_start`` predicts the first piece from a line start as ``score`` does; without
+        it the first token is only read, as ``perplexity`` does, and its ``logprob`` is None.
+
+        >>> [(p.text, round(p.logprob, 2)) for p in lm.logprobs("ROMEO:")]  # doctest: +SKIP
+        """
+        from .surprise import text_logprobs
+
+        _text("text", text)
+        if not isinstance(from_line_start, bool):
+            from .errors import UsageError
+
+            raise UsageError(f"from_line_start must be True or False (got {type(from_line_start).__name__})")
+        return text_logprobs(self.model, self.tokenizer, text, top=top, from_line_start=from_line_start,
+                             max_tokens=max_tokens)
 
     def score(self, lines: Sequence[str], *, include_end: bool = True) -> list[LineScore]:
         """Each line scored on its own, from a fresh line start (lower nats/token = more likely)."""

@@ -41,6 +41,18 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def checkpoint_report(checkpoint: Checkpoint) -> dict[str, Any]:
+    """What ``charlm info --json`` prints and ``GET /v1/model`` answers: configs, vocabulary size,
+    parameters and training state, all JSON-ready."""
+    return {
+        "checkpoint": str(checkpoint.path), "format": checkpoint.metadata.get("format"),
+        "parameters": checkpoint.model.num_parameters(), "tokenizer": checkpoint.tokenizer.kind,
+        "vocab_size": checkpoint.tokenizer.vocab_size, "model_config": checkpoint.model_config.to_dict(),
+        "train_config": checkpoint.train_config.to_dict() if checkpoint.train_config else None,
+        "train_state": checkpoint.train_state,
+    }
+
+
 # ── writing ─────────────────────────────────────────────────────────────────────────────────────
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -451,17 +451,11 @@ def info(
     Example: charlm info checkpoints/tinyshakespeare
     """
     with _handled():
-        from .checkpoint import load_checkpoint, resolve_checkpoint
+        from .checkpoint import checkpoint_report, load_checkpoint, resolve_checkpoint
 
         resolved = resolve_checkpoint(checkpoint)
         loaded = load_checkpoint(resolved)
-        report = {
-            "checkpoint": str(resolved), "format": loaded.metadata.get("format"),
-            "parameters": loaded.model.num_parameters(), "tokenizer": loaded.tokenizer.kind,
-            "vocab_size": loaded.tokenizer.vocab_size, "model_config": loaded.model_config.to_dict(),
-            "train_config": loaded.train_config.to_dict() if loaded.train_config else None,
-            "train_state": loaded.train_state,
-        }
+        report = checkpoint_report(loaded)
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
             return
@@ -835,6 +829,68 @@ def export(
         console.print(f"description: {result.sidecar}", markup=False)
         if difference is not None:
             console.print(f"checked with onnxruntime: largest difference {difference:.2g}", markup=False)
+
+
+# ── serve ───────────────────────────────────────────────────────────────────────────────────────
+
+@app.command()
+def serve(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="A .safetensors file or a run folder. Default: the newest run.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. The default answers this machine only; 0.0.0.0 answers anyone who can reach it (there is no authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on; 0 picks a free one (printed).")] = 8000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
+    workers: Annotated[int, typer.Option(help="Requests the model runs at once; the rest wait their turn.")] = 2,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a worker; more are answered 503.")] = 64,
+    max_length: Annotated[int, typer.Option(help="The most tokens one sample may ask for.")] = 5_000,
+    max_samples: Annotated[int, typer.Option(help="The most samples one request may ask for.")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="The most tokens in a prime, and in a text whose per-token log-probabilities are asked for.")] = 20_000,
+    max_body_bytes: Annotated[int, typer.Option(help="The largest request body accepted.")] = 1_000_000,
+) -> None:
+    """Serve a model over HTTP: a JSON API (generate, score, perplexity; streaming as Server-Sent Events) and a playground page that shows how surprised the model is by each character.
+
+    Needs the serve extra: pip install "charlm[serve]". Open the printed address in a browser.
+
+    Example: charlm serve checkpoints/tinyshakespeare --port 8000
+    """
+    with _handled():
+        import socket
+
+        from .api import load
+        from .serve import ServeLimits, allowed_hosts_for, make_app, run
+
+        limits = ServeLimits(max_body_bytes=max_body_bytes, max_length=max_length, max_samples=max_samples,
+                             max_tokens=max_tokens, workers=workers, max_queue=max_queue)
+        allowed = allowed_hosts_for(host)
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        except socket.gaierror as exc:
+            raise _usage(f"cannot listen on {host!r}: {exc.strerror}") from None
+        lm = load(checkpoint, device=device)
+        app_ = make_app(lm, limits, allowed_hosts=allowed,
+                        log=lambda line: err.print(line, markup=False, highlight=False))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise _usage(f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                         + (" (give another --port, or 0 for any free one)" if exc.errno == 98 else "")) from None
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        if allowed is None:
+            err.print(f"charlm: warning: listening on {host}: anyone who can reach this machine can use the model "
+                      f"(there is no authentication)", markup=False)
+
+        def started() -> None:
+            err.print(f"charlm: serving {lm.path} at http://{shown}:{bound}/ (API under /v1; Ctrl-C stops)",
+                      markup=False)
+
+        try:
+            run(app_, sock, on_started=started)
+        except KeyboardInterrupt:  # uvicorn shuts down first, then passes Ctrl-C on: the way to stop
+            pass
+        err.print("charlm: server stopped", markup=False)
 
 
 def main() -> None:

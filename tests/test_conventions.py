@@ -17,7 +17,7 @@ from conftest import subprocess_env
 
 runner = CliRunner()
 COMMANDS = [["train"], ["sample"], ["perplexity"], ["info"], ["score"], ["plot"], ["export"], ["bench"],
-            ["corpus", "list"], ["corpus", "get"]]
+            ["corpus", "list"], ["corpus", "get"], ["serve"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

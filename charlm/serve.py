@@ -1,0 +1,575 @@
+"""``charlm serve``: one model behind a local HTTP API, and the playground page.
+
+    POST /v1/generate    {prime, length, temperature, top_k, top_p, seed, stop, num_samples, stream}
+    POST /v1/score       {lines, include_end, logprobs, top}
+    POST /v1/perplexity  {text, logprobs, top}
+    GET  /v1/model       what `charlm info --json` prints
+    GET  /healthz        {"status": "ok", workers, busy, waiting}
+    GET  /               the playground (static files from charlm/static, no build step, no CDN)
+
+Built on Starlette and uvicorn (the ``serve`` extra). The model runs in a pool of worker threads,
+never on the event loop, so a long request does not hold up the others; each request gets its own
+sampler state (``FastStep``), so concurrent requests share weights and nothing else. Safe by
+default: requests whose Host is not this machine's loopback name are refused while the server
+listens on loopback (a web page cannot reach it by DNS rebinding), bodies, lengths and sample
+counts are bounded (``ServeLimits``), bad input is a 400/413/422 with a one-line message, and a
+client that goes away stops its generation at the next token and frees its place.
+
+Generation with the same seed gives the same text as ``charlm sample`` and ``LanguageModel.stream``:
+it *is* that call. A request without a seed gets a random one, reported in the answer so the text
+can be made again.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+import threading
+import traceback
+from contextlib import asynccontextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator, Callable
+
+from . import jsonio
+from .api import LanguageModel
+from .checkpoint import checkpoint_report
+from .config import LIMITS, brief
+from .errors import CharlmError, MissingDependencyError, OutOfMemoryError, UsageError
+
+try:
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError:  # the serve extra is not installed; make_app says so
+    Starlette = None  # type: ignore[assignment,misc]
+
+NEEDS_EXTRA = 'charlm serve needs Starlette and uvicorn: pip install "charlm[serve]"'
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+STATIC_FILES = {"playground.js": "text/javascript", "playground.css": "text/css"}
+SECURITY_HEADERS = {
+    # Everything the page uses comes from this server: no CDN, no inline script, no framing.
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask for. Every bound is a ``charlm serve`` option."""
+
+    max_body_bytes: int = 1_000_000
+    max_length: int = 5_000  # tokens generated per sample
+    max_samples: int = 16
+    max_tokens: int = 20_000  # in a prime, and in a text whose per-token log-probabilities are asked for
+    workers: int = 2  # requests the model runs at once
+    max_queue: int = 64  # requests waiting for a worker; more are refused with 503
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_length", "max_samples", "max_tokens", "workers", "max_queue"):
+            value, low = getattr(self, name), 0 if name == "max_queue" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number ≥ {low} (got {brief(value)})")
+
+
+class _Problem(Exception):
+    """An answer other than 200: the status and a one-line message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, _Problem):
+        return exc.status
+    if isinstance(exc, UsageError):
+        return 422
+    if isinstance(exc, OutOfMemoryError):
+        return 503
+    return 500
+
+
+def _message_of(exc: BaseException) -> str:
+    if isinstance(exc, (_Problem, CharlmError)):
+        return str(exc)
+    return f"internal error ({type(exc).__name__}); the server's log has the details"
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(jsonio.dumps(value) + "\n", status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message, "status": status}, status)
+
+
+# ── reading a request ───────────────────────────────────────────────────────────────────────────
+
+async def _body(request: Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object, read at most ``limit`` bytes far."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _Problem(413, f"the request body is {int(declared):,} bytes; this server takes at most {limit:,} "
+                            f"(--max-body-bytes)")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise _Problem(413, f"the request body is over {limit:,} bytes (--max-body-bytes)")
+    if not data:
+        raise _Problem(400, "the request needs a JSON object as its body")
+    try:
+        value = jsonio.loads(bytes(data))
+    except ValueError as exc:
+        raise _Problem(400, f"the request body is {exc}") from None
+    if not isinstance(value, dict):
+        raise _Problem(400, f"the body must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _fields(body: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``body`` over ``defaults``; a field this endpoint does not know is refused, not ignored."""
+    unknown = [key for key in body if key not in defaults]
+    if unknown:
+        raise _Problem(422, f"unknown field {brief(unknown[0])}; the fields are {', '.join(defaults)}")
+    return {**defaults, **body}
+
+
+def _number(values: dict[str, Any], name: str, *, optional: bool = False, rule: str | None = None) -> None:
+    value = values[name]
+    if value is None and optional:
+        return
+    limit = LIMITS[rule or name]
+    if not limit.allows(value):
+        raise _Problem(422, f"{name} must be {limit.describe()}{' or null' if optional else ''} (got {brief(value)})")
+
+
+def _flag(values: dict[str, Any], name: str) -> None:
+    if not isinstance(values[name], bool):
+        raise _Problem(422, f"{name} must be true or false (got {brief(values[name])})")
+
+
+def _string(values: dict[str, Any], name: str, *, optional: bool = False, nonempty: bool = False) -> None:
+    value = values[name]
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or (nonempty and not value):
+        raise _Problem(422, f"{name} must be a {'non-empty ' if nonempty else ''}string"
+                            f"{' or null' if optional else ''} (got {brief(value)})")
+
+
+def _at_most(values: dict[str, Any], name: str, bound: int, option: str) -> None:
+    if values[name] > bound:
+        raise _Problem(422, f"{name} must be ≤ {bound:,} on this server ({option}; got {values[name]:,})")
+
+
+def _top(values: dict[str, Any], vocab_size: int) -> None:
+    top = values["top"]
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= min(20, vocab_size):
+        raise _Problem(422, f"top must be a whole number in [0, {min(20, vocab_size)}] (got {brief(top)})")
+
+
+GENERATE_FIELDS: dict[str, Any] = {"prime": "", "length": 500, "temperature": 0.8, "top_k": None, "top_p": None,
+                                   "seed": None, "stop": None, "num_samples": 1, "stream": False}
+SCORE_FIELDS: dict[str, Any] = {"lines": None, "include_end": True, "logprobs": False, "top": 5}
+PERPLEXITY_FIELDS: dict[str, Any] = {"text": None, "logprobs": False, "top": 5}
+
+
+def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimits) -> dict[str, Any]:
+    """The checked keyword arguments of ``LanguageModel.stream``, and ``stream``."""
+    values = _fields(body, GENERATE_FIELDS)
+    _string(values, "prime")
+    _string(values, "stop", optional=True, nonempty=True)
+    for name in ("length", "temperature", "num_samples"):
+        _number(values, name)
+    for name in ("top_k", "top_p", "seed"):
+        _number(values, name, optional=True)
+    _flag(values, "stream")
+    _at_most(values, "length", limits.max_length, "--max-length")
+    _at_most(values, "num_samples", limits.max_samples, "--max-samples")
+    if len(values["prime"]) > limits.max_tokens or len(lm.tokenizer.encode(values["prime"])) > limits.max_tokens:
+        raise _Problem(422, f"the prime is over {limits.max_tokens:,} tokens (--max-tokens)")
+    if values["seed"] is None:
+        values["seed"] = secrets.randbelow(2**63)
+    return values
+
+
+# ── running the model off the event loop ────────────────────────────────────────────────────────
+
+@dataclass
+class _Pool:
+    """Worker threads for the model, with a bounded queue in front of them."""
+
+    limits: ServeLimits
+    executor: ThreadPoolExecutor = field(init=False)
+    admitted: int = 0  # running or waiting (event-loop side)
+    busy: int = 0  # running (worker side, under the lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cancels: set[threading.Event] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="charlm-model")
+
+    def admit(self) -> threading.Event:
+        """A place for one request (its cancel flag), or 503 when every place is taken."""
+        if self.admitted >= self.limits.workers + self.limits.max_queue:
+            raise _Problem(503, f"the server is busy ({self.limits.workers} running, {self.limits.max_queue} waiting); "
+                                f"try again shortly")
+        self.admitted += 1
+        cancel = threading.Event()
+        self.cancels.add(cancel)
+        return cancel
+
+    def release(self, cancel: threading.Event) -> None:
+        cancel.set()
+        if cancel in self.cancels:
+            self.cancels.discard(cancel)
+            self.admitted -= 1
+
+    def submit(self, cancel: threading.Event, work: Callable[[], Any]) -> Future:
+        def run() -> Any:
+            if cancel.is_set():  # its client left while it waited
+                return None
+            with self.lock:
+                self.busy += 1
+            try:
+                return work()
+            finally:
+                with self.lock:
+                    self.busy -= 1
+
+        return self.executor.submit(run)
+
+    def stop_all(self) -> None:
+        """End every generation at its next token (the server is shutting down)."""
+        for cancel in list(self.cancels):
+            cancel.set()
+
+    def close(self) -> None:
+        self.stop_all()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _outcome(request: Request, future: Future) -> Any:
+    """The worker's result; if the client disconnects first, ``_Problem(499)`` (nobody reads it)."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.25)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            raise _Problem(499, "the client went away")
+
+
+class _EventStream(StreamingResponse):
+    """Server-Sent Events whose ``on_close`` runs however the response ends (done, disconnect, error)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _event(data: Any, name: str | None = None) -> str:
+    return (f"event: {name}\n" if name else "") + f"data: {jsonio.dumps(data)}\n\n"
+
+
+_END, _STOPPED = object(), object()
+SHUTTING_DOWN = "the server is shutting down"
+
+
+# ── the endpoints ───────────────────────────────────────────────────────────────────────────────
+
+def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_hosts: tuple[str, ...] | None = None,
+             log: Callable[[str], None] | None = None) -> "Starlette":
+    """The ASGI app serving ``lm``. ``allowed_hosts``: the Host names accepted (None: any)."""
+    if Starlette is None:
+        raise MissingDependencyError(NEEDS_EXTRA)
+    limits = limits or ServeLimits()
+    # Scoring and evaluation put the model in eval mode and restore what they found; from threads
+    # at once that is only safe when what they find is eval mode already.
+    lm.model.eval()
+    pool = _Pool(limits)
+    report = checkpoint_report(lm.checkpoint)
+    say = log or (lambda line: print(line, file=sys.stderr))
+
+    def failure(exc: BaseException) -> Response:
+        status = _status_of(exc)
+        if status == 500 and not isinstance(exc, CharlmError):
+            say("charlm: error while serving a request:\n" + "".join(traceback.format_exception(exc)).rstrip())
+        return _error(status, _message_of(exc))
+
+    async def answered(request: Request, work: Callable[[dict[str, Any]], Any],
+                       defaults: dict[str, Any]) -> Response:
+        """Read, check, run ``work`` on a worker, answer JSON; every failure a JSON error."""
+        cancel = None
+        try:
+            body = _fields(await _body(request, limits.max_body_bytes), defaults)
+            cancel = pool.admit()
+            result = await _outcome(request, pool.submit(cancel, lambda: work(body)))
+            if result is None:  # stopped before it ran
+                raise _Problem(503, SHUTTING_DOWN)
+            return _json(result)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer, never a traceback
+            return failure(exc)
+        finally:
+            if cancel is not None:
+                pool.release(cancel)
+
+    async def generate(request: Request) -> Response:
+        cancel = None
+        try:
+            options = generate_options(await _body(request, limits.max_body_bytes), lm, limits)
+            stream = options.pop("stream")
+            cancel = pool.admit()
+        except Exception as exc:  # noqa: BLE001
+            if cancel is not None:
+                pool.release(cancel)
+            return failure(exc)
+        if stream:
+            return _stream_generation(lm, options, pool, cancel, failure)
+        try:
+            texts = await _outcome(request, pool.submit(cancel, lambda: _samples(lm, options, cancel)))
+            if texts is None:
+                raise _Problem(503, SHUTTING_DOWN)
+            return _json({"prime": options["prime"], "seed": options["seed"], "samples": texts})
+        except Exception as exc:  # noqa: BLE001
+            return failure(exc)
+        finally:
+            pool.release(cancel)
+
+    def score(values: dict[str, Any]) -> dict[str, Any]:
+        lines = values["lines"]
+        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+            raise _Problem(422, f"lines must be a list of strings (got {brief(lines)})")
+        _flag(values, "include_end")
+        _flag(values, "logprobs")
+        _top(values, lm.tokenizer.vocab_size)
+        if values["logprobs"]:
+            total = sum(len(lm.tokenizer.encode(line)) for line in lines)
+            if total > limits.max_tokens:
+                raise _Problem(422, f"the lines are {total:,} tokens; per-token log-probabilities are given for at "
+                                    f"most {limits.max_tokens:,} (--max-tokens)")
+        results = []
+        for line in lm.score(lines, include_end=values["include_end"]):
+            item = {"index": line.index, "text": line.text, "tokens": line.num_tokens,
+                    "total_nats": line.total_nats, "nats_per_token": line.nats_per_token,
+                    "perplexity": line.perplexity, "bits_per_char": line.bits_per_char,
+                    "unknown_tokens": line.num_unknown}
+            if values["logprobs"]:
+                pieces = lm.logprobs(line.text + ("\n" if values["include_end"] else ""), top=values["top"],
+                                     from_line_start=True)
+                item["logprobs"] = [_piece(p) for p in pieces]
+            results.append(item)
+        return {"lines": results}
+
+    def perplexity(values: dict[str, Any]) -> dict[str, Any]:
+        _string(values, "text")
+        _flag(values, "logprobs")
+        _top(values, lm.tokenizer.vocab_size)
+        result = lm.perplexity(values["text"])
+        answer = {"tokens": result.tokens, "predicted_tokens": result.predicted_tokens,
+                  "characters": result.characters, "unknown_tokens": result.unknown_tokens,
+                  "total_nats": result.total_nats, "nats_per_token": result.nats_per_token,
+                  "bits_per_char": result.bits_per_char, "bytes": result.bytes,
+                  "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity,
+                  "unknown": list(result.unknown), "caveat": result.caveat, "precision": result.precision}
+        if values["logprobs"]:
+            pieces = lm.logprobs(values["text"], top=values["top"], from_line_start=False,
+                                 max_tokens=limits.max_tokens)
+            answer["logprobs"] = [_piece(p) for p in pieces]
+        return answer
+
+    async def score_endpoint(request: Request) -> Response:
+        return await answered(request, score, SCORE_FIELDS)
+
+    async def perplexity_endpoint(request: Request) -> Response:
+        return await answered(request, perplexity, PERPLEXITY_FIELDS)
+
+    async def model_info(request: Request) -> Response:
+        return _json(report)
+
+    async def health(request: Request) -> Response:
+        with pool.lock:
+            busy = pool.busy
+        return _json({"status": "ok", "workers": limits.workers, "busy": busy,
+                      "waiting": max(0, pool.admitted - busy)})
+
+    async def page(request: Request) -> Response:
+        return _static("index.html", "text/html")
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC_FILES:
+            return _error(404, f"no such file: /static/{brief(name)}")
+        return _static(name, STATIC_FILES[name])
+
+    async def http_problem(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        detail = {404: f"no such endpoint: {request.method} {request.url.path}",
+                  405: f"{request.url.path} does not take {request.method}"}.get(status, getattr(exc, "detail", ""))
+        return _error(status, str(detail))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        return failure(exc)
+
+    app = Starlette(
+        routes=[Route("/v1/generate", generate, methods=["POST"]),
+                Route("/v1/score", score_endpoint, methods=["POST"]),
+                Route("/v1/perplexity", perplexity_endpoint, methods=["POST"]),
+                Route("/v1/model", model_info, methods=["GET"]),
+                Route("/healthz", health, methods=["GET"]),
+                Route("/", page, methods=["GET"]),
+                Route("/static/{name}", static, methods=["GET"])],
+        exception_handlers={HTTPException: http_problem, Exception: unexpected},
+        lifespan=_closing(pool),
+    )
+    app.state.pool = pool
+    return _HostCheck(app, allowed_hosts) if allowed_hosts is not None else app
+
+
+def _closing(pool: _Pool) -> Callable[[Any], Any]:
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:  # stop every generation, so shutting down never waits for one
+            pool.close()
+
+    return lifespan
+
+
+def _static(name: str, media_type: str) -> Response:
+    data = resources.files("charlm").joinpath("static", name).read_bytes()
+    return Response(data, media_type=media_type, headers=SECURITY_HEADERS)
+
+
+def _piece(piece: Any) -> dict[str, Any]:
+    return {"text": piece.text, "logprob": piece.logprob, "top": [list(pair) for pair in piece.top],
+            **({"unknown": True} if piece.unknown else {})}
+
+
+def _samples(lm: LanguageModel, options: dict[str, Any], cancel: threading.Event) -> list[str] | None:
+    texts = [""] * options["num_samples"]
+    for piece in lm.stream(**options):
+        if cancel.is_set():
+            return None
+        texts[piece.stream] += piece.text
+    return texts
+
+
+def _stream_generation(lm: LanguageModel, options: dict[str, Any], pool: _Pool, cancel: threading.Event,
+                       failure: Callable[[BaseException], Response]) -> Response:
+    """Each piece as an event ``{"sample", "text", "done"}`` as it is generated, then ``event: end``
+    with the whole samples (or ``event: error`` with a message)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def produce() -> None:
+        try:
+            for piece in lm.stream(**options):
+                if cancel.is_set():
+                    break
+                put(piece)
+            put(_STOPPED if cancel.is_set() else _END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which answers it
+            put(exc)
+
+    async def events() -> AsyncIterator[str]:
+        texts = [""] * options["num_samples"]
+        yield _event({"prime": options["prime"], "seed": options["seed"], "num_samples": options["num_samples"]},
+                     "start")
+        while True:
+            item = await queue.get()
+            if item is _END:
+                yield _event({"samples": texts}, "end")
+                return
+            if item is _STOPPED:  # its client is gone (nobody reads this) or the server is stopping
+                yield _event({"error": SHUTTING_DOWN, "status": 503}, "error")
+                return
+            if isinstance(item, BaseException):
+                response = failure(item)
+                yield _event({"error": _message_of(item), "status": response.status_code}, "error")
+                return
+            texts[item.stream] += item.text
+            yield _event({"sample": item.stream, "text": item.text, "done": item.done})
+
+    pool.submit(cancel, produce)
+    return _EventStream(events(), on_close=lambda: pool.release(cancel))
+
+
+class _HostCheck:
+    """Refuse requests whose Host header names another machine (DNS rebinding): 421, as JSON."""
+
+    def __init__(self, app: Any, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.allowed = {name.lower() for name in allowed}
+        self.state = app.state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").lower()
+            # "name:port", "[v6]:port", or either without the port
+            name = host[:host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
+            if name not in self.allowed:
+                response = _error(421, f"this server answers requests for {', '.join(sorted(self.allowed))} only "
+                                       f"(got Host {brief(host)}); start it with --host to serve another name")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def allowed_hosts_for(host: str) -> tuple[str, ...] | None:
+    """The Host names to accept when listening on ``host``: loopback names on loopback, else any."""
+    import ipaddress
+
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host.lower() == "localhost"
+    return LOOPBACK_NAMES if loopback else None
+
+
+def run(app: Any, sock: Any, *, on_started: Callable[[], None] | None = None) -> None:
+    """Serve ``app`` on the bound socket ``sock`` until Ctrl-C (uvicorn; its own log quiet)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise MissingDependencyError(NEEDS_EXTRA) from None
+
+    pool: _Pool = app.state.pool
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            pool.stop_all()  # open streams end now, so shutting down waits for none of them
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10,
+                            lifespan="on")
+    server = Server(config)
+    if on_started is not None:
+        original = server.startup
+
+        async def startup(sockets: Any = None) -> None:
+            await original(sockets=sockets)
+            if server.started:
+                on_started()
+
+        server.startup = startup  # type: ignore[method-assign]
+    server.run(sockets=[sock])

@@ -1,0 +1,112 @@
+"""How surprised a model is by each piece of a text: its log-probability, and what it expected instead.
+
+A *piece* is what a reader sees: a character for char and byte models (a character a byte model
+reads as several UTF-8 bytes gets the sum of their log-probabilities), a word or a line end for
+word models. Each piece carries the model's most likely tokens at the point it was predicted.
+
+``from_line_start`` (as ``charlm score``) reads the line-start token first, so the first piece is
+predicted too; without it (as ``charlm perplexity``) the first token is only read, and its piece's
+log-probability is ``None``. Either way the log-probabilities add up to minus the evaluator's
+total nats for the same tokens (tests/test_surprise.py checks both against it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .model import RNNLM
+from .tokenizer import EOS, Tokenizer, WordTokenizer
+
+
+@dataclass(frozen=True)
+class PieceLogprob:
+    text: str  # as it appears in the text (a word model's pieces: " word", "word" at a line start, "\n")
+    logprob: float | None  # natural log; None: nothing before it to predict it from
+    top: tuple[tuple[str, float], ...]  # the likeliest tokens where the piece was predicted, best first
+    unknown: bool = False  # the model's vocabulary lacks it: scored as <UNK>
+
+
+def token_label(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token as text for a person: a character, a word, ``<EOS>``, or a byte that is not a whole
+    character on its own as ``\\xNN``."""
+    if tokenizer.kind == "byte":
+        return chr(token_id) if token_id < 0x80 else f"\\x{token_id:02x}"
+    return tokenizer.itos[token_id]  # type: ignore[attr-defined]
+
+
+def line_start(tokenizer: Tokenizer) -> int | None:
+    """The token that stands before every line in training: ``<EOS>`` (word) or the newline; None
+    for a char model that never saw a newline."""
+    if tokenizer.eos_id is not None:
+        return int(tokenizer.eos_id)
+    newline = int(tokenizer.encode("\n")[0])
+    return None if tokenizer.unk_id is not None and newline == tokenizer.unk_id else newline
+
+
+def _pieces(tokenizer: Tokenizer, text: str, ids: np.ndarray) -> list[tuple[str, int, bool]]:
+    """(piece text, tokens it spans, unknown) for each piece, covering ``ids`` in order."""
+    if tokenizer.kind == "char":
+        unk = tokenizer.unk_id
+        return [(ch, 1, i == unk) for ch, i in zip(text, ids.tolist())]
+    if tokenizer.kind == "byte":
+        return [(ch, len(ch.encode("utf-8", "surrogatepass")), False) for ch in text]
+    pieces, at_line_start = [], True
+    for word, token_id in zip(WordTokenizer.split(text), ids.tolist()):
+        if word == EOS:
+            pieces.append(("\n", 1, False))
+            at_line_start = True
+        else:
+            pieces.append((word if at_line_start else " " + word, 1, token_id == tokenizer.unk_id))
+            at_line_start = False
+    return pieces
+
+
+@torch.inference_mode()
+def text_logprobs(model: RNNLM, tokenizer: Tokenizer, text: str, *, top: int = 5, from_line_start: bool = True,
+                  window: int = 512, max_tokens: int | None = None) -> list[PieceLogprob]:
+    """Each piece of ``text`` with its log-probability under ``model`` and the ``top`` likeliest
+    tokens where it was predicted. ``max_tokens`` refuses longer texts (``UsageError``)."""
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= tokenizer.vocab_size:
+        raise UsageError(f"top must be a whole number in [0, {tokenizer.vocab_size}] (got {top!r})")
+    ids = tokenizer.encode(text).astype(np.int64)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise UsageError(f"the text is {len(ids):,} tokens; per-token log-probabilities are given for at most "
+                         f"{max_tokens:,}")
+    context = line_start(tokenizer) if from_line_start else None
+    sequence = np.concatenate([[context], ids]) if context is not None else ids
+    first = 1 if context is not None else 0  # sequence[first] is ids[0]
+    device = model.embedding.weight.device
+    token_logprob = np.full(len(ids), np.nan)
+    top_ids = np.zeros((len(ids), top), dtype=np.int64)
+    top_logprob = np.zeros((len(ids), top))
+    was_training = model.training
+    model.eval()
+    try:
+        state = None
+        inputs = torch.from_numpy(sequence[:-1]).to(device)
+        targets = torch.from_numpy(sequence[1:]).to(device)
+        for start in range(0, len(inputs), window):
+            logits, state = model(inputs[None, start:start + window], state)
+            logp = torch.log_softmax(logits[0].float(), dim=-1)  # (T, V)
+            picked = logp.gather(1, targets[start:start + window, None])[:, 0]
+            at = start + 1 - first  # the ids index this window's first prediction is for
+            token_logprob[at:at + len(picked)] = picked.double().cpu().numpy()
+            if top:
+                values, indices = logp.topk(top, dim=-1)
+                top_ids[at:at + len(picked)] = indices.cpu().numpy()
+                top_logprob[at:at + len(picked)] = values.double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    out: list[PieceLogprob] = []
+    position = 0
+    for piece, span, unknown in _pieces(tokenizer, text, ids):
+        lp = token_logprob[position:position + span]
+        alternatives = () if np.isnan(lp[0]) else tuple(
+            (token_label(tokenizer, int(i)), float(v)) for i, v in zip(top_ids[position], top_logprob[position]))
+        # A byte piece whose first byte was not predicted (no line start) has no whole log-probability.
+        out.append(PieceLogprob(piece, None if np.isnan(lp).any() else float(lp.sum()), alternatives, unknown))
+        position += span
+    return out

@@ -1,0 +1,414 @@
+"""`charlm serve`: a real server on 127.0.0.1 (a `python -m charlm serve` child process) driven by a
+real HTTP client (http.client and raw sockets): every endpoint against the Python API, every class
+of bad input, concurrency, dropped connections, Ctrl-C."""
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+import charlm  # noqa: E402
+from charlm.cli import app  # noqa: E402
+from charlm.serve import LOOPBACK_NAMES, ServeLimits, allowed_hosts_for  # noqa: E402
+from charlm.errors import UsageError  # noqa: E402
+
+from conftest import TINY_TEXT, subprocess_env  # noqa: E402
+
+runner = CliRunner()
+
+
+class Server:
+    """`charlm serve CHECKPOINT --port 0 ARGS…` in a child process, and a client for it."""
+
+    def __init__(self, checkpoint: Path, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", str(checkpoint), "--port", "0", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=subprocess_env())
+        self.log: list[str] = []
+        lines: queue.Queue[str] = queue.Queue()
+
+        def drain() -> None:  # keep reading, so the pipe never fills
+            for line in self.proc.stderr:  # type: ignore[union-attr]
+                self.log.append(line)
+                lines.put(line)
+            lines.put("")
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while True:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            found = re.search(r"at http://127\.0\.0\.1:(\d+)/", line)
+            if found:
+                self.port = int(found.group(1))
+                break
+            assert line and time.monotonic() < deadline, "the server did not start:\n" + "".join(self.log)
+
+    def request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 120):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        payload = response.read()
+        conn.close()
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.status, json.loads(payload)
+        return response.status, payload
+
+    def events(self, body, *, timeout: float = 300) -> list[tuple[str, dict]]:
+        """POST /v1/generate with stream true; the Server-Sent Events, in order."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn.request("POST", "/v1/generate", body=json.dumps({**body, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events, name, data = [], "message", []
+        for line in response:
+            line = line.decode("utf-8").rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+            elif not line and data:
+                events.append((name, json.loads("\n".join(data))))
+                name, data = "message", []
+        conn.close()
+        return events
+
+    def health(self) -> dict:
+        status, body = self.request("GET", "/healthz")
+        assert status == 200
+        return body
+
+    def wait_idle(self, seconds: float = 60) -> dict:
+        deadline = time.monotonic() + seconds
+        while (health := self.health())["busy"] or health["waiting"]:
+            assert time.monotonic() < deadline, f"still busy after {seconds} s: {health}"
+            time.sleep(0.1)
+        return health
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def streamed(events) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for name, data in events:
+        if name == "message":
+            texts[data["sample"]] = texts.get(data["sample"], "") + data["text"]
+    return texts
+
+
+LIMIT_ARGS = ("--workers", "2", "--max-length", "2000", "--max-samples", "4", "--max-body-bytes", "20000",
+              "--max-tokens", "500")
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    running = Server(trained_run, *LIMIT_ARGS)
+    yield running
+    assert running.stop() == 0, "".join(running.log)
+    assert "Traceback" not in "".join(running.log), "".join(running.log)
+
+
+@pytest.fixture(scope="module")
+def lm(trained_run):
+    return charlm.load(trained_run)
+
+
+GENERATIONS = [
+    {"prime": "First", "length": 80, "seed": 3},
+    {"prime": "", "length": 50, "seed": 0, "temperature": 0},
+    {"prime": "Sp", "length": 60, "seed": 7, "top_k": 5, "top_p": 0.9, "temperature": 1.2},
+    {"prime": "F", "length": 200, "seed": 2, "stop": "e"},
+]
+
+
+@pytest.mark.parametrize("options", GENERATIONS, ids=lambda o: ",".join(o))
+def test_generate_equals_the_api_streamed_or_not(server, lm, options):
+    expected = "".join(lm.generate(**options))
+    status, body = server.request("POST", "/v1/generate", options)
+    assert status == 200, body
+    assert body == {"prime": options["prime"], "seed": options["seed"], "samples": [expected]}
+    events = server.events(options)
+    assert events[0] == ("start", {"prime": options["prime"], "seed": options["seed"], "num_samples": 1})
+    assert events[-1] == ("end", {"samples": [expected]})
+    assert streamed(events) == {0: expected}
+    assert [data["done"] for name, data in events if name == "message"][-1] is True
+
+
+def test_generate_equals_charlm_sample(server, trained_run, lm):
+    status, body = server.request("POST", "/v1/generate", {"prime": "First", "length": 80, "seed": 3})
+    cli = runner.invoke(app, ["sample", "--checkpoint", str(trained_run), "--prime", "First", "--length", "80",
+                              "--seed", "3"])
+    assert cli.exit_code == 0, cli.output
+    assert cli.stdout == "First" + body["samples"][0] + "\n"
+
+
+def test_several_samples_at_once(server, lm):
+    options = {"prime": "Fi", "length": 40, "seed": 5, "num_samples": 3}
+    expected = lm.samples(**options)
+    status, body = server.request("POST", "/v1/generate", options)
+    assert status == 200 and body["samples"] == expected and len(set(expected)) == 3
+    events = server.events(options)
+    assert streamed(events) == dict(enumerate(expected)) and events[-1] == ("end", {"samples": expected})
+
+
+def test_a_request_without_a_seed_is_told_its_seed(server):
+    status, first = server.request("POST", "/v1/generate", {"prime": "F", "length": 60})
+    assert status == 200 and isinstance(first["seed"], int)
+    status, again = server.request("POST", "/v1/generate", {"prime": "F", "length": 60, "seed": first["seed"]})
+    assert again["samples"] == first["samples"]
+
+
+def test_score_equals_the_api_with_per_character_logprobs(server, lm):
+    lines = ["First Citizen:", "", "Speak, speak.", "xyz"]
+    status, body = server.request("POST", "/v1/score", {"lines": lines})
+    assert status == 200, body
+    for got, want in zip(body["lines"], lm.score(lines), strict=True):
+        assert got["index"] == want.index and got["text"] == want.text and got["tokens"] == want.num_tokens
+        assert got["total_nats"] == pytest.approx(want.total_nats, rel=1e-6)
+        assert got["unknown_tokens"] == want.num_unknown and "logprobs" not in got
+    for include_end in (True, False):
+        status, body = server.request("POST", "/v1/score", {"lines": lines, "logprobs": True, "top": 3,
+                                                            "include_end": include_end})
+        assert status == 200, body
+        for got in body["lines"]:
+            pieces = got["logprobs"]
+            assert "".join(p["text"] for p in pieces) == got["text"] + ("\n" if include_end else "")
+            assert sum(p["logprob"] for p in pieces) == pytest.approx(-got["total_nats"], rel=1e-5, abs=1e-6)
+            assert all(len(p["top"]) == 3 for p in pieces)
+
+
+def test_perplexity_equals_the_api_with_per_character_logprobs(server, lm):
+    text = TINY_TEXT[:300]
+    want = lm.perplexity(text)
+    status, body = server.request("POST", "/v1/perplexity", {"text": text})
+    assert status == 200, body
+    assert body["tokens"] == want.tokens and body["predicted_tokens"] == want.predicted_tokens
+    assert body["total_nats"] == pytest.approx(want.total_nats, rel=1e-9)
+    assert body["bits_per_char"] == pytest.approx(want.bits_per_char, rel=1e-9) and "logprobs" not in body
+    status, body = server.request("POST", "/v1/perplexity", {"text": text, "logprobs": True})
+    pieces = body["logprobs"]
+    assert "".join(p["text"] for p in pieces) == text
+    assert pieces[0]["logprob"] is None and pieces[0]["top"] == []
+    assert sum(p["logprob"] for p in pieces[1:]) == pytest.approx(-want.total_nats, rel=1e-5)
+    assert all(len(p["top"]) == 5 for p in pieces[1:])
+    best = pieces[1]["top"][0]
+    assert isinstance(best[0], str) and best[1] >= pieces[1]["logprob"]
+
+
+def test_model_is_what_info_shows_and_health(server, trained_run):
+    status, body = server.request("GET", "/v1/model")
+    info = runner.invoke(app, ["info", str(trained_run), "--json"])
+    assert status == 200 and body == json.loads(info.stdout)
+    assert server.health() == {"status": "ok", "workers": 2, "busy": 0, "waiting": 0}
+
+
+def test_the_page_is_served_with_everything_it_needs_from_this_server(server):
+    status, page = server.request("GET", "/")
+    assert status == 200 and b"charlm playground" in page
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/")
+    headers = conn.getresponse().headers
+    conn.close()
+    assert headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assets = re.findall(rb'(?:src|href)="([^"]+)"', page)
+    assert sorted(assets) == [b"/static/playground.css", b"/static/playground.js"]
+    static = Path(charlm.__file__).parent / "static"
+    for path in static.iterdir():  # offline: nothing refers to another host
+        assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", path.read_text()), path
+    for asset, kind in ((b"/static/playground.js", "javascript"), (b"/static/playground.css", "css")):
+        status, data = server.request("GET", asset.decode())
+        assert status == 200 and data == (static / asset.decode().rsplit("/", 1)[1]).read_bytes()
+    status, body = server.request("GET", "/static/serve.py")
+    assert status == 404 and "no such file" in body["error"]
+
+
+BAD = [
+    # (path, body or raw bytes, status, words the message has)
+    ("/v1/generate", b"{", 400, "not valid JSON"),
+    ("/v1/generate", b"", 400, "needs a JSON object"),
+    ("/v1/generate", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/generate", b"\xff\xfe{}", 400, "not valid JSON"),
+    ("/v1/generate", b"[" * 200 + b"]" * 200, 400, "nested"),
+    ("/v1/generate", b'{"temperature": NaN}', 422, "temperature must be"),
+    ("/v1/generate", b"x" * 30000, 413, "--max-body-bytes"),
+    ("/v1/generate", {"lenght": 5}, 422, "unknown field 'lenght'"),
+    ("/v1/generate", {"length": "10"}, 422, "length must be"),
+    ("/v1/generate", {"length": True}, 422, "length must be"),
+    ("/v1/generate", {"length": -1}, 422, "length must be"),
+    ("/v1/generate", {"length": 2001}, 422, "--max-length"),
+    ("/v1/generate", {"temperature": -0.5}, 422, "temperature must be"),
+    ("/v1/generate", {"top_k": 0}, 422, "top_k must be"),
+    ("/v1/generate", {"top_p": 0}, 422, "top_p must be"),
+    ("/v1/generate", {"top_p": 1.5}, 422, "top_p must be"),
+    ("/v1/generate", {"seed": -1}, 422, "seed must be"),
+    ("/v1/generate", {"seed": 1.5}, 422, "seed must be"),
+    ("/v1/generate", {"seed": 2**64}, 422, "seed must be"),
+    ("/v1/generate", {"num_samples": 0}, 422, "num_samples must be"),
+    ("/v1/generate", {"num_samples": 5}, 422, "--max-samples"),
+    ("/v1/generate", {"stop": ""}, 422, "stop must be"),
+    ("/v1/generate", {"stop": 5}, 422, "stop must be"),
+    ("/v1/generate", {"prime": 5}, 422, "prime must be"),
+    ("/v1/generate", {"prime": "✓☃"}, 422, "never seen"),
+    ("/v1/generate", {"prime": "a" * 501}, 422, "--max-tokens"),
+    ("/v1/generate", {"stream": "yes"}, 422, "stream must be"),
+    ("/v1/score", {"lines": "abc"}, 422, "lines must be a list"),
+    ("/v1/score", {"lines": [1]}, 422, "lines must be a list"),
+    ("/v1/score", {}, 422, "lines must be a list"),
+    ("/v1/score", {"lines": ["a"], "top": 99}, 422, "top must be"),
+    ("/v1/score", {"lines": ["a"], "include_end": 1}, 422, "include_end must be"),
+    ("/v1/score", {"lines": ["a" * 600], "logprobs": True}, 422, "--max-tokens"),
+    ("/v1/perplexity", {"text": "F"}, 422, "at least 2 tokens"),
+    ("/v1/perplexity", {"text": None}, 422, "text must be"),
+    ("/v1/perplexity", {"text": "abc", "logprobs": 1}, 422, "logprobs must be"),
+    ("/v1/perplexity", {"text": "abc", "lines": []}, 422, "unknown field"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD)])
+def test_bad_input_gets_a_one_line_message(server, path, body, status, words):
+    raw = body if isinstance(body, bytes) else None
+    got, answer = server.request("POST", path, None if raw is not None else body, raw=raw)
+    assert got == status, answer
+    assert answer["status"] == status and words in answer["error"], answer
+    assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/v1/generate", 405), ("DELETE", "/v1/model", 405),
+                                                ("GET", "/v1/nothing", 404), ("POST", "/healthz", 405)])
+def test_wrong_method_or_path(server, method, path, status):
+    got, answer = server.request(method, path)
+    assert got == status and answer["status"] == status and answer["error"]
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::2]:80"])
+def test_requests_for_another_host_name_are_refused(server, host):
+    got, answer = server.request("GET", "/v1/model", headers={"Host": host})
+    assert got == 421 and "answers requests for" in answer["error"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost:8000", "[::1]:8000"])
+def test_requests_for_loopback_names_are_served(server, host):
+    got, _ = server.request("GET", "/healthz", headers={"Host": host})
+    assert got == 200
+
+
+def test_32_concurrent_streams_equal_their_single_request_output(server, lm):
+    options = [{"prime": "First", "length": 150, "seed": seed, "temperature": 1.0} for seed in range(32)]
+    expected = ["".join(lm.generate(**o)) for o in options]
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(server.events, options))
+    for events, want in zip(results, expected, strict=True):
+        assert events[-1] == ("end", {"samples": [want]}) and streamed(events) == {0: want}
+    assert server.wait_idle()["busy"] == 0
+
+
+def _open_generation(port: int, body: dict) -> socket.socket:
+    """A generate request on a raw socket, its first bytes read; the caller drops it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def one_worker(trained_run):
+    """One worker, no queue, and lengths long enough that only a stopped generation ever ends."""
+    running = Server(trained_run, "--workers", "1", "--max-queue", "0", "--max-length", "100000000")
+    yield running
+    running.stop()
+
+
+def test_a_dropped_stream_frees_its_worker(one_worker):
+    sock = _open_generation(one_worker.port, {"length": 100_000_000, "stream": True, "seed": 1})
+    assert b"200 OK" in sock.recv(4096)
+    assert one_worker.health()["busy"] == 1
+    status, answer = one_worker.request("POST", "/v1/generate", {"length": 5})
+    assert status == 503 and "busy" in answer["error"]
+    sock.close()
+    one_worker.wait_idle()
+    status, answer = one_worker.request("POST", "/v1/generate", {"length": 5, "seed": 1})
+    assert status == 200 and len(answer["samples"][0]) == 5
+
+
+def test_a_dropped_json_request_frees_its_worker(one_worker):
+    sock = _open_generation(one_worker.port, {"length": 100_000_000, "seed": 1})
+    deadline = time.monotonic() + 60
+    while one_worker.health()["busy"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sock.close()
+    one_worker.wait_idle()
+    assert one_worker.request("POST", "/v1/generate", {"length": 5})[0] == 200
+
+
+def test_ctrl_c_stops_a_busy_server_cleanly(trained_run):
+    running = Server(trained_run, "--workers", "1", "--max-length", "100000000")
+    sock = _open_generation(running.port, {"length": 100_000_000, "stream": True})
+    assert b"200 OK" in sock.recv(4096)
+    assert running.stop() == 0
+    sock.close()
+    assert "Traceback" not in "".join(running.log), "".join(running.log)
+
+
+def test_a_port_in_use_is_a_one_line_error(trained_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", str(trained_run), "--port", str(port)])
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,words", [(["--workers", "0"], "--workers must be"),
+                                        (["--max-queue", "-1"], "--max-queue must be"),
+                                        (["--max-length", "0"], "--max-length must be"),
+                                        (["--port", "70000"], "65535")])
+def test_bad_options_are_refused(trained_run, args, words):
+    result = runner.invoke(app, ["serve", str(trained_run), *args])
+    assert result.exit_code == 2 and words in result.output
+
+
+def test_without_the_extra_it_says_what_to_install(trained_run, monkeypatch):
+    import charlm.serve
+
+    monkeypatch.setattr(charlm.serve, "Starlette", None)
+    result = runner.invoke(app, ["serve", str(trained_run), "--port", "0"])
+    assert result.exit_code == 1 and 'pip install "charlm[serve]"' in result.output
+
+
+def test_loopback_hosts_accept_loopback_names_only():
+    for host in ("127.0.0.1", "127.0.0.5", "::1", "[::1]", "localhost"):
+        assert allowed_hosts_for(host) == LOOPBACK_NAMES
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.org"):
+        assert allowed_hosts_for(host) is None
+    with pytest.raises(UsageError, match="--max-body-bytes"):
+        ServeLimits(max_body_bytes=0)
