@@ -22,12 +22,12 @@ can be made again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-import sys
 import threading
 import traceback
-from contextlib import asynccontextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
@@ -304,7 +304,7 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
     lm.model.eval()
     pool = _Pool(limits)
     report = checkpoint_report(lm.checkpoint)
-    say = log or (lambda line: print(line, file=sys.stderr))
+    say = log or logging.getLogger(__name__).error
 
     def failure(exc: BaseException) -> Response:
         status = _status_of(exc)

@@ -86,16 +86,16 @@ async function generate() {
         buffered = buffered.slice(end + 2);
         if (event.name === "start") seed = event.data.seed;
         else if (event.name === "error") throw new Error(event.data.error);
-        else if (event.name === "message" && event.data.sample === 0) {
+        else if (event.name === "message" && event.data.sample === 0 && event.data.text) {
           $("output-generated").textContent += event.data.text;
-          pieces += 1;
+          pieces += 1;  // a piece is a token, or the bytes of one character for a byte model
         }
       }
     }
     const seconds = (performance.now() - started) / 1000;
-    setStatus($("status"), `${pieces} tokens in ${seconds.toFixed(1)} s (seed ${seed})`);
+    setStatus($("status"), `${pieces} pieces in ${seconds.toFixed(1)} s (seed ${seed})`);
   } catch (e) {
-    if (e.name === "AbortError") setStatus($("status"), `stopped after ${pieces} tokens`);
+    if (e.name === "AbortError") setStatus($("status"), `stopped after ${pieces} pieces`);
     else setStatus($("status"), e.message, true);
   } finally {
     $("generate").disabled = false;
