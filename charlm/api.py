@@ -151,9 +151,15 @@ class LanguageModel:
         return text_logprobs(self.model, self.tokenizer, text, top=top, from_line_start=from_line_start,
                              max_tokens=max_tokens)
 
-    def score(self, lines: Sequence[str], *, include_end: bool = True) -> list[LineScore]:
-        """Each line scored on its own, from a fresh line start (lower nats/token = more likely)."""
+    def score(self, lines: Sequence[str], *, include_end: bool = True, logprobs: bool = False,
+              top: int = 5) -> list[LineScore]:
+        """Each line scored on its own, from a fresh line start (lower nats/token = more likely).
+        ``logprobs``: each ``LineScore.logprobs`` holds the line's pieces as ``logprobs()`` gives
+        them (``top`` alternatives each), adding up to minus its ``total_nats``."""
+        from dataclasses import replace
+
         from .errors import UsageError
+        from .surprise import line_logprobs
 
         if isinstance(lines, str):
             raise UsageError("score takes a list of lines, not one string (lm.score([text]) scores one line; "
@@ -161,7 +167,15 @@ class LanguageModel:
         lines = list(lines)
         for i, line in enumerate(lines):
             _text(f"lines[{i}]", line)
-        return score_lines(self.model, self.tokenizer, lines, include_end=include_end)
+        for name, value in (("include_end", include_end), ("logprobs", logprobs)):
+            if not isinstance(value, bool):
+                raise UsageError(f"{name} must be True or False (got {type(value).__name__})")
+        scores = score_lines(self.model, self.tokenizer, lines, include_end=include_end)
+        if not logprobs:
+            return scores
+        return [replace(line, logprobs=tuple(line_logprobs(self.model, self.tokenizer, lines[line.index],
+                                                           include_end=include_end, top=top)))
+                for line in scores]
 
 
 def load(where: str | os.PathLike[str] | None = None, *, device: str = "cpu",

@@ -40,6 +40,7 @@ class LineScore:
     total_nats: float
     num_chars: int  # characters those tokens cover (the line break counts as one)
     num_unknown: int
+    logprobs: tuple | None = None  # its pieces (surprise.PieceLogprob), when asked for
 
     @property
     def _result(self) -> EvalResult:  # the evaluator's figures, from the same totals
@@ -59,7 +60,7 @@ class LineScore:
         return self._result.bits_per_char(self.num_chars)
 
 
-def _strip_line_end(line: str) -> str:
+def strip_line_end(line: str) -> str:
     if line.endswith("\r\n"):
         return line[:-2]
     return line[:-1] if line.endswith("\n") else line
@@ -108,7 +109,7 @@ def score_lines(model: RNNLM, tokenizer: Tokenizer, lines: Sequence[str], *, inc
     """
     if batch_size < 1 or max_batch_tokens < 1 or window < 1:
         raise ConfigError("batch_size, max_batch_tokens and window must be ≥ 1")
-    texts = [_strip_line_end(line) for line in lines]
+    texts = [strip_line_end(line) for line in lines]
     encoded = [line_tokens(tokenizer, text, include_end=include_end) for text in texts]
     device = model.embedding.weight.device
     totals = [0.0] * len(texts)

@@ -364,15 +364,14 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
                 raise _Problem(422, f"the lines are {total:,} tokens; per-token log-probabilities are given for at "
                                     f"most {limits.max_tokens:,} (--max-tokens)")
         results = []
-        for line in lm.score(lines, include_end=values["include_end"]):
+        for line in lm.score(lines, include_end=values["include_end"], logprobs=values["logprobs"],
+                             top=values["top"]):
             item = {"index": line.index, "text": line.text, "tokens": line.num_tokens,
                     "total_nats": line.total_nats, "nats_per_token": line.nats_per_token,
                     "perplexity": line.perplexity, "bits_per_char": line.bits_per_char,
                     "unknown_tokens": line.num_unknown}
-            if values["logprobs"]:
-                pieces = lm.logprobs(line.text + ("\n" if values["include_end"] else ""), top=values["top"],
-                                     from_line_start=True)
-                item["logprobs"] = [_piece(p) for p in pieces]
+            if line.logprobs is not None:
+                item["logprobs"] = [_piece(p) for p in line.logprobs]
             results.append(item)
         return {"lines": results}
 

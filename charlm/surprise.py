@@ -110,3 +110,19 @@ def text_logprobs(model: RNNLM, tokenizer: Tokenizer, text: str, *, top: int = 5
         out.append(PieceLogprob(piece, None if np.isnan(lp).any() else float(lp.sum()), alternatives, unknown))
         position += span
     return out
+
+
+def line_logprobs(model: RNNLM, tokenizer: Tokenizer, line: str, *, include_end: bool = True,
+                  top: int = 5) -> list[PieceLogprob]:
+    """The pieces of one line as ``score_lines`` scores it: from a line start, its line break the
+    last piece when ``include_end``; they add up to minus that line's ``total_nats``."""
+    from .score import strip_line_end
+
+    line = strip_line_end(line)
+    pieces = text_logprobs(model, tokenizer, line + ("\n" if include_end else ""), top=top)
+    # encode() ends every word-model line with <EOS>, asked for or not; a char model that never
+    # saw a newline reads "\n" as <UNK>, and its lines are scored without an end.
+    if pieces and ((tokenizer.kind == "word" and not include_end) or (include_end and line_start(tokenizer) is None)):
+        pieces = pieces[:-1]
+    return pieces
+

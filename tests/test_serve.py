@@ -326,3 +326,44 @@ def test_loopback_hosts_accept_loopback_names_only():
         assert allowed_hosts_for(host) is None
     with pytest.raises(UsageError, match="--max-body-bytes"):
         ServeLimits(max_body_bytes=0)
+
+
+@pytest.fixture(scope="module", params=["word", "byte"])
+def other_run(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"serve-{request.param}")
+    corpus = folder / "tiny.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    run = charlm.train(corpus, tokenizer=request.param, out=str(folder / "run"), max_steps=5, hidden_size=16,
+                       embed_size=8, batch_size=4, seq_len=16, device="cpu")
+    return run.run_dir
+
+
+def test_word_and_byte_models_generate_score_and_show_their_pieces(other_run):
+    lm = charlm.load(other_run)
+    running = Server(other_run)
+    try:
+        options = {"prime": "First Citizen", "length": 30, "seed": 4}
+        status, body = running.request("POST", "/v1/generate", options)
+        assert status == 200 and body["samples"] == ["".join(lm.generate(**options))]
+        lines = ["First Citizen:", "", "Zebra ✓ unknown words"]
+        for include_end in (True, False):
+            status, body = running.request("POST", "/v1/score", {"lines": lines, "logprobs": True,
+                                                                  "include_end": include_end})
+            assert status == 200, body
+            for got, want in zip(body["lines"], lm.score(lines, include_end=include_end), strict=True):
+                assert got["total_nats"] == pytest.approx(want.total_nats, rel=1e-6)
+                assert sum(p["logprob"] for p in got["logprobs"]) == pytest.approx(-want.total_nats, rel=1e-5,
+                                                                                  abs=1e-6)
+                pieces = got["logprobs"]
+                assert (bool(pieces) and pieces[-1]["text"] == "\n") == include_end
+        text = TINY_TEXT[:200] + " Zebra ✓"
+        status, body = running.request("POST", "/v1/perplexity", {"text": text, "logprobs": True})
+        assert status == 200, body
+        assert sum(p["logprob"] for p in body["logprobs"][1:]) == pytest.approx(-body["total_nats"], rel=1e-5)
+        if lm.tokenizer.kind == "word":
+            unknown = {p["text"].strip() for p in body["logprobs"] if p.get("unknown")}
+            assert unknown == set(lm.tokenizer.unknown_symbols(text)) and {"Zebra", "✓"} <= unknown
+        else:
+            assert body["logprobs"][-1]["text"] == "✓" and "".join(p["text"] for p in body["logprobs"]) == text
+    finally:
+        assert running.stop() == 0

@@ -14,7 +14,7 @@ from charlm.errors import UsageError
 from charlm.model import RNNLM
 from charlm.evaluate import evaluate
 from charlm.score import score_lines
-from charlm.surprise import line_start, text_logprobs, token_label
+from charlm.surprise import line_logprobs, line_start, text_logprobs, token_label
 from charlm.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
 
 from conftest import TINY_TEXT
@@ -86,15 +86,21 @@ def test_without_a_line_start_the_sum_is_the_evaluators_total(kind):
     assert sum(p.logprob for p in pieces[1:]) == pytest.approx(-result.total_nats, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["char", "byte", "word"])
-def test_from_a_line_start_a_line_sums_to_its_score(kind):
-    tokenizer = tokenizer_of(kind)
+@pytest.mark.parametrize("kind", ["char", "byte", "word", "char without newline"])
+@pytest.mark.parametrize("include_end", [True, False])
+def test_a_lines_pieces_add_up_to_its_score(kind, include_end):
+    tokenizer = (CharTokenizer(sorted(set(TINY_TEXT) - {"\n"})) if kind == "char without newline"
+                 else tokenizer_of(kind))
     model = make_model(tokenizer.vocab_size)
-    line = "Speak, speak."
-    (scored,) = score_lines(model, tokenizer, [line], include_end=True)
-    pieces = text_logprobs(model, tokenizer, line + "\n")
-    assert pieces[-1].text == "\n"
-    assert sum(p.logprob for p in pieces) == pytest.approx(-scored.total_nats, rel=1e-5)
+    lines = ["Speak, speak.", "", "a", "Zebra ✓ unknown\n"]
+    for line, scored in zip(lines, score_lines(model, tokenizer, lines, include_end=include_end), strict=True):
+        pieces = line_logprobs(model, tokenizer, line, include_end=include_end)
+        predicted = [p.logprob for p in pieces if p.logprob is not None]
+        if kind != "byte":  # a byte model's pieces are characters, its tokens bytes
+            assert len(predicted) == scored.num_tokens, (line, pieces)
+        assert sum(predicted) == pytest.approx(-scored.total_nats, rel=1e-5, abs=1e-6)
+        ends = include_end and kind != "char without newline"
+        assert (bool(pieces) and pieces[-1].text == "\n") == ends
 
 
 def test_a_byte_model_labels_bytes_and_reads_lone_surrogates():
@@ -125,4 +131,10 @@ def test_empty_text_and_bad_arguments(trained_run):
     with pytest.raises(UsageError, match="from_line_start"):
         lm.logprobs("abc", from_line_start="yes")  # type: ignore[arg-type]
     assert [p.text for p in lm.logprobs("ab")] == ["a", "b"]
+    for option in ("include_end", "logprobs"):
+        with pytest.raises(UsageError, match=f"{option} must be True or False"):
+            lm.score(["ab"], **{option: 1})
+    (line,) = lm.score(["ab"], logprobs=True, top=2)
+    assert [p.text for p in line.logprobs] == ["a", "b", "\n"] and len(line.logprobs[0].top) == 2
+    assert lm.score(["ab"])[0].logprobs is None
 
