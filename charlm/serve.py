@@ -36,7 +36,7 @@ from . import jsonio
 from .api import LanguageModel
 from .checkpoint import checkpoint_report
 from .config import LIMITS, brief
-from .errors import CharlmError, MissingDependencyError, OutOfMemoryError, UsageError
+from .errors import CharlmError, MissingDependencyError, OutOfMemoryError, UsageError, is_out_of_memory
 
 try:
     from starlette.applications import Starlette
@@ -91,14 +91,16 @@ def _status_of(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, UsageError):
         return 422
-    if isinstance(exc, OutOfMemoryError):
+    if isinstance(exc, OutOfMemoryError) or is_out_of_memory(exc):
         return 503
     return 500
 
 
 def _message_of(exc: BaseException) -> str:
     if isinstance(exc, (_Problem, CharlmError)):
-        return str(exc)
+        return " ".join(str(exc).split("\n"))
+    if is_out_of_memory(exc):
+        return "out of memory; ask for fewer samples or a shorter text, or try again when the server is less busy"
     return f"internal error ({type(exc).__name__}); the server's log has the details"
 
 
@@ -312,12 +314,14 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
             say("charlm: error while serving a request:\n" + "".join(traceback.format_exception(exc)).rstrip())
         return _error(status, _message_of(exc))
 
-    async def answered(request: Request, work: Callable[[dict[str, Any]], Any],
-                       defaults: dict[str, Any]) -> Response:
-        """Read, check, run ``work`` on a worker, answer JSON; every failure a JSON error."""
+    async def answered(request: Request, defaults: dict[str, Any], check: Callable[[dict[str, Any]], None],
+                       work: Callable[[dict[str, Any]], Any]) -> Response:
+        """Read and ``check`` the body here, run ``work`` on a worker, answer JSON; every failure
+        a JSON error."""
         cancel = None
         try:
             body = _fields(await _body(request, limits.max_body_bytes), defaults)
+            check(body)
             cancel = pool.admit()
             result = await _outcome(request, pool.submit(cancel, lambda: work(body)))
             if result is None:  # stopped before it ran
@@ -351,7 +355,13 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
         finally:
             pool.release(cancel)
 
-    def score(values: dict[str, Any]) -> dict[str, Any]:
+    def logprob_tokens(texts: list[str]) -> None:
+        total = sum(len(lm.tokenizer.encode(text)) for text in texts)
+        if total > limits.max_tokens:
+            raise _Problem(422, f"the text is {total:,} tokens; per-token log-probabilities are given for at most "
+                                f"{limits.max_tokens:,} (--max-tokens)")
+
+    def check_score(values: dict[str, Any]) -> None:
         lines = values["lines"]
         if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
             raise _Problem(422, f"lines must be a list of strings (got {brief(lines)})")
@@ -359,12 +369,11 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
         _flag(values, "logprobs")
         _top(values, lm.tokenizer.vocab_size)
         if values["logprobs"]:
-            total = sum(len(lm.tokenizer.encode(line)) for line in lines)
-            if total > limits.max_tokens:
-                raise _Problem(422, f"the lines are {total:,} tokens; per-token log-probabilities are given for at "
-                                    f"most {limits.max_tokens:,} (--max-tokens)")
+            logprob_tokens(lines)
+
+    def score(values: dict[str, Any]) -> dict[str, Any]:
         results = []
-        for line in lm.score(lines, include_end=values["include_end"], logprobs=values["logprobs"],
+        for line in lm.score(values["lines"], include_end=values["include_end"], logprobs=values["logprobs"],
                              top=values["top"]):
             item = {"index": line.index, "text": line.text, "tokens": line.num_tokens,
                     "total_nats": line.total_nats, "nats_per_token": line.nats_per_token,
@@ -375,10 +384,14 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
             results.append(item)
         return {"lines": results}
 
-    def perplexity(values: dict[str, Any]) -> dict[str, Any]:
+    def check_perplexity(values: dict[str, Any]) -> None:
         _string(values, "text")
         _flag(values, "logprobs")
         _top(values, lm.tokenizer.vocab_size)
+        if values["logprobs"]:
+            logprob_tokens([values["text"]])
+
+    def perplexity(values: dict[str, Any]) -> dict[str, Any]:
         result = lm.perplexity(values["text"])
         answer = {"tokens": result.tokens, "predicted_tokens": result.predicted_tokens,
                   "characters": result.characters, "unknown_tokens": result.unknown_tokens,
@@ -387,16 +400,15 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
                   "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity,
                   "unknown": list(result.unknown), "caveat": result.caveat, "precision": result.precision}
         if values["logprobs"]:
-            pieces = lm.logprobs(values["text"], top=values["top"], from_line_start=False,
-                                 max_tokens=limits.max_tokens)
-            answer["logprobs"] = [_piece(p) for p in pieces]
+            answer["logprobs"] = [_piece(p) for p in lm.logprobs(values["text"], top=values["top"],
+                                                                 from_line_start=False)]
         return answer
 
     async def score_endpoint(request: Request) -> Response:
-        return await answered(request, score, SCORE_FIELDS)
+        return await answered(request, SCORE_FIELDS, check_score, score)
 
     async def perplexity_endpoint(request: Request) -> Response:
-        return await answered(request, perplexity, PERPLEXITY_FIELDS)
+        return await answered(request, PERPLEXITY_FIELDS, check_perplexity, perplexity)
 
     async def model_info(request: Request) -> Response:
         return _json(report)

@@ -120,8 +120,9 @@ function shade(logprob) {
   return `rgb(${r},${g},${b})`;
 }
 
-function shown(text) {
-  return text === "\n" ? "↵" : text === " " ? "␠" : text;
+function shown(token) {
+  // Whitespace spelled out: a bare space in the list would look like nothing.
+  return { "\n": "↵ newline", " ": "space", "\t": "tab", "<EOS>": "↵ <EOS>" }[token] ?? token;
 }
 
 function showTip(event, piece) {
