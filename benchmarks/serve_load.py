@@ -1,9 +1,9 @@
 """`charlm serve` under load: requests/s and chars/s at 1, 8 and 32 concurrent clients on loopback.
 
-    python benchmarks/serve_load.py                                   # a fresh 2×512 LSTM, --workers 1 2 4
-    python benchmarks/serve_load.py --checkpoint checkpoints/tinyshakespeare --workers 2
+    python benchmarks/serve_load.py              # a fresh 2×512 LSTM; --workers 1, 2, 4 and --batch 64
+    python benchmarks/serve_load.py --checkpoint checkpoints/tinyshakespeare --settings workers=2 batch=32
 
-Each setting starts ``charlm serve CHECKPOINT --port 0 --workers W`` in its own process on
+Each setting starts ``charlm serve CHECKPOINT --port 0 --workers W [--batch N]`` in its own process on
 127.0.0.1, then for each concurrency C runs C client threads, each sending streaming
 ``POST /v1/generate`` requests (``--length`` characters, seeds all different) one after another
 until the level has sent ``--requests-per-client`` × C requests or ``--seconds`` have passed (both
@@ -46,10 +46,11 @@ def fresh_checkpoint(folder: Path) -> Path:
     return Path(run.run_dir)
 
 
-def start_server(checkpoint: Path, workers: int) -> tuple[subprocess.Popen, int]:
+def start_server(checkpoint: Path, setting: dict[str, int]) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", str(checkpoint), "--port", "0", "--workers",
-                             str(workers), "--max-queue", "256"], stderr=subprocess.PIPE, text=True, env=env)
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in setting.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", str(checkpoint), "--port", "0", *options,
+                             "--max-queue", "256"], stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:  # type: ignore[union-attr]
         found = re.search(r"at http://127\.0\.0\.1:(\d+)/", line)
         if found:
@@ -138,7 +139,8 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="a run folder or .safetensors (default: a fresh 2×512 LSTM)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--settings", nargs="+", default=["workers=1", "workers=2", "workers=4", "workers=2,batch=64"],
+                        help="charlm serve options per server, e.g. workers=2,batch=64")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--length", type=int, default=200, help="characters per request")
     parser.add_argument("--requests-per-client", type=int, default=4)
@@ -153,16 +155,17 @@ def main() -> None:
         cfg = lm.checkpoint.model_config
         model = f"{cfg.num_layers}x{cfg.hidden_size}-{cfg.cell}-{lm.tokenizer.kind}{lm.tokenizer.vocab_size}"
         runs = []
-        for workers in args.workers:
-            proc, port = start_server(checkpoint, workers)
+        for text in args.settings:
+            setting = {name: int(value) for name, value in (part.split("=") for part in text.split(","))}
+            proc, port = start_server(checkpoint, setting)
             try:
                 one_request(port, 20, 0)  # warm-up
                 for clients in args.clients:
-                    row = {"workers": workers, **level(port, clients, length=args.length,
+                    row = {"setting": text, **level(port, clients, length=args.length,
                                                        per_client=args.requests_per_client, seconds=args.seconds,
                                                        seed0=1000 * clients)}
                     runs.append(row)
-                    print(f"workers {workers}, {clients:>2} clients: {row['requests']:>3} requests, "
+                    print(f"{text}, {clients:>2} clients: {row['requests']:>3} requests, "
                           f"{row['requests_per_second']:6.2f} req/s, {row['chars_per_second']:8.0f} chars/s, "
                           f"latency median {row['latency_median_s']:.2f} s (p90 {row['latency_p90_s']:.2f}), "
                           f"first piece median {row['first_piece_median_s']:.3f} s, errors {row['error_count']}",

@@ -107,10 +107,12 @@ class LanguageModel:
             texts[piece.stream] += piece.text
         return texts
 
-    def perplexity(self, text: str, *, precision: str = "auto") -> Perplexity:
+    def perplexity(self, text: str, *, precision: str = "auto",
+                   should_stop: Callable[[], bool] | None = None) -> Perplexity:
         """Score ``text`` in one pass: each token predicted from everything before it.
         ``precision``: auto and fp32 compute in fp32, so figures compare across machines and
-        with training's validation loss; bf16 is faster and within 2e-3 nats/token."""
+        with training's validation loss; bf16 is faster and within 2e-3 nats/token.
+        ``should_stop`` is asked between windows; True stops with ``charlm.errors.Cancelled``."""
         from .errors import UsageError
         from .evaluate import evaluate
         from .precision import FP32, resolve_precision
@@ -121,7 +123,7 @@ class LanguageModel:
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
             raise UsageError(f"the text needs at least 2 tokens to score (has {len(ids)})")
-        result = evaluate(self.model, ids, precision=chosen)
+        result = evaluate(self.model, ids, precision=chosen, should_stop=should_stop)
         unknown = self.tokenizer.count_unknown(ids)
         num_bytes = len(text.encode("utf-8", errors="surrogatepass"))
         return Perplexity(
@@ -132,8 +134,8 @@ class LanguageModel:
             bytes=num_bytes, bits_per_byte=result.bits_per_char(num_bytes),
             caveat=WORD_CAVEAT if self.tokenizer.kind == "word" else None, precision=chosen.name)
 
-    def logprobs(self, text: str, *, top: int = 5, from_line_start: bool = True,
-                 max_tokens: int | None = None) -> list[PieceLogprob]:
+    def logprobs(self, text: str, *, top: int = 5, from_line_start: bool = True, max_tokens: int | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> list[PieceLogprob]:
         """How surprised the model is by each piece of ``text`` (a character; a word for word
         models): its log-probability in nats and the ``top`` tokens the model expected there.
         ``from_line_start`` predicts the first piece from a line start as ``score`` does; without
@@ -149,10 +151,10 @@ class LanguageModel:
 
             raise UsageError(f"from_line_start must be True or False (got {type(from_line_start).__name__})")
         return text_logprobs(self.model, self.tokenizer, text, top=top, from_line_start=from_line_start,
-                             max_tokens=max_tokens)
+                             max_tokens=max_tokens, should_stop=should_stop)
 
     def score(self, lines: Sequence[str], *, include_end: bool = True, logprobs: bool = False,
-              top: int = 5) -> list[LineScore]:
+              top: int = 5, should_stop: Callable[[], bool] | None = None) -> list[LineScore]:
         """Each line scored on its own, from a fresh line start (lower nats/token = more likely).
         ``logprobs``: each ``LineScore.logprobs`` holds the line's pieces as ``logprobs()`` gives
         them (``top`` alternatives each), adding up to minus its ``total_nats``."""
@@ -170,11 +172,12 @@ class LanguageModel:
         for name, value in (("include_end", include_end), ("logprobs", logprobs)):
             if not isinstance(value, bool):
                 raise UsageError(f"{name} must be True or False (got {type(value).__name__})")
-        scores = score_lines(self.model, self.tokenizer, lines, include_end=include_end)
+        scores = score_lines(self.model, self.tokenizer, lines, include_end=include_end, should_stop=should_stop)
         if not logprobs:
             return scores
         return [replace(line, logprobs=tuple(line_logprobs(self.model, self.tokenizer, lines[line.index],
-                                                           include_end=include_end, top=top)))
+                                                           include_end=include_end, top=top,
+                                                           should_stop=should_stop)))
                 for line in scores]
 
 

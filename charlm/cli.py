@@ -841,6 +841,7 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
     workers: Annotated[int, typer.Option(help="Requests the model runs at once; the rest wait their turn.")] = 2,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a worker; more are answered 503.")] = 64,
+    batch: Annotated[int, typer.Option(help="0: each generation steps on its own, exactly as charlm sample does. N: up to N samples of concurrent requests step together, several times the throughput, but a rare draw can differ from charlm sample's with the same seed.")] = 0,
     max_length: Annotated[int, typer.Option(help="The most tokens one sample may ask for.")] = 5_000,
     max_samples: Annotated[int, typer.Option(help="The most samples one request may ask for.")] = 16,
     max_tokens: Annotated[int, typer.Option(help="The most tokens in a prime, and in a text whose per-token log-probabilities are asked for.")] = 20_000,
@@ -859,19 +860,19 @@ def serve(
         from .serve import ServeLimits, allowed_hosts_for, make_app, run
 
         limits = ServeLimits(max_body_bytes=max_body_bytes, max_length=max_length, max_samples=max_samples,
-                             max_tokens=max_tokens, workers=workers, max_queue=max_queue)
-        allowed = allowed_hosts_for(host)
+                             max_tokens=max_tokens, workers=workers, max_queue=max_queue, batch=batch)
         try:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         except socket.gaierror as exc:
             raise _usage(f"cannot listen on {host!r}: {exc.strerror}") from None
+        allowed = allowed_hosts_for(host, str(address[0]))
         lm = load(checkpoint, device=device)
         app_ = make_app(lm, limits, allowed_hosts=allowed,
                         log=lambda line: err.print(line, markup=False, highlight=False))
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            sock.bind(address)
         except OSError as exc:
             sock.close()
             raise _usage(f"cannot listen on {host}:{port}: {exc.strerror or exc}"

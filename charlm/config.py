@@ -259,7 +259,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows any number of digits)
+        return False
 
 
 # Word models on 2 CPU cores (tied, one layer, batch 20 × 35, a ~4k-word vocabulary: Grimm),

@@ -53,6 +53,10 @@ class RunInUseError(UsageError):
     """Another charlm process is training in the same run folder."""
 
 
+class Cancelled(CharlmError):
+    """A long computation was asked to stop (its ``should_stop`` said so) before it finished."""
+
+
 class SamplingError(CharlmError):
     """The model's output cannot be sampled from (NaN scores: its weights overflow)."""
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .distributed import Dist
+from .errors import Cancelled
 from .model import RNNLM, select_state
 from .precision import FP32, Precision
 
@@ -54,7 +56,8 @@ def _window_nats(model: RNNLM, x: torch.Tensor, y: torch.Tensor, state, precisio
 
 @torch.inference_mode()
 def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, seq_len: int = 256,
-             context: int = 128, precision: Precision = FP32, dist: Dist | None = None) -> EvalResult:
+             context: int = 128, precision: Precision = FP32, dist: Dist | None = None,
+             should_stop: Callable[[], bool] | None = None) -> EvalResult:
     """Total nats of predicting ids[1:] from what comes before, in one pass.
 
     Each stream after the first first reads the ``context`` tokens before its start without
@@ -64,12 +67,22 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
     With ``dist`` the streams are shared out among the ranks (stream b to rank b mod world size)
     and the totals summed, so every rank gets the same figure as a world of one would.
     ``precision`` is the matmuls' (the losses are summed in float32/float64 whatever it is).
+    ``should_stop`` is asked before each window; True raises ``Cancelled``.
     """
+    was_training = model.training
+    try:
+        return _evaluate(model, ids, num_streams=num_streams, seq_len=seq_len, context=context,
+                         precision=precision, dist=dist, should_stop=should_stop or (lambda: False))
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None, seq_len: int, context: int,
+              precision: Precision, dist: Dist | None, should_stop: Callable[[], bool]) -> EvalResult:
     dist = dist or Dist()
     n = len(ids)
     if n < 2:
         return EvalResult(0.0, 0)
-    was_training = model.training
     model.eval()
     device = model.embedding.weight.device
     # int32 on the device; each window is widened to int64 when it is gathered.
@@ -95,6 +108,7 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
             for part in (state if isinstance(state, tuple) else (state,)):
                 part[:, first] = 0
         for i in range(0, length, seq_len):
+            _check(should_stop)
             t = min(seq_len, length - i)
             cols = torch.arange(i, i + t, device=device)[None, :]
             x, y = tokens[index + cols].long(), tokens[index + cols + 1].long()
@@ -104,10 +118,15 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
     # The remainder continues the last stream, on the rank that owns it.
     if (num_streams - 1) % dist.world_size == dist.rank:
         for i in range(num_streams * length, n - 1, seq_len):
+            _check(should_stop)
             t = min(seq_len, n - 1 - i)
             x, y = tokens[None, i:i + t].long(), tokens[None, i + 1:i + 1 + t].long()
             nats, state = _window_nats(model, x, y, state, precision)
             total += nats.double()
     dist.all_reduce_sum(total)
-    model.train(was_training)
     return EvalResult(float(total.item()), n - 1)
+
+
+def _check(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("stopped before it finished")

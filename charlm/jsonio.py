@@ -32,10 +32,11 @@ def dumps(value: Any, **options: Any) -> str:
     return json.dumps(finite_or_none(value), allow_nan=False, **options)
 
 
-def loads(text: str | bytes) -> Any:
-    """Parse untrusted JSON; raise ``ValueError`` saying why it cannot be used."""
+def loads(text: str | bytes, *, unique_keys: bool = False) -> Any:
+    """Parse untrusted JSON; raise ``ValueError`` saying why it cannot be used. ``unique_keys``
+    refuses an object that names a key twice (which standard JSON leaves undefined)."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique if unique_keys else None)
     except RecursionError:
         raise ValueError(f"nested more than {MAX_DEPTH} levels deep") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -57,3 +58,12 @@ def depth(value: Any) -> int:
                 return level
             stack.extend((child, level) for child in (item.values() if isinstance(item, dict) else item))
     return deepest
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {twice!r} appears twice in one object")
+    return value

@@ -137,6 +137,68 @@ class _StopBuffer:
         return out
 
 
+class Generation:
+    """One request's samples between steps: its RNG, stop buffers, decoders and progress. Whoever
+    holds it runs the model (``generate`` alone; a server may step several requests in one batch)
+    and hands each step's logits to ``advance``. ``state``/``token`` are the rows to start from."""
+
+    @torch.inference_mode()
+    def __init__(self, model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime: str = "") -> None:
+        model.eval()
+        device = model.embedding.weight.device
+        self.config = config
+        self.generator = torch.Generator(device=device)
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
+        n = self.num_samples = config.num_samples
+        context = torch.as_tensor(prime_ids(tokenizer, prime).astype(np.int64), device=device)
+        self.state = None
+        with out_of_memory_as(f"preparing {n:,} sample(s) of a {model.cfg.num_layers}×{model.cfg.hidden_size} model",
+                              "make --num-samples (or the --prime) smaller"):
+            if len(context) > 1:  # read once; every sample starts from its state
+                _, state = model(context[None, :-1], None)
+                self.state = (tuple(s.expand(-1, n, -1) for s in state) if isinstance(state, tuple)
+                              else state.expand(-1, n, -1))
+        self.token = context[-1:].expand(n).contiguous()  # (B,)
+        self.eos_id = tokenizer.eos_id if config.stop == EOS and tokenizer.eos_id is not None else None
+        self.buffers = [_StopBuffer(None if self.eos_id is not None else config.stop) for _ in range(n)]
+        self.decoders = [tokenizer.decoder() for _ in range(n)]
+        if tokenizer.kind == "word" and prime and not prime.endswith("\n"):
+            for decoder in self.decoders:
+                decoder.feed(int(context[-1]))  # continue the prime's line with a space
+        self.done = [False] * n
+        self.steps = 0
+        self.finished = config.length == 0
+
+    def advance(self, logits: torch.Tensor) -> list[Piece]:
+        """Draw the next token of every sample from ``logits`` (B, V); the pieces that produced."""
+        config = self.config
+        self.token = next_token(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                generator=self.generator)
+        pieces = []
+        for b, token_id in enumerate(self.token.tolist()):
+            if self.done[b]:
+                continue
+            if token_id == self.eos_id:
+                self.done[b] = True
+                pieces.append(Piece(b, "", True))
+                continue
+            text, stopped = self.buffers[b].push(self.decoders[b].feed(token_id))
+            if stopped:
+                self.done[b] = True
+            if text or stopped:
+                pieces.append(Piece(b, text, stopped))
+        self.steps += 1
+        if all(self.done):
+            self.finished = True
+        elif self.steps == config.length:
+            self.finished = True
+            pieces.extend(Piece(b, self.buffers[b].flush(), True) for b in range(self.num_samples) if not self.done[b])
+        return pieces
+
+
 @torch.inference_mode()
 def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime: str = "",
              precision: str = "auto") -> Iterator[Piece]:
@@ -146,51 +208,17 @@ def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime:
     at the end of the line. ``precision`` is the steps' matmuls' (``sampling_precision``); the
     prime is always read in fp32.
     """
-    model.eval()
     device = model.embedding.weight.device
-    generator = torch.Generator(device=device)
-    if config.seed is not None:
-        generator.manual_seed(config.seed)
-    else:
-        generator.seed()
-    n = config.num_samples
     chosen = sampling_precision(precision, device)
-    context = torch.as_tensor(prime_ids(tokenizer, prime).astype(np.int64), device=device)
+    run = Generation(model, tokenizer, config=config, prime=prime)
+    n = config.num_samples
     with out_of_memory_as(f"preparing {n:,} sample(s) of a {model.cfg.num_layers}×{model.cfg.hidden_size} model",
                           "make --num-samples (or the --prime) smaller"):
-        state = None
-        if len(context) > 1:  # read once; every sample starts from its state
-            _, state = model(context[None, :-1], None)
-            state = tuple(s.expand(-1, n, -1) for s in state) if isinstance(state, tuple) else state.expand(-1, n, -1)
         # The same arithmetic as model(token[:, None], state), without its overhead.
         fast = FastStep(model, dtype=chosen.dtype)
-        fast.reset(n, state)
-    token = context[-1:].expand(n).contiguous()  # (B,)
-    stop_on_eos = config.stop == EOS and tokenizer.eos_id is not None
-    buffers = [_StopBuffer(None if stop_on_eos else config.stop) for _ in range(n)]
-    decoders = [tokenizer.decoder() for _ in range(n)]
-    if tokenizer.kind == "word" and prime and not prime.endswith("\n"):
-        for decoder in decoders:
-            decoder.feed(int(context[-1]))  # continue the prime's line with a space
-    done = [False] * n
-    for _ in range(config.length):
-        logits = fast.step(token)  # (B, V)
-        token = next_token(logits, temperature=config.temperature, top_k=config.top_k,
-                           top_p=config.top_p, generator=generator)
-        for b, token_id in enumerate(token.tolist()):
-            if done[b]:
-                continue
-            if stop_on_eos and token_id == tokenizer.eos_id:
-                done[b] = True
-                yield Piece(b, "", True)
-                continue
-            text, stopped = buffers[b].push(decoders[b].feed(token_id))
-            if stopped:
-                done[b] = True
-            if text or stopped:
-                yield Piece(b, text, stopped)
-        if all(done):
-            return
-    for b in range(n):
-        if not done[b]:
-            yield Piece(b, buffers[b].flush(), True)
+        fast.reset(n, run.state)
+    if config.length == 0:
+        yield from (Piece(b, "", True) for b in range(n))
+        return
+    while not run.finished:
+        yield from run.advance(fast.step(run.token))

@@ -20,13 +20,13 @@ line alone (the tests check it against a token-by-token loop).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import Cancelled, ConfigError
 from .evaluate import EvalResult
 from .model import RNNLM
 from .tokenizer import Tokenizer
@@ -100,12 +100,14 @@ def line_tokens(tokenizer: Tokenizer, line: str, *, include_end: bool = True) ->
 
 @torch.inference_mode()
 def score_lines(model: RNNLM, tokenizer: Tokenizer, lines: Sequence[str], *, include_end: bool = True,
-                batch_size: int = 64, max_batch_tokens: int = 16384, window: int = 256) -> list[LineScore]:
+                batch_size: int = 64, max_batch_tokens: int = 16384, window: int = 256,
+                should_stop: Callable[[], bool] | None = None) -> list[LineScore]:
     """Total nats, tokens, nats/token and perplexity of each line, each scored from a fresh state.
 
     A trailing ``"\n"`` on a line (as ``readlines()`` leaves it) is dropped first; the line break
     is then scored or not according to ``include_end``. ``batch_size`` and ``max_batch_tokens``
     bound a batch (lines × longest line); ``window`` bounds the time steps run at once.
+    ``should_stop`` is asked before each window; True raises ``Cancelled``.
     """
     if batch_size < 1 or max_batch_tokens < 1 or window < 1:
         raise ConfigError("batch_size, max_batch_tokens and window must be ≥ 1")
@@ -141,6 +143,8 @@ def score_lines(model: RNNLM, tokenizer: Tokenizer, lines: Sequence[str], *, inc
             nats = torch.zeros(len(batch), dtype=torch.float64, device=device)
             state = None
             for t0 in range(0, longest, window):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("stopped before it finished")
                 logits, state = model(xt[:, t0:t0 + window], state)  # (B, T, V)
                 loss = F.cross_entropy(logits.float().transpose(1, 2), yt[:, t0:t0 + window],
                                        reduction="none")  # (B, T)

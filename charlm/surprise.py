@@ -6,17 +6,18 @@ word models. Each piece carries the model's most likely tokens at the point it w
 
 ``from_line_start`` (as ``charlm score``) reads the line-start token first, so the first piece is
 predicted too; without it (as ``charlm perplexity``) the first token is only read, and its piece's
-log-probability is ``None``. Either way the log-probabilities add up to minus the evaluator's
+log-probability is ``None`` (a byte model's multi-byte first character counts its later bytes). Either way the log-probabilities add up to minus the evaluator's
 total nats for the same tokens (tests/test_surprise.py checks both against it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import Cancelled, UsageError
 from .model import RNNLM
 from .tokenizer import EOS, Tokenizer, WordTokenizer
 
@@ -66,9 +67,11 @@ def _pieces(tokenizer: Tokenizer, text: str, ids: np.ndarray) -> list[tuple[str,
 
 @torch.inference_mode()
 def text_logprobs(model: RNNLM, tokenizer: Tokenizer, text: str, *, top: int = 5, from_line_start: bool = True,
-                  window: int = 512, max_tokens: int | None = None) -> list[PieceLogprob]:
+                  window: int = 512, max_tokens: int | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> list[PieceLogprob]:
     """Each piece of ``text`` with its log-probability under ``model`` and the ``top`` likeliest
-    tokens where it was predicted. ``max_tokens`` refuses longer texts (``UsageError``)."""
+    tokens where it was predicted. ``max_tokens`` refuses longer texts (``UsageError``);
+    ``should_stop`` is asked before each window (True raises ``Cancelled``)."""
     if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= tokenizer.vocab_size:
         raise UsageError(f"top must be a whole number in [0, {tokenizer.vocab_size}] (got {top!r})")
     ids = tokenizer.encode(text).astype(np.int64)
@@ -89,6 +92,8 @@ def text_logprobs(model: RNNLM, tokenizer: Tokenizer, text: str, *, top: int = 5
         inputs = torch.from_numpy(sequence[:-1]).to(device)
         targets = torch.from_numpy(sequence[1:]).to(device)
         for start in range(0, len(inputs), window):
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped before it finished")
             logits, state = model(inputs[None, start:start + window], state)
             logp = torch.log_softmax(logits[0].float(), dim=-1)  # (T, V)
             picked = logp.gather(1, targets[start:start + window, None])[:, 0]
@@ -104,22 +109,28 @@ def text_logprobs(model: RNNLM, tokenizer: Tokenizer, text: str, *, top: int = 5
     position = 0
     for piece, span, unknown in _pieces(tokenizer, text, ids):
         lp = token_logprob[position:position + span]
-        alternatives = () if np.isnan(lp[0]) else tuple(
-            (token_label(tokenizer, int(i)), float(v)) for i, v in zip(top_ids[position], top_logprob[position]))
-        # A byte piece whose first byte was not predicted (no line start) has no whole log-probability.
-        out.append(PieceLogprob(piece, None if np.isnan(lp).any() else float(lp.sum()), alternatives, unknown))
+        predicted = ~np.isnan(lp)
+        # Without a line start the first token is only read: a byte model's first character then
+        # counts the bytes after its first (the total stays the evaluator's), and is None when it
+        # is one byte.
+        first = position + int(np.argmax(predicted))
+        alternatives = () if not predicted.any() else tuple(
+            (token_label(tokenizer, int(i)), float(v)) for i, v in zip(top_ids[first], top_logprob[first]))
+        out.append(PieceLogprob(piece, float(lp[predicted].sum()) if predicted.any() else None, alternatives,
+                                unknown))
         position += span
     return out
 
 
 def line_logprobs(model: RNNLM, tokenizer: Tokenizer, line: str, *, include_end: bool = True,
-                  top: int = 5) -> list[PieceLogprob]:
+                  top: int = 5, should_stop: Callable[[], bool] | None = None) -> list[PieceLogprob]:
     """The pieces of one line as ``score_lines`` scores it: from a line start, its line break the
     last piece when ``include_end``; they add up to minus that line's ``total_nats``."""
     from .score import strip_line_end
 
     line = strip_line_end(line)
-    pieces = text_logprobs(model, tokenizer, line + ("\n" if include_end else ""), top=top)
+    pieces = text_logprobs(model, tokenizer, line + ("\n" if include_end else ""), top=top,
+                           should_stop=should_stop)
     # encode() ends every word-model line with <EOS>, asked for or not; a char model that never
     # saw a newline reads "\n" as <UNK>, and its lines are scored without an end.
     if pieces and ((tokenizer.kind == "word" and not include_end) or (include_end and line_start(tokenizer) is None)):

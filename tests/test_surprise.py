@@ -76,14 +76,39 @@ def test_pieces_equal_a_token_by_token_loop(kind, cell):
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "word"])
-def test_without_a_line_start_the_sum_is_the_evaluators_total(kind):
+@pytest.mark.parametrize("text", [TEXT, "✓é " + TEXT], ids=["ascii", "multibyte-first"])
+def test_without_a_line_start_the_sum_is_the_evaluators_total(kind, text):
     tokenizer = tokenizer_of(kind)
     model = make_model(tokenizer.vocab_size)
-    pieces = text_logprobs(model, tokenizer, TEXT, top=0, from_line_start=False)
-    assert pieces[0].logprob is None and pieces[0].top == ()
+    pieces = text_logprobs(model, tokenizer, text, top=0, from_line_start=False)
+    # The first token is only read: a one-token first piece has no log-probability; a byte
+    # model's "✓" (3 bytes) counts its last two.
+    assert (pieces[0].logprob is None) == (kind != "byte" or text[0] != "✓")
     assert all(p.top == () for p in pieces)
-    result = evaluate(model, tokenizer.encode(TEXT))
-    assert sum(p.logprob for p in pieces[1:]) == pytest.approx(-result.total_nats, rel=1e-5)
+    result = evaluate(model, tokenizer.encode(text))
+    assert sum(p.logprob for p in pieces if p.logprob is not None) == pytest.approx(-result.total_nats, rel=1e-5)
+
+
+def test_a_long_computation_stops_when_asked():
+    from charlm.errors import Cancelled
+
+    tokenizer = tokenizer_of("char")
+    model = make_model(tokenizer.vocab_size)
+    calls = []
+
+    def stop_on_third() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    long_text = TINY_TEXT * 20
+    for run in (lambda: text_logprobs(model, tokenizer, long_text, window=64, should_stop=stop_on_third),
+                lambda: evaluate(model, tokenizer.encode(long_text), seq_len=64, should_stop=stop_on_third),
+                lambda: score_lines(model, tokenizer, [long_text], window=64, should_stop=stop_on_third)):
+        calls.clear()
+        with pytest.raises(Cancelled):
+            run()
+        assert len(calls) == 3
+    assert not model.training
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "word", "char without newline"])

@@ -25,6 +25,12 @@ function optionalInt(id) {
   return value === "" ? null : Number(value);
 }
 
+function requiredNumber(id, label) {
+  const value = $(id).value.trim();
+  if (value === "" || !Number.isFinite(Number(value))) throw new Error(`${label} must be a number`);
+  return Number(value);
+}
+
 async function showModel() {
   try {
     const response = await fetch("/v1/model");
@@ -50,14 +56,21 @@ function parseEvent(block) {
 }
 
 async function generate() {
+  if (controller) return;  // one generation at a time (Ctrl+Enter while one runs does nothing)
   const prime = $("prime").value;
-  const request = {
-    prime, stream: true,
-    temperature: Number($("temperature").value),
-    length: Number($("length").value),
-    seed: optionalInt("seed"),
-    top_k: optionalInt("top_k"),
-  };
+  let request;
+  try {
+    request = {
+      prime, stream: true,
+      temperature: requiredNumber("temperature", "Temperature"),
+      length: requiredNumber("length", "Length"),
+      seed: optionalInt("seed"),
+      top_k: optionalInt("top_k"),
+    };
+  } catch (e) {
+    setStatus($("status"), e.message, true);
+    return;
+  }
   $("output-prime").textContent = prime;
   $("output-generated").textContent = "";
   $("generate").disabled = true;
@@ -125,6 +138,11 @@ function shown(token) {
   return { "\n": "↵ newline", " ": "space", "\t": "tab", "<EOS>": "↵ <EOS>" }[token] ?? token;
 }
 
+function sameToken(text, token) {
+  // A piece is its token, or (word models) a space and its word; a line end is "\n" or <EOS>.
+  return text === "\n" ? token === "\n" || token === "<EOS>" : text === token || text === ` ${token}`;
+}
+
 function showTip(event, piece) {
   const tip = $("tip");
   tip.textContent = "";
@@ -142,7 +160,7 @@ function showTip(event, piece) {
       const row = table.insertRow();
       row.insertCell().textContent = shown(token);
       row.insertCell().textContent = `${(100 * Math.exp(logprob)).toFixed(1)}%`;
-      if (piece.text.trimStart().startsWith(token) && token !== "") row.className = "got";
+      if (sameToken(piece.text, token)) row.className = "got";
     }
     tip.appendChild(table);
   }
