@@ -569,18 +569,24 @@ async def _events(options: dict[str, Any], items: asyncio.Queue,
     texts = [""] * options["num_samples"]
     yield _event({"prime": options["prime"], "seed": options["seed"], "num_samples": options["num_samples"]}, "start")
     while True:
-        item = await items.get()
-        if item is _END:
-            yield _event({"samples": texts}, "end")
-            return
-        if item is _STOPPED:  # its client is gone (nobody reads this) or the server is stopping
-            yield _event({"error": SHUTTING_DOWN, "status": 503}, "error")
-            return
-        if isinstance(item, BaseException):
-            yield _event({"error": _message_of(item), "status": failure(item).status_code}, "error")
-            return
-        texts[item.stream] += item.text
-        yield _event({"sample": item.stream, "text": item.text, "done": item.done})
+        # Every piece already waiting goes out in one write: one send per batch, not per token.
+        ready = [await items.get()]
+        while not items.empty() and len(ready) < 256:
+            ready.append(items.get_nowait())
+        out = []
+        for item in ready:
+            if item is _END:
+                yield "".join(out) + _event({"samples": texts}, "end")
+                return
+            if item is _STOPPED:  # its client is gone (nobody reads this) or the server is stopping
+                yield "".join(out) + _event({"error": SHUTTING_DOWN, "status": 503}, "error")
+                return
+            if isinstance(item, BaseException):
+                yield "".join(out) + _event({"error": _message_of(item), "status": failure(item).status_code}, "error")
+                return
+            texts[item.stream] += item.text
+            out.append(_event({"sample": item.stream, "text": item.text, "done": item.done}))
+        yield "".join(out)
 
 
 class _Job:
