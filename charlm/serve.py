@@ -232,37 +232,51 @@ class _Pool:
 
     limits: ServeLimits
     executor: ThreadPoolExecutor = field(init=False)
-    admitted: int = 0  # running or waiting (event-loop side)
+    admitted: int = 0  # requests for the workers, running or waiting (event-loop side)
+    admitted_batched: int = 0  # generations for the batcher (--batch), running or waiting
     busy: int = 0  # running (worker side, under the lock)
     batched: int = 0  # generations running in the batcher (its side, under the lock)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    cancels: set[threading.Event] = field(default_factory=set)
+    cancels: dict[threading.Event, bool] = field(default_factory=dict)  # → whether batched
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="charlm-model")
 
-    def admit(self) -> threading.Event:
-        """A place for one request (its cancel flag), or 503 when every place is taken."""
-        running = self.limits.workers + self.limits.batch
-        if self.admitted >= running + self.limits.max_queue:
-            raise _Problem(503, f"the server is busy ({running} running, {self.limits.max_queue} waiting); "
+    def admit(self, *, batched: bool = False) -> threading.Event:
+        """A place for one request (its cancel flag), or 503 when every place is taken: the
+        workers and --max-queue waiting for them, or (--batch) N generations in the batch and
+        --max-queue waiting for it."""
+        running = self.limits.batch if batched else self.limits.workers
+        taken = self.admitted_batched if batched else self.admitted
+        if taken >= running + self.limits.max_queue:
+            what = "generations in the batch" if batched else "running"
+            raise _Problem(503, f"the server is busy ({running} {what}, {self.limits.max_queue} waiting); "
                                 f"try again shortly")
-        self.admitted += 1
+        if batched:
+            self.admitted_batched += 1
+        else:
+            self.admitted += 1
         cancel = threading.Event()
-        self.cancels.add(cancel)
+        self.cancels[cancel] = batched
         return cancel
 
     def release(self, cancel: threading.Event, future: Future | None = None) -> None:
         """The request is over: its work stops at its next check, and its place is free once the
-        worker running it (if any) has finished, so no more requests run than were admitted."""
+        worker running it (if any) has finished, so no more requests run than were admitted. Work
+        that has not started is dropped at once."""
         cancel.set()
-        if future is not None and not future.done():
+        if future is not None and not future.done() and not future.cancel():
             loop = asyncio.get_running_loop()
-            future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.release, cancel))
+            future.add_done_callback(lambda _: _call_soon(loop, self.release, cancel))
             return
-        if cancel in self.cancels:
-            self.cancels.discard(cancel)
+        batched = self.cancels.pop(cancel, None)
+        if batched is True:
+            self.admitted_batched -= 1
+        elif batched is False:
             self.admitted -= 1
+
+    def waiting(self) -> int:
+        return max(0, self.admitted + self.admitted_batched - self.busy - self.batched)
 
     def submit(self, cancel: threading.Event, work: Callable[[], Any]) -> Future:
         """Run ``work`` on a worker; it runs even when cancelled while it waited, to say so
@@ -312,6 +326,15 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
+    """``callback(*args)`` on the event loop, from any thread; nothing once the loop has closed
+    (a worker finishing after shutdown has nobody left to tell)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _event(data: Any, name: str | None = None) -> str:
@@ -369,10 +392,11 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
         try:
             options = generate_options(await _body(request, limits.max_body_bytes), lm, limits)
             stream = options.pop("stream")
-            cancel = pool.admit()
+            if batcher is not None and options["num_samples"] > limits.batch:
+                raise _Problem(422, f"num_samples must be ≤ {limits.batch} on this server (--batch; got "
+                                    f"{options['num_samples']})")
+            cancel = pool.admit(batched=batcher is not None)
         except Exception as exc:  # noqa: BLE001
-            if cancel is not None:
-                pool.release(cancel)
             return failure(exc)
         items, future = _start_generation(lm, options, pool, batcher, cancel)
         if stream:
@@ -445,9 +469,9 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
 
     async def health(request: Request) -> Response:
         with pool.lock:
-            busy = pool.busy + pool.batched
+            busy, waiting = pool.busy + pool.batched, pool.waiting()
         return _json({"status": "ok", "workers": limits.workers, "batch": limits.batch, "busy": busy,
-                      "waiting": max(0, pool.admitted - busy)})
+                      "waiting": waiting})
 
     async def page(request: Request) -> Response:
         return _static("index.html", "text/html")
@@ -514,11 +538,22 @@ def _start_generation(lm: LanguageModel, options: dict[str, Any], pool: _Pool, b
     items: asyncio.Queue[Any] = asyncio.Queue()
 
     def put(item: Any) -> None:
-        loop.call_soon_threadsafe(items.put_nowait, item)
+        _call_soon(loop, items.put_nowait, item)
 
     if batcher is not None:
-        batcher.submit(options, put, cancel)
-        return items, None
+        def prepare() -> None:  # the prime is read here, on a worker, not in the batch's thread
+            if cancel.is_set():
+                put(_STOPPED)
+                return
+            try:
+                run = Generation(lm.model, lm.tokenizer, config=SampleConfig(
+                    **{k: v for k, v in options.items() if k != "prime"}), prime=options["prime"])
+            except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which answers it
+                put(exc)
+                return
+            batcher.submit(_Job(run, put, cancel))
+
+        return items, pool.submit(cancel, prepare)
 
     def produce() -> None:
         if cancel.is_set():  # its client left, or the server is stopping, while it waited
@@ -592,10 +627,9 @@ async def _events(options: dict[str, Any], items: asyncio.Queue,
 class _Job:
     """One request's generation inside the batcher."""
 
-    def __init__(self, options: dict[str, Any], put: Callable[[Any], None], cancel: threading.Event) -> None:
-        self.options, self.put, self.cancel = options, put, cancel
-        self.rows = options["num_samples"]
-        self.run: Generation | None = None
+    def __init__(self, run: Generation, put: Callable[[Any], None], cancel: threading.Event) -> None:
+        self.run, self.put, self.cancel = run, put, cancel
+        self.rows = run.num_samples
         self.offset = -1  # its first row in the batcher's current batch; -1: not in it yet
 
 
@@ -618,8 +652,8 @@ class _Batcher:
         self.thread = threading.Thread(target=self._loop, name="charlm-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, options: dict[str, Any], put: Callable[[Any], None], cancel: threading.Event) -> None:
-        self.incoming.put(_Job(options, put, cancel))
+    def submit(self, job: _Job) -> None:
+        self.incoming.put(job)
 
     def close(self) -> None:
         self.closed = True
@@ -658,19 +692,12 @@ class _Batcher:
         for job in [j for j in self.running if j.cancel.is_set()]:
             job.put(_STOPPED)
             self._set_running([j for j in self.running if j is not job])
+        for job in [j for j in self.waiting if j.cancel.is_set()]:  # gone while waiting: no longer in line
+            job.put(_STOPPED)
+            self.waiting.remove(job)
         used = sum(job.rows for job in self.running)
-        while self.waiting and (not self.running or used + self.waiting[0].rows <= self.max_rows):
+        while self.waiting and used + self.waiting[0].rows <= self.max_rows:
             job = self.waiting.popleft()
-            if job.cancel.is_set():
-                job.put(_STOPPED)
-                continue
-            options = {k: v for k, v in job.options.items() if k != "prime"}
-            try:
-                job.run = Generation(self.lm.model, self.lm.tokenizer, config=SampleConfig(**options),
-                                     prime=job.options["prime"])
-            except BaseException as exc:  # noqa: BLE001 - its request is answered with it
-                job.put(exc)
-                continue
             if job.run.finished:  # length 0
                 for b in range(job.rows):
                     job.put(Piece(b, "", True))
@@ -696,8 +723,8 @@ class _Batcher:
             if job.offset >= 0 and current is not None:
                 rows = slice(job.offset, job.offset + job.rows)
                 parts.append(tuple(s[:, rows] for s in current) if isinstance(current, tuple) else current[:, rows])
-            elif job.run.state is not None:  # type: ignore[union-attr]
-                parts.append(job.run.state)  # type: ignore[union-attr]
+            elif job.run.state is not None:
+                parts.append(job.run.state)
             else:
                 zeros = torch.zeros(cfg.num_layers, job.rows, cfg.hidden_size, device=self.fast.device)
                 parts.append((zeros, zeros.clone()) if has_cell_state(cfg.cell) else zeros)
@@ -710,19 +737,19 @@ class _Batcher:
         self.fast.reset(offset, state)
 
     def _step(self) -> None:
-        tokens = torch.cat([job.run.token for job in self.running])  # type: ignore[union-attr]
+        tokens = torch.cat([job.run.token for job in self.running])
         logits = self.fast.step(tokens)
         finished = []
         for job in self.running:
             try:
-                pieces = job.run.advance(logits[job.offset:job.offset + job.rows])  # type: ignore[union-attr]
+                pieces = job.run.advance(logits[job.offset:job.offset + job.rows])
             except Exception as exc:  # noqa: BLE001 - e.g. NaN scores: that request fails, the others go on
                 job.put(exc)
                 finished.append(job)
                 continue
             for piece in pieces:
                 job.put(piece)
-            if job.run.finished:  # type: ignore[union-attr]
+            if job.run.finished:
                 job.put(_END)
                 finished.append(job)
         if finished:

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .config import brief
 from .errors import Cancelled, UsageError
 from .model import RNNLM
 from .tokenizer import EOS, Tokenizer, WordTokenizer
@@ -73,7 +74,7 @@ def text_logprobs(model: RNNLM, tokenizer: Tokenizer, text: str, *, top: int = 5
     tokens where it was predicted. ``max_tokens`` refuses longer texts (``UsageError``);
     ``should_stop`` is asked before each window (True raises ``Cancelled``)."""
     if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= tokenizer.vocab_size:
-        raise UsageError(f"top must be a whole number in [0, {tokenizer.vocab_size}] (got {top!r})")
+        raise UsageError(f"top must be a whole number in [0, {tokenizer.vocab_size}] (got {brief(top)})")
     ids = tokenizer.encode(text).astype(np.int64)
     if max_tokens is not None and len(ids) > max_tokens:
         raise UsageError(f"the text is {len(ids):,} tokens; per-token log-probabilities are given for at most "

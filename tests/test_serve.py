@@ -472,3 +472,60 @@ def test_batched_json_requests_and_a_dropped_stream(batched, lm):
     batched.wait_idle()
     status, body = batched.request("POST", "/v1/generate", {"prime": "✓"})
     assert status == 422 and "never seen" in body["error"]
+
+
+@pytest.fixture(scope="module")
+def small_batch(trained_run):
+    """--batch 2: one long generation leaves room for one more row; one worker, one waiting."""
+    running = Server(trained_run, "--batch", "2", "--workers", "1", "--max-queue", "1", "--max-length", "100000000")
+    yield running
+    assert running.stop() == 0, "".join(running.log)
+    assert "Traceback" not in "".join(running.log), "".join(running.log)
+
+
+def test_a_batch_request_gone_while_waiting_leaves_the_line(small_batch):
+    first = _open_generation(small_batch.port, {"length": 100_000_000, "stream": True})
+    assert b"200 OK" in first.recv(4096)
+    wider = _open_generation(small_batch.port, {"length": 5, "num_samples": 2, "stream": True})
+    assert b"200 OK" in wider.recv(4096)  # streams start at once; its rows wait for the long one
+    deadline = time.monotonic() + 60
+    while small_batch.health()["waiting"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    wider.close()
+    status, body = small_batch.request("POST", "/v1/generate", {"length": 5, "seed": 2}, timeout=30)
+    assert status == 200 and len(body["samples"][0]) == 5  # not stuck behind the departed request
+    status, body = small_batch.request("POST", "/v1/score", {"lines": ["First"]})
+    assert status == 200  # scoring has its own places: a full batch does not turn it away
+    status, body = small_batch.request("POST", "/v1/generate", {"num_samples": 3})
+    assert status == 422 and "--batch" in body["error"]
+    first.close()
+    small_batch.wait_idle()
+
+
+def test_a_queued_request_gone_frees_its_place_at_once(one_worker_one_waiting):
+    server = one_worker_one_waiting
+    first = _open_generation(server.port, {"length": 100_000_000, "stream": True})
+    assert b"200 OK" in first.recv(4096)
+    queued = _open_generation(server.port, {"length": 5})
+    deadline = time.monotonic() + 60
+    while server.health()["waiting"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    queued.close()
+    while server.health()["waiting"]:  # dropped from the queue, not kept until the long one ends
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    another = _open_generation(server.port, {"length": 5, "stream": True})
+    assert b"200 OK" in another.recv(4096)  # admitted, not 503
+    another.close()
+    first.close()
+    server.wait_idle()
+
+
+@pytest.fixture(scope="module")
+def one_worker_one_waiting(trained_run):
+    running = Server(trained_run, "--workers", "1", "--max-queue", "1", "--max-length", "100000000")
+    yield running
+    assert running.stop() == 0
+    assert "Traceback" not in "".join(running.log), "".join(running.log)
