@@ -86,6 +86,15 @@ class Server:
             time.sleep(0.1)
         return health
 
+    def wait_busy(self, count: int = 1, seconds: float = 60) -> dict:
+        """Until ``count`` requests are running (a request reaches its worker or the batch a
+        moment after its response has started)."""
+        deadline = time.monotonic() + seconds
+        while (health := self.health())["busy"] < count:
+            assert time.monotonic() < deadline, f"not busy after {seconds} s: {health}"
+            time.sleep(0.05)
+        return health
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)

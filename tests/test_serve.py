@@ -271,7 +271,7 @@ def one_worker(trained_run):
 def test_a_dropped_stream_frees_its_worker(one_worker):
     sock = _open_generation(one_worker.port, {"length": 100_000_000, "stream": True, "seed": 1})
     assert b"200 OK" in sock.recv(4096)
-    assert one_worker.health()["busy"] == 1
+    assert one_worker.wait_busy()["busy"] == 1
     status, answer = one_worker.request("POST", "/v1/generate", {"length": 5})
     assert status == 503 and "busy" in answer["error"]
     sock.close()
@@ -319,6 +319,7 @@ def test_ctrl_c_ends_running_and_queued_requests_and_exits(trained_run):
     running = Server(trained_run, "--workers", "1", "--max-length", "100000000")
     first = _open_generation(running.port, {"length": 100_000_000, "stream": True})
     assert b"200 OK" in first.recv(4096)
+    running.wait_busy()
     queued = _open_generation(running.port, {"length": 100_000_000, "stream": True})
     waiting = _open_generation(running.port, {"length": 100_000_000})
     deadline = time.monotonic() + 60
@@ -467,7 +468,7 @@ def test_batched_json_requests_and_a_dropped_stream(batched, lm):
     assert status == 200 and body["samples"] == ["", ""]
     sock = _open_generation(batched.port, {"length": 100_000_000, "stream": True})
     assert b"200 OK" in sock.recv(4096)
-    assert batched.health()["busy"] == 1
+    assert batched.wait_busy()["busy"] == 1
     sock.close()
     batched.wait_idle()
     status, body = batched.request("POST", "/v1/generate", {"prime": "✓"})
@@ -486,6 +487,7 @@ def small_batch(trained_run):
 def test_a_batch_request_gone_while_waiting_leaves_the_line(small_batch):
     first = _open_generation(small_batch.port, {"length": 100_000_000, "stream": True})
     assert b"200 OK" in first.recv(4096)
+    small_batch.wait_busy()
     wider = _open_generation(small_batch.port, {"length": 5, "num_samples": 2, "stream": True})
     assert b"200 OK" in wider.recv(4096)  # streams start at once; its rows wait for the long one
     deadline = time.monotonic() + 60
@@ -507,6 +509,7 @@ def test_a_queued_request_gone_frees_its_place_at_once(one_worker_one_waiting):
     server = one_worker_one_waiting
     first = _open_generation(server.port, {"length": 100_000_000, "stream": True})
     assert b"200 OK" in first.recv(4096)
+    server.wait_busy()
     queued = _open_generation(server.port, {"length": 5})
     deadline = time.monotonic() + 60
     while server.health()["waiting"] < 1:
