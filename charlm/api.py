@@ -34,6 +34,14 @@ def _text(name: str, value: Any, *, optional: bool = False) -> None:
                          f"{brief(value)})")
 
 
+def _flag(name: str, value: Any) -> None:
+    """Refuse a non-bool where a switch belongs (``1`` or ``"yes"`` is not silently truthy)."""
+    from .errors import UsageError
+
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be True or False (got {type(value).__name__})")
+
+
 WORD_CAVEAT = ("a word model is not charged for the whitespace its tokenizer normalises nor for spelling "
                "out <UNK> words, so its bits/char and bits/byte are lower bounds, not comparable with a char or "
                "byte model's as they stand")
@@ -146,10 +154,7 @@ class LanguageModel:
         from .surprise import text_logprobs
 
         _text("text", text)
-        if not isinstance(from_line_start, bool):
-            from .errors import UsageError
-
-            raise UsageError(f"from_line_start must be True or False (got {type(from_line_start).__name__})")
+        _flag("from_line_start", from_line_start)
         return text_logprobs(self.model, self.tokenizer, text, top=top, from_line_start=from_line_start,
                              max_tokens=max_tokens, should_stop=should_stop)
 
@@ -169,9 +174,8 @@ class LanguageModel:
         lines = list(lines)
         for i, line in enumerate(lines):
             _text(f"lines[{i}]", line)
-        for name, value in (("include_end", include_end), ("logprobs", logprobs)):
-            if not isinstance(value, bool):
-                raise UsageError(f"{name} must be True or False (got {type(value).__name__})")
+        _flag("include_end", include_end)
+        _flag("logprobs", logprobs)
         scores = score_lines(self.model, self.tokenizer, lines, include_end=include_end, should_stop=should_stop)
         if not logprobs:
             return scores

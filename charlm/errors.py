@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class CharlmError(Exception):
@@ -55,6 +55,12 @@ class RunInUseError(UsageError):
 
 class Cancelled(CharlmError):
     """A long computation was asked to stop (its ``should_stop`` said so) before it finished."""
+
+
+def stop_if_asked(should_stop: "Callable[[], bool] | None") -> None:
+    """Raise ``Cancelled`` if ``should_stop`` (a long computation's, polled between windows) says so."""
+    if should_stop is not None and should_stop():
+        raise Cancelled("stopped before it finished")
 
 
 class SamplingError(CharlmError):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import Dist
-from .errors import Cancelled
+from .errors import stop_if_asked
 from .model import RNNLM, select_state
 from .precision import FP32, Precision
 
@@ -72,13 +72,13 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
     was_training = model.training
     try:
         return _evaluate(model, ids, num_streams=num_streams, seq_len=seq_len, context=context,
-                         precision=precision, dist=dist, should_stop=should_stop or (lambda: False))
+                         precision=precision, dist=dist, should_stop=should_stop)
     finally:
         model.train(was_training)
 
 
 def _evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None, seq_len: int, context: int,
-              precision: Precision, dist: Dist | None, should_stop: Callable[[], bool]) -> EvalResult:
+              precision: Precision, dist: Dist | None, should_stop: Callable[[], bool] | None) -> EvalResult:
     dist = dist or Dist()
     n = len(ids)
     if n < 2:
@@ -108,7 +108,7 @@ def _evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None, seq_len
             for part in (state if isinstance(state, tuple) else (state,)):
                 part[:, first] = 0
         for i in range(0, length, seq_len):
-            _check(should_stop)
+            stop_if_asked(should_stop)
             t = min(seq_len, length - i)
             cols = torch.arange(i, i + t, device=device)[None, :]
             x, y = tokens[index + cols].long(), tokens[index + cols + 1].long()
@@ -118,15 +118,10 @@ def _evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None, seq_len
     # The remainder continues the last stream, on the rank that owns it.
     if (num_streams - 1) % dist.world_size == dist.rank:
         for i in range(num_streams * length, n - 1, seq_len):
-            _check(should_stop)
+            stop_if_asked(should_stop)
             t = min(seq_len, n - 1 - i)
             x, y = tokens[None, i:i + t].long(), tokens[None, i + 1:i + 1 + t].long()
             nats, state = _window_nats(model, x, y, state, precision)
             total += nats.double()
     dist.all_reduce_sum(total)
     return EvalResult(float(total.item()), n - 1)
-
-
-def _check(should_stop: Callable[[], bool] | None) -> None:
-    if should_stop is not None and should_stop():
-        raise Cancelled("stopped before it finished")

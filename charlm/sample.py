@@ -155,8 +155,7 @@ class Generation:
         n = self.num_samples = config.num_samples
         context = torch.as_tensor(prime_ids(tokenizer, prime).astype(np.int64), device=device)
         self.state = None
-        with out_of_memory_as(f"preparing {n:,} sample(s) of a {model.cfg.num_layers}×{model.cfg.hidden_size} model",
-                              "make --num-samples (or the --prime) smaller"):
+        with _preparing(model, n):
             if len(context) > 1:  # read once; every sample starts from its state
                 _, state = model(context[None, :-1], None)
                 self.state = (tuple(s.expand(-1, n, -1) for s in state) if isinstance(state, tuple)
@@ -171,6 +170,10 @@ class Generation:
         self.done = [False] * n
         self.steps = 0
         self.finished = config.length == 0
+
+    def start(self) -> list[Piece]:
+        """The pieces due before any step: with length 0 every sample ends at once, empty."""
+        return [Piece(b, "", True) for b in range(self.num_samples)] if self.config.length == 0 else []
 
     def advance(self, logits: torch.Tensor) -> list[Piece]:
         """Draw the next token of every sample from ``logits`` (B, V); the pieces that produced."""
@@ -199,6 +202,11 @@ class Generation:
         return pieces
 
 
+def _preparing(model: RNNLM, num_samples: int):  # noqa: ANN202 - a context manager
+    return out_of_memory_as(f"preparing {num_samples:,} sample(s) of a {model.cfg.num_layers}×"
+                            f"{model.cfg.hidden_size} model", "make --num-samples (or the --prime) smaller")
+
+
 @torch.inference_mode()
 def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime: str = "",
              precision: str = "auto") -> Iterator[Piece]:
@@ -211,14 +219,10 @@ def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime:
     device = model.embedding.weight.device
     chosen = sampling_precision(precision, device)
     run = Generation(model, tokenizer, config=config, prime=prime)
-    n = config.num_samples
-    with out_of_memory_as(f"preparing {n:,} sample(s) of a {model.cfg.num_layers}×{model.cfg.hidden_size} model",
-                          "make --num-samples (or the --prime) smaller"):
+    with _preparing(model, config.num_samples):
         # The same arithmetic as model(token[:, None], state), without its overhead.
         fast = FastStep(model, dtype=chosen.dtype)
-        fast.reset(n, run.state)
-    if config.length == 0:
-        yield from (Piece(b, "", True) for b in range(n))
-        return
+        fast.reset(config.num_samples, run.state)
+    yield from run.start()
     while not run.finished:
         yield from run.advance(fast.step(run.token))

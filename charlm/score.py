@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled, ConfigError
+from .errors import ConfigError, stop_if_asked
 from .evaluate import EvalResult
 from .model import RNNLM
 from .tokenizer import Tokenizer
@@ -73,6 +73,15 @@ class LineTokens:
     num_chars: int  # the characters the targets cover
 
 
+def line_start(tokenizer: Tokenizer) -> int | None:
+    """The token that stands before every line in training: ``<EOS>`` (word) or the newline; None
+    for a char model that never saw a newline."""
+    if tokenizer.eos_id is not None:
+        return int(tokenizer.eos_id)
+    newline = int(tokenizer.encode("\n")[0])
+    return None if tokenizer.unk_id is not None and newline == tokenizer.unk_id else newline
+
+
 def line_tokens(tokenizer: Tokenizer, line: str, *, include_end: bool = True) -> LineTokens:
     """What ``score_lines`` reads and predicts for one line (without its line break).
 
@@ -81,21 +90,16 @@ def line_tokens(tokenizer: Tokenizer, line: str, *, include_end: bool = True) ->
     """
     end = 1 if include_end else 0
     ids = tokenizer.encode(line).astype(np.int64)
-    if tokenizer.kind == "word":
-        eos = int(tokenizer.eos_id)  # type: ignore[arg-type]
-        if len(ids) and ids[-1] == eos:
-            ids = ids[:-1]  # encode() ends every line with <EOS>; add it back only if asked
-        if include_end:
-            ids = np.append(ids, eos)
-        return LineTokens(eos, ids, len(line) + end if len(ids) else 0)
-    newline = int(tokenizer.encode("\n")[0])
-    if tokenizer.unk_id is not None and newline == tokenizer.unk_id:
+    start = line_start(tokenizer)
+    if start is None:
         if not len(ids):
             return LineTokens(None, ids, 0)
         return LineTokens(int(ids[0]), ids[1:], len(line) - 1)
+    if tokenizer.kind == "word" and len(ids) and ids[-1] == start:
+        ids = ids[:-1]  # encode() ends every line with <EOS>; add it back only if asked
     if include_end:
-        ids = np.append(ids, newline)
-    return LineTokens(newline, ids, len(line) + end if len(ids) else 0)
+        ids = np.append(ids, start)  # the line end is the line-start token: <EOS> or the newline
+    return LineTokens(start, ids, len(line) + end if len(ids) else 0)
 
 
 @torch.inference_mode()
@@ -143,8 +147,7 @@ def score_lines(model: RNNLM, tokenizer: Tokenizer, lines: Sequence[str], *, inc
             nats = torch.zeros(len(batch), dtype=torch.float64, device=device)
             state = None
             for t0 in range(0, longest, window):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("stopped before it finished")
+                stop_if_asked(should_stop)
                 logits, state = model(xt[:, t0:t0 + window], state)  # (B, T, V)
                 loss = F.cross_entropy(logits.float().transpose(1, 2), yt[:, t0:t0 + window],
                                        reduction="none")  # (B, T)

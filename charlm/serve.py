@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import ipaddress
 import logging
 import queue
@@ -44,7 +45,7 @@ from .config import LIMITS, SampleConfig, brief
 from .errors import Cancelled, CharlmError, MissingDependencyError, OutOfMemoryError, UsageError, is_out_of_memory
 from .infer import FastStep
 from .model import has_cell_state
-from .sample import Generation, Piece, prime_ids
+from .sample import Generation, prime_ids
 
 try:
     from starlette.applications import Starlette
@@ -94,30 +95,20 @@ class _Problem(Exception):
         self.message = message
 
 
-def _status_of(exc: BaseException) -> int:
+def _answer_of(exc: BaseException) -> tuple[int, str]:
+    """The status and one-line message that answer a failure."""
     if isinstance(exc, _Problem):
-        return exc.status
+        return exc.status, exc.message
     if ClientDisconnect is not None and isinstance(exc, ClientDisconnect):
-        return 499  # nobody reads the answer
+        return 499, "the client went away"  # nobody reads the answer
     if isinstance(exc, Cancelled):
-        return 503
-    if isinstance(exc, UsageError):
-        return 422
-    if isinstance(exc, OutOfMemoryError) or is_out_of_memory(exc):
-        return 503
-    return 500
-
-
-def _message_of(exc: BaseException) -> str:
-    if isinstance(exc, Cancelled):
-        return SHUTTING_DOWN
-    if ClientDisconnect is not None and isinstance(exc, ClientDisconnect):
-        return "the client went away"
-    if isinstance(exc, (_Problem, CharlmError)):
-        return " ".join(str(exc).split("\n"))
-    if is_out_of_memory(exc):
-        return "out of memory; ask for fewer samples or a shorter text, or try again when the server is less busy"
-    return f"internal error ({type(exc).__name__}); the server's log has the details"
+        return 503, SHUTTING_DOWN
+    if is_out_of_memory(exc) and not isinstance(exc, CharlmError):
+        return 503, "out of memory; ask for fewer samples or a shorter text, or try again when the server is less busy"
+    if isinstance(exc, CharlmError):
+        status = 422 if isinstance(exc, UsageError) else 503 if isinstance(exc, OutOfMemoryError) else 500
+        return status, " ".join(str(exc).split("\n"))
+    return 500, f"internal error ({type(exc).__name__}); the server's log has the details"
 
 
 def _json(value: Any, status: int = 200) -> Response:
@@ -214,11 +205,11 @@ def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimit
     _flag(values, "stream")
     _at_most(values, "length", limits.max_length, "--max-length")
     _at_most(values, "num_samples", limits.max_samples, "--max-samples")
-    tokens = len(lm.tokenizer.encode(values["prime"]))
+    # A prime the model cannot read is a 422 here, before any stream starts.
+    tokens = len(prime_ids(lm.tokenizer, values["prime"]))
     if tokens > limits.max_tokens:
         raise _Problem(422, f"the prime is {tokens:,} tokens; this server takes at most {limits.max_tokens:,} "
                             f"(--max-tokens)")
-    prime_ids(lm.tokenizer, values["prime"])  # a prime the model cannot read is a 422 before any stream starts
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(2**63)
     return values
@@ -362,10 +353,10 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
     say = log or logging.getLogger(__name__).error
 
     def failure(exc: BaseException) -> Response:
-        status = _status_of(exc)
+        status, message = _answer_of(exc)
         if status == 500 and not isinstance(exc, CharlmError):
             say("charlm: error while serving a request:\n" + "".join(traceback.format_exception(exc)).rstrip())
-        return _error(status, _message_of(exc))
+        return _error(status, message)
 
     async def answered(request: Request, defaults: dict[str, Any],
                        check: Callable[[dict[str, Any], set[str]], None],
@@ -446,13 +437,7 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
             logprob_tokens([values["text"]])
 
     def perplexity(values: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
-        result = lm.perplexity(values["text"], should_stop=cancel.is_set)
-        answer = {"tokens": result.tokens, "predicted_tokens": result.predicted_tokens,
-                  "characters": result.characters, "unknown_tokens": result.unknown_tokens,
-                  "total_nats": result.total_nats, "nats_per_token": result.nats_per_token,
-                  "bits_per_char": result.bits_per_char, "bytes": result.bytes,
-                  "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity,
-                  "unknown": list(result.unknown), "caveat": result.caveat, "precision": result.precision}
+        answer = dataclasses.asdict(lm.perplexity(values["text"], should_stop=cancel.is_set))
         if values["logprobs"]:
             answer["logprobs"] = [_piece(p) for p in lm.logprobs(values["text"], top=values["top"],
                                                                  from_line_start=False, should_stop=cancel.is_set)]
@@ -617,7 +602,9 @@ async def _events(options: dict[str, Any], items: asyncio.Queue,
                 yield "".join(out) + _event({"error": SHUTTING_DOWN, "status": 503}, "error")
                 return
             if isinstance(item, BaseException):
-                yield "".join(out) + _event({"error": _message_of(item), "status": failure(item).status_code}, "error")
+                status, message = _answer_of(item)
+                failure(item)  # logs a bug's traceback
+                yield "".join(out) + _event({"error": message, "status": status}, "error")
                 return
             texts[item.stream] += item.text
             out.append(_event({"sample": item.stream, "text": item.text, "done": item.done}))
@@ -698,9 +685,9 @@ class _Batcher:
         used = sum(job.rows for job in self.running)
         while self.waiting and used + self.waiting[0].rows <= self.max_rows:
             job = self.waiting.popleft()
+            for piece in job.run.start():
+                job.put(piece)
             if job.run.finished:  # length 0
-                for b in range(job.rows):
-                    job.put(Piece(b, "", True))
                 job.put(_END)
                 continue
             self._set_running([*self.running, job])

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from .config import brief
-from .errors import Cancelled, UsageError
+from .errors import UsageError, stop_if_asked
 from .model import RNNLM
+from .score import line_start, strip_line_end
 from .tokenizer import EOS, Tokenizer, WordTokenizer
 
 
@@ -37,15 +38,6 @@ def token_label(tokenizer: Tokenizer, token_id: int) -> str:
     if tokenizer.kind == "byte":
         return chr(token_id) if token_id < 0x80 else f"\\x{token_id:02x}"
     return tokenizer.itos[token_id]  # type: ignore[attr-defined]
-
-
-def line_start(tokenizer: Tokenizer) -> int | None:
-    """The token that stands before every line in training: ``<EOS>`` (word) or the newline; None
-    for a char model that never saw a newline."""
-    if tokenizer.eos_id is not None:
-        return int(tokenizer.eos_id)
-    newline = int(tokenizer.encode("\n")[0])
-    return None if tokenizer.unk_id is not None and newline == tokenizer.unk_id else newline
 
 
 def _pieces(tokenizer: Tokenizer, text: str, ids: np.ndarray) -> list[tuple[str, int, bool]]:
@@ -93,8 +85,7 @@ def text_logprobs(model: RNNLM, tokenizer: Tokenizer, text: str, *, top: int = 5
         inputs = torch.from_numpy(sequence[:-1]).to(device)
         targets = torch.from_numpy(sequence[1:]).to(device)
         for start in range(0, len(inputs), window):
-            if should_stop is not None and should_stop():
-                raise Cancelled("stopped before it finished")
+            stop_if_asked(should_stop)
             logits, state = model(inputs[None, start:start + window], state)
             logp = torch.log_softmax(logits[0].float(), dim=-1)  # (T, V)
             picked = logp.gather(1, targets[start:start + window, None])[:, 0]
@@ -127,8 +118,6 @@ def line_logprobs(model: RNNLM, tokenizer: Tokenizer, line: str, *, include_end:
                   top: int = 5, should_stop: Callable[[], bool] | None = None) -> list[PieceLogprob]:
     """The pieces of one line as ``score_lines`` scores it: from a line start, its line break the
     last piece when ``include_end``; they add up to minus that line's ``total_nats``."""
-    from .score import strip_line_end
-
     line = strip_line_end(line)
     pieces = text_logprobs(model, tokenizer, line + ("\n" if include_end else ""), top=top,
                            should_stop=should_stop)
