@@ -140,6 +140,8 @@ class _TrainDisplay:
                       f"{event['num_parameters']:,} parameters, {event['train_tokens']:,} training / "
                       f"{event['val_tokens']:,} validation tokens, device {event['device']}, "
                       f"{event['precision']} ({event['precision_reason']})"
+                      + (f", evaluating the weights' average (power {event['train_config']['average_power']:g})"
+                         if event["train_config"].get("average") else "")
                       + (" (resumed)" if event["resumed"] else ""), markup=False)
         elif kind == "warning":
             err.print(f"charlm: warning: {event['message']}", markup=False)
@@ -219,7 +221,9 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = _TRAIN.weight_decay,
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping threshold (0 = off).")] = _TRAIN.clip,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay (at most a tenth of a step/epoch limit).")] = _TRAIN.warmup_steps,
-    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at this fraction of --lr.")] = _TRAIN.min_lr_ratio,
+    min_lr_ratio: Annotated[Optional[float], typer.Option(help="The cosine decay ends at this fraction of --lr. Default: 0; with --average, as sized for the tokenizer (1, a constant rate, for word models).")] = None,
+    average: Annotated[Optional[bool], typer.Option("--average/--no-average", help="Evaluate and save the average of the run's weights (step t weighs t^P, P = --average-power), not the last step's: a high learning rate then still ends at a quiet point (AWD-LSTM's averaged SGD). Default: on for word models.")] = None,
+    average_power: Annotated[Optional[float], typer.Option(help="How much --average leans on recent steps: 0 weighs the whole run equally; with P the mean age of what is averaged is 1/(P+2) of the run (0–20; giving it turns --average on). Default: 2.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
@@ -487,7 +491,8 @@ def info(
                                       f"weight decay {cfg.weight_decay:g}, clip {cfg.clip:g}, seed {cfg.seed}, "
                                       f"{cfg.precision}"
                                       + "".join(f", {name} {value:g}" for name, value in
-                                                (("AR", cfg.activation_reg), ("TAR", cfg.temporal_reg)) if value))
+                                                (("AR", cfg.activation_reg), ("TAR", cfg.temporal_reg)) if value)
+                                      + (f", averaged weights (power {cfg.average_power:g})" if cfg.average else ""))
         console.print(table)
 
 

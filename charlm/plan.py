@@ -50,7 +50,9 @@ class TrainOptions:
     weight_decay: float = _TRAIN.weight_decay
     clip: float = _TRAIN.clip
     warmup_steps: int = _TRAIN.warmup_steps
-    min_lr_ratio: float = _TRAIN.min_lr_ratio
+    min_lr_ratio: float | None = None  # None: 0 (cosine to zero), or as auto-sized for averaged word models
+    average: bool | None = None  # None: as auto-sized (on for word models)
+    average_power: float | None = None  # giving it turns --average on
     epochs: int | None = None
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -92,6 +94,9 @@ class TrainOptions:
         if self.init_from is not None and self.resume is not None:
             raise ConfigError("give --resume (continue a run) or --init-from (start a new run from a model), "
                               "not both")
+        if self.average is False and self.average_power is not None:
+            raise ConfigError("--average-power sets how --average weighs recent steps; it cannot be given with "
+                              "--no-average")
         if self.tokenizer == "word" and self.max_vocab is not None and self.max_vocab < 3:
             raise ConfigError(f"--max-vocab must be ≥ 3 for a word model (it includes <UNK> and <EOS>; "
                               f"got {self.max_vocab})")
@@ -101,13 +106,13 @@ NUMERIC_OPTIONS = ("hidden_size", "num_layers", "embed_size", "dropout", "input_
                    "weight_drop", "activation_reg", "temporal_reg", "seq_len", "batch_size", "lr",
                    "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps", "max_minutes",
                    "val_fraction", "eval_every", "patience", "seed", "min_count", "max_vocab", "max_bad_steps",
-                   "log_every")
+                   "log_every", "average_power")
 # The options a resumed run hands to trainer.resume_configs, which honours or refuses each.
 _RESUME_KEYS = ("tokenizer", "cell", "residual", "hidden_size", "num_layers", "embed_size", "dropout", "input_dropout",
                 "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "tie_weights", "seq_len",
                 "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
                 "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
-                "max_bad_steps", "log_every", "precision")
+                "max_bad_steps", "log_every", "precision", "average", "average_power")
 
 
 @dataclass
@@ -175,7 +180,10 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
             raise ConfigError(f"--out cannot be given with --resume: a resumed run continues in its own folder "
                               f"({resume_dir})")
         res = load_resume(resume_dir)
-        model_cfg, train_cfg = resume_configs(res, {k: getattr(options, k) for k in given if k in _RESUME_KEYS})
+        resumed_options = {k: getattr(options, k) for k in given if k in _RESUME_KEYS}
+        if options.average_power is not None and options.average is None:
+            resumed_options["average"] = True  # --average-power asks for averaging
+        model_cfg, train_cfg = resume_configs(res, resumed_options)
         source = corpus or res.checkpoint.train_state.get("corpus") or None
         val_source = val_source or res.checkpoint.train_state.get("val_corpus")
         # The corpus is read as the run read it: its folder patterns and --encoding-errors, unless given.
@@ -234,15 +242,17 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         weight_drop=_given_or(options.weight_drop, auto.weight_drop), residual=_given_or(options.residual, False))
     options = dataclasses.replace(options, optimizer=options.optimizer or auto.optimizer)
     lr, weight_decay, clip = _optimizer_defaults(options, given, auto.lr)
+    average = _averaging(options, auto.average)
     train_cfg = TrainConfig(
         seq_len=_given_or(options.seq_len, auto.seq_len), batch_size=_given_or(options.batch_size, auto.batch_size),
-        lr=lr, weight_decay=weight_decay, clip=clip, optimizer=options.optimizer,
-        warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio, epochs=options.epochs,
+        lr=lr, weight_decay=weight_decay, clip=clip, optimizer=options.optimizer, warmup_steps=options.warmup_steps,
+        min_lr_ratio=_given_or(options.min_lr_ratio, auto.min_lr_ratio if average else 0.0), epochs=options.epochs,
         max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
         eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
         max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
         activation_reg=_given_or(options.activation_reg, auto.activation_reg),
-        temporal_reg=_given_or(options.temporal_reg, auto.temporal_reg), precision=precision.name)
+        temporal_reg=_given_or(options.temporal_reg, auto.temporal_reg), precision=precision.name,
+        average=average, average_power=_given_or(options.average_power, auto.average_power))
     run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
     notes = []
     if unknown := data.tokenizer.count_unknown(data.val_ids):
@@ -254,6 +264,13 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
 # The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
 OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
                 "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
+
+
+def _averaging(options: TrainOptions, automatic: bool) -> bool:
+    """--average: the user's, on when only --average-power was given, else the automatic choice."""
+    if options.average is not None:
+        return options.average
+    return True if options.average_power is not None else automatic
 
 
 def _min_count(options: TrainOptions) -> int:
@@ -341,12 +358,14 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
                      OPTIMIZER_LR.get(optimizer, {}).get(base.tokenizer.kind, before.lr)),
         weight_decay=options.weight_decay if "weight_decay" in given else before.weight_decay,
         clip=options.clip if "clip" in given else before.clip, optimizer=optimizer,
-        warmup_steps=options.warmup_steps, min_lr_ratio=options.min_lr_ratio, epochs=options.epochs,
+        warmup_steps=options.warmup_steps, min_lr_ratio=_given_or(options.min_lr_ratio, before.min_lr_ratio),
+        epochs=options.epochs,
         max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
         eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
         max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
         activation_reg=_given_or(options.activation_reg, before.activation_reg),
-        temporal_reg=_given_or(options.temporal_reg, before.temporal_reg), precision=precision.name)
+        temporal_reg=_given_or(options.temporal_reg, before.temporal_reg), precision=precision.name,
+        average=_averaging(options, before.average), average_power=_given_or(options.average_power, before.average_power))
     notes = []
     if added := tokenizer.vocab_size - base.tokenizer.vocab_size:
         notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "

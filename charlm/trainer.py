@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import jsonio
+from .averaging import WeightAverage
 from .config import ModelConfig, TrainConfig, brief
 from .data import PreparedData, batchify, fit_batch_shape, num_windows, window
 from .distributed import Dist, device_for
@@ -79,12 +80,16 @@ def _state_tensors(state) -> dict[str, torch.Tensor]:
     return {"hidden.h": state}
 
 
-def _optim_tensors(optimizer: torch.optim.Optimizer, model: RNNLM, state, rng_states: torch.Tensor
-                   ) -> dict[str, torch.Tensor]:
+def _optim_tensors(optimizer: torch.optim.Optimizer, model: RNNLM, state, rng_states: torch.Tensor,
+                   averaged: bool = False) -> dict[str, torch.Tensor]:
     """What ``--resume`` needs besides the weights. ``rng_states`` is every rank's CPU RNG state
-    (one row per rank), so each rank of a resumed distributed run draws its own dropout masks again."""
+    (one row per rank), so each rank of a resumed distributed run draws its own dropout masks again.
+    ``averaged``: the checkpoint holds the run's average weights, so the weights training goes on
+    from are kept here (``raw.<name>``)."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
+    if averaged:
+        tensors.update({f"raw.{name}": p.detach().float().clone() for name, p in model.named_parameters()})
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
@@ -104,11 +109,13 @@ _NON_NEGATIVE = ("exp_avg_sq", "sum", "square_avg")
 
 
 def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_config: ModelConfig,
-                        batch_size: int, steps_taken: int | None = None, optimizer: str = "adamw") -> None:
+                        batch_size: int, steps_taken: int | None = None, optimizer: str = "adamw",
+                        averaged: bool = False) -> None:
     """Check a resume file against the model before anything is restored: every parameter has a
     step and the optimizer's moments, of its own shape (or no parameter has any: no step was taken;
     plain SGD keeps none), the RNG state has the generator's size, and the hidden state is
-    (layers, batch, hidden) for the cell."""
+    (layers, batch, hidden) for the cell. An ``averaged`` run's file holds every parameter's
+    training weights (``raw.<name>``), finite and of its shape."""
     moments = _MOMENTS[optimizer]
     from .model import parameter_shapes
 
@@ -119,7 +126,16 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
     if model_config.tie_weights:
         del shapes["head.weight"]
     found: dict[str, dict[str, torch.Tensor]] = {}
+    raw = {key[len("raw."):]: value for key, value in tensors.items() if key.startswith("raw.")}
+    if set(raw) != (set(shapes) if averaged else set()):
+        raise bad("the training weights of a run with --average are missing or incomplete" if averaged
+                  else f"unexpected entry {brief('raw.' + sorted(raw)[0])}")
+    for name, value in raw.items():
+        if tuple(value.shape) != shapes[name] or not value.is_floating_point() or not _is_finite(value):
+            raise bad(f"the training weights raw.{name} are not {shapes[name]} finite numbers")
     for key, value in tensors.items():
+        if key.startswith("raw."):
+            continue
         if not key.startswith("optim."):
             if key not in ("rng.cpu", "rng.cpu.ranks", "rng.cuda", "hidden.h", "hidden.c"):
                 raise bad(f"unexpected entry {brief(key)}")
@@ -228,10 +244,16 @@ def load_resume(run: str | Path) -> Resume:
     optim_path = path.parent / Path(str(optim_name)).name
     tensors, _ = ckpt.load_tensors(optim_path)
     check_optim_tensors(optim_path, tensors, checkpoint.model_config, checkpoint.train_config.batch_size,
-                        checkpoint.train_state.get("step"), checkpoint.train_config.optimizer)
+                        checkpoint.train_state.get("step"), checkpoint.train_config.optimizer,
+                        checkpoint.train_config.average)
     for key in ("step", "epoch", "window"):
         if key not in checkpoint.train_state:
             raise CheckpointError(f"{path}: train_state lacks {key!r}, so the run cannot be resumed")
+    total = checkpoint.train_state.get("average_total")
+    if checkpoint.train_config.average and (isinstance(total, bool) or not isinstance(total, (int, float))
+                                            or not math.isfinite(total) or total < 0):
+        raise CheckpointError(f"{path}: train_state lacks the weight average's total (average_total), so the run "
+                              f"cannot be resumed")
     return Resume(checkpoint, tensors, path.parent)
 
 
@@ -380,6 +402,8 @@ class _Run:
         self.progress = Progress(total_steps=self.fixed_total or 10**9,
                                  warmup_steps=min(cfg.warmup_steps, max(1, (self.fixed_total or 10**9) // 10)))
         self.state = None  # the hidden state carried from window to window (this rank's streams)
+        # --average: what the run evaluates and saves is the average of its weights (averaging.py)
+        self.average = WeightAverage(self.model.parameters(), cfg.average_power) if cfg.average else None
         if resume is not None:
             self._restore(resume)
         if dist.enabled:
@@ -397,6 +421,12 @@ class _Run:
     def _restore(self, resume: Resume) -> None:
         st = resume.checkpoint.train_state
         self.model.load_state_dict(resume.checkpoint.model.state_dict())
+        if self.average is not None:  # the checkpoint holds the average; training goes on from raw.*
+            self.average = WeightAverage(self.model.parameters(), self.cfg.average_power,
+                                         total=float(resume.checkpoint.train_state["average_total"]))
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    p.copy_(resume.optim_tensors[f"raw.{name}"])
         self.progress = Progress.from_state(st, warmup_steps=self.progress.warmup_steps,
                                             total_steps=self.progress.total_steps)
         self.progress.stopped_by, self.progress.optim_file = None, None
@@ -436,8 +466,14 @@ class _Run:
                 "val_loss": p.val_loss, "corpus": self.source, "val_corpus": self.val_source,
                 "optim_file": p.optim_file, "num_parameters": self.num_parameters,
                 "world_size": self.dist.world_size, "stopped_by": p.stopped_by,
+                "average_total": self.average.total if self.average is not None else None,
                 **{key: list(value) if isinstance(value, (list, tuple)) else value
                    for key, value in self.corpus_options.items() if value}}
+
+    def averaged(self):
+        """A block in which the model holds the weights the run reports: their average with
+        ``--average``, else the weights themselves."""
+        return self.average.swapped_in() if self.average is not None else nullcontext()
 
     def check_weights(self) -> None:
         if not all(_is_finite(p) for p in self.model.parameters()):
@@ -460,11 +496,13 @@ class _Run:
         # The optimizer file is named by step and written first, so last.safetensors always
         # names an optimizer file that exists, whatever moment a crash hits.
         new_optim = f"last.step{self.progress.step:09d}.optim.safetensors"
-        ckpt.save_tensors(self.run_dir / new_optim, _optim_tensors(self.optimizer, self.model, full_state, rng_states),
+        ckpt.save_tensors(self.run_dir / new_optim, _optim_tensors(self.optimizer, self.model, full_state, rng_states,
+                                                                   averaged=self.average is not None),
                           {"format": ckpt.FORMAT, "step": str(self.progress.step)})
         self.progress.optim_file = new_optim
-        ckpt.save_checkpoint(self.run_dir / ckpt.LAST, model=self.model, tokenizer=self.data.tokenizer,
-                             train_config=self.cfg, train_state=self.train_state())
+        with self.averaged():
+            ckpt.save_checkpoint(self.run_dir / ckpt.LAST, model=self.model, tokenizer=self.data.tokenizer,
+                                 train_config=self.cfg, train_state=self.train_state())
         for old in self.run_dir.glob("last.step*.optim.safetensors"):
             if old.name != new_optim:
                 old.unlink(missing_ok=True)
@@ -528,6 +566,8 @@ class _Run:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+            if self.average is not None:
+                self.average.update(p.step + 1)
             self.bad_steps = 0
             self.state = _float32_state(detach_state(new_state))
             self.interval_loss += loss_value
@@ -554,16 +594,17 @@ class _Run:
             # fp32 whatever the training precision: the figure a run reports is the one `charlm
             # perplexity` reproduces and runs on other machines are compared by (bf16 would be
             # within 2e-3 nats/token: tests/test_precision.py).
-            result = evaluate(self.model, data.val_ids, precision=FP32, dist=dist)
-        p.val_loss = result.nats_per_token
-        improved = p.val_loss < p.best_val_loss
-        if improved:
-            p.best_val_loss, p.best_step, p.evals_since_best = p.val_loss, p.step, 0
-            if dist.is_main:
-                self.check_weights()
-                ckpt.save_checkpoint(self.run_dir / ckpt.BEST, model=self.model, tokenizer=data.tokenizer,
-                                     train_config=self.cfg, train_state=self.train_state())
-        else:
+            with self.averaged():
+                result = evaluate(self.model, data.val_ids, precision=FP32, dist=dist)
+                p.val_loss = result.nats_per_token
+                improved = p.val_loss < p.best_val_loss
+                if improved:
+                    p.best_val_loss, p.best_step, p.evals_since_best = p.val_loss, p.step, 0
+                    if dist.is_main:
+                        self.check_weights()
+                        ckpt.save_checkpoint(self.run_dir / ckpt.BEST, model=self.model, tokenizer=data.tokenizer,
+                                             train_config=self.cfg, train_state=self.train_state())
+        if not improved:
             p.evals_since_best += 1
         self.save_last()
         seconds = float(dist.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64))[0])
@@ -828,7 +869,7 @@ def new_run_dir(root: str | Path, name: str) -> Path:
 # the optimizer's step sizes may change from here on.
 FIXED_ON_RESUME = ("cell", "residual", "hidden_size", "num_layers", "embed_size", "tie_weights", "dropout", "input_dropout",
                    "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "batch_size",
-                   "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps")
+                   "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps", "average", "average_power")
 ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "max_minutes", "patience", "device", "eval_every",
                         "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio", "precision")
 NOT_ON_RESUME = {"min_count": "the vocabulary is the checkpoint's", "max_vocab": "the vocabulary is the checkpoint's"}

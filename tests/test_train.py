@@ -47,12 +47,13 @@ def test_training_writes_checkpoints_and_metrics_and_the_loss_falls(tmp_path, ti
     assert best.train_state["best_val_loss"] == pytest.approx(result.best_val_loss)
 
 
-@pytest.mark.parametrize("optimizer, regularised", [("adamw", False), ("adamw", True), ("sgd", True),
-                                                    ("adagrad", False), ("rmsprop", False)])
-def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised):
+@pytest.mark.parametrize("optimizer, regularised, average", [
+    ("adamw", False, False), ("adamw", True, False), ("sgd", True, False), ("adagrad", False, False),
+    ("rmsprop", False, False), ("adamw", False, True), ("sgd", True, True)])
+def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised, average):
     data = prepare_data(tiny_text, val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, max_steps=30, optimizer=optimizer,
-                                    lr={"sgd": 1.0, "adagrad": 0.1}.get(optimizer, 1e-2),
+                                    lr={"sgd": 1.0, "adagrad": 0.1}.get(optimizer, 1e-2), average=average,
                                     **(dict(activation_reg=1.0, temporal_reg=1.0) if regularised else {}))
     if regularised:  # every random mask (embedding, variational, DropConnect) must come back on resume
         model_cfg = model_cfg.replace(input_dropout=0.3, embed_dropout=0.1, weight_drop=0.3)
@@ -73,9 +74,10 @@ def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised):
     train(model_config=m2, train_config=t2, data=data, run_dir=part, resume=res)
     full_losses, part_losses = _losses(full), _losses(part)
     assert all(full_losses[s] == part_losses[s] for s in range(14, 31))  # exact equality, every later step
-    a = load_checkpoint(full / "last.safetensors").model.state_dict()
-    b = load_checkpoint(part / "last.safetensors").model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("last.safetensors", "best.safetensors"):  # the average too, with --average
+        a = load_checkpoint(full / name).model.state_dict()
+        b = load_checkpoint(part / name).model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list(part.glob("*.optim.safetensors"))) == 1
 
 
