@@ -222,7 +222,7 @@ def train(
     clip: Annotated[float, typer.Option(help="Gradient-norm clipping threshold (0 = off).")] = _TRAIN.clip,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay (at most a tenth of a step/epoch limit).")] = _TRAIN.warmup_steps,
     min_lr_ratio: Annotated[Optional[float], typer.Option(help="The cosine decay ends at this fraction of --lr. Default: 0; with --average, as sized for the tokenizer (1, a constant rate, for word models).")] = None,
-    average: Annotated[Optional[bool], typer.Option("--average/--no-average", help="Evaluate and save the average of the run's weights (step t weighs t^P, P = --average-power), not the last step's: a high learning rate then still ends at a quiet point (AWD-LSTM's averaged SGD). Default: on for word models.")] = None,
+    average: Annotated[Optional[bool], typer.Option("--average/--no-average", help="Evaluate and save the average of the run's weights (step t weighs t^P, P = --average-power), not the last step's: a high learning rate then still ends at a quiet point (AWD-LSTM's averaged SGD). Default: on for word models whose budget buys 8 or more epochs, with a constant rate.")] = None,
     average_power: Annotated[Optional[float], typer.Option(help="How much --average leans on recent steps: 0 weighs the whole run equally; with P the mean age of what is averaged is 1/(P+2) of the run (0–20; giving it turns --average on). Default: 2.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
