@@ -14,25 +14,20 @@ from typing import Iterable, Iterator
 
 import torch
 
-# t^P for t up to ~1e9 steps stays far inside float64's range (1e9^20 = 1e180).
-MAX_POWER = 20.0
-
 
 class WeightAverage:
     """The running weighted average of ``params`` (kept in float32, whatever the weights are).
 
-    ``update(step)`` folds in the weights after optimizer step ``step`` (1-based); ``total`` is
-    the sum of the weights t^P so far, which a resumed run needs (with ``tensors``) to continue
-    exactly."""
+    It starts from the parameters' current values. ``update(step)`` folds in the weights after
+    optimizer step ``step`` (1-based); ``total`` is the sum of the weights t^P so far, which a
+    resumed run passes back (starting from the saved average) to continue exactly. t^P stays far
+    inside float64's range for any run (--average-power ≤ 20: (10^9 steps)^20 = 10^180)."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], power: float, *, total: float = 0.0,
-                 tensors: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, params: Iterable[torch.nn.Parameter], power: float, *, total: float = 0.0) -> None:
         self.params = list(params)
         self.power = float(power)
         self.total = float(total)
-        self.tensors = tensors if tensors is not None else [p.detach().float().clone() for p in self.params]
-        if len(self.tensors) != len(self.params) or any(a.shape != p.shape for a, p in zip(self.tensors, self.params)):
-            raise ValueError("the average's tensors do not match the parameters")
+        self.tensors = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
