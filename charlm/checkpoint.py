@@ -223,10 +223,11 @@ def check_train_state(path: Path, state: Any) -> dict[str, Any]:
                 state[key] = math.inf
             elif not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
                 raise bad(key, "a number or null")
-    if "elapsed_seconds" in state:
-        value = state["elapsed_seconds"]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
-            raise bad("elapsed_seconds", "a finite number ≥ 0")
+    for key in ("elapsed_seconds", "average_total"):  # average_total: the sum of --average's step weights
+        value = state.get(key)
+        if key in state and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                             or not 0 <= value < math.inf):
+            raise bad(key, "a finite number ≥ 0")
     for key in ("include", "exclude"):
         patterns = state.get(key)
         if patterns is not None and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):

@@ -155,6 +155,8 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     from .trainer import load_resume, resume_configs
 
     options.check()
+    if options.average_power is not None and options.average is None:  # --average-power asks for averaging
+        options, given = dataclasses.replace(options, average=True), {*given, "average"}
     dist = dist or Dist()
     note = on_note if dist.is_main else None
     corpus, val_file, run_name = options.corpus, options.val_file, None
@@ -180,10 +182,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
             raise ConfigError(f"--out cannot be given with --resume: a resumed run continues in its own folder "
                               f"({resume_dir})")
         res = load_resume(resume_dir)
-        resumed_options = {k: getattr(options, k) for k in given if k in _RESUME_KEYS}
-        if options.average_power is not None and options.average is None:
-            resumed_options["average"] = True  # --average-power asks for averaging
-        model_cfg, train_cfg = resume_configs(res, resumed_options)
+        model_cfg, train_cfg = resume_configs(res, {k: getattr(options, k) for k in given if k in _RESUME_KEYS})
         source = corpus or res.checkpoint.train_state.get("corpus") or None
         val_source = val_source or res.checkpoint.train_state.get("val_corpus")
         # The corpus is read as the run read it: its folder patterns and --encoding-errors, unless given.
@@ -242,7 +241,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         weight_drop=_given_or(options.weight_drop, auto.weight_drop), residual=_given_or(options.residual, False))
     options = dataclasses.replace(options, optimizer=options.optimizer or auto.optimizer)
     lr, weight_decay, clip = _optimizer_defaults(options, given, auto.lr)
-    average = _averaging(options, auto.average)
+    average = _given_or(options.average, auto.average)
     train_cfg = TrainConfig(
         seq_len=_given_or(options.seq_len, auto.seq_len), batch_size=_given_or(options.batch_size, auto.batch_size),
         lr=lr, weight_decay=weight_decay, clip=clip, optimizer=options.optimizer, warmup_steps=options.warmup_steps,
@@ -264,13 +263,6 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
 # The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
 OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
                 "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
-
-
-def _averaging(options: TrainOptions, automatic: bool) -> bool:
-    """--average: the user's, on when only --average-power was given, else the automatic choice."""
-    if options.average is not None:
-        return options.average
-    return True if options.average_power is not None else automatic
 
 
 def _min_count(options: TrainOptions) -> int:
@@ -365,7 +357,7 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
         max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
         activation_reg=_given_or(options.activation_reg, before.activation_reg),
         temporal_reg=_given_or(options.temporal_reg, before.temporal_reg), precision=precision.name,
-        average=_averaging(options, before.average), average_power=_given_or(options.average_power, before.average_power))
+        average=_given_or(options.average, before.average), average_power=_given_or(options.average_power, before.average_power))
     notes = []
     if added := tokenizer.vocab_size - base.tokenizer.vocab_size:
         notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "

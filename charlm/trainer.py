@@ -249,9 +249,7 @@ def load_resume(run: str | Path) -> Resume:
     for key in ("step", "epoch", "window"):
         if key not in checkpoint.train_state:
             raise CheckpointError(f"{path}: train_state lacks {key!r}, so the run cannot be resumed")
-    total = checkpoint.train_state.get("average_total")
-    if checkpoint.train_config.average and (isinstance(total, bool) or not isinstance(total, (int, float))
-                                            or not math.isfinite(total) or total < 0):
+    if checkpoint.train_config.average and "average_total" not in checkpoint.train_state:  # its value: checked on load
         raise CheckpointError(f"{path}: train_state lacks the weight average's total (average_total), so the run "
                               f"cannot be resumed")
     return Resume(checkpoint, tensors, path.parent)
@@ -402,10 +400,11 @@ class _Run:
         self.progress = Progress(total_steps=self.fixed_total or 10**9,
                                  warmup_steps=min(cfg.warmup_steps, max(1, (self.fixed_total or 10**9) // 10)))
         self.state = None  # the hidden state carried from window to window (this rank's streams)
-        # --average: what the run evaluates and saves is the average of its weights (averaging.py)
-        self.average = WeightAverage(self.model.parameters(), cfg.average_power) if cfg.average else None
+        self.average: WeightAverage | None = None  # --average's: what the run evaluates and saves
         if resume is not None:
             self._restore(resume)
+        elif cfg.average:
+            self.average = WeightAverage(self.model.parameters(), cfg.average_power)
         if dist.enabled:
             # DDP averages gradients over ranks: each rank's mean loss over B/W streams, averaged,
             # is the mean over all B streams, so the step equals a one-process step with batch B.
@@ -421,7 +420,7 @@ class _Run:
     def _restore(self, resume: Resume) -> None:
         st = resume.checkpoint.train_state
         self.model.load_state_dict(resume.checkpoint.model.state_dict())
-        if self.average is not None:  # the checkpoint holds the average; training goes on from raw.*
+        if self.cfg.average:  # the checkpoint holds the average; training goes on from raw.*
             self.average = WeightAverage(self.model.parameters(), self.cfg.average_power,
                                          total=float(resume.checkpoint.train_state["average_total"]))
             with torch.no_grad():
@@ -466,7 +465,7 @@ class _Run:
                 "val_loss": p.val_loss, "corpus": self.source, "val_corpus": self.val_source,
                 "optim_file": p.optim_file, "num_parameters": self.num_parameters,
                 "world_size": self.dist.world_size, "stopped_by": p.stopped_by,
-                "average_total": self.average.total if self.average is not None else None,
+                **({"average_total": self.average.total} if self.average is not None else {}),
                 **{key: list(value) if isinstance(value, (list, tuple)) else value
                    for key, value in self.corpus_options.items() if value}}
 

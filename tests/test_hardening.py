@@ -129,6 +129,8 @@ DEEP = "[" * 100_000 + "]" * 100_000
     ("train_state", "[]"), ("train_state", '{"step": "?"}'), ("train_state", '{"step": -4}'),
     ("train_state", '{"elapsed_seconds": "x"}'), ("train_state", '{"best_val_loss": "low"}'),
     ("train_state", '{"corpus": {"a": 1}}'), ("train_state", '{"best_step": 1.5}'),
+    ("train_state", '{"average_total": -1}'), ("train_state", '{"average_total": null}'),
+    ("train_state", '{"average_total": 1e999}'),
     ("tokenizer", json.dumps({"kind": "char", "chars": ["\ud800", "b", "c", "d", "e", "f", "\n"]})),
     ("tokenizer", json.dumps({"kind": "word", "words": ["a\udfffb", "c", "d", "e", "f", "g"]})),
 ])
