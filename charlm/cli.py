@@ -224,6 +224,7 @@ def train(
     min_lr_ratio: Annotated[Optional[float], typer.Option(help="The cosine decay ends at this fraction of --lr. Default: 0; with --average, as sized for the tokenizer (1, a constant rate, for word models).")] = None,
     average: Annotated[Optional[bool], typer.Option("--average/--no-average", help="Evaluate and save the average of the run's weights (step t weighs t^P, P = --average-power), not the last step's: a high learning rate then still ends at a quiet point (AWD-LSTM's averaged SGD). Default: on for word models whose budget buys 8 or more epochs, with a constant rate.")] = None,
     average_power: Annotated[Optional[float], typer.Option(help="How much --average leans on recent steps: 0 weighs the whole run equally; with P the mean age of what is averaged is 1/(P+2) of the run (0–20; giving it turns --average on). Default: 2.")] = None,
+    shift_windows: Annotated[Optional[bool], typer.Option("--shift-windows/--no-shift-windows", help="Start each epoch's BPTT windows at a different offset (0 to --seq-len − 1, drawn from the seed and the epoch), so a token is not always at the same place in its window (AWD-LSTM varies the length for this). Default: on for word models whose budget buys 8 or more epochs.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
@@ -492,7 +493,8 @@ def info(
                                       f"{cfg.precision}"
                                       + "".join(f", {name} {value:g}" for name, value in
                                                 (("AR", cfg.activation_reg), ("TAR", cfg.temporal_reg)) if value)
-                                      + (f", averaged weights (power {cfg.average_power:g})" if cfg.average else ""))
+                                      + (f", averaged weights (power {cfg.average_power:g})" if cfg.average else "")
+                                      + (", windows shifted each epoch" if cfg.shift_windows else ""))
         console.print(table)
 
 

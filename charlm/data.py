@@ -143,14 +143,32 @@ def num_windows(stream_length: int, seq_len: int) -> int:
     return max(0, -(-(stream_length - 1) // seq_len))
 
 
-def window(streams: np.ndarray, index: int, seq_len: int, rows: slice = slice(None)):
-    """Window ``index`` of ``streams[rows]``: x, y int64 tensors of shape (B, t), t ≤ seq_len."""
+def window(streams: np.ndarray, index: int, seq_len: int, rows: slice = slice(None), offset: int = 0):
+    """Window ``index`` of ``streams[rows]`` (the windows starting ``offset`` tokens in): x, y int64
+    tensors of shape (B, t), t ≤ seq_len."""
     import torch
 
-    i = index * seq_len
+    i = offset + index * seq_len
     t = min(seq_len, streams.shape[1] - 1 - i)
     block = torch.from_numpy(streams[rows, i:i + t + 1].astype(np.int64))  # (B, t + 1), a copy
     return block[:, :-1], block[:, 1:]
+
+
+def shifted_windows(stream_length: int, seq_len: int) -> tuple[int, int]:
+    """For ``--shift-windows``: (windows per epoch, the largest start offset). Every window is full
+    whatever the offset in [0, largest], so each epoch sees the same number of steps; an epoch
+    leaves out fewer than 2 × seq_len tokens of each stream (different ones each epoch)."""
+    if stream_length - 1 < seq_len:  # one short window: nothing to shift
+        return num_windows(stream_length, seq_len), 0
+    count = max(1, (stream_length - seq_len) // seq_len)
+    return count, min(seq_len - 1, stream_length - 1 - count * seq_len)
+
+
+def epoch_offset(seed: int, epoch: int, largest: int) -> int:
+    """Where epoch ``epoch``'s windows start (0..largest): drawn from (seed, epoch) alone, so a
+    resumed run and every DDP rank agree without storing it, and the dropout masks' generator is
+    not touched."""
+    return int(np.random.default_rng([seed, epoch]).integers(largest + 1)) if largest > 0 else 0
 
 
 def bptt_windows(streams: np.ndarray, seq_len: int, *, start: int = 0) -> Iterator[tuple[int, object, object]]:

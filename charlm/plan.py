@@ -53,6 +53,7 @@ class TrainOptions:
     min_lr_ratio: float | None = None  # None: 0 (cosine to zero), or as auto-sized for averaged word models
     average: bool | None = None  # None: as auto-sized (on for word models)
     average_power: float | None = None  # giving it turns --average on
+    shift_windows: bool | None = None  # None: as auto-sized (on for word models of many epochs)
     epochs: int | None = None
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -112,7 +113,8 @@ _RESUME_KEYS = ("tokenizer", "cell", "residual", "hidden_size", "num_layers", "e
                 "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "tie_weights", "seq_len",
                 "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
                 "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
-                "max_bad_steps", "log_every", "precision", "average", "average_power")
+                "max_bad_steps", "log_every", "precision", "average", "average_power",
+                "shift_windows")
 
 
 @dataclass
@@ -251,7 +253,8 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
         activation_reg=_given_or(options.activation_reg, auto.activation_reg),
         temporal_reg=_given_or(options.temporal_reg, auto.temporal_reg), precision=precision.name,
-        average=average, average_power=_given_or(options.average_power, auto.average_power))
+        average=average, average_power=_given_or(options.average_power, auto.average_power),
+        shift_windows=_given_or(options.shift_windows, auto.shift_windows))
     run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
     notes = []
     if unknown := data.tokenizer.count_unknown(data.val_ids):
@@ -357,7 +360,8 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
         max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
         activation_reg=_given_or(options.activation_reg, before.activation_reg),
         temporal_reg=_given_or(options.temporal_reg, before.temporal_reg), precision=precision.name,
-        average=_given_or(options.average, before.average), average_power=_given_or(options.average_power, before.average_power))
+        average=_given_or(options.average, before.average), average_power=_given_or(options.average_power, before.average_power),
+        shift_windows=_given_or(options.shift_windows, before.shift_windows))
     notes = []
     if added := tokenizer.vocab_size - base.tokenizer.vocab_size:
         notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "
@@ -387,7 +391,7 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
         if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
             raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
                               f"(got {type(values[key]).__name__})")
-    for key in ("tie_weights", "residual", "extend_vocab"):
+    for key in ("tie_weights", "residual", "extend_vocab", "average", "shift_windows"):
         if key in values and not (isinstance(values[key], bool) or (key != "extend_vocab" and values[key] is None)):
             raise ConfigError(f"{key} must be True or False (got {type(values[key]).__name__})")
     for key in ("include", "exclude"):  # lists from the command line, tuples in the options

@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import jsonio
 from .averaging import WeightAverage
 from .config import ModelConfig, TrainConfig, brief
-from .data import PreparedData, batchify, fit_batch_shape, num_windows, window
+from .data import PreparedData, batchify, epoch_offset, fit_batch_shape, num_windows, shifted_windows, window
 from .distributed import Dist, device_for
 from .errors import CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
 from .evaluate import EvalResult, evaluate
@@ -392,7 +392,10 @@ class _Run:
         self.streams = batchify(data.train_ids, cfg.batch_size)  # (B, N // B), all ranks see the same layout
         per_rank = cfg.batch_size // dist.world_size
         self.rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's streams
-        self.steps_per_epoch = num_windows(self.streams.shape[1], cfg.seq_len)
+        if cfg.shift_windows:  # each epoch's windows start at their own offset (epoch_offset)
+            self.steps_per_epoch, self.largest_offset = shifted_windows(self.streams.shape[1], cfg.seq_len)
+        else:
+            self.steps_per_epoch, self.largest_offset = num_windows(self.streams.shape[1], cfg.seq_len), 0
         planned = [s for s in (cfg.max_steps, cfg.epochs * self.steps_per_epoch if cfg.epochs else None) if s]
         self.fixed_total = min(planned) if planned else None
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -526,7 +529,8 @@ class _Run:
         """One window forward and backward, then the optimizer step if everything was finite.
         Returns (the loss, averaged over ranks; the learning rate; a stop request)."""
         cfg, dist, p = self.cfg, self.dist, self.progress
-        x, y = window(self.streams, p.window, cfg.seq_len, self.rows)
+        x, y = window(self.streams, p.window, cfg.seq_len, self.rows,
+                      offset=epoch_offset(cfg.seed, p.epoch, self.largest_offset))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         lr = lr_at(p.step, base_lr=cfg.lr, warmup_steps=p.warmup_steps, total_steps=p.total_steps,
                    min_lr_ratio=cfg.min_lr_ratio)
@@ -868,7 +872,8 @@ def new_run_dir(root: str | Path, name: str) -> Path:
 # the optimizer's step sizes may change from here on.
 FIXED_ON_RESUME = ("cell", "residual", "hidden_size", "num_layers", "embed_size", "tie_weights", "dropout", "input_dropout",
                    "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "batch_size",
-                   "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps", "average", "average_power")
+                   "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps", "average", "average_power",
+                   "shift_windows")
 ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "max_minutes", "patience", "device", "eval_every",
                         "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio", "precision")
 NOT_ON_RESUME = {"min_count": "the vocabulary is the checkpoint's", "max_vocab": "the vocabulary is the checkpoint's"}

@@ -128,9 +128,11 @@ def test_word_models_average_by_default_and_the_options_are_honoured_or_refused(
     plan = lambda **kw: plan_run(TrainOptions(corpus=str(corpus), out=str(tmp_path / "run"), max_minutes=1,
                                               device="cpu", **kw), given=set(kw))
     word = plan(tokenizer="word").train_config
-    assert word.average and word.min_lr_ratio == 1.0
+    assert word.average and word.min_lr_ratio == 1.0 and word.shift_windows
     char = plan().train_config
-    assert not char.average and char.min_lr_ratio == 0.0
+    assert not char.average and char.min_lr_ratio == 0.0 and not char.shift_windows
+    assert not plan(tokenizer="word", shift_windows=False).train_config.shift_windows
+    assert plan(shift_windows=True).train_config.shift_windows
     on = plan(average_power=4.0).train_config
     assert on.average and on.average_power == 4.0 and on.min_lr_ratio == 0.0  # char models keep their schedule
     off = plan(tokenizer="word", average=False).train_config

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.data import (batchify, bptt_windows, default_corpus, fit_batch_shape, num_windows, read_corpus,
+from charlm.data import (batchify, bptt_windows, default_corpus, epoch_offset, fit_batch_shape, num_windows,
+                         read_corpus, shifted_windows, window,
                          split_text)
 from charlm.errors import CorpusError
 
@@ -56,6 +57,31 @@ def test_batchify_and_windows_cover_contiguous_streams():
     ys = torch.cat([y for _, _, y in windows], dim=1)
     assert torch.equal(xs[:, 1:], ys[:, :-1]) and xs.shape[1] == 24
     assert windows[0][1].dtype == torch.int64
+
+
+@pytest.mark.parametrize("length, seq_len", [(2, 1), (5, 8), (9, 8), (10, 8), (16, 8), (17, 8), (18, 8), (100, 35),
+                                             (4_421, 35), (4_456, 35)])
+def test_shifted_windows_are_full_at_every_offset(length, seq_len):
+    count, largest = shifted_windows(length, seq_len)
+    if length - 1 < seq_len:  # one short window, nothing to shift
+        assert (count, largest) == (num_windows(length, seq_len), 0)
+        return
+    assert count >= 1 and 0 <= largest <= seq_len - 1
+    assert largest + count * seq_len <= length - 1  # the last window's targets exist at the largest offset
+    assert count * seq_len + 2 * seq_len > length - 1  # an epoch leaves out fewer than 2 windows' worth
+    streams = np.arange(3 * length).reshape(3, length)
+    for offset in range(largest + 1):
+        x, y = window(streams, count - 1, seq_len, offset=offset)
+        assert x.shape == (3, seq_len) and torch.equal(x[:, 1:], y[:, :-1])
+        assert int(x[0, 0]) == offset + (count - 1) * seq_len
+
+
+def test_epoch_offsets_come_from_the_seed_and_the_epoch_alone():
+    offsets = [epoch_offset(1337, epoch, 34) for epoch in range(40)]
+    assert offsets == [epoch_offset(1337, epoch, 34) for epoch in range(40)]  # nothing else decides them
+    assert all(0 <= o <= 34 for o in offsets) and len(set(offsets)) > 10
+    assert offsets != [epoch_offset(7, epoch, 34) for epoch in range(40)]
+    assert epoch_offset(1337, 3, 0) == 0
 
 
 def test_fit_batch_shape_shrinks_for_short_text():

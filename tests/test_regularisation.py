@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from charlm.config import ModelConfig
-from charlm.model import RNNLM, locked_dropout
+from charlm.model import RNNLM, keep_mask, locked_dropout
 
 STRONG = dict(dropout=0.4, input_dropout=0.5, embed_dropout=0.2, weight_drop=0.5)
 
@@ -51,6 +51,23 @@ def test_locked_dropout_uses_one_mask_per_stream_across_time():
     assert not torch.equal(y[0], y[1])  # but each stream has its own mask
     assert set(y.unique().tolist()) <= {0.0, 2.0}  # kept units scaled by 1/(1-p)
     assert torch.equal(locked_dropout(x, 0.5, False), x)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.65, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_mask_drops_each_entry_with_probability_p_and_scales_the_rest(p, dtype):
+    torch.manual_seed(2)
+    mask = keep_mask((1000, 401), p, torch.empty(0, dtype=dtype))  # an odd count: not a multiple of 4
+    assert mask.shape == (1000, 401) and mask.dtype == dtype
+    assert set(mask.unique().tolist()) == {0.0, torch.tensor(1 / (1 - p), dtype=dtype).item()}
+    # 401,000 entries: the drop rate within 5 standard errors of p, in each of the four 16-bit
+    # lanes of a 64-bit draw as well as overall (a lane that was biased would show here).
+    flat = (mask == 0).flatten().double()
+    tolerance = 5 * (p * (1 - p) / flat.numel()) ** 0.5
+    assert abs(flat.mean().item() - p) < tolerance
+    for lane in range(4):
+        assert abs(flat[lane::4].mean().item() - p) < 2 * tolerance
+    assert not torch.equal(mask, keep_mask((1000, 401), p, torch.empty(0, dtype=dtype)))  # fresh draws
 
 
 def test_embedding_dropout_drops_whole_tokens():

@@ -47,13 +47,15 @@ def test_training_writes_checkpoints_and_metrics_and_the_loss_falls(tmp_path, ti
     assert best.train_state["best_val_loss"] == pytest.approx(result.best_val_loss)
 
 
-@pytest.mark.parametrize("optimizer, regularised, average", [
-    ("adamw", False, False), ("adamw", True, False), ("sgd", True, False), ("adagrad", False, False),
-    ("rmsprop", False, False), ("adamw", False, True), ("sgd", True, True)])
-def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised, average):
+@pytest.mark.parametrize("optimizer, regularised, average, shifted", [
+    ("adamw", False, False, False), ("adamw", True, False, False), ("sgd", True, False, False),
+    ("adagrad", False, False, False), ("rmsprop", False, False, False), ("adamw", False, True, False),
+    ("sgd", True, True, True)])
+def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised, average, shifted):
     data = prepare_data(tiny_text, val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, max_steps=30, optimizer=optimizer,
                                     lr={"sgd": 1.0, "adagrad": 0.1}.get(optimizer, 1e-2), average=average,
+                                    shift_windows=shifted,
                                     **(dict(activation_reg=1.0, temporal_reg=1.0) if regularised else {}))
     if regularised:  # every random mask (embedding, variational, DropConnect) must come back on resume
         model_cfg = model_cfg.replace(input_dropout=0.3, embed_dropout=0.1, weight_drop=0.3)
@@ -79,6 +81,35 @@ def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised, ave
         b = load_checkpoint(part / name).model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list(part.glob("*.optim.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_shift_windows_starts_each_epoch_at_its_own_offset(tmp_path, tiny_text, monkeypatch, shifted):
+    from charlm import trainer as trainer_module
+    from charlm.data import batchify, epoch_offset, num_windows, shifted_windows
+
+    data = prepare_data(tiny_text[:2000], val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, epochs=3, seq_len=16, shift_windows=shifted, eval_every=1000)
+    seen = []
+    real_window = trainer_module.window
+
+    def recording_window(streams, index, seq_len, rows=slice(None), offset=0):
+        x, y = real_window(streams, index, seq_len, rows, offset=offset)
+        seen.append((index, offset, x.shape[1]))
+        return x, y
+
+    monkeypatch.setattr(trainer_module, "window", recording_window)
+    result = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
+    length = batchify(data.train_ids, 4).shape[1]
+    count, largest = shifted_windows(length, 16) if shifted else (num_windows(length, 16), 0)
+    assert result.step == 3 * count and len(seen) == 3 * count
+    offsets = [epoch_offset(train_cfg.seed, epoch, largest) for epoch in range(3)]
+    assert [offset for _, offset, _ in seen] == [o for o in offsets for _ in range(count)]
+    assert [index for index, _, _ in seen] == list(range(count)) * 3
+    if shifted:
+        assert all(t == 16 for _, _, t in seen) and len(set(offsets)) > 1  # full windows, moving boundaries
+    else:
+        assert offsets == [0, 0, 0]
 
 
 def test_resume_rejects_a_conflicting_shape(tmp_path, tiny_text):
