@@ -316,8 +316,9 @@ def _auto_size_words(*, train_tokens: int, minutes: float, gpu: bool, gpu_size: 
     # where an average lags behind; it decays instead.
     average = epochs >= 8
     # Many epochs of short windows: without shifting, every token sits at the same place in its
-    # window each epoch (and the first of each gets no gradient through the state). Grimm, 3
-    # minutes, two seeds each: test 38.75 / 39.01 shifted against 38.98 / 39.50 (session 10 notes).
+    # window each epoch (and the first of each gets no gradient through the state). Grimm, paired
+    # by seed: better in 4 of 5 pairs, test 0.24 lower on average, ~0.6%
+    # (benchmarks/results/sweep-word-grimm-shift-windows.json).
     return AutoSize(hidden, layers, hidden, reg[0], True, 35, batch, 3e-3,
                     f"word model, ~{epochs:.0f} epochs expected", input_dropout=reg[1], embed_dropout=reg[2],
                     weight_drop=reg[3], activation_reg=ar, temporal_reg=tar, optimizer="sgd", average=average,
