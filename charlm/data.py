@@ -143,14 +143,16 @@ def num_windows(stream_length: int, seq_len: int) -> int:
     return max(0, -(-(stream_length - 1) // seq_len))
 
 
-def window(streams: np.ndarray, index: int, seq_len: int, rows: slice = slice(None), offset: int = 0):
+def window(streams: "np.ndarray | torch.Tensor", index: int, seq_len: int, rows: slice = slice(None), offset: int = 0):
     """Window ``index`` of ``streams[rows]`` (the windows starting ``offset`` tokens in): x, y int64
     tensors of shape (B, t), t ≤ seq_len."""
     import torch
 
     i = offset + index * seq_len
     t = min(seq_len, streams.shape[1] - 1 - i)
-    block = torch.from_numpy(streams[rows, i:i + t + 1].astype(np.int64))  # (B, t + 1), a copy
+    block = streams[rows, i:i + t + 1]  # (B, t + 1)
+    # a copy either way: widened where the streams are (a tensor already on the GPU stays there)
+    block = block.long() if isinstance(block, torch.Tensor) else torch.from_numpy(block.astype(np.int64))
     return block[:, :-1], block[:, 1:]
 
 

@@ -81,6 +81,31 @@ class Dist:
         return result  # type: ignore[return-value]
 
     @contextmanager
+    def main_outcome(self) -> Iterator[None]:
+        """Around work rank 0 does alone (checkpoint and metrics writes, the weight check), entered
+        by every rank: all of them learn how it ended, so an error on rank 0 stops the others at
+        once with its message, instead of leaving them in their next collective (where NCCL holds
+        them until its watchdog aborts the run)."""
+        if not self.enabled:
+            yield
+            return
+        failure: Exception | None = None
+        try:
+            yield
+        except Exception as exc:  # shared first, raised below
+            failure = exc
+        try:
+            message = self.broadcast_object(None if failure is None else str(failure) or type(failure).__name__)
+        except DistributedError:
+            if failure is None:
+                raise
+            message = None  # the others are gone already: rank 0's own error is the one to tell
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise DistributedError(f"the main process of the distributed run stopped: {message}")
+
+    @contextmanager
     def guard(self) -> Iterator[None]:
         """Around work with hidden collectives (DDP's gradient all-reduce): a dead peer becomes a
         ``DistributedError``; any other error passes through unchanged."""
@@ -116,6 +141,12 @@ def launched_by_torchrun() -> bool:
         raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; launch with torchrun") from None
 
 
+def backend_for(use_cuda: bool) -> str:
+    """gloo alone on CPU; on CUDA, NCCL for GPU tensors (DDP's gradients) and gloo for the CPU ones
+    (the per-step loss and clock, object broadcasts), which NCCL cannot reduce."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def from_env(device_name: str) -> Dist:
     """Join the process group torchrun describes, or return a world of one."""
     if not launched_by_torchrun():
@@ -132,8 +163,7 @@ def from_env(device_name: str) -> Dist:
     timeout = float(os.environ.get("CHARLM_DIST_TIMEOUT", DEFAULT_TIMEOUT_SECONDS))
     if not torch_dist.is_initialized():
         try:
-            torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                          timeout=datetime.timedelta(seconds=timeout))
+            torch_dist.init_process_group(backend=backend_for(use_cuda), timeout=datetime.timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(f"cannot join the distributed run: {str(exc).strip().splitlines()[0]}") from None
     return Dist(rank, world_size, local_rank)

@@ -18,6 +18,7 @@ Regularisation in training (AWD-LSTM, Merity et al. 2017), all off in eval mode:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -115,10 +116,12 @@ class RNNLM(nn.Module):
         if training and cfg.embed_dropout > 0:
             emb = emb * keep_mask((cfg.vocab_size,), cfg.embed_dropout, emb)[x].unsqueeze(-1)
         emb = locked_dropout(emb, cfg.dropout if cfg.input_dropout is None else cfg.input_dropout, training)
-        if cfg.residual or (training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1))):
-            raw, state = self._layer_by_layer(emb, state)
-        else:
-            raw, state = self.rnn(emb, state)  # (B, T, H): all layers in one call (one fused kernel for nn.*)
+        region, emb = recurrence_region(emb)
+        with region:
+            if cfg.residual or (training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1))):
+                raw, state = self._layer_by_layer(emb, state)
+            else:
+                raw, state = self.rnn(emb, state)  # (B, T, H): all layers in one call (one fused kernel for nn.*)
         out = locked_dropout(raw, cfg.dropout, training)
         logits = self.head(out)
         return (logits, state, (raw, out)) if with_outputs else (logits, state)
@@ -160,6 +163,25 @@ class RNNLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+
+# Where autocast would run the fused recurrent kernels in a format other than the one asked for:
+# on CUDA, PyTorch's autocast wrapper for cuDNN RNNs (aten's AutocastRNN.cpp) casts input, state and
+# weights to fp16 whatever the autocast dtype, and a bf16 run has no gradient scaler to keep fp16
+# gradients from underflowing. There a bf16 run keeps the recurrence in fp32 (cuDNN uses TF32
+# tensor cores for it) and runs the embedding and the head in bf16; fp16 runs, which have a
+# scaler, keep cuDNN's fp16. tests/test_cuda.py checks the kernel's dtype on a GPU.
+FP32_RECURRENCE_UNDER_BF16 = frozenset({"cuda"})
+
+
+def recurrence_region(x: torch.Tensor) -> tuple[contextlib.AbstractContextManager, torch.Tensor]:
+    """The autocast region the recurrence runs in, and its input: unchanged, except under bf16
+    autocast on a device in ``FP32_RECURRENCE_UNDER_BF16`` (autocast off, the input in fp32)."""
+    kind = x.device.type
+    if kind in FP32_RECURRENCE_UNDER_BF16 and torch.is_autocast_enabled(kind) \
+            and torch.get_autocast_dtype(kind) == torch.bfloat16:
+        return torch.autocast(device_type=kind, enabled=False), x.float()
+    return contextlib.nullcontext(), x
 
 
 def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -46,6 +46,20 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
     return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# This rank's training streams are copied to the GPU once, up to this size, so a step copies no
+# ids from the host (int32 there: a 250M-token corpus per process). Larger ones go window by window.
+DEVICE_STREAMS_BYTES = 1 << 30
+
+
+def streams_on_device(streams: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """``streams`` (B, N) as an int32 tensor on ``device``, or None where windows are better cut on
+    the host: on a CPU (where the streams already are) or when they would take more than
+    ``DEVICE_STREAMS_BYTES``."""
+    if device.type == "cpu" or streams.size * 4 > DEVICE_STREAMS_BYTES:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(streams, dtype=np.int32)).to(device)
+
+
 def _float32_state(state: State | None) -> State | None:
     """The carried state in float32 whatever the matmuls' precision (the kernels return bf16 under
     autocast), so a run's saved state resumes in any precision."""
@@ -392,6 +406,7 @@ class _Run:
         self.streams = batchify(data.train_ids, cfg.batch_size)  # (B, N // B), all ranks see the same layout
         per_rank = cfg.batch_size // dist.world_size
         self.rows = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)  # this rank's streams
+        self.device_streams = streams_on_device(self.streams[self.rows], self.device)
         if cfg.shift_windows:  # each epoch's windows start at their own offset (epoch_offset)
             self.steps_per_epoch, self.largest_offset = shifted_windows(self.streams.shape[1], cfg.seq_len)
         else:
@@ -451,14 +466,15 @@ class _Run:
 
     def record(self, event: Event) -> None:
         """Append an event to metrics.jsonl (rank 0) and hand it to ``on_event``."""
-        if not self.dist.is_main:
-            return
-        try:
-            with open(self.metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(jsonio.dumps(event) + "\n")
-        except OSError as exc:
-            raise SaveError(f"cannot write {self.metrics_path}: {exc.strerror or exc}") from None
-        self.emit(event)
+        with self.dist.main_outcome():
+            if not self.dist.is_main:
+                return
+            try:
+                with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                    fh.write(jsonio.dumps(event) + "\n")
+            except OSError as exc:
+                raise SaveError(f"cannot write {self.metrics_path}: {exc.strerror or exc}") from None
+            self.emit(event)
 
     def train_state(self) -> dict[str, Any]:
         p = self.progress
@@ -492,8 +508,11 @@ class _Run:
             full_state = gathered if isinstance(state, tuple) else gathered[0]
         # Through the run's device, which NCCL needs; a world of one gets its own state back.
         rng_states = dist.all_gather_cat(torch.get_rng_state()[None].to(self.device), dim=0).cpu()
-        if not dist.is_main:
-            return
+        with dist.main_outcome():
+            if dist.is_main:
+                self._write_last(full_state, rng_states)
+
+    def _write_last(self, full_state: State | None, rng_states: torch.Tensor) -> None:
         self.check_weights()
         # The optimizer file is named by step and written first, so last.safetensors always
         # names an optimizer file that exists, whatever moment a crash hits.
@@ -529,9 +548,12 @@ class _Run:
         """One window forward and backward, then the optimizer step if everything was finite.
         Returns (the loss, averaged over ranks; the learning rate; a stop request)."""
         cfg, dist, p = self.cfg, self.dist, self.progress
-        x, y = window(self.streams, p.window, cfg.seq_len, self.rows,
-                      offset=epoch_offset(cfg.seed, p.epoch, self.largest_offset))
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        offset = epoch_offset(cfg.seed, p.epoch, self.largest_offset)
+        if self.device_streams is not None:
+            x, y = window(self.device_streams, p.window, cfg.seq_len, offset=offset)
+        else:
+            x, y = window(self.streams, p.window, cfg.seq_len, self.rows, offset=offset)
+            x, y = x.to(self.device), y.to(self.device)
         lr = lr_at(p.step, base_lr=cfg.lr, warmup_steps=p.warmup_steps, total_steps=p.total_steps,
                    min_lr_ratio=cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
@@ -603,10 +625,12 @@ class _Run:
                 improved = p.val_loss < p.best_val_loss
                 if improved:
                     p.best_val_loss, p.best_step, p.evals_since_best = p.val_loss, p.step, 0
-                    if dist.is_main:
-                        self.check_weights()
-                        ckpt.save_checkpoint(self.run_dir / ckpt.BEST, model=self.model, tokenizer=data.tokenizer,
-                                             train_config=self.cfg, train_state=self.train_state())
+                    with dist.main_outcome():
+                        if dist.is_main:
+                            self.check_weights()
+                            ckpt.save_checkpoint(self.run_dir / ckpt.BEST, model=self.model,
+                                                 tokenizer=data.tokenizer, train_config=self.cfg,
+                                                 train_state=self.train_state())
         if not improved:
             p.evals_since_best += 1
         self.save_last()

@@ -158,3 +158,107 @@ def test_a_killed_rank_stops_the_others_and_keeps_the_checkpoint(tiny_corpus, tm
     check = subprocess.run([sys.executable, "-m", "charlm", "info", "run/last.safetensors"], cwd=tmp_path,
                            env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
+
+
+def test_the_process_group_reduces_cpu_tensors_with_gloo_even_on_cuda(monkeypatch):
+    """The per-step loss and clock are CPU tensors, which NCCL cannot reduce: on CUDA the group
+    pairs NCCL (GPU tensors) with gloo (CPU ones)."""
+    from charlm import distributed
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.torch_dist, "init_process_group", lambda backend, timeout: joined.append(backend))
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda index: None)
+    assert distributed.from_env("cuda") == Dist(1, 2, 1)
+    assert distributed.from_env("cpu") == Dist(1, 2, 1)
+    assert joined == ["cpu:gloo,cuda:nccl", "gloo"]
+
+
+_OUTCOME_WORKER = """
+import sys
+from charlm.distributed import from_env, shutdown
+from charlm.errors import SaveError
+dist = from_env("cpu")
+try:
+    with dist.main_outcome():
+        if dist.is_main and sys.argv[1] == "fail":
+            raise SaveError("cannot write run/best.safetensors: No space left on device")
+    with dist.main_outcome():  # a block that ends well on every rank
+        pass
+    print(f"rank {dist.rank}: ok")
+except Exception as exc:
+    print(f"rank {dist.rank}: {type(exc).__name__}: {exc}")
+finally:
+    shutdown(dist)
+"""
+
+
+@pytest.mark.parametrize("outcome", ["fail", "ok"])
+def test_an_error_in_rank_0_alone_stops_every_rank_with_its_message(tmp_path, outcome):
+    """Rank 0 writes the files; when that fails, the others must not wait in their next collective
+    (NCCL would hold them there until its watchdog fires): they stop at once, saying why."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_OUTCOME_WORKER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), outcome], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    if outcome == "ok":
+        assert lines == ["rank 0: ok", "rank 1: ok"]
+    else:
+        assert lines == ["rank 0: SaveError: cannot write run/best.safetensors: No space left on device",
+                         "rank 1: DistributedError: the main process of the distributed run stopped: cannot write "
+                         "run/best.safetensors: No space left on device"]
+
+
+_FAILING_SAVE_WORKER = """
+import sys
+from charlm import checkpoint
+from charlm.cache import prepare_corpus
+from charlm.config import ModelConfig, TrainConfig
+from charlm.distributed import from_env, shutdown
+from charlm.errors import SaveError
+from charlm.trainer import train
+
+dist = from_env("cpu")
+saves = 0
+real_save = checkpoint.save_checkpoint
+
+def save_checkpoint(path, **kwargs):  # the disk fills up at the second checkpoint
+    global saves
+    saves += 1
+    if saves == 2:
+        raise SaveError(f"cannot write {path.name}: No space left on device")
+    return real_save(path, **kwargs)
+
+checkpoint.save_checkpoint = save_checkpoint
+try:
+    _, data = prepare_corpus(sys.argv[1], val_fraction=0.1)
+    train(model_config=ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=16, embed_size=8),
+          train_config=TrainConfig(seq_len=8, batch_size=4, lr=1e-2, max_steps=6, eval_every=2, warmup_steps=1,
+                                   device="cpu"),
+          data=data, run_dir="run", source=sys.argv[1], dist=dist)
+    print(f"rank {dist.rank}: ok")
+except Exception as exc:
+    print(f"rank {dist.rank}: {type(exc).__name__}: {exc}")
+finally:
+    shutdown(dist)
+"""
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_the_training_ranks_together(tiny_corpus, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(_FAILING_SAVE_WORKER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(tiny_corpus)], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and lines[0].startswith("rank 0: SaveError: cannot write "), lines
+    assert lines[1].startswith("rank 1: DistributedError: the main process of the distributed run stopped: "
+                               "cannot write "), lines
+    assert (tmp_path / "run" / "best.safetensors").exists()  # the earlier checkpoint is intact

@@ -171,3 +171,27 @@ def test_a_bad_precision_is_a_usage_error_before_any_work(command, tmp_path, mon
     (tmp_path / "README.md").write_text("some text\n", encoding="utf-8")
     result = CliRunner().invoke(app, [*command, "--precision", "half"])
     assert result.exit_code == 2 and "--precision must be one of auto, fp32, bf16, fp16" in result.output
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # one fused call, and the layer-by-layer path
+def test_where_bf16_autocast_would_not_keep_bf16_the_recurrence_runs_in_fp32(monkeypatch, cell, dropout):
+    """On CUDA autocast runs cuDNN's RNN in fp16 (no gradient scaler in a bf16 run): there the
+    recurrence leaves autocast and runs fp32, the head stays bf16. Shown on the CPU by listing it."""
+    from charlm import model as model_module
+
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=13, hidden_size=16, embed_size=8, num_layers=2, cell=cell, dropout=dropout))
+    x = torch.randint(0, 13, (3, 7))
+    # CPU autocast runs the LSTM in bf16 (and leaves the GRU in fp32): listing the CPU makes both fp32.
+    unlisted = torch.bfloat16 if cell == "lstm" else torch.float32
+    for devices, recurrence in ((frozenset(), unlisted), (frozenset({"cpu"}), torch.float32)):
+        monkeypatch.setattr(model_module, "FP32_RECURRENCE_UNDER_BF16", devices)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, state, (raw, _) = model(x, with_outputs=True)
+        assert raw.dtype == recurrence and logits.dtype == torch.bfloat16
+        logits.float().sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        model.zero_grad()
+    x = torch.ones(2, 2)
+    assert model_module.recurrence_region(x)[1] is x  # outside autocast nothing changes

@@ -112,6 +112,30 @@ def test_shift_windows_starts_each_epoch_at_its_own_offset(tmp_path, tiny_text, 
         assert offsets == [0, 0, 0]
 
 
+def test_streams_held_on_the_device_train_exactly_as_host_windows(tmp_path, tiny_text, monkeypatch):
+    """On a GPU the streams are copied there once and windows are cut from them; shown on the CPU
+    by making it take that path: the same losses, step for step, with shifted windows too."""
+    from charlm import trainer as trainer_module
+
+    data = prepare_data(tiny_text[:3000], val_fraction=0.1)
+    model_cfg, train_cfg = _configs(data, epochs=2, shift_windows=True, eval_every=1000)
+    host = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path / "host")
+    held, real = [], trainer_module.streams_on_device
+
+    def on_device(streams, device):
+        held.append(torch.from_numpy(np.ascontiguousarray(streams, dtype=np.int32)))
+        return held[-1]
+
+    monkeypatch.setattr(trainer_module, "streams_on_device", on_device)
+    dev = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path / "device")
+    assert len(held) == 1 and held[0].shape == (4, len(data.train_ids) // 4)
+    assert dev.step == host.step and _losses(tmp_path / "device") == _losses(tmp_path / "host")
+    assert real(np.zeros((4, 10), np.uint16), torch.device("cpu")) is None  # already there
+    monkeypatch.setattr(trainer_module, "DEVICE_STREAMS_BYTES", 400)  # 100 ids in int32
+    assert real(np.zeros((4, 26), np.uint16), torch.device("meta")) is None  # too big
+    assert real(np.zeros((4, 25), np.uint16), torch.device("meta")).dtype == torch.int32
+
+
 def test_resume_rejects_a_conflicting_shape(tmp_path, tiny_text):
     data = prepare_data(tiny_text, val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, max_steps=5)
