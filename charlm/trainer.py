@@ -60,6 +60,15 @@ def streams_on_device(streams: np.ndarray, device: torch.device) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(streams, dtype=np.int32)).to(device)
 
 
+def keeps_steps_on_device(device: torch.device, dist: Dist, cfg: TrainConfig) -> bool:
+    """Whether a step leaves its loss, its finiteness check and the skip of a bad step on the device,
+    read by the host only when it logs: on a GPU (where a read waits for the queue to drain), in one
+    process, with an optimizer whose fused kernel skips its update on ``found_inf`` (AdamW, SGD), and
+    without a loss scaler or a weight average (which decide on the host)."""
+    return (device.type == "cuda" and not dist.enabled and cfg.precision != "fp16" and not cfg.average
+            and cfg.optimizer in ("adamw", "sgd"))
+
+
 def _float32_state(state: State | None) -> State | None:
     """The carried state in float32 whatever the matmuls' precision (the kernels return bf16 under
     autocast), so a run's saved state resumes in any precision."""
@@ -70,20 +79,23 @@ def _float32_state(state: State | None) -> State | None:
 
 # ── optimizer and resume state ──────────────────────────────────────────────────────────────────
 
-def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, *,
+                   fused: bool | None = None) -> torch.optim.Optimizer:
     """``cfg.optimizer``: AdamW (decoupled weight decay), plain SGD (the PyTorch word-LM example's),
     Adagrad (min-char-rnn's) or RMSprop with decay 0.95 (char-rnn's); the others' weight decay is
-    the L2 kind. Biases and other vectors are never decayed; the trainer sets the rate each step."""
+    the L2 kind. Biases and other vectors are never decayed; the trainer sets the rate each step.
+    AdamW and SGD use their fused kernels on a GPU (or where ``fused`` says)."""
+    fused = device.type == "cuda" if fused is None else fused
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, fused=fused)
     if cfg.optimizer == "adagrad":
         return torch.optim.Adagrad(groups, lr=cfg.lr)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=0.95)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=fused)
 
 
 def _state_tensors(state) -> dict[str, torch.Tensor]:
@@ -379,7 +391,13 @@ class _Run:
         if shape.warning:
             self.emit({"event": "warning", "message": shape.warning})
             cfg = cfg.replace(batch_size=shape.batch_size, seq_len=shape.seq_len)
-        self.cfg = cfg
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if precision_reason:
+            self.precision = dataclasses.replace(self.precision, reason=precision_reason)
+        self.cfg = cfg = cfg.replace(precision=self.precision.name)  # the checkpoint says what ran
+        # fp16's narrow range underflows small gradients: scale the loss (bf16 has fp32's range).
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
+        self.device_side = keeps_steps_on_device(self.device, dist, cfg)
         check_memory(model_config, cfg, self.device)
         torch.manual_seed(cfg.seed)
         with out_of_memory_as(f"building a model of {count_parameters(model_config):,} parameters",
@@ -388,17 +406,11 @@ class _Run:
             if init_weights is not None:
                 load_initial_weights(self.model, init_weights)
             self.model.to(self.device)
-            self.optimizer = make_optimizer(self.model, cfg, self.device)
+            self.optimizer = make_optimizer(self.model, cfg, self.device, fused=self.device_side or None)
         if dist.enabled:
             # Different dropout masks on different streams. Seeded before a resume restores each
             # rank's own RNG state, so a resumed run draws the masks an uninterrupted one would.
             torch.manual_seed(cfg.seed + dist.rank)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        if precision_reason:
-            self.precision = dataclasses.replace(self.precision, reason=precision_reason)
-        self.cfg = cfg = cfg.replace(precision=self.precision.name)  # the checkpoint says what ran
-        # fp16's narrow range underflows small gradients: scale the loss (bf16 has fp32's range).
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
 
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
@@ -546,7 +558,8 @@ class _Run:
 
     def train_step(self) -> tuple[float, float, str | None]:
         """One window forward and backward, then the optimizer step if everything was finite.
-        Returns (the loss, averaged over ranks; the learning rate; a stop request)."""
+        Returns (the loss, averaged over ranks, or NaN where it stays on the device; the learning
+        rate; a stop request)."""
         cfg, dist, p = self.cfg, self.dist, self.progress
         offset = epoch_offset(cfg.seed, p.epoch, self.largest_offset)
         if self.device_streams is not None:
@@ -578,13 +591,27 @@ class _Run:
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                         cfg.clip if cfg.clip > 0 else math.inf)
         reason = self.should_stop() if self.should_stop else None
-        if dist.enabled:  # one small collective a step: the mean loss, the clock and stop requests
-            shared = dist.all_reduce_sum(torch.tensor(
-                [float(loss.detach()), self.local_elapsed(), 1.0 if reason else 0.0], dtype=torch.float64))
-            loss_value, self.clock = float(shared[0]) / dist.world_size, float(shared[1]) / dist.world_size
-            reason = reason or ("stopped by another process" if shared[2] > 0 else None)
+        if self.device_side:
+            loss_value, self.clock = math.nan, self.local_elapsed()
+            self._step_on_device(loss.detach(), new_state)
         else:
-            loss_value, self.clock = float(loss.item()), self.local_elapsed()
+            if dist.enabled:  # one small collective a step: the mean loss, the clock and stop requests
+                shared = dist.all_reduce_sum(torch.tensor(
+                    [float(loss.detach()), self.local_elapsed(), 1.0 if reason else 0.0], dtype=torch.float64))
+                loss_value, self.clock = float(shared[0]) / dist.world_size, float(shared[1]) / dist.world_size
+                reason = reason or ("stopped by another process" if shared[2] > 0 else None)
+            else:
+                loss_value, self.clock = float(loss.item()), self.local_elapsed()
+            self._step_on_host(loss_value, new_state)
+        p.step += 1
+        p.window += 1
+        p.tokens_seen += x.numel() * dist.world_size
+        self.interval_tokens += x.numel() * dist.world_size
+        return loss_value, lr, reason
+
+    def _step_on_host(self, loss_value: float, new_state: State) -> None:
+        """The rest of a step, decided on the host: the optimizer step if the loss and the gradients
+        are finite, else a bad step (skipped, the carried state dropped)."""
         if math.isfinite(loss_value) and (self.scaler or _is_finite(self.grad_norm)):
             if self.scaler:  # gradients that overflowed at this loss scale: it skips the step and lowers it
                 self.scaler.step(self.optimizer)
@@ -592,7 +619,7 @@ class _Run:
             else:
                 self.optimizer.step()
             if self.average is not None:
-                self.average.update(p.step + 1)
+                self.average.update(self.progress.step + 1)
             self.bad_steps = 0
             self.state = _float32_state(detach_state(new_state))
             self.interval_loss += loss_value
@@ -600,16 +627,46 @@ class _Run:
         else:
             self.bad_steps += 1
             self.state = None  # a non-finite state would poison every later window
-            self.record({"event": "bad_step", "step": p.step, "loss": loss_value, "consecutive": self.bad_steps})
-            if self.bad_steps >= cfg.max_bad_steps:
-                raise TrainingError(f"the loss or gradients were NaN/Inf for {self.bad_steps} steps in a row at step "
-                                    f"{p.step}; stopped. The last good checkpoint in {self.run_dir} is kept; try a "
-                                    f"lower --lr or --clip")
-        p.step += 1
-        p.window += 1
-        p.tokens_seen += x.numel() * dist.world_size
-        self.interval_tokens += x.numel() * dist.world_size
-        return loss_value, lr, reason
+            self.record({"event": "bad_step", "step": self.progress.step, "loss": loss_value,
+                         "consecutive": self.bad_steps})
+            if self.bad_steps >= self.cfg.max_bad_steps:
+                raise self.too_many_bad_steps()
+
+    def _step_on_device(self, loss: torch.Tensor, new_state: State) -> None:
+        """The rest of a step without waiting for the device: the fused optimizer skips its update
+        where the loss or the gradients are not finite (``found_inf``), a bad step's state is reset
+        (zeros, as a fresh one), and the loss sum, the count of good steps and the run of bad steps
+        stay on the device until ``log_step`` reads them."""
+        ok = torch.isfinite(loss) & torch.isfinite(self.grad_norm)
+        self.optimizer.found_inf = (~ok).float()
+        self.optimizer.step()
+        parts = detach_state(new_state)
+        parts = parts if isinstance(parts, tuple) else (parts,)
+        kept = tuple(torch.where(ok, s, torch.zeros_like(s)) for s in parts)
+        self.state = _float32_state(kept if len(kept) > 1 else kept[0])
+        sums, good = self.device_sums, ok.double()
+        sums[0] += torch.where(ok, loss.double(), 0.0)
+        sums[1] += good
+        sums[2] = (sums[2] + 1) * (1 - good)  # the run of bad steps: one longer, or back to 0
+
+    def _read_device_steps(self) -> None:
+        """What the steps since the last read left on the device (one wait): their losses into the
+        log interval, and a run of bad steps, recorded and stopped as on the host path."""
+        loss_sum, good, bad = self.device_sums.tolist()
+        self.device_sums[:2] = 0
+        self.interval_loss += loss_sum
+        self.interval_count += int(good)
+        self.bad_steps = int(bad)
+        if self.bad_steps:
+            self.record({"event": "bad_step", "step": self.progress.step, "loss": None,
+                         "consecutive": self.bad_steps})
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise self.too_many_bad_steps()
+
+    def too_many_bad_steps(self) -> TrainingError:
+        return TrainingError(f"the loss or gradients were NaN/Inf for {self.bad_steps} steps in a row at step "
+                             f"{self.progress.step}; stopped. The last good checkpoint in {self.run_dir} is kept; "
+                             f"try a lower --lr or --clip")
 
     def evaluate_and_save(self) -> float:
         """Evaluate the whole validation split, keep best (if better) and last; the seconds it took."""
@@ -648,6 +705,8 @@ class _Run:
     def log_step(self, lr: float) -> None:
         """Every ``log_every`` steps: the mean training loss since the last record, and the speed."""
         p = self.progress
+        if p.step % self.cfg.log_every == 0 and self.device_side:
+            self._read_device_steps()
         if p.step % self.cfg.log_every == 0 and self.interval_count:
             self.record({"event": "step", "step": p.step, "epoch": p.epoch,
                          "loss": self.interval_loss / self.interval_count, "lr": lr,
@@ -683,6 +742,7 @@ class _Run:
                           f"or the model (--hidden-size, --num-layers)")
         self.net.train()
         self.bad_steps, self.last_eval_seconds = 0, 0.0
+        self.device_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, good steps, bad run
         self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
         last_eval_step = p.step if self.resume is not None else -1
         last_eval_at = self.clock
