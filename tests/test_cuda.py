@@ -118,6 +118,24 @@ def test_bf16_on_the_device_is_fp32_on_the_cpu_within_bf16_rounding(cell):
     torch.testing.assert_close(low.float().cpu().log_softmax(-1), reference.log_softmax(-1), atol=5e-2, rtol=0)
 
 
+def test_under_bf16_autocast_the_recurrence_is_fp32_and_the_head_bf16():
+    """PyTorch's autocast wrapper for cuDNN RNNs casts to fp16 whatever the autocast dtype, and a
+    bf16 run has no loss scaler: charlm keeps the recurrence in fp32 on CUDA
+    (``model.FP32_RECURRENCE_UNDER_BF16``). The bare module shows what it avoids; should a PyTorch
+    release run it in bf16, that choice is worth measuring again (benchmarks/gpu_suite.py)."""
+    model = RNNLM(ModelConfig(vocab_size=13, hidden_size=16, embed_size=8)).to(DEVICE).train()
+    x = torch.randint(0, 13, (2, 5), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        logits, _, (raw, _) = model(x, with_outputs=True)
+        bare, _ = model.rnn(model.embedding(x))
+    assert logits.dtype == torch.bfloat16
+    if DEVICE == "cuda":
+        assert raw.dtype == torch.float32
+        assert bare.dtype == torch.float16, f"cuDNN under bf16 autocast now runs in {bare.dtype}"
+    logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("where", ["device-to-cpu", "cpu-to-device"])
 def test_a_checkpoint_trained_on_one_device_samples_on_the_other(where, run_on_device, run_on_cpu):
     run, sample_device = (run_on_device, "cpu") if where == "device-to-cpu" else (run_on_cpu, DEVICE)
