@@ -54,13 +54,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm, whatever is installed
 from charlm.bench import (BenchConfig, bare_train_rate, matmul_gflops, model_for, sample_rate,  # noqa: E402
-                          synthetic_ids, tokenizer_for, train_rate)
+                          tokenizer_for, train_rate)
 from charlm.errors import ConfigError  # noqa: E402
 from charlm.model import GATES  # noqa: E402
 from train_quality import summarize  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
@@ -203,41 +202,10 @@ def forward_flops_per_token(cfg: BenchConfig) -> int:
     return 2 * (G * H * (E + H) + (L - 1) * G * H * 2 * H + H * V)
 
 
-def bare_train_rate_fp16(cfg: BenchConfig, device: torch.device) -> float:
-    """``charlm.bench.bare_train_rate`` under fp16 autocast with a ``GradScaler``: the same loop otherwise."""
-    torch.manual_seed(0)
-    emb = nn.Embedding(cfg.vocab_size, cfg.embed_size).to(device)
-    lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True).to(device)
-    head = nn.Linear(cfg.hidden_size, cfg.vocab_size).to(device)
-    opt = torch.optim.AdamW([*emb.parameters(), *lstm.parameters(), *head.parameters()], lr=1e-3)
-    scaler = torch.amp.GradScaler(device.type)
-    ids = torch.from_numpy(synthetic_ids(cfg.vocab_size, cfg.batch_size * (cfg.seq_len + 1)).astype(np.int64))
-    data = ids.view(cfg.batch_size, cfg.seq_len + 1).to(device)
-    x, y = data[:, :-1], data[:, 1:]
-    steps = cfg.train_steps
-    warm = max(10, steps // 3)
-    for i in range(steps):
-        if i == warm:
-            _sync(device)
-            start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.float16):
-            out, _ = lstm(emb(x))
-            logits = head(out)
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), y.reshape(-1))
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    _sync(device)
-    return (steps - warm) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
-
-
 def bare_rate(cfg: BenchConfig, device: torch.device, precision: str) -> float:
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise NotSupported("fp16 autocast training is CUDA only here")
-        return bare_train_rate_fp16(cfg, device)
-    return bare_train_rate(cfg, device, bf16=precision == "bf16")
+    if precision == "fp16" and device.type != "cuda":
+        raise NotSupported("fp16 autocast training is CUDA only here")
+    return bare_train_rate(cfg, device, precision=precision)
 
 
 class NotSupported(Exception):

@@ -152,7 +152,7 @@ def main() -> None:
             "bare_sample_1": bare_sample_rate(cfg, 300),
             "charlm_sample_1": sample_rate(model, tokenizer, streams=1, length=600),
             "charlm_sample_n": sample_rate(model, tokenizer, streams=args.streams, length=150),
-            **({"bare_train_bf16": bare_train_rate(cfg, cpu, bf16=True),
+            **({"bare_train_bf16": bare_train_rate(cfg, cpu, precision="bf16"),
                 "charlm_train_bf16": train_rate(cfg, cpu, "bf16"),
                 "charlm_sample_n_bf16": sample_rate(model, tokenizer, streams=args.streams, length=150,
                                                     precision="bf16"),

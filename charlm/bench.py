@@ -98,30 +98,38 @@ def train_rate(cfg: BenchConfig, device: torch.device, precision: str = "fp32") 
     return statistics.median(rates)
 
 
-def bare_train_rate(cfg: BenchConfig, device: torch.device, *, bf16: bool = False) -> float:
+def bare_train_rate(cfg: BenchConfig, device: torch.device, *, precision: str = "fp32") -> float:
     """The reference: the plainest correct training loop of the same shape (embedding → nn.LSTM →
-    linear, AdamW), with ``bf16`` its forward under bf16 autocast and the loss in fp32."""
+    linear, AdamW); in bf16 or fp16 its forward under autocast and the loss in fp32, fp16 with a
+    ``GradScaler``."""
     torch.manual_seed(0)
     emb = nn.Embedding(cfg.vocab_size, cfg.embed_size).to(device)
     lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True).to(device)
     head = nn.Linear(cfg.hidden_size, cfg.vocab_size).to(device)
     opt = torch.optim.AdamW([*emb.parameters(), *lstm.parameters(), *head.parameters()], lr=1e-3)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ids = torch.from_numpy(synthetic_ids(cfg.vocab_size, cfg.batch_size * (cfg.seq_len + 1)).astype(np.int64))
     data = ids.view(cfg.batch_size, cfg.seq_len + 1).to(device)
     x, y = data[:, :-1], data[:, 1:]
     steps = cfg.train_steps
     warm = max(10, steps // 3)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     for i in range(steps):
         if i == warm:
             _sync_device(device)
             start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out, _ = lstm(emb(x))
             logits = head(out)
         loss = nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), y.reshape(-1))
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
     _sync_device(device)
     return (steps - warm) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
 
@@ -209,7 +217,7 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
         bf16 = resolve_precision("bf16", device)
         say("bf16 training, evaluation and sampling")
         low = {"train_tokens_per_second": median_of(cfg.repeats, lambda: train_rate(cfg, device, "bf16")),
-               "bare_train_tokens_per_second": median_of(cfg.repeats, lambda: bare_train_rate(cfg, device, bf16=True)),
+               "bare_train_tokens_per_second": median_of(cfg.repeats, lambda: bare_train_rate(cfg, device, precision="bf16")),
                "eval_tokens_per_second": median_of(cfg.repeats, lambda: eval_rate(model, val, precision=bf16)),
                "sample_chars_per_second_n": median_of(cfg.repeats, lambda: sample_rate(
                    model, tokenizer, streams=cfg.sample_streams, length=max(50, cfg.sample_length // 4),
