@@ -640,10 +640,9 @@ class _Run:
         ok = torch.isfinite(loss) & torch.isfinite(self.grad_norm)
         self.optimizer.found_inf = (~ok).float()
         self.optimizer.step()
-        parts = detach_state(new_state)
-        parts = parts if isinstance(parts, tuple) else (parts,)
-        kept = tuple(torch.where(ok, s, torch.zeros_like(s)) for s in parts)
-        self.state = _float32_state(kept if len(kept) > 1 else kept[0])
+        state = detach_state(new_state)
+        kept = tuple(torch.where(ok, s, 0.0) for s in state) if isinstance(state, tuple) else torch.where(ok, state, 0.0)
+        self.state = _float32_state(kept)
         sums, good = self.device_sums, ok.double()
         sums[0] += torch.where(ok, loss.double(), 0.0)
         sums[1] += good
@@ -705,9 +704,11 @@ class _Run:
     def log_step(self, lr: float) -> None:
         """Every ``log_every`` steps: the mean training loss since the last record, and the speed."""
         p = self.progress
-        if p.step % self.cfg.log_every == 0 and self.device_side:
+        if p.step % self.cfg.log_every:
+            return
+        if self.device_side:
             self._read_device_steps()
-        if p.step % self.cfg.log_every == 0 and self.interval_count:
+        if self.interval_count:
             self.record({"event": "step", "step": p.step, "epoch": p.epoch,
                          "loss": self.interval_loss / self.interval_count, "lr": lr,
                          "grad_norm": float(self.grad_norm),
