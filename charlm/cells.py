@@ -1,4 +1,5 @@
-"""Recurrent layers that PyTorch has no kernel for: the peephole LSTM (Gers & Schmidhuber 2000).
+"""Recurrent layers that PyTorch has no kernel for: the peephole LSTM (Gers & Schmidhuber 2000); and
+the plain LSTM layer the trainer runs wide bf16 LSTMs through on a CPU, where oneDNN's kernel is slow.
 
 The gates also look at the cell state through one diagonal (elementwise) weight vector per gate:
 
@@ -12,9 +13,13 @@ Gate order and parameter names are ``nn.LSTM``'s (``weight_ih_l0``, ``weight_hh_
 Neither cuDNN nor oneDNN has a peephole kernel, and autograd over a Python loop of a dozen small ops
 per step records hundreds of graph nodes per window. So a layer is computed as
 - the input projection of the whole window in ONE matmul (autograd handles it);
-- the recurrence in ``_PeepholeRecurrence``, a custom autograd Function: per step one matmul and the
-  gate arithmetic written in place into preallocated (T, B, ·) buffers; its hand-written backward
-  runs the steps in reverse (one matmul each) and forms the weight gradients in one matmul at the end.
+- the recurrence in ``_Recurrence``, a custom autograd Function: per step one matmul and the gate
+  arithmetic written in place into preallocated buffers; its hand-written backward runs the steps in
+  reverse (one matmul and a dozen elementwise ops on (B, ·) slices each) and forms the weight
+  gradient in one matmul at the end.
+Without the peephole terms the same code is a plain LSTM layer: oneDNN's fused LSTM kernel spends
+~4× its forward time in its bf16 backward, so wide LSTMs train faster through this one under CPU bf16
+autocast (``trains_faster_by_hand``; the evaluator and the sampler keep oneDNN's kernel).
 The step products go through ``fixed_weight_matmul`` (oneDNN with the weight reordered once per
 window). Evaluation runs the same in-place loop and keeps nothing for backward; an ONNX export
 traces a plain functional loop that does the same sums. Sampling has its own step (``infer.py``).
@@ -22,7 +27,7 @@ traces a plain functional loop that does the same sums. Sampling has its own ste
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +100,7 @@ class PeepholeLSTM(nn.Module):
         return [getattr(self, f"peephole_{gate}_l{k}") for gate in GATE_NAMES]
 
     def layer_weights(self, k: int) -> list[torch.Tensor]:
-        """Layer ``k``'s tensors in ``peephole_lstm_layer``'s argument order."""
+        """Layer ``k``'s tensors in ``lstm_layer``'s argument order."""
         shared = [getattr(self, f"{kind}_l{k}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
         return shared + self.peepholes(k)
 
@@ -108,44 +113,66 @@ class PeepholeLSTM(nn.Module):
         h, c = state
         hs, cs = [], []
         for k in range(self.num_layers):
-            x, h_k, c_k = peephole_lstm_layer(x, h[k], c[k], *self.layer_weights(k))
+            x, h_k, c_k = lstm_layer(x, h[k], c[k], *self.layer_weights(k))
             hs.append(h_k)
             cs.append(c_k)
         return x, (torch.stack(hs), torch.stack(cs))
 
 
-def peephole_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor,
-                        w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor, p_i: torch.Tensor,
-                        p_f: torch.Tensor, p_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One peephole LSTM layer over a window: x (B, T, F), h0 and c0 (B, H) → out (B, T, H), h, c.
+# On a CPU, bf16 training of an LSTM this wide runs faster through ``_Recurrence`` than through
+# oneDNN's fused kernel, whose bf16 backward takes ~4× its forward (a window of 100 steps, forward +
+# backward, oneDNN's time over ours: 1024 units 1.2–1.5× at batch 16–32, 768 units 1.06–1.14×,
+# 512 units 0.7–0.8×; in fp32 oneDNN's is faster at every size). benchmarks/speed.py measures it.
+HAND_WRITTEN_BF16_MIN_HIDDEN = 768
+
+
+def trains_faster_by_hand(x: torch.Tensor, hidden_size: int) -> bool:
+    """Whether an LSTM layer over ``x`` should run as ``lstm_layer`` rather than ``nn.LSTM``'s kernel:
+    on a CPU, with gradients, under bf16 autocast, from ``HAND_WRITTEN_BF16_MIN_HIDDEN`` units."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and hidden_size >= HAND_WRITTEN_BF16_MIN_HIDDEN)
+
+
+def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+               b_ih: torch.Tensor, b_hh: torch.Tensor, p_i: torch.Tensor | None = None,
+               p_f: torch.Tensor | None = None, p_o: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer over a window: x (B, T, F), h0 and c0 (B, H) → out (B, T, H), h, c; with
+    peephole vectors ``p_i, p_f, p_o`` a peephole layer, without them (None) a plain ``nn.LSTM`` layer.
 
     The state and the gate arithmetic are float32 (float64 if the state is); under autocast the
     matmuls run in the autocast dtype, as ``nn.LSTM``'s do."""
     dtype = h0.dtype
     device_type = x.device.type
     matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
-    xp = F.linear(x.transpose(0, 1), w_ih, b_ih + b_hh).to(dtype).contiguous()  # (T, B, 4H)
+    peepholes = None if p_i is None else (p_i, p_f, p_o)
+    # The input projection of the whole window (T, B, 4H), in the matmul format (bf16 under autocast):
+    # the recurrence adds it to each step's product in float32, and its gradient comes back in that format.
+    xp = F.linear(x.transpose(0, 1), w_ih, b_ih + b_hh)
+    xp = (xp if xp.dtype == matmul_dtype else xp.to(dtype)).contiguous()
     c0 = c0.to(dtype)
     # A tracer (ONNX export) must see the functional loop: the Function's in-place buffers are opaque to it.
     if torch.jit.is_tracing():
-        out, h, c = _recurrence(xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype)
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in (xp, h0, c0, w_hh, p_i, p_f, p_o)):
-        out, h, c = _PeepholeRecurrence.apply(xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype)
+        out, h, c = _recurrence(xp, h0, c0, w_hh, peepholes, matmul_dtype)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (xp, h0, c0, w_hh, *(peepholes or ()))):
+        out, h, c = _Recurrence.apply(xp, h0, c0, w_hh, matmul_dtype, *(peepholes or ()))
     else:  # evaluation: the training loop's buffers, nothing kept
-        _, cs, hs, _ = _run(xp, h0, c0, w_hh.detach(), p_i.detach(), p_f.detach(), p_o.detach(), matmul_dtype)
-        out, h, c = hs[1:], hs[-1], cs[-1]
+        detached = None if peepholes is None else tuple(p.detach() for p in peepholes)
+        buffers = _run(xp, h0, c0, w_hh.detach(), detached, matmul_dtype)
+        out, h, c = buffers.hs[1:], buffers.hs[-1], buffers.cs[-1]
     return out.transpose(0, 1), h, c
 
 
-def _recurrence(xp: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, p_i: torch.Tensor,
-                p_f: torch.Tensor, p_o: torch.Tensor, matmul_dtype: torch.dtype
+def _recurrence(xp: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor,
+                peepholes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, matmul_dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The recurrence written functionally, for a tracer (ONNX export): xp (T, B, 4H) → out
-    (T, B, H), h, c."""
+    """The recurrence written functionally, for a tracer (ONNX export) and as the tests' reference:
+    xp (T, B, 4H) → out (T, B, H), h, c."""
     w_t = w_hh.t().to(matmul_dtype)
+    p_i, p_f, p_o = peepholes if peepholes is not None else (0.0, 0.0, 0.0)
     outs = []
     for t in range(xp.size(0)):
-        g = xp[t] + (h.to(matmul_dtype) @ w_t).to(xp.dtype)
+        g = xp[t].to(c.dtype) + (h.to(matmul_dtype) @ w_t).to(c.dtype)
         a_i, a_f, a_g, a_o = g.chunk(4, dim=1)
         i = torch.sigmoid(a_i + p_i * c)
         f = torch.sigmoid(a_f + p_f * c)
@@ -155,84 +182,121 @@ def _recurrence(xp: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.
     return torch.stack(outs), h, c
 
 
-def _run(xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, p_i: torch.Tensor,
-         p_f: torch.Tensor, p_o: torch.Tensor, matmul_dtype: torch.dtype
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The recurrence in place into (T, B, ·) buffers: the gates after their nonlinearities
-    (i, f, g, o), c and h with the initial ones first (T + 1 each), and tanh(c)."""
+class _Buffers(NamedTuple):
+    """What the forward loop writes: the gates after their nonlinearities (T of (B, 4H): i, f, g, o),
+    c and h with the initial ones first (T + 1 each), tanh(c), and h in the matmul format
+    (``hs`` itself when that is the state's)."""
+
+    gates: list[torch.Tensor]  # a (B, 4H) tensor a step: each small enough for the heap (trainer.keep_freed_memory)
+    cs: torch.Tensor
+    hs: torch.Tensor
+    tanh_cs: torch.Tensor
+    hs_matmul: torch.Tensor
+
+
+def _run(xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+         peepholes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, matmul_dtype: torch.dtype) -> _Buffers:
+    """The recurrence in place into (T, B, ·) buffers: per step one matmul and a few elementwise
+    ops on (B, ·) slices that stay in cache."""
     T, B, G = xp.shape
     H = G // 4
+    dtype = c0.dtype
     with torch.autocast(xp.device.type, enabled=False):
         recurrent = fixed_weight_matmul(w_hh.to(matmul_dtype), B)  # h ↦ h @ W_hhᵀ
-        gates = torch.empty_like(xp)
-        cs = xp.new_empty(T + 1, B, H)
-        hs = xp.new_empty(T + 1, B, H)
-        tanh_cs = xp.new_empty(T, B, H)
+        gates = [xp.new_empty(B, G, dtype=dtype) for _ in range(T)]
+        cs = xp.new_empty(T + 1, B, H, dtype=dtype)
+        hs = xp.new_empty(T + 1, B, H, dtype=dtype)
+        hs_matmul = hs if matmul_dtype == dtype else xp.new_empty(T + 1, B, H, dtype=matmul_dtype)
+        tanh_cs = xp.new_empty(T, B, H, dtype=dtype)
         cs[0], hs[0] = c0, h0
+        if hs_matmul is not hs:
+            hs_matmul[0] = h0
         for t in range(T):
             g, c, c_new = gates[t], cs[t], cs[t + 1]
-            torch.add(xp[t], recurrent(hs[t].to(matmul_dtype)), out=g)
-            g[:, :H].addcmul_(c, p_i)
-            g[:, H:2 * H].addcmul_(c, p_f)
-            torch.sigmoid_(g[:, :2 * H])
+            g.copy_(xp[t])
+            g.add_(recurrent(hs_matmul[t]))
+            if peepholes is not None:
+                g[:, :H].addcmul_(c, peepholes[0])
+                g[:, H:2 * H].addcmul_(c, peepholes[1])
+                torch.sigmoid_(g[:, :2 * H])
+            else:
+                torch.sigmoid_(g[:, :2 * H])
+                torch.sigmoid_(g[:, 3 * H:])
             torch.tanh_(g[:, 2 * H:3 * H])
             torch.mul(g[:, H:2 * H], c, out=c_new)
             c_new.addcmul_(g[:, :H], g[:, 2 * H:3 * H])
             o = g[:, 3 * H:]
-            o.addcmul_(c_new, p_o)
-            torch.sigmoid_(o)
+            if peepholes is not None:
+                o.addcmul_(c_new, peepholes[2])
+                torch.sigmoid_(o)
             torch.tanh(c_new, out=tanh_cs[t])
             torch.mul(o, tanh_cs[t], out=hs[t + 1])
-    return gates, cs, hs, tanh_cs
+            if hs_matmul is not hs:
+                hs_matmul[t + 1].copy_(hs[t + 1])
+    return _Buffers(gates, cs, hs, tanh_cs, hs_matmul)
 
 
-class _PeepholeRecurrence(torch.autograd.Function):
-    """The recurrence for training: in-place forward into (T, B, ·) buffers, hand-written backward."""
+class _Recurrence(torch.autograd.Function):
+    """The recurrence for training: in-place forward into (T, B, ·) buffers, hand-written backward
+    (per step one matmul and a few elementwise ops; the weight gradient in one matmul at the end,
+    in the matmul format, as autocast's own linear layers form theirs)."""
 
     @staticmethod
-    def forward(ctx, xp, h0, c0, w_hh, p_i, p_f, p_o, matmul_dtype):  # type: ignore[override]
+    def forward(ctx, xp, h0, c0, w_hh, matmul_dtype, *peepholes):  # type: ignore[override]
         T = xp.size(0)
-        gates, cs, hs, tanh_cs = _run(xp, h0, c0, w_hh.detach(), p_i.detach(), p_f.detach(), p_o.detach(),
-                                      matmul_dtype)
-        ctx.save_for_backward(gates, cs, hs, tanh_cs, w_hh, p_i, p_f, p_o)
-        ctx.matmul_dtype = matmul_dtype
-        return hs[1:], hs[T].clone(), cs[T].clone()
+        buffers = _run(xp, h0, c0, w_hh.detach(), tuple(p.detach() for p in peepholes) or None, matmul_dtype)
+        ctx.save_for_backward(*buffers[1:], w_hh, *peepholes)
+        ctx.gates = buffers.gates  # intermediate results, not the Function's inputs or outputs
+        ctx.matmul_dtype, ctx.xp_dtype = matmul_dtype, xp.dtype
+        return buffers.hs[1:], buffers.hs[T].clone(), buffers.cs[T].clone()
 
     @staticmethod
     def backward(ctx, d_out, d_h, d_c):  # type: ignore[override]
-        gates, cs, hs, tanh_cs, w_hh, p_i, p_f, p_o = ctx.saved_tensors
-        T, B, G = gates.shape
+        cs, hs, tanh_cs, hs_matmul, w_hh, *peepholes = ctx.saved_tensors
+        gates = ctx.gates
+        T, (B, G) = len(gates), gates[0].shape
         H = G // 4
         matmul_dtype = ctx.matmul_dtype
-        i, f, g, o = gates[..., :H], gates[..., H:2 * H], gates[..., 2 * H:3 * H], gates[..., 3 * H:]
-        c_prev = cs[:-1]
-        # Per-step factors, computed for the whole window at once:
-        #   da_o = dh ⊙ tanh(c) ⊙ σ'(o)          dc  = dc_next + dh ⊙ o ⊙ tanh'(c) + da_o ⊙ p_o
+        # Per step, with σ' = s(1 - s) and tanh' = 1 - t²:
+        #   da_o = dh ⊙ tanh(c) ⊙ σ'(o)          dc  = dc_next + dh ⊙ o ⊙ tanh'(c) [+ da_o ⊙ p_o]
         #   da_i = dc ⊙ g ⊙ σ'(i)    da_f = dc ⊙ c₋₁ ⊙ σ'(f)    da_g = dc ⊙ i ⊙ tanh'(g)
-        #   dc₋₁ = dc ⊙ f + da_i ⊙ p_i + da_f ⊙ p_f             dh₋₁ = da @ W_hh
-        to_o = tanh_cs * o * (1 - o)  # (T, B, H)
-        to_c = o * (1 - tanh_cs * tanh_cs)
-        ifg = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)  # (T, B, 3, H)
-        d_gates = torch.empty_like(gates)
-        d3 = d_gates.view(T, B, 4, H)
+        #   dc₋₁ = dc ⊙ f [+ da_i ⊙ p_i + da_f ⊙ p_f]            dh₋₁ = da @ W_hh
+        # The gates' gradients: in the matmul format for the whole window (the weight gradient's one
+        # matmul needs them all), in the state's format a step at a time (a window of them for the
+        # peepholes' sums, or where that is the matmul format).
+        d_matmul = cs.new_empty(T, B, G, dtype=matmul_dtype)
+        window = d_matmul if matmul_dtype == cs.dtype else cs.new_empty(T, B, G) if peepholes else None
+        step_buffer = torch.empty_like(gates[0])
         back = fixed_weight_matmul(w_hh.t().to(matmul_dtype), B)  # da ↦ da @ W_hh
         dh = torch.zeros_like(hs[0]) if d_h is None else d_h.clone()
         dc = torch.zeros_like(cs[0]) if d_c is None else d_c.clone()
-        dct = torch.empty_like(dc)
+        slope, derivative = torch.empty_like(gates[0]), torch.empty_like(dc)
         for t in reversed(range(T)):
             if d_out is not None:
                 dh.add_(d_out[t])
-            da = d_gates[t]
-            torch.mul(dh, to_o[t], out=da[:, 3 * H:])
-            torch.mul(dh, to_c[t], out=dct)
-            dct.add_(dc).addcmul_(da[:, 3 * H:], p_o)
-            torch.mul(ifg[t], dct.unsqueeze(1), out=d3[t, :, :3])
-            torch.mul(dct, f[t], out=dc)
-            dc.addcmul_(da[:, :H], p_i).addcmul_(da[:, H:2 * H], p_f)
-            dh = back(da.to(matmul_dtype)).to(da.dtype)
-        flat = d_gates.view(T * B, G)
-        d_w_hh = (flat.t() @ hs[:-1].reshape(T * B, H)).to(w_hh.dtype)
-        d_p_i = (d_gates[..., :H] * c_prev).sum((0, 1))
-        d_p_f = (d_gates[..., H:2 * H] * c_prev).sum((0, 1))
-        d_p_o = (d_gates[..., 3 * H:] * cs[1:]).sum((0, 1))
-        return d_gates, dh, dc, d_w_hh, d_p_i, d_p_f, d_p_o, None
+            s, da = gates[t], step_buffer if window is None else window[t]
+            i, f, g, o = s[:, :H], s[:, H:2 * H], s[:, 2 * H:3 * H], s[:, 3 * H:]
+            torch.sub(s, torch.mul(s, s, out=slope), out=slope)  # σ' of every gate (the g slot is replaced next)
+            ig = slope[:, 2 * H:3 * H]
+            torch.sub(i, torch.mul(g, g, out=ig).mul_(i), out=ig)  # i ⊙ tanh'(g)
+            tanh_c = tanh_cs[t]
+            torch.sub(o, torch.mul(tanh_c, tanh_c, out=derivative).mul_(o), out=derivative)  # o ⊙ tanh'(c)
+            torch.mul(dh, tanh_c, out=da[:, 3 * H:]).mul_(slope[:, 3 * H:])  # da_o
+            dc.addcmul_(dh, derivative)
+            if peepholes:
+                dc.addcmul_(da[:, 3 * H:], peepholes[2])
+            torch.mul(dc, g, out=da[:, :H]).mul_(slope[:, :H])  # da_i
+            torch.mul(dc, cs[t], out=da[:, H:2 * H]).mul_(slope[:, H:2 * H])  # da_f
+            torch.mul(dc, slope[:, 2 * H:3 * H], out=da[:, 2 * H:3 * H])  # da_g
+            dc.mul_(f)
+            if peepholes:
+                dc.addcmul_(da[:, :H], peepholes[0]).addcmul_(da[:, H:2 * H], peepholes[1])
+            if window is not d_matmul:
+                d_matmul[t].copy_(da)
+            dh = back(d_matmul[t]).to(dh.dtype)
+        d_w_hh = (d_matmul.view(T * B, G).t() @ hs_matmul[:-1].reshape(T * B, H)).to(w_hh.dtype)
+        d_peepholes = () if not peepholes else (
+            (window[..., :H] * cs[:-1]).sum((0, 1)), (window[..., H:2 * H] * cs[:-1]).sum((0, 1)),
+            (window[..., 3 * H:] * cs[1:]).sum((0, 1)))
+        d_xp = d_matmul if ctx.xp_dtype == matmul_dtype else d_matmul.to(ctx.xp_dtype)
+        return (d_xp, dh, dc, d_w_hh, None, *d_peepholes)

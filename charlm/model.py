@@ -24,7 +24,7 @@ import math
 import torch
 from torch import _VF, nn
 
-from .cells import GATE_NAMES, PeepholeLSTM, peephole_lstm_layer
+from .cells import GATE_NAMES, PeepholeLSTM, lstm_layer, trains_faster_by_hand
 from .config import ModelConfig
 
 # An LSTM state is (h, c); GRU and RNN states are a single h. Each is (num_layers, B, hidden).
@@ -118,7 +118,8 @@ class RNNLM(nn.Module):
         emb = locked_dropout(emb, cfg.dropout if cfg.input_dropout is None else cfg.input_dropout, training)
         region, emb = recurrence_region(emb)
         with region:
-            if cfg.residual or (training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1))):
+            if cfg.residual or (training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1))) \
+                    or (cfg.cell == "lstm" and trains_faster_by_hand(emb, cfg.hidden_size)):
                 raw, state = self._layer_by_layer(emb, state)
             else:
                 raw, state = self.rnn(emb, state)  # (B, T, H): all layers in one call (one fused kernel for nn.*)
@@ -145,7 +146,11 @@ class RNNLM(nn.Module):
                        getattr(self.rnn, f"bias_hh_l{k}")]
             if cfg.cell == "peephole":
                 h, c = state  # type: ignore[misc]
-                x, h_k, c_k = peephole_lstm_layer(x, h[k], c[k], *weights, *self.rnn.peepholes(k))
+                x, h_k, c_k = lstm_layer(x, h[k], c[k], *weights, *self.rnn.peepholes(k))
+                finals.append((h_k[None], c_k[None]))
+            elif cfg.cell == "lstm" and trains_faster_by_hand(x, cfg.hidden_size):
+                h, c = state  # type: ignore[misc]
+                x, h_k, c_k = lstm_layer(x, h[k], c[k], *weights)
                 finals.append((h_k[None], c_k[None]))
             elif cfg.cell == "lstm":
                 h, c = state  # type: ignore[misc]

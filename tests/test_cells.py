@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import charlm
-from charlm.cells import PeepholeLSTM, fixed_weight_matmul, peephole_lstm_layer
+from charlm.cells import PeepholeLSTM, fixed_weight_matmul, lstm_layer
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
 from charlm.model import RNNLM
@@ -36,19 +36,19 @@ def layer_inputs(B=3, T=5, F=4, H=6, dtype=torch.float64, seed=0):
 def test_forward_equals_the_reference():
     for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
         args = layer_inputs(B=4, T=9, F=5, H=7, dtype=dtype)
-        for mine, ref in zip(peephole_lstm_layer(*args), reference_layer(*args)):
+        for mine, ref in zip(lstm_layer(*args), reference_layer(*args)):
             assert (mine - ref).abs().max().item() <= tolerance
         with torch.no_grad():  # the functional path evaluation and export use
-            for mine, ref in zip(peephole_lstm_layer(*args), reference_layer(*args)):
+            for mine, ref in zip(lstm_layer(*args), reference_layer(*args)):
                 assert (mine - ref).abs().max().item() <= tolerance
 
 
 def test_hand_written_backward_passes_gradcheck():
-    assert torch.autograd.gradcheck(peephole_lstm_layer, layer_inputs())
+    assert torch.autograd.gradcheck(lstm_layer, layer_inputs())
     # The gradient of the last state alone, and of the outputs alone, each takes its own path.
     args = layer_inputs(B=2, T=4, H=3, seed=1)
-    assert torch.autograd.gradcheck(lambda *a: peephole_lstm_layer(*a)[2], args)
-    assert torch.autograd.gradcheck(lambda *a: peephole_lstm_layer(*a)[0], args)
+    assert torch.autograd.gradcheck(lambda *a: lstm_layer(*a)[2], args)
+    assert torch.autograd.gradcheck(lambda *a: lstm_layer(*a)[0], args)
 
 
 def test_gradients_equal_the_reference_at_a_realistic_size():
@@ -60,7 +60,7 @@ def test_gradients_equal_the_reference_at_a_realistic_size():
         loss = (out * weights).sum() + h.square().sum() + c.sum()
         return torch.autograd.grad(loss, args)
 
-    for mine, ref in zip(grads(peephole_lstm_layer), grads(reference_layer)):
+    for mine, ref in zip(grads(lstm_layer), grads(reference_layer)):
         assert ((mine - ref).norm() / ref.norm()).item() < 1e-5  # fp32 sums in another order, 40 steps deep
 
 
@@ -89,11 +89,69 @@ def test_zero_peepholes_are_a_plain_lstm_with_the_same_parameter_names():
 
 def test_bf16_autocast_stays_near_fp32():
     args = [a.detach().float() for a in layer_inputs(B=4, T=30, F=16, H=32, seed=3)]
-    exact = peephole_lstm_layer(*args)[0]
+    exact = lstm_layer(*args)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = peephole_lstm_layer(*args)[0]
+        low = lstm_layer(*args)[0]
     assert low.dtype == torch.float32  # the state and gates stay fp32; only the matmuls are bf16
     assert (low - exact).abs().max().item() < 0.05
+
+
+def test_without_peepholes_the_layer_is_nn_lstm_forward_and_backward():
+    """The plain layer the trainer runs wide bf16 LSTMs through (cells.trains_faster_by_hand)."""
+    args = layer_inputs(B=3, T=6, F=4, H=5, seed=4)[:7]  # no peephole vectors
+    assert torch.autograd.gradcheck(lstm_layer, args)
+    x, h0, c0, *weights = [a.detach().float().requires_grad_() for a in layer_inputs(B=8, T=40, F=16, H=32, seed=5)[:7]]
+    plain = nn.LSTM(16, 32, batch_first=True)
+    with torch.no_grad():
+        for name, value in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), weights):
+            getattr(plain, name).copy_(value)
+    head = torch.randn(8, 40, 32)
+    out, h, c = lstm_layer(x, h0, c0, *weights)
+    ref, (ref_h, ref_c) = plain(x, (h0[None], c0[None]))
+    for mine, theirs in ((out, ref), (h, ref_h[0]), (c, ref_c[0])):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=0)
+    mine = torch.autograd.grad((out * head).sum() + h.square().sum() + c.sum(), [x, h0, c0, *weights])
+    theirs = torch.autograd.grad((ref * head).sum() + ref_h.square().sum() + ref_c.sum(),
+                                 [x, h0, c0, *plain.parameters()])
+    for a, b in zip(mine, theirs):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_bf16_training_of_a_wide_lstm_runs_by_hand_near_fp32(monkeypatch):
+    """Under CPU bf16 autocast, from cells.HAND_WRITTEN_BF16_MIN_HIDDEN units, training runs the
+    hand-written layer (lowered here so a small model takes it): its loss and gradients stay near
+    the fp32 model's, as oneDNN's bf16 kernel's do, and evaluation keeps nn.LSTM's kernel."""
+    import charlm.cells as cells
+    import charlm.model as model_module
+
+    calls = []
+    monkeypatch.setattr(model_module, "lstm_layer", lambda *a: calls.append(1) or cells.lstm_layer(*a))
+    torch.manual_seed(0)
+    model = RNNLM(ModelConfig(vocab_size=11, cell="lstm", hidden_size=48, embed_size=16, num_layers=1))
+    x = torch.randint(0, 11, (6, 31))
+
+    def loss_and_grads(bf16):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, state = model(x[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, 11), x[:, 1:].reshape(-1))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()], state
+
+    exact, exact_grads, _ = loss_and_grads(False)
+    monkeypatch.setattr(cells, "HAND_WRITTEN_BF16_MIN_HIDDEN", 32)
+    low, low_grads, (h, c) = loss_and_grads(True)
+    assert calls and h.dtype == c.dtype == torch.float32 and h.shape == (1, 6, 48)
+    assert abs(low - exact) < 0.01
+    for a, b in zip(low_grads, exact_grads):
+        assert ((a - b).norm() / b.norm()).item() < 0.05
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert not calls
+    monkeypatch.setattr(cells, "HAND_WRITTEN_BF16_MIN_HIDDEN", 10**6)
+    loss_and_grads(True)
+    assert not calls
 
 
 def test_a_peephole_model_trains():
