@@ -244,3 +244,19 @@ def test_evaluation_under_a_budget_is_frequent_but_bounded(tmp_path, tiny_text):
     assert end["eval_seconds"] == pytest.approx(sum(e["eval_seconds"] for e in evals))
     assert result.eval_seconds == pytest.approx(end["eval_seconds"])
     assert end["eval_seconds"] <= 0.25 * end["elapsed"]  # bounded (loosely: a loaded machine is noisy)
+
+
+def test_cpu_training_keeps_freed_memory_in_the_heap(monkeypatch):
+    """trainer.keep_freed_memory: glibc takes the mallopt options (Linux); elsewhere it is a no-op."""
+    import platform
+
+    from charlm import trainer
+
+    trainer.keep_freed_memory.cache_clear()
+    try:
+        assert trainer.keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+        monkeypatch.setattr(trainer.platform, "system", lambda: "Darwin")
+        trainer.keep_freed_memory.cache_clear()
+        assert trainer.keep_freed_memory() is False
+    finally:
+        trainer.keep_freed_memory.cache_clear()
