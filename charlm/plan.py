@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from .config import (OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, check_decay, check_option,
-                     check_precision)
+from .config import (OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, char_input_dropout, check_decay,
+                     check_option, check_precision)
 from .errors import ConfigError
 
 DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
@@ -234,11 +234,15 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
                           f"{auto.num_layers} (one wide layer learns fastest per CPU-second)")
     tie = (options.tie_weights if options.tie_weights is not None
            else auto.tie_weights and options.embed_size in (None, hidden))
+    dropout = _given_or(options.dropout, auto.dropout)
+    # A char or byte model given --dropout keeps the input dropout in proportion; a word model's is its level's.
+    input_dropout = (auto.input_dropout if options.tokenizer == "word" or options.dropout is None
+                     else char_input_dropout(dropout))
     model_cfg = ModelConfig(
         vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=hidden,
-        num_layers=_given_or(options.num_layers, auto.num_layers), dropout=_given_or(options.dropout, auto.dropout),
+        num_layers=_given_or(options.num_layers, auto.num_layers), dropout=dropout,
         embed_size=_given_or(options.embed_size, hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie,
-        input_dropout=_given_or(options.input_dropout, auto.input_dropout),
+        input_dropout=_given_or(options.input_dropout, input_dropout),
         embed_dropout=_given_or(options.embed_dropout, auto.embed_dropout),
         weight_drop=_given_or(options.weight_drop, auto.weight_drop), residual=_given_or(options.residual, False))
     options = dataclasses.replace(options, optimizer=options.optimizer or auto.optimizer)

@@ -6,7 +6,7 @@ import torch
 
 from charlm.averaging import WeightAverage
 from charlm.checkpoint import load_checkpoint, load_tensors, save_tensors
-from charlm.config import ModelConfig, TrainConfig
+from charlm.config import ModelConfig, TrainConfig, auto_size
 from charlm.data import prepare_data
 from charlm.errors import CheckpointError, ConfigError
 from charlm.evaluate import evaluate
@@ -129,9 +129,14 @@ def test_word_models_average_by_default_and_the_options_are_honoured_or_refused(
                                               device="cpu", **kw), given=set(kw))
     word = plan(tokenizer="word").train_config
     assert word.average and word.min_lr_ratio == 1.0 and word.shift_windows
-    char = plan().train_config
-    assert not char.average and char.min_lr_ratio == 0.0 and not char.shift_windows
+    char = plan().train_config  # a tiny corpus: hundreds of epochs in the minute
+    assert not char.average and char.min_lr_ratio == 0.0 and char.shift_windows
     assert not plan(tokenizer="word", shift_windows=False).train_config.shift_windows
+    assert not plan(shift_windows=False).train_config.shift_windows
+    # Char models shift their windows from 3 expected epochs (tiny-shakespeare: 3 minutes ~2, 10 ~5).
+    few, more = (auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=minutes, gpu=False, bf16=True)
+                 for minutes in (3, 10))
+    assert not few.shift_windows and more.shift_windows
     assert plan(shift_windows=True).train_config.shift_windows
     on = plan(average_power=4.0).train_config
     assert on.average and on.average_power == 4.0 and on.min_lr_ratio == 0.0  # char models keep their schedule

@@ -536,7 +536,7 @@ def test_options_given_on_resume_are_honoured_or_refused(run):
                         (["--seed", "7"], "--seed"), (["--min-count", "2"], "--min-count"),
                         (["--tokenizer", "byte"], "--tokenizer"), (["--out", run.parent / "other"], "--out"),
                         (["--average"], "--average"), (["--average-power", "2"], "--average"),
-                        (["--shift-windows"], "--shift-windows")]:
+                        (["--no-shift-windows" if cfg.shift_windows else "--shift-windows"], "--shift-windows")]:
         assert named in one_line_error(invoke("train", "--resume", run, "--max-steps", "10", *args), 2)
     # The run's own value, given explicitly, is fine (lstm is also the default: it was given, so it is checked).
     assert invoke("train", "--resume", run, "--max-steps", "9", "--cell", "lstm").exit_code == 0

@@ -137,3 +137,24 @@ def test_activation_regularisation_adds_to_the_objective_not_to_the_reported_los
     assert plain.best_val_loss != with_ar.best_val_loss  # the penalty changed the updates
     state = charlm.load(tmp_path / "b").checkpoint.train_config
     assert state.activation_reg == 2.0 and state.temporal_reg == 1.0
+
+
+def test_char_models_drop_half_as_much_of_the_input_as_of_the_output(tmp_path):
+    """config.char_input_dropout: the default follows --dropout (auto-sized or given); a given
+    --input-dropout is kept; word models keep their level's own."""
+    from charlm.plan import TrainOptions, plan_run
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the cat sat on the mat and the dog sat on the log\n" * 300, encoding="utf-8")
+
+    def model(**options):
+        return plan_run(TrainOptions(corpus=str(corpus), out=str(tmp_path / "run"), max_minutes=10, device="cpu",
+                                     **options), given=set(options)).model_config
+
+    auto = model()
+    assert auto.dropout > 0 and auto.input_dropout == auto.dropout / 2
+    assert model(dropout=0.4).input_dropout == 0.2
+    assert model(dropout=0.0).input_dropout == 0.0
+    assert model(dropout=0.4, input_dropout=0.3).input_dropout == 0.3
+    word = model(tokenizer="word")
+    assert word.input_dropout is not None and word.input_dropout > word.dropout  # the AWD level's
