@@ -120,9 +120,9 @@ class PeepholeLSTM(nn.Module):
 
 
 # On a CPU, bf16 training of an LSTM this wide runs faster through ``_Recurrence`` than through
-# oneDNN's fused kernel, whose bf16 backward takes ~4× its forward (a window of 100 steps, forward +
-# backward, oneDNN's time over ours: 1024 units 1.2–1.5× at batch 16–32, 768 units 1.06–1.14×,
-# 512 units 0.7–0.8×; in fp32 oneDNN's is faster at every size). benchmarks/speed.py measures it.
+# oneDNN's fused kernel, whose bf16 backward takes ~4× its forward. benchmarks/lstm_layer.py (a
+# window of 100 steps, forward + backward, oneDNN's time over ours, batch 16 / 32): 1024 units
+# 1.46× / 1.29×, 768 units 1.33× / 1.21×, 512 units 0.62× / 0.90×; in fp32 0.68–1.00× at every size.
 HAND_WRITTEN_BF16_MIN_HIDDEN = 768
 
 
@@ -218,10 +218,9 @@ def _run(xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tenso
             if peepholes is not None:
                 g[:, :H].addcmul_(c, peepholes[0])
                 g[:, H:2 * H].addcmul_(c, peepholes[1])
-                torch.sigmoid_(g[:, :2 * H])
-            else:
-                torch.sigmoid_(g[:, :2 * H])
+            else:  # o needs no c: its σ now; a peephole's o waits for the new c
                 torch.sigmoid_(g[:, 3 * H:])
+            torch.sigmoid_(g[:, :2 * H])
             torch.tanh_(g[:, 2 * H:3 * H])
             torch.mul(g[:, H:2 * H], c, out=c_new)
             c_new.addcmul_(g[:, :H], g[:, 2 * H:3 * H])

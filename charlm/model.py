@@ -144,13 +144,10 @@ class RNNLM(nn.Module):
                 w_hh = w_hh * keep_mask(w_hh.shape, cfg.weight_drop, w_hh)
             weights = [getattr(self.rnn, f"weight_ih_l{k}"), w_hh, getattr(self.rnn, f"bias_ih_l{k}"),
                        getattr(self.rnn, f"bias_hh_l{k}")]
-            if cfg.cell == "peephole":
+            if cfg.cell == "peephole" or (cfg.cell == "lstm" and trains_faster_by_hand(x, cfg.hidden_size)):
                 h, c = state  # type: ignore[misc]
-                x, h_k, c_k = lstm_layer(x, h[k], c[k], *weights, *self.rnn.peepholes(k))
-                finals.append((h_k[None], c_k[None]))
-            elif cfg.cell == "lstm" and trains_faster_by_hand(x, cfg.hidden_size):
-                h, c = state  # type: ignore[misc]
-                x, h_k, c_k = lstm_layer(x, h[k], c[k], *weights)
+                peepholes = self.rnn.peepholes(k) if cfg.cell == "peephole" else ()
+                x, h_k, c_k = lstm_layer(x, h[k], c[k], *weights, *peepholes)
                 finals.append((h_k[None], c_k[None]))
             elif cfg.cell == "lstm":
                 h, c = state  # type: ignore[misc]

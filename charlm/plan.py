@@ -235,9 +235,8 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     tie = (options.tie_weights if options.tie_weights is not None
            else auto.tie_weights and options.embed_size in (None, hidden))
     dropout = _given_or(options.dropout, auto.dropout)
-    # A char or byte model given --dropout keeps the input dropout in proportion; a word model's is its level's.
-    input_dropout = (auto.input_dropout if options.tokenizer == "word" or options.dropout is None
-                     else char_input_dropout(dropout))
+    # A char or byte model's input dropout follows its dropout, given or not; a word model's is its level's.
+    input_dropout = auto.input_dropout if options.tokenizer == "word" else char_input_dropout(dropout)
     model_cfg = ModelConfig(
         vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=hidden,
         num_layers=_given_or(options.num_layers, auto.num_layers), dropout=dropout,
