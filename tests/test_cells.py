@@ -61,7 +61,8 @@ def test_gradients_equal_the_reference_at_a_realistic_size():
         return torch.autograd.grad(loss, args)
 
     for mine, ref in zip(grads(lstm_layer), grads(reference_layer)):
-        assert ((mine - ref).norm() / ref.norm()).item() < 1e-5  # fp32 sums in another order, 40 steps deep
+        # fp32 sums in another order and tanh as 2σ(2x) − 1 (~2e-7 from tanh near 0), 40 steps deep
+        assert ((mine - ref).norm() / ref.norm()).item() < 2e-5
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.05), (torch.float64, 1e-12)])
