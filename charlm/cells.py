@@ -266,10 +266,13 @@ class _Recurrence(torch.autograd.Function):
         #   da_i = dc ⊙ g ⊙ σ'(i)    da_f = dc ⊙ c₋₁ ⊙ σ'(f)    da_g = dc ⊙ i ⊙ tanh'(g)
         #   dc₋₁ = dc ⊙ f [+ da_i ⊙ p_i + da_f ⊙ p_f]            dh₋₁ = da @ W_hh
         # The gates' gradients: in the matmul format for the whole window (the weight gradient's one
-        # matmul needs them all), written there straight from float32 products; in the state's format
-        # too where the peepholes' sums need them (or where that is the matmul format).
+        # matmul needs them all), in the state's format a step at a time (a window of them for the
+        # peepholes' sums, or where that is the matmul format). Formed in a step's buffer, which stays
+        # in cache, and copied into the window once: products written straight into a slice of the
+        # bf16 window convert through a temporary each and miss the cache.
         d_matmul = cs.new_empty(T, B, G, dtype=matmul_dtype)
         window = d_matmul if matmul_dtype == cs.dtype else cs.new_empty(T, B, G) if peepholes else None
+        step_buffer = torch.empty_like(gates[0])
         back = fixed_weight_matmul(w_hh.t().to(matmul_dtype), B)  # da ↦ da @ W_hh
         dh = torch.zeros_like(hs[0]) if d_h is None else d_h.clone()
         dc = torch.zeros_like(cs[0]) if d_c is None else d_c.clone()
@@ -277,7 +280,7 @@ class _Recurrence(torch.autograd.Function):
             dh.add_(d_out[T - 1])
         slope, derivative, product = torch.empty_like(gates[0]), torch.empty_like(dc), torch.empty_like(dc)
         for t in reversed(range(T)):
-            s, da = gates[t], d_matmul[t] if window is None else window[t]
+            s, da = gates[t], step_buffer if window is None else window[t]
             i, f, g, o = s[:, :H], s[:, H:2 * H], s[:, 2 * H:3 * H], s[:, 3 * H:]
             torch.addcmul(s, s, s, value=-1, out=slope)  # σ' = s − s² of every gate (the g slot is replaced next)
             ig = slope[:, 2 * H:3 * H]
@@ -294,7 +297,7 @@ class _Recurrence(torch.autograd.Function):
             dc.mul_(f)
             if peepholes:
                 dc.addcmul_(da[:, :H], peepholes[0]).addcmul_(da[:, H:2 * H], peepholes[1])
-            if window is not None and window is not d_matmul:
+            if window is not d_matmul:
                 d_matmul[t].copy_(da)
             if t and d_out is not None:  # dh₋₁, with the output's gradient of step t − 1
                 torch.add(back(d_matmul[t]), d_out[t - 1], out=dh)
