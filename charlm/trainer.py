@@ -110,8 +110,10 @@ def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, *,
     """``cfg.optimizer``: AdamW (decoupled weight decay), plain SGD (the PyTorch word-LM example's),
     Adagrad (min-char-rnn's) or RMSprop with decay 0.95 (char-rnn's); the others' weight decay is
     the L2 kind. Biases and other vectors are never decayed; the trainer sets the rate each step.
-    AdamW and SGD use their fused kernels on a GPU (or where ``fused`` says)."""
-    fused = device.type == "cuda" if fused is None else fused
+    AdamW and SGD use their fused kernels (one pass over each tensor) on a GPU and on a CPU, or where
+    ``fused`` says: on 2 CPU cores a 4.8M-parameter AdamW step took 3.3 ms fused against 20.8 ms in
+    PyTorch's default multi-tensor form (~4% of a 1×1024 batch-32 training step), SGD 1.6 against 3.1."""
+    fused = device.type in ("cuda", "cpu") if fused is None else fused
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
