@@ -122,7 +122,7 @@ class PeepholeLSTM(nn.Module):
 # On a CPU, bf16 training of an LSTM this wide runs faster through ``_Recurrence`` than through
 # oneDNN's fused kernel, whose bf16 backward takes ~4× its forward. benchmarks/lstm_layer.py (a
 # window of 100 steps, forward + backward, oneDNN's time over ours, batch 16 / 32): 1024 units
-# 1.46× / 1.29×, 768 units 1.33× / 1.21×, 512 units 0.62× / 0.90×; in fp32 0.68–1.00× at every size.
+# 1.73× / 1.36×, 768 units 1.62× / 1.34×, 512 units 0.64× / 0.98×; in fp32 0.69–1.11×.
 HAND_WRITTEN_BF16_MIN_HIDDEN = 768
 
 
