@@ -278,7 +278,7 @@ class _Recurrence(torch.autograd.Function):
         dc = torch.zeros_like(cs[0]) if d_c is None else d_c.clone()
         if d_out is not None:
             dh.add_(d_out[T - 1])
-        slope, derivative, product = torch.empty_like(gates[0]), torch.empty_like(dc), torch.empty_like(dc)
+        slope, derivative = torch.empty_like(gates[0]), torch.empty_like(dc)
         for t in reversed(range(T)):
             s, da = gates[t], step_buffer if window is None else window[t]
             i, f, g, o = s[:, :H], s[:, H:2 * H], s[:, 2 * H:3 * H], s[:, 3 * H:]
@@ -287,12 +287,12 @@ class _Recurrence(torch.autograd.Function):
             torch.addcmul(i, i, torch.mul(g, g, out=ig), value=-1, out=ig)  # i ⊙ tanh'(g)
             tanh_c = tanh_cs[t]
             torch.addcmul(o, o, torch.mul(tanh_c, tanh_c, out=derivative), value=-1, out=derivative)  # o ⊙ tanh'(c)
-            torch.mul(torch.mul(dh, tanh_c, out=product), slope[:, 3 * H:], out=da[:, 3 * H:])  # da_o
+            torch.mul(dh, tanh_c, out=da[:, 3 * H:]).mul_(slope[:, 3 * H:])  # da_o
             dc.addcmul_(dh, derivative)
             if peepholes:
                 dc.addcmul_(da[:, 3 * H:], peepholes[2])
-            torch.mul(torch.mul(dc, g, out=product), slope[:, :H], out=da[:, :H])  # da_i
-            torch.mul(torch.mul(dc, cs[t], out=product), slope[:, H:2 * H], out=da[:, H:2 * H])  # da_f
+            torch.mul(dc, g, out=da[:, :H]).mul_(slope[:, :H])  # da_i
+            torch.mul(dc, cs[t], out=da[:, H:2 * H]).mul_(slope[:, H:2 * H])  # da_f
             torch.mul(dc, ig, out=da[:, 2 * H:3 * H])  # da_g
             dc.mul_(f)
             if peepholes:
