@@ -105,9 +105,7 @@ def main() -> None:
             trainers.append(row)
             print(json.dumps(row), flush=True)
     result = {
-        "command": "python benchmarks/lstm_layer.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                 (("rounds", args.rounds),
-                                                                  ("trainer_rounds", args.trainer_rounds))),
+        "command": f"python benchmarks/lstm_layer.py --rounds {args.rounds} --trainer-rounds {args.trainer_rounds}",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"native bf16: {cpu_bf16_instructions() or 'none'}",
         "what": "one training window (seq 100, input 128, forward + backward) in ms, medians of alternating rounds; "
