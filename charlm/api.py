@@ -67,6 +67,11 @@ class Perplexity:
     bits_per_byte: float = float("nan")  # what enwik8-style results report
     caveat: str | None = None  # what the per-character figures leave out (word models), else None
     precision: str = "fp32"  # the matmuls'
+    # The checkpoint's cache pointer (window, theta, weight) when the figures above used it; the
+    # model alone's figures are then the *_without_cache ones (the same pass).
+    cache: dict[str, Any] | None = None
+    nats_per_token_without_cache: float | None = None
+    perplexity_without_cache: float | None = None
 
 
 class LanguageModel:
@@ -115,23 +120,31 @@ class LanguageModel:
             texts[piece.stream] += piece.text
         return texts
 
-    def perplexity(self, text: str, *, precision: str = "auto",
+    def perplexity(self, text: str, *, precision: str = "auto", cache: bool = True,
                    should_stop: Callable[[], bool] | None = None) -> Perplexity:
         """Score ``text`` in one pass: each token predicted from everything before it.
         ``precision``: auto and fp32 compute in fp32, so figures compare across machines and
         with training's validation loss; bf16 is faster and within 2e-3 nats/token.
-        ``should_stop`` is asked between windows; True stops with ``charlm.errors.Cancelled``."""
+        ``cache``: use the checkpoint's cache pointer, if training fitted one (pointer.py); the
+        result then has the model alone's figures too. ``should_stop`` is asked between windows;
+        True stops with ``charlm.errors.Cancelled``."""
         from .errors import UsageError
         from .evaluate import evaluate
+        from .pointer import evaluate_with_cache
         from .precision import FP32, resolve_precision
 
         _text("text", text)
         _text("precision", precision)
+        _flag("cache", cache)
         chosen = FP32 if precision == "auto" else resolve_precision(precision, self.model.embedding.weight.device)
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
             raise UsageError(f"the text needs at least 2 tokens to score (has {len(ids)})")
-        result = evaluate(self.model, ids, precision=chosen, should_stop=should_stop)
+        pointer, without = self.checkpoint.cache if cache else None, None
+        if pointer is not None:
+            result, without = evaluate_with_cache(self.model, ids, pointer, precision=chosen, should_stop=should_stop)
+        else:
+            result = evaluate(self.model, ids, precision=chosen, should_stop=should_stop)
         unknown = self.tokenizer.count_unknown(ids)
         num_bytes = len(text.encode("utf-8", errors="surrogatepass"))
         return Perplexity(
@@ -140,7 +153,10 @@ class LanguageModel:
             bits_per_char=result.bits_per_char(len(text)), perplexity=result.perplexity,
             unknown=tuple(self.tokenizer.unknown_symbols(text)[:50]) if unknown else (),
             bytes=num_bytes, bits_per_byte=result.bits_per_char(num_bytes),
-            caveat=WORD_CAVEAT if self.tokenizer.kind == "word" else None, precision=chosen.name)
+            caveat=WORD_CAVEAT if self.tokenizer.kind == "word" else None, precision=chosen.name,
+            cache=pointer.to_dict() if pointer is not None else None,
+            nats_per_token_without_cache=without.nats_per_token if without is not None else None,
+            perplexity_without_cache=without.perplexity if without is not None else None)
 
     def logprobs(self, text: str, *, top: int = 5, from_line_start: bool = True, max_tokens: int | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[PieceLogprob]:

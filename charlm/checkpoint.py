@@ -1,7 +1,8 @@
 """Atomic save and validated load of ``.safetensors`` checkpoints.
 
 One file holds the weights (PyTorch parameter names, tied weights stored once) and JSON metadata:
-``format`` = ``charlm/1``, ``model_config``, ``tokenizer``, ``train_config``, ``train_state``.
+``format`` = ``charlm/1``, ``model_config``, ``tokenizer``, ``train_config``, ``train_state``, and
+``cache_pointer`` where the trainer fitted one (pointer.py).
 Optimizer state, RNG state and the carried hidden state, which only ``--resume`` needs, go in a
 sibling ``*.optim.safetensors`` named in ``train_state["optim_file"]``.
 
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonio
-from .config import ConfigError, ModelConfig, TrainConfig, brief
+from .config import CachePointer, ConfigError, ModelConfig, TrainConfig, brief
 from .errors import CheckpointError, SaveError, TokenizerError, out_of_memory_as
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "charlm/1"
 BEST = "best.safetensors"
 LAST = "last.safetensors"
+CACHE_KEY = "cache_pointer"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
@@ -39,6 +41,7 @@ class Checkpoint:
     train_state: dict[str, Any]
     path: Path
     metadata: dict[str, str] = field(default_factory=dict)
+    cache: CachePointer | None = None  # the cache pointer fitted when training ended (pointer.py)
 
 
 def checkpoint_report(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -50,6 +53,7 @@ def checkpoint_report(checkpoint: Checkpoint) -> dict[str, Any]:
         "vocab_size": checkpoint.tokenizer.vocab_size, "model_config": checkpoint.model_config.to_dict(),
         "train_config": checkpoint.train_config.to_dict() if checkpoint.train_config else None,
         "train_state": checkpoint.train_state,
+        "cache_pointer": checkpoint.cache.to_dict() if checkpoint.cache else None,
     }
 
 
@@ -303,6 +307,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Che
         tokenizer = tokenizer_from_dict(_json_field(path, metadata, "tokenizer"))
         raw_train = _json_field(path, metadata, "train_config")
         train_config = TrainConfig.from_dict(raw_train) if raw_train is not None else None
+        raw_cache = _json_field(path, metadata, CACHE_KEY) if CACHE_KEY in metadata else None
+        cache = CachePointer.from_dict(raw_cache) if raw_cache is not None else None
     except (ConfigError, TokenizerError) as exc:
         raise CheckpointError(f"{path}: invalid metadata: {exc}") from None
     train_state = check_train_state(path, _json_field(path, metadata, "train_state"))
@@ -327,7 +333,16 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Che
         model.to(device)
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, model_config=model_config, train_config=train_config,
-                      train_state=train_state, path=path, metadata=dict(metadata))
+                      train_state=train_state, path=path, metadata=dict(metadata), cache=cache)
+
+
+def store_cache(path: Path, cache: CachePointer | None) -> None:
+    """Rewrite checkpoint ``path`` (atomically) with ``cache`` in its metadata, or without one."""
+    tensors, metadata = load_tensors(path)
+    metadata.pop(CACHE_KEY, None)
+    if cache is not None:
+        metadata[CACHE_KEY] = jsonio.dumps(cache.to_dict())
+    save_tensors(path, tensors, metadata)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:

@@ -159,6 +159,17 @@ class _TrainDisplay:
             else:
                 err.print(line, markup=False)
             self._update(event)
+        elif kind == "cache":
+            without, found = event["val_loss_without"], event["cache"]
+            if found is None:
+                line = (f"cache pointer: none kept (the best found gained less than 0.01 nats/token on "
+                        f"{event['tokens']:,} validation tokens; {event['seconds']:.0f} s)")
+            else:
+                line = (f"cache pointer: validation {event['val_loss']:.4f} nats/token with it, {without:.4f} "
+                        f"without (perplexity {math.exp(min(event['val_loss'], 700)):.3f} against "
+                        f"{math.exp(min(without, 700)):.3f}; window {found['window']:,}, θ {found['theta']:g}, "
+                        f"λ {found['weight']:g}, fitted on these {event['tokens']:,} tokens in {event['seconds']:.0f} s)")
+            err.print(line, markup=False)
         elif kind == "bad_step":
             err.print(f"charlm: warning: non-finite loss at step {event['step']}, step skipped", markup=False)
 
@@ -225,6 +236,7 @@ def train(
     average: Annotated[Optional[bool], typer.Option("--average/--no-average", help="Evaluate and save the average of the run's weights (step t weighs t^P, P = --average-power), not the last step's: a high learning rate then still ends at a quiet point (AWD-LSTM's averaged SGD). Default: on for word models whose budget buys 8 or more epochs, with a constant rate.")] = None,
     average_power: Annotated[Optional[float], typer.Option(help="How much --average leans on recent steps: 0 weighs the whole run equally; with P the mean age of what is averaged is 1/(P+2) of the run (0–20; giving it turns --average on). Default: 2.")] = None,
     shift_windows: Annotated[Optional[bool], typer.Option("--shift-windows/--no-shift-windows", help="Start each epoch's BPTT windows at a different offset (0 to --seq-len − 1, drawn from the seed and the epoch), so a token is not always at the same place in its window (AWD-LSTM varies the length for this). Default: on where the budget buys 8 or more epochs of a word model, 3 or more of a char or byte model.")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="When the run ends, fit a cache pointer (Grave et al. 2017) to the best checkpoint on the validation split: the model's next-token distribution mixed with the tokens that followed similar moments of the recent past. It is stored in the checkpoint, kept only where it lowers the validation loss by 0.01 nats/token or more, and used by 'charlm perplexity' unless --no-cache. Takes seconds; not counted in --max-minutes.")] = True,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
@@ -286,7 +298,8 @@ def train(
                 "best_val_bpc": result.best_val_bpc, "best_val_perplexity": math.exp(min(result.best_val_loss, 700)),
                 "best_step": result.best_step, "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
                 "stopped_by": result.stopped_by, "num_parameters": result.num_parameters,
-                "eval_seconds": result.eval_seconds, "sample": sample_text}) + "\n")
+                "eval_seconds": result.eval_seconds, "cache": _cache_json(result.cache),
+                "sample": sample_text}) + "\n")
             return
         _print_loss_chart(run_dir)
         console.print(f"best val loss {result.best_val_loss:.4f} nats/token · "
@@ -301,6 +314,14 @@ def train(
                 sys.stdout.write(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+
+
+def _cache_json(found: Any) -> dict[str, Any] | None:
+    """The cache pointer a run fitted, for --json (None: not fitted)."""
+    if found is None:
+        return None
+    return {"pointer": found.cache.to_dict() if found.cache else None, "val_loss": found.nats_per_token,
+            "val_loss_without": found.nats_per_token_without, "tokens": found.tokens, "seconds": found.seconds}
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -401,6 +422,7 @@ def perplexity(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto or fp32: exact fp32 figures, comparable across machines and with training's validation loss; bf16: faster, within 2e-3 nats/token.")] = "auto",
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the cache pointer that training fitted to this checkpoint, if any (the model's distribution mixed with the tokens that followed similar moments of the text's recent past; see 'charlm train --cache'). The model alone's figures are printed beside it. --no-cache: the model alone, in the faster batched pass.")] = True,
 ) -> None:
     """Score held-out text: nats/token, perplexity, and bits/char and bits/byte (comparable across char and byte models; a word model's are lower bounds).
 
@@ -415,7 +437,7 @@ def perplexity(
         text = read_corpus(file, encoding_errors=encoding_errors)
         lm = load(checkpoint, device=device)
         t0 = time.perf_counter()
-        result = lm.perplexity(text, precision=precision)
+        result = lm.perplexity(text, precision=precision, cache=cache)
         seconds = time.perf_counter() - t0
         report = {
             "file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
@@ -423,7 +445,9 @@ def perplexity(
             "unknown_tokens": result.unknown_tokens, "total_nats": result.total_nats,
             "nats_per_token": result.nats_per_token, "bits_per_char": result.bits_per_char, "bytes": result.bytes,
             "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity, "caveat": result.caveat,
-            "seconds": seconds, "precision": result.precision,
+            "seconds": seconds, "precision": result.precision, "cache": result.cache,
+            "nats_per_token_without_cache": result.nats_per_token_without_cache,
+            "perplexity_without_cache": result.perplexity_without_cache,
         }
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
@@ -436,7 +460,14 @@ def perplexity(
                              ("bits/byte" + ("*" if result.caveat else ""), f"{report['bits_per_byte']:.4f}"),
                              ("perplexity", f"{report['perplexity']:.3f}")):
             table.add_row(label, value)
+        if result.cache is not None:
+            table.add_row("model alone", f"{result.nats_per_token_without_cache:.4f} nats/token, "
+                                         f"perplexity {result.perplexity_without_cache:.3f}")
         console.print(table)
+        if result.cache is not None:
+            err.print(f"charlm: with the checkpoint's cache pointer (window {result.cache['window']:,} tokens, "
+                      f"θ {result.cache['theta']:g}, λ {result.cache['weight']:g}; --no-cache for the model alone)",
+                      markup=False)
         if result.caveat:
             err.print(f"charlm: * {result.caveat}", markup=False)
         if result.unknown_tokens:
@@ -495,6 +526,9 @@ def info(
                                                 (("AR", cfg.activation_reg), ("TAR", cfg.temporal_reg)) if value)
                                       + (f", averaged weights (power {cfg.average_power:g})" if cfg.average else "")
                                       + (", windows shifted each epoch" if cfg.shift_windows else ""))
+        if loaded.cache is not None:
+            table.add_row("cache pointer", f"window {loaded.cache.window:,} tokens, θ {loaded.cache.theta:g}, "
+                                           f"λ {loaded.cache.weight:g} (used by perplexity)")
         console.print(table)
 
 

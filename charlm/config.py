@@ -125,6 +125,9 @@ LIMITS: dict[str, Range] = {
     "sample_length": Range(int, 0, 10**8, note="0 = none"),
     "min_count": _POSITIVE,
     "max_vocab": Range(int, 2, 2**24),
+    "cache_window": Range(int, 1, 10**6),
+    "cache_theta": Range(float, 0, 1000),
+    "cache_weight": Range(float, 0, 1, low_open=True, high_open=True),
 }
 
 
@@ -224,6 +227,8 @@ class TrainConfig(_DictMixin):
     average_power: float = 2.0
     # Start each epoch's BPTT windows at an offset drawn from (seed, epoch) (data.epoch_offset)
     shift_windows: bool = False
+    # When the run ends, fit a cache pointer on the validation split and keep it where it helps (pointer.py)
+    cache: bool = False
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "log_every", "max_bad_steps", "warmup_steps", "seed", "lr",
@@ -232,6 +237,7 @@ class TrainConfig(_DictMixin):
             check_option(name, getattr(self, name))
         _check(isinstance(self.average, bool), "--average must be true or false")
         _check(isinstance(self.shift_windows, bool), "--shift-windows must be true or false")
+        _check(isinstance(self.cache, bool), "--cache must be true or false")
         for name in ("epochs", "max_steps", "eval_every", "patience", "max_minutes"):
             check_option(name, getattr(self, name), optional=True)
         _check(isinstance(self.optimizer, str) and self.optimizer in OPTIMIZERS,
@@ -240,6 +246,20 @@ class TrainConfig(_DictMixin):
         _check(isinstance(self.device, str) and self.device in DEVICES,
                f"--device must be one of {', '.join(DEVICES)} (got {brief(self.device)})")
         check_decay(lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class CachePointer(_DictMixin):
+    """A continuous cache pointer (pointer.py): how many past tokens it reads, how sharply it
+    matches hidden states (θ), and its share of the mixture (λ)."""
+
+    window: int
+    theta: float
+    weight: float
+
+    def __post_init__(self) -> None:
+        for name in ("window", "theta", "weight"):
+            check_option(f"cache_{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class TrainOptions:
     average: bool | None = None  # None: as auto-sized (on for word models)
     average_power: float | None = None  # giving it turns --average on
     shift_windows: bool | None = None  # None: as auto-sized (on for word models of many epochs)
+    cache: bool = True  # fit a cache pointer on the validation split when the run ends (pointer.py)
     epochs: int | None = None
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -114,7 +115,7 @@ _RESUME_KEYS = ("tokenizer", "cell", "residual", "hidden_size", "num_layers", "e
                 "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
                 "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
                 "max_bad_steps", "log_every", "precision", "average", "average_power",
-                "shift_windows")
+                "shift_windows", "cache")
 
 
 @dataclass
@@ -257,7 +258,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         activation_reg=_given_or(options.activation_reg, auto.activation_reg),
         temporal_reg=_given_or(options.temporal_reg, auto.temporal_reg), precision=precision.name,
         average=average, average_power=_given_or(options.average_power, auto.average_power),
-        shift_windows=_given_or(options.shift_windows, auto.shift_windows))
+        shift_windows=_given_or(options.shift_windows, auto.shift_windows), cache=options.cache)
     run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
     notes = []
     if unknown := data.tokenizer.count_unknown(data.val_ids):
@@ -364,7 +365,7 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
         activation_reg=_given_or(options.activation_reg, before.activation_reg),
         temporal_reg=_given_or(options.temporal_reg, before.temporal_reg), precision=precision.name,
         average=_given_or(options.average, before.average), average_power=_given_or(options.average_power, before.average_power),
-        shift_windows=_given_or(options.shift_windows, before.shift_windows))
+        shift_windows=_given_or(options.shift_windows, before.shift_windows), cache=options.cache)
     notes = []
     if added := tokenizer.vocab_size - base.tokenizer.vocab_size:
         notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "
@@ -394,8 +395,9 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
         if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
             raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
                               f"(got {type(values[key]).__name__})")
-    for key in ("tie_weights", "residual", "extend_vocab", "average", "shift_windows"):
-        if key in values and not (isinstance(values[key], bool) or (key != "extend_vocab" and values[key] is None)):
+    for key in ("tie_weights", "residual", "extend_vocab", "average", "shift_windows", "cache"):
+        if key in values and not (isinstance(values[key], bool) or (key not in ("extend_vocab", "cache")
+                                                                    and values[key] is None)):
             raise ConfigError(f"{key} must be True or False (got {type(values[key]).__name__})")
     for key in ("include", "exclude"):  # lists from the command line, tuples in the options
         patterns = values.get(key) or ()

@@ -190,7 +190,7 @@ def _top(values: dict[str, Any], vocab_size: int, given: bool) -> None:
 GENERATE_FIELDS: dict[str, Any] = {"prime": "", "length": 500, "temperature": 0.8, "top_k": None, "top_p": None,
                                    "seed": None, "stop": None, "num_samples": 1, "stream": False}
 SCORE_FIELDS: dict[str, Any] = {"lines": None, "include_end": True, "logprobs": False, "top": 5}
-PERPLEXITY_FIELDS: dict[str, Any] = {"text": None, "logprobs": False, "top": 5}
+PERPLEXITY_FIELDS: dict[str, Any] = {"text": None, "logprobs": False, "top": 5, "cache": True}
 
 
 def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimits) -> dict[str, Any]:
@@ -432,12 +432,13 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
     def check_perplexity(values: dict[str, Any], given: set[str]) -> None:
         _string(values, "text")
         _flag(values, "logprobs")
+        _flag(values, "cache")
         _top(values, lm.tokenizer.vocab_size, "top" in given)
         if values["logprobs"]:
             logprob_tokens([values["text"]])
 
     def perplexity(values: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
-        answer = dataclasses.asdict(lm.perplexity(values["text"], should_stop=cancel.is_set))
+        answer = dataclasses.asdict(lm.perplexity(values["text"], cache=values["cache"], should_stop=cancel.is_set))
         if values["logprobs"]:
             answer["logprobs"] = [_piece(p) for p in lm.logprobs(values["text"], top=values["top"],
                                                                  from_line_start=False, should_stop=cancel.is_set)]

@@ -29,7 +29,7 @@ from .averaging import WeightAverage
 from .config import ModelConfig, TrainConfig, brief
 from .data import PreparedData, batchify, epoch_offset, fit_batch_shape, num_windows, shifted_windows, window
 from .distributed import Dist, device_for
-from .errors import CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
+from .errors import Cancelled, CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
 from .evaluate import EvalResult, evaluate
 from .model import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
                     select_state)
@@ -326,6 +326,7 @@ class TrainResult:
     num_parameters: int
     best_val_bpc: float = float("nan")  # bits per character of the validation text
     eval_seconds: float = 0.0  # of this session's time, spent evaluating (and saving checkpoints)
+    cache: Any = None  # pointer.CacheSearch: the cache pointer fitted at the end (None if not fitted)
 
     @property
     def best_checkpoint(self) -> Path:
@@ -731,6 +732,22 @@ class _Run:
                      "elapsed": self.clock})
         return seconds
 
+    def fit_cache(self):
+        """Fit a cache pointer to the best checkpoint on the validation split and store it there
+        (or store that none helps); not counted in the time budget (a few seconds). Rank 0 only.
+        Returns the ``pointer.CacheSearch``, or None if a stop request cut the search short."""
+        from .pointer import tune_cache
+
+        path = self.run_dir / ckpt.BEST
+        best = ckpt.load_checkpoint(path, device=str(self.device))
+        try:
+            found = tune_cache(best.model, self.data.val_ids, precision=FP32,
+                               should_stop=lambda: bool(self.should_stop and self.should_stop()))
+        except Cancelled:
+            return None
+        ckpt.store_cache(path, found.cache)
+        return found
+
     def log_step(self, lr: float) -> None:
         """Every ``log_every`` steps: the mean training loss since the last record, and the speed."""
         p = self.progress
@@ -773,6 +790,7 @@ class _Run:
                           f"or the model (--hidden-size, --num-layers)")
         self.net.train()
         self.bad_steps, self.last_eval_seconds = 0, 0.0
+        self.cache_search = None
         self.device_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, good steps, bad run
         self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
         last_eval_step = p.step if self.resume is not None else -1
@@ -818,12 +836,21 @@ class _Run:
                 self.eval_seconds_total += seconds
             else:
                 self.save_last()
+        if stopped_by != "interrupt" and cfg.cache and math.isfinite(p.best_val_loss):
+            with self.dist.main_outcome():
+                self.cache_search = self.fit_cache() if self.dist.is_main else None
+            found = self.cache_search  # rank 0's; record() writes and reports on rank 0 only
+            self.record({"event": "warning", "message": "stopped while fitting the cache pointer: the best "
+                                                        "checkpoint is left as it was"} if found is None else
+                        {"event": "cache", "cache": found.cache.to_dict() if found.cache else None,
+                         "val_loss": found.nats_per_token, "val_loss_without": found.nats_per_token_without,
+                         "tokens": found.tokens, "seconds": found.seconds})
         self.record({"event": "end", "step": p.step, "stopped_by": stopped_by, "best_val_loss": p.best_val_loss,
                      "best_step": p.best_step, "elapsed": self.clock, "eval_seconds": self.eval_seconds_total})
         predicted = max(len(self.data.val_ids) - 1, 0)
         best_bpc = EvalResult(p.best_val_loss * predicted, predicted).bits_per_char(self.data.val_chars)
         return TrainResult(self.run_dir, p.step, p.best_val_loss, p.best_step, p.val_loss, stopped_by, self.clock,
-                           self.num_parameters, best_bpc, self.eval_seconds_total)
+                           self.num_parameters, best_bpc, self.eval_seconds_total, self.cache_search)
 
 
 def load_initial_weights(model: RNNLM, weights: dict[str, torch.Tensor]) -> None:
@@ -990,7 +1017,8 @@ FIXED_ON_RESUME = ("cell", "residual", "hidden_size", "num_layers", "embed_size"
                    "seq_len", "val_fraction", "tokenizer", "seed", "warmup_steps", "average", "average_power",
                    "shift_windows")
 ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "max_minutes", "patience", "device", "eval_every",
-                        "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio", "precision")
+                        "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio", "precision",
+                        "cache")
 NOT_ON_RESUME = {"min_count": "the vocabulary is the checkpoint's", "max_vocab": "the vocabulary is the checkpoint's"}
 
 

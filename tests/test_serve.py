@@ -207,6 +207,7 @@ BAD = [
     ("/v1/perplexity", {"text": "F"}, 422, "at least 2 tokens"),
     ("/v1/perplexity", {"text": None}, 422, "text must be"),
     ("/v1/perplexity", {"text": "abc", "logprobs": 1}, 422, "logprobs must be"),
+    ("/v1/perplexity", {"text": "abc", "cache": "no"}, 422, "cache must be"),
     ("/v1/perplexity", {"text": "abc", "lines": []}, 422, "unknown field"),
 ]
 
@@ -417,7 +418,7 @@ def test_word_and_byte_models_generate_score_and_show_their_pieces(other_run):
                 pieces = got["logprobs"]
                 assert (bool(pieces) and pieces[-1]["text"] == "\n") == include_end
         text = TINY_TEXT[:200] + " Zebra ✓"
-        status, body = running.request("POST", "/v1/perplexity", {"text": text, "logprobs": True})
+        status, body = running.request("POST", "/v1/perplexity", {"text": text, "logprobs": True, "cache": False})
         assert status == 200, body
         assert sum(p["logprob"] for p in body["logprobs"][1:]) == pytest.approx(-body["total_nats"], rel=1e-5)
         if lm.tokenizer.kind == "word":

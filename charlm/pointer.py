@@ -1,0 +1,167 @@
+"""The continuous cache pointer (Grave, Joulin & Usunier 2017, as used with AWD-LSTM): a model's
+next-token distribution mixed with one over the tokens that followed similar moments of the recent
+past, so a name or a word the text has just used is likely again.
+
+    p(w | past) = (1 − λ) p_model(w) + λ Σ_{i : x[i+1] = w, t − window ≤ i < t} softmax_i(θ h_t · h_i)
+
+h_t is the last layer's output after reading token t. Only the past of the text being scored is
+read, so the figure is still the probability of the text, one token at a time; the model's weights
+never change. θ, λ and the window belong to a trained model: the trainer picks them on its
+validation split when the run ends (never on the text later scored) and stores them in the
+best checkpoint; ``charlm perplexity`` uses them unless told not to.
+
+The past is kept as a ring of the last ``window`` (h, next token) pairs, so a text of any length
+is scored in one sequential pass with bounded memory.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import CachePointer
+from .errors import stop_if_asked
+from .evaluate import EvalResult
+from .model import RNNLM
+from .precision import Precision
+
+BLOCK = 256  # tokens a window of the sequential pass predicts
+TUNE_TOKENS = 20_000  # validation tokens the search reads at most (a few seconds on 2 CPU cores)
+WINDOWS = (250, 500, 1000, 2000, 4000)
+THETAS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.5)
+WEIGHTS = tuple(round(0.05 * k, 2) for k in range(1, 13))  # λ from 0.05 to 0.6
+# A cache is kept only where it lowers the validation loss by at least this many nats/token (1%
+# of perplexity): below that the gain is within what the choice of θ, λ and window fits to the split.
+MIN_GAIN = 0.01
+
+
+@dataclass(frozen=True)
+class CacheSearch:
+    """What ``tune_cache`` found: the cache (None if it did not help enough) and the figures."""
+
+    cache: CachePointer | None
+    nats_per_token: float  # the validation tokens searched, with the cache chosen
+    nats_per_token_without: float  # the same tokens, the model alone
+    tokens: int
+    seconds: float
+
+
+@torch.inference_mode()
+def sequential_states(model: RNNLM, ids: np.ndarray, *, precision: Precision,
+                      should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One stream over ``ids``, ``BLOCK`` tokens at a time: for each block the last layer's outputs
+    (T, H) in float32, the tokens they predict (T,) and the model's log-probability of each (T,)."""
+    model.eval()
+    device = model.embedding.weight.device
+    tokens = torch.from_numpy(np.asarray(ids).astype(np.int64)).to(device)
+    state = None
+    for i in range(0, len(tokens) - 1, BLOCK):
+        stop_if_asked(should_stop)
+        x, y = tokens[None, i:i + BLOCK], tokens[None, i + 1:i + 1 + BLOCK]
+        x = x[:, :y.size(1)]
+        with precision.autocast(device):
+            logits, state, (raw, _) = model(x, state, with_outputs=True)
+        log_probs = F.log_softmax(logits[0].float(), -1).gather(1, y[0, :, None])[:, 0]
+        yield raw[0].float(), y[0], log_probs.double()
+
+
+class Ring:
+    """The last ``size`` (hidden state, next token) pairs of a stream."""
+
+    def __init__(self, size: int, hidden_size: int, device: torch.device) -> None:
+        self.size = size
+        self.h = torch.empty(0, hidden_size, device=device)
+        self.y = torch.empty(0, dtype=torch.int64, device=device)
+
+    def push(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        self.h, self.y = torch.cat([self.h, h])[-self.size:], torch.cat([self.y, y])[-self.size:]
+
+
+def _cache_scores(h: torch.Tensor, ring: Ring, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t · h_i for each t of the block against every i of the ring and of the block before t,
+    -inf outside the window; and the tokens those i were followed by."""
+    keys, nexts = torch.cat([ring.h, h]), ring.y
+    past, t = len(ring.h), len(h)
+    scores = h @ keys.T  # (T, past + T)
+    distance = torch.arange(t, device=h.device)[:, None] + past - torch.arange(past + t, device=h.device)[None, :]
+    return scores.masked_fill_((distance < 1) | (distance > window), -math.inf), nexts
+
+
+def _cache_probs(scores: torch.Tensor, nexts: torch.Tensor, y: torch.Tensor, theta: float) -> torch.Tensor:
+    """The cache's probability of each target y_t: the softmax weight (θ × score) of the past
+    positions followed by y_t; NaN where there is no past (the text's first token)."""
+    weights = torch.softmax(scores * theta, 1)
+    hits = torch.cat([nexts, y])[None, :] == y[:, None]  # (T, past + T): position i was followed by y_t
+    return (weights * hits).sum(1).double()
+
+
+def mix(log_probs: torch.Tensor, cache_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log((1 − λ) p_model + λ p_cache) for each token (rows) and each λ in ``weights`` (columns),
+    in float64; the model alone where the cache has nothing yet (a p_cache of 0 is fine)."""
+    mixed = torch.logaddexp(log_probs[:, None] + torch.log1p(-weights)[None, :],
+                            cache_probs.log()[:, None] + weights.log()[None, :])
+    return torch.where(cache_probs.isnan()[:, None], log_probs[:, None], mixed)
+
+
+def evaluate_with_cache(model: RNNLM, ids: np.ndarray, cache: CachePointer, *, precision: Precision,
+                        should_stop: Callable[[], bool] | None = None) -> tuple[EvalResult, EvalResult]:
+    """Total nats of predicting ids[1:] in one sequential pass, with the cache and without it."""
+    if len(ids) < 2:
+        return EvalResult(0.0, 0), EvalResult(0.0, 0)
+    ring = Ring(cache.window, model.cfg.hidden_size, model.embedding.weight.device)
+    with_cache = without = 0.0
+    for h, y, log_probs in sequential_states(model, ids, precision=precision, should_stop=should_stop):
+        scores, nexts = _cache_scores(h, ring, cache.window)
+        mixed = mix(log_probs, _cache_probs(scores, nexts, y, cache.theta),
+                    torch.tensor([cache.weight], dtype=torch.float64, device=h.device))
+        with_cache -= float(mixed.sum())
+        without -= float(log_probs.sum())
+        ring.push(h, y)
+    return EvalResult(with_cache, len(ids) - 1), EvalResult(without, len(ids) - 1)
+
+
+def tune_cache(model: RNNLM, ids: np.ndarray, *, precision: Precision,
+               should_stop: Callable[[], bool] | None = None) -> CacheSearch:
+    """Find the cache that predicts ``ids`` (validation tokens; the first ``TUNE_TOKENS``) best.
+
+    One pass of the model keeps every hidden state; then θ is searched at a middle window, the
+    window at that θ, and θ again at that window, each point with every λ (a vector operation)."""
+    t0 = time.perf_counter()
+    ids = np.asarray(ids)[:TUNE_TOKENS + 1]
+    blocks = list(sequential_states(model, ids, precision=precision, should_stop=should_stop))
+    n = sum(len(y) for _, y, _ in blocks)
+    if n < 2:
+        return CacheSearch(None, math.nan, math.nan, n, time.perf_counter() - t0)
+    without = -float(sum(float(lp.sum()) for _, _, lp in blocks)) / n
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64, device=blocks[0][0].device)
+    tried: dict[tuple[int, float], tuple[float, float]] = {}
+
+    def trial(window: int, theta: float) -> tuple[float, float]:
+        """(nats/token, λ) of the best λ for this window and θ."""
+        if (window, theta) not in tried:
+            stop_if_asked(should_stop)
+            ring = Ring(window, blocks[0][0].size(1), blocks[0][0].device)
+            total = torch.zeros(len(WEIGHTS), dtype=torch.float64)
+            for h, y, log_probs in blocks:
+                scores, nexts = _cache_scores(h, ring, window)
+                p_cache = _cache_probs(scores, nexts, y, theta)
+                total -= mix(log_probs, p_cache, weights).sum(0).cpu()
+                ring.push(h, y)
+            k = int(torch.argmin(total))
+            tried[(window, theta)] = (float(total[k]) / n, WEIGHTS[k])
+        return tried[(window, theta)]
+
+    windows = [w for w in WINDOWS if w < n] or [n - 1]
+    window = windows[min(2, len(windows) - 1)]
+    theta = min(THETAS, key=lambda th: trial(window, th)[0])
+    window = min(windows, key=lambda w: trial(w, theta)[0])
+    theta = min(THETAS, key=lambda th: trial(window, th)[0])
+    best, weight = trial(window, theta)
+    keep = without - best >= MIN_GAIN
+    return CacheSearch(CachePointer(window=window, theta=theta, weight=weight) if keep else None,
+                       best if keep else without, without, n, time.perf_counter() - t0)
