@@ -9,7 +9,7 @@ import dataclasses
 import math
 import reprlib
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConfigError
 
@@ -302,7 +302,8 @@ _CPU_WORD_TOKENS_PER_SECOND = {256: 12_000, 400: 7_000, 512: 5_000, 768: 3_000}
 
 
 def _auto_size_words(*, train_tokens: int, minutes: float, gpu: bool, gpu_size: tuple[int, int, int],
-                     bf16: bool = False) -> "AutoSize":
+                     bf16: bool = False, speed: Callable[[int, int, int, int], float] | None = None
+                     ) -> "AutoSize":
     """Word models: plain SGD at rate 20 with clipping 0.25 (the PyTorch word-LM example's
     optimiser, which beat AdamW by far on Grimm: benchmarks/results/sweep-word-grimm-3min.json),
     tied embeddings, and AWD-LSTM regularisation that grows with the epochs the budget buys."""
@@ -316,6 +317,8 @@ def _auto_size_words(*, train_tokens: int, minutes: float, gpu: bool, gpu_size: 
         layers, batch = 1, 20
         # bf16 on a CPU with native bf16: 1.45× the steps (Grimm, 3 minutes: 3,255 against 2,203).
         rate = _CPU_WORD_TOKENS_PER_SECOND[hidden] * (1.45 if bf16 else 1.0)
+    if speed is not None:
+        rate = speed(hidden, layers, batch, 35)
     epochs = minutes * 60 * rate / max(train_tokens, 1)
     # (dropout, input dropout, embedding dropout, weight drop) by expected epochs. Grimm, 3 minutes:
     # ~17 epochs (fp32) the third row, test 40.5; ~25 epochs (bf16) with the third row overfitted
@@ -389,12 +392,15 @@ def char_input_dropout(dropout: float) -> float:
 
 
 def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, gpu: bool,
-              bf16: bool = False) -> AutoSize:
+              bf16: bool = False, speed: Callable[[int, int, int, int], float] | None = None) -> AutoSize:
     """Pick a model and batch shape for a corpus and a time budget.
 
     Larger budgets buy larger models; the expected number of passes over the data decides dropout.
     Char/byte figures come from tiny-shakespeare runs on 2 CPU cores (see README, "Defaults");
     ``bf16`` (a CPU with native bf16 training in it) buys the next size up for the same budget.
+    ``speed(hidden, layers, batch, seq_len)``: tokens/s of training that shape, measured on this
+    machine (plan.measure_train_rate); without it, the tables' rates of the machine the sizes were
+    tuned on (2 cores of an AMD EPYC with AVX-512 BF16).
     """
     minutes = max_minutes if max_minutes is not None else 60.0
     if gpu:
@@ -426,13 +432,34 @@ def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, g
         rate = (_CPU_BF16_TOKENS_PER_SECOND if bf16 else _CPU_TOKENS_PER_SECOND)[hidden]
     if tokenizer == "word":
         return _auto_size_words(train_tokens=train_tokens, minutes=minutes, gpu=gpu, gpu_size=(hidden, layers, batch),
-                                bf16=bf16)
+                                bf16=bf16, speed=speed)
+    if speed is not None:
+        rate = speed(hidden, layers, batch, seq_len)
     expected_epochs = minutes * 60 * rate / max(train_tokens, 1)
+    if speed is not None and bf16 and not gpu and expected_epochs >= 8 and hidden in (768, 1024) \
+            and train_tokens >= tokens_per_weight // 2 * {768: 1024, 1024: 1536}[hidden] ** 2 // 64:
+        # A machine fast enough for 8 or more epochs of this size trains the next one up instead,
+        # with dropout, down to half the data per weight. Tiny-shakespeare, 10 minutes, on an Intel
+        # Xeon with AMX (1.8× the steps of the machine these sizes were tuned on): 1×1024 ran ~10
+        # epochs and reached 1.4390 with dropout 0.2 and 1.4302 with 0.3; 1×1536 with 0.25, ~5
+        # epochs, 1.4049 as a sweep point and 1.3980 as the default (sweep- and
+        # quality-tinyshakespeare-10min.json). The data cap is halved for it: 1×1536 on 1.0M tokens.
+        hidden = {768: 1024, 1024: 1536}[hidden]
+        lr = _CPU_LR[hidden]
+        rate = speed(hidden, layers, batch, seq_len)
+        expected_epochs = minutes * 60 * rate / max(train_tokens, 1)
+        stepped_up = True
+    else:
+        stepped_up = False
     dropout = 0.0 if expected_epochs < 8 else 0.1 if expected_epochs < 20 else 0.25
     if bf16 and not gpu:
         # The larger bf16 models overfit sooner: 1×768 for 8 epochs ended at 1.460 without dropout
-        # and 1.426 with 0.25; at 2 epochs dropout 0 and 0.1 tied (1.443, 1.441).
-        dropout = 0.0 if expected_epochs < 3 else 0.2 if expected_epochs < 20 else 0.25
+        # and 1.426 with 0.25; at 2 epochs dropout 0 and 0.1 tied (1.443, 1.441); 1×1024 for ~10
+        # epochs 1.4302 with 0.3 against 1.4390 with 0.2 (above).
+        dropout = (0.0 if expected_epochs < 3 else 0.2 if expected_epochs < 6 else 0.25 if expected_epochs < 8
+                   else 0.3)
+        if stepped_up:
+            dropout = max(dropout, 0.25)  # as measured (above)
     embed = min(hidden, 128 if not gpu else 256)
     # Shifted windows from 3 epochs (see the word models' reason below): tiny-shakespeare, 10 minutes
     # (bf16, ~4.5 epochs), the default with them 1.4086 against 1.4107, and in a later session (with

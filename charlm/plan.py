@@ -229,6 +229,28 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     precision = resolve_precision(options.precision, device)
     auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
                      gpu=device.type == "cuda", bf16=precision.name == "bf16")
+    shape_given = any(getattr(options, key) is not None for key in ("hidden_size", "num_layers", "embed_size",
+                                                                     "batch_size", "seq_len", "tie_weights"))
+    sized = None
+    if max_minutes is not None and device.type == "cpu" and not dist.enabled and not shape_given:
+        # How many epochs the budget buys decides the regularisation (and, where it buys many, the
+        # size): measure this machine's speed rather than trust the tables of the one it was tuned on.
+        measured: dict[tuple[int, ...], float] = {}
+
+        def speed(hidden: int, layers: int, batch: int, seq_len: int) -> float:
+            word = options.tokenizer == "word"
+            shape = (hidden, layers, batch, seq_len)
+            if shape not in measured:
+                measured[shape] = measure_train_rate(ModelConfig(
+                    vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=hidden, num_layers=layers,
+                    embed_size=hidden if word else min(hidden, 128), tie_weights=word, dropout=0.2,
+                    weight_drop=0.3 if word else 0.0), batch_size=batch, seq_len=seq_len, precision=precision)
+            return measured[shape]
+
+        auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
+                         gpu=False, bf16=precision.name == "bf16", speed=speed)
+        rates = ", ".join(f"1×{shape[0]} {rate / 1000:.1f}k" for shape, rate in measured.items())
+        sized = f"sized for this machine: {auto.reason} (measured tokens/s: {rates})"
     hidden = _given_or(options.hidden_size, auto.hidden_size)
     if options.residual and options.num_layers is None and auto.num_layers < 2:
         raise ConfigError(f"--residual connects stacked layers: give --num-layers (≥ 2); the default here is "
@@ -260,7 +282,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         average=average, average_power=_given_or(options.average_power, auto.average_power),
         shift_windows=_given_or(options.shift_windows, auto.shift_windows), cache=options.cache)
     run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
-    notes = []
+    notes = [sized] if sized else []
     if unknown := data.tokenizer.count_unknown(data.val_ids):
         notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
     return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
@@ -270,6 +292,45 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
 # The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
 OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
                 "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
+
+
+# A step measured alone runs a little faster than the trainer's steps (evaluation, logging, data).
+_TRAINER_SHARE = 0.9
+
+
+def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: int, precision: Any,
+                       steps: int = 4) -> float:
+    """Tokens/s of training this shape on this CPU (forward, backward, clipping, the optimizer
+    step), from the median of ``steps`` − 1 timed steps after a warm-up one: about a second for
+    the default sizes. Random tokens; the caller's random state is left as it was."""
+    import statistics
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from .model import RNNLM
+    from .trainer import make_optimizer
+
+    device = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = RNNLM(model_config).train()
+        optimizer = make_optimizer(model, TrainConfig(), device)
+        x = torch.randint(model_config.vocab_size, (batch_size, seq_len + 1))
+        seconds, state = [], None
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            with precision.autocast(device):
+                logits, state = model(x[:, :-1], state)
+            loss = F.cross_entropy(logits.float().reshape(-1, model_config.vocab_size), x[:, 1:].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+            seconds.append(time.perf_counter() - t0)
+    return _TRAINER_SHARE * batch_size * seq_len / statistics.median(seconds[1:])
 
 
 def _min_count(options: TrainOptions) -> int:

@@ -87,3 +87,49 @@ def test_bf16_word_models_expect_more_epochs_and_regularise_more():
     assert (bf16.dropout, bf16.input_dropout, bf16.embed_dropout, bf16.weight_drop) == (0.4, 0.5, 0.1, 0.3)
     long = auto_size(tokenizer="word", train_tokens=88_000, max_minutes=10, gpu=False, bf16=True)  # ~49 epochs
     assert (long.dropout, long.input_dropout, long.embed_dropout, long.weight_drop) == (0.5, 0.65, 0.1, 0.5)
+
+
+def test_a_measured_speed_replaces_the_tables_in_the_epochs_estimate():
+    slow = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=10, gpu=False, bf16=True,
+                     speed=lambda hidden, *shape: 8_000)
+    assert "~5 epochs" in slow.reason and (slow.hidden_size, slow.dropout) == (1024, 0.2)
+    # A machine that trains 1×1024 for ~10 epochs in the budget trains 1×1536 instead, with dropout.
+    rates = {1024: 17_000, 1536: 10_000}
+    fast = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=10, gpu=False, bf16=True,
+                     speed=lambda hidden, *shape: rates[hidden])
+    assert (fast.hidden_size, fast.dropout, fast.lr, fast.input_dropout) == (1536, 0.25, 6e-3, 0.125)
+    assert "~6 epochs" in fast.reason
+    fp32 = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=10, gpu=False,
+                     speed=lambda hidden, *shape: 17_000)
+    assert fp32.hidden_size == 768  # fp32's sizes are the measured ones: no step up
+    small = auto_size(tokenizer="char", train_tokens=300_000, max_minutes=10, gpu=False, bf16=True,
+                      speed=lambda hidden, *shape: 17_000)
+    assert small.hidden_size == 512 and small.dropout == 0.3  # too little data to grow: more dropout instead
+    word = auto_size(tokenizer="word", train_tokens=88_000, max_minutes=3, gpu=False, bf16=True,
+                     speed=lambda *shape: 20_000)  # ~41 epochs: AWD-LSTM's rates for long runs
+    assert (word.dropout, word.input_dropout, word.embed_dropout, word.weight_drop) == (0.5, 0.65, 0.1, 0.5)
+
+
+def test_the_plan_measures_this_machine_only_for_a_shape_it_chooses(tmp_path, monkeypatch):
+    import torch
+
+    from charlm import plan as planning
+    from charlm.precision import FP32
+
+    cfg = ModelConfig(vocab_size=30, hidden_size=16, embed_size=8)
+    before = torch.get_rng_state()
+    rate = planning.measure_train_rate(cfg, batch_size=4, seq_len=10, precision=FP32)
+    assert 0 < rate < float("inf") and torch.equal(torch.get_rng_state(), before)
+
+    asked = []
+    monkeypatch.setattr(planning, "measure_train_rate",
+                        lambda config, **shape: asked.append((config.hidden_size, shape["batch_size"])) or 1e6)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a small corpus of characters, repeated.\n" * 300, encoding="utf-8")
+    options = dict(corpus=str(corpus), max_minutes=1, device="cpu")
+    chosen = planning.plan_run(planning.TrainOptions(out=str(tmp_path / "a"), **options))
+    assert asked == [(chosen.model_config.hidden_size, chosen.train_config.batch_size)]
+    assert any("sized for this machine" in note and "1000.0k" in note for note in chosen.notes)
+    planning.plan_run(planning.TrainOptions(out=str(tmp_path / "b"), hidden_size=32, **options), given={"hidden_size"})
+    planning.plan_run(planning.TrainOptions(out=str(tmp_path / "c"), max_steps=5, corpus=str(corpus), device="cpu"))
+    assert len(asked) == 1  # a shape given, or no time budget: the tables' estimate, nothing measured
