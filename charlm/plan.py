@@ -232,19 +232,19 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     shape_given = any(getattr(options, key) is not None for key in ("hidden_size", "num_layers", "embed_size",
                                                                      "batch_size", "seq_len", "tie_weights"))
     sized = None
-    if max_minutes is not None and device.type == "cpu" and not dist.enabled and not shape_given:
+    if max_minutes is not None and device.type == "cpu" and not dist.enabled and not shape_given \
+            and options.tokenizer != "word":
         # How many epochs the budget buys decides the regularisation (and, where it buys many, the
-        # size): measure this machine's speed rather than trust the tables of the one it was tuned on.
+        # size): measure this machine's speed rather than trust the tables of the one it was tuned
+        # on. (Word models keep the tables: config.auto_size says why.)
         measured: dict[tuple[int, ...], float] = {}
 
         def speed(hidden: int, layers: int, batch: int, seq_len: int) -> float:
-            word = options.tokenizer == "word"
             shape = (hidden, layers, batch, seq_len)
             if shape not in measured:
                 measured[shape] = measure_train_rate(ModelConfig(
                     vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=hidden, num_layers=layers,
-                    embed_size=hidden if word else min(hidden, 128), tie_weights=word, dropout=0.2,
-                    weight_drop=0.3 if word else 0.0), batch_size=batch, seq_len=seq_len, precision=precision)
+                    embed_size=min(hidden, 128), dropout=0.2), batch_size=batch, seq_len=seq_len, precision=precision)
             return measured[shape]
 
         auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,

@@ -105,9 +105,6 @@ def test_a_measured_speed_replaces_the_tables_in_the_epochs_estimate():
     small = auto_size(tokenizer="char", train_tokens=300_000, max_minutes=10, gpu=False, bf16=True,
                       speed=lambda hidden, *shape: 17_000)
     assert small.hidden_size == 512 and small.dropout == 0.3  # too little data to grow: more dropout instead
-    word = auto_size(tokenizer="word", train_tokens=88_000, max_minutes=3, gpu=False, bf16=True,
-                     speed=lambda *shape: 20_000)  # ~41 epochs: AWD-LSTM's rates for long runs
-    assert (word.dropout, word.input_dropout, word.embed_dropout, word.weight_drop) == (0.5, 0.65, 0.1, 0.5)
 
 
 def test_the_plan_measures_this_machine_only_for_a_shape_it_chooses(tmp_path, monkeypatch):
@@ -132,4 +129,5 @@ def test_the_plan_measures_this_machine_only_for_a_shape_it_chooses(tmp_path, mo
     assert any("sized for this machine" in note and "1000.0k" in note for note in chosen.notes)
     planning.plan_run(planning.TrainOptions(out=str(tmp_path / "b"), hidden_size=32, **options), given={"hidden_size"})
     planning.plan_run(planning.TrainOptions(out=str(tmp_path / "c"), max_steps=5, corpus=str(corpus), device="cpu"))
-    assert len(asked) == 1  # a shape given, or no time budget: the tables' estimate, nothing measured
+    planning.plan_run(planning.TrainOptions(out=str(tmp_path / "d"), tokenizer="word", **options))
+    assert len(asked) == 1  # a shape given, no time budget, or words: the tables' estimate, nothing measured
