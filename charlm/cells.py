@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import cpu_bf16_instructions
+
 GATE_NAMES = ("i", "f", "o")  # the gates with a peephole
 
 
@@ -122,8 +124,11 @@ class PeepholeLSTM(nn.Module):
 # On a CPU, bf16 training of an LSTM this wide runs faster through ``_Recurrence`` than through
 # oneDNN's fused kernel, whose bf16 backward takes ~4× its forward. benchmarks/lstm_layer.py (a
 # window of 100 steps, forward + backward, oneDNN's time over ours, batch 16 / 32): 1024 units
-# 1.73× / 1.36×, 768 units 1.62× / 1.34×, 512 units 0.64× / 0.98×; in fp32 0.69–1.11×.
-HAND_WRITTEN_BF16_MIN_HIDDEN = 768
+# 1.73× / 1.36×, 768 units 1.62× / 1.34×, 512 units 0.64× / 0.98×; in fp32 0.69–1.11×. That was
+# an AMD EPYC with AVX-512 BF16. On an Intel Xeon with AMX oneDNN's bf16 kernel wins instead (1024
+# units, batch 32: 0.95×; the trainer 0.88–0.89× with ours, benchmarks/results/lstm-layer-cpu-amx.json),
+# so there it stays on oneDNN's.
+HAND_WRITTEN_BF16_MIN_HIDDEN = 10**9 if cpu_bf16_instructions() == "amx_bf16" else 768
 
 
 def trains_faster_by_hand(x: torch.Tensor, hidden_size: int) -> bool:
