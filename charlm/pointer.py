@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -111,20 +111,29 @@ def mix(log_probs: torch.Tensor, cache_probs: torch.Tensor, weights: torch.Tenso
     return torch.where(cache_probs.isnan()[:, None], log_probs[:, None], mixed)
 
 
+def _mixed_blocks(blocks: Iterable[tuple[torch.Tensor, ...]], window: int, theta: float,
+                  weights: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each block of ``sequential_states``: the model's log-probabilities (T,) and the mixed
+    ones (T, one column per λ in ``weights``), each block's cache holding the ``window`` before it."""
+    ring = None
+    for h, y, log_probs in blocks:
+        ring = ring or Ring(window, h.size(1), h.device)
+        scores, nexts = _cache_scores(h, ring, window)
+        yield log_probs, mix(log_probs, _cache_probs(scores, nexts, y, theta), weights)
+        ring.push(h, y)
+
+
 def evaluate_with_cache(model: RNNLM, ids: np.ndarray, cache: CachePointer, *, precision: Precision,
                         should_stop: Callable[[], bool] | None = None) -> tuple[EvalResult, EvalResult]:
     """Total nats of predicting ids[1:] in one sequential pass, with the cache and without it."""
     if len(ids) < 2:
         return EvalResult(0.0, 0), EvalResult(0.0, 0)
-    ring = Ring(cache.window, model.cfg.hidden_size, model.embedding.weight.device)
+    weight = torch.tensor([cache.weight], dtype=torch.float64, device=model.embedding.weight.device)
     with_cache = without = 0.0
-    for h, y, log_probs in sequential_states(model, ids, precision=precision, should_stop=should_stop):
-        scores, nexts = _cache_scores(h, ring, cache.window)
-        mixed = mix(log_probs, _cache_probs(scores, nexts, y, cache.theta),
-                    torch.tensor([cache.weight], dtype=torch.float64, device=h.device))
+    for log_probs, mixed in _mixed_blocks(sequential_states(model, ids, precision=precision, should_stop=should_stop),
+                                          cache.window, cache.theta, weight):
         with_cache -= float(mixed.sum())
         without -= float(log_probs.sum())
-        ring.push(h, y)
     return EvalResult(with_cache, len(ids) - 1), EvalResult(without, len(ids) - 1)
 
 
@@ -149,13 +158,9 @@ def tune_cache(model: RNNLM, ids: np.ndarray, *, precision: Precision,
         """(nats/token, λ) of the best λ for this window and θ."""
         if (window, theta) not in tried:
             stop_if_asked(should_stop)
-            ring = Ring(window, blocks[0][0].size(1), blocks[0][0].device)
             total = torch.zeros(len(WEIGHTS), dtype=torch.float64)
-            for h, y, log_probs in blocks:
-                scores, nexts = _cache_scores(h, ring, window)
-                p_cache = _cache_probs(scores, nexts, y, theta)
-                total -= mix(log_probs, p_cache, weights).sum(0).cpu()
-                ring.push(h, y)
+            for _, mixed in _mixed_blocks(blocks, window, theta, weights):
+                total -= mixed.sum(0).cpu()
             k = int(torch.argmin(total))
             tried[(window, theta)] = (float(total[k]) / n, WEIGHTS[k])
         return tried[(window, theta)]
