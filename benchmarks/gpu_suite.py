@@ -62,6 +62,7 @@ from charlm.bench import (BenchConfig, bare_train_rate, matmul_gflops, model_for
                           tokenizer_for, train_rate)
 from charlm.errors import ConfigError  # noqa: E402
 from charlm.model import GATES  # noqa: E402
+from charlm.precision import cpu_bf16_kernel_runs  # noqa: E402
 from train_quality import summarize  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +206,8 @@ def forward_flops_per_token(cfg: BenchConfig) -> int:
 def bare_rate(cfg: BenchConfig, device: torch.device, precision: str) -> float:
     if precision == "fp16" and device.type != "cuda":
         raise NotSupported("fp16 autocast training is CUDA only here")
+    if precision == "bf16" and device.type == "cpu" and (why := cpu_bf16_kernel_runs("lstm")) is not None:
+        raise NotSupported(f"this CPU has no bf16 LSTM kernel ({why})")
     return bare_train_rate(cfg, device, precision=precision)
 
 

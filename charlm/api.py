@@ -136,7 +136,8 @@ class LanguageModel:
         _text("text", text)
         _text("precision", precision)
         _flag("cache", cache)
-        chosen = FP32 if precision == "auto" else resolve_precision(precision, self.model.embedding.weight.device)
+        chosen = FP32 if precision == "auto" else resolve_precision(precision, self.model.embedding.weight.device,
+                                                                     cell=self.model.cfg.cell)
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
             raise UsageError(f"the text needs at least 2 tokens to score (has {len(ids)})")

@@ -20,7 +20,7 @@ from torch import nn
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .evaluate import evaluate
 from .model import RNNLM, resolve_device
-from .precision import FP32, Precision, resolve_precision
+from .precision import FP32, Precision, cpu_bf16_kernel_runs, resolve_precision
 from .sample import generate
 from .tokenizer import CharTokenizer
 from .data import PreparedData
@@ -56,7 +56,8 @@ class BenchResult:
     matmul_gflops: float
     peak_memory_mb: float
     bare_train_tokens_per_second: float = 0.0  # a bare nn.LSTM loop of the same shape
-    # The same figures with bf16 matmuls (train, bare train, eval, sample_n, matmul_gflops), or None.
+    # The same figures with bf16 matmuls (train, bare train, eval, sample_n, matmul_gflops), or None;
+    # a figure is None, and ``unavailable`` says why, where this CPU has no bf16 kernel for it.
     bf16: dict | None = None
 
     def to_dict(self) -> dict:
@@ -215,10 +216,20 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
     auto = resolve_precision("auto", device)
     if cfg.bf16 or (cfg.bf16 is None and auto.name == "bf16"):
         bf16 = resolve_precision("bf16", device)
+        # Where this CPU's kernels cannot run a recurrence in bf16, its rows say so (sampling steps
+        # and the matmul need no recurrent kernel, and are measured).
+        missing = cpu_bf16_kernel_runs(cfg.cell) if device.type == "cpu" else None
+        bare_missing = cpu_bf16_kernel_runs("lstm") if device.type == "cpu" else None
+
+        def unless(why: str | None, measure: Callable[[], float]) -> float | None:
+            return None if why is not None else median_of(cfg.repeats, measure)
+
         say("bf16 training, evaluation and sampling")
-        low = {"train_tokens_per_second": median_of(cfg.repeats, lambda: train_rate(cfg, device, "bf16")),
-               "bare_train_tokens_per_second": median_of(cfg.repeats, lambda: bare_train_rate(cfg, device, precision="bf16")),
-               "eval_tokens_per_second": median_of(cfg.repeats, lambda: eval_rate(model, val, precision=bf16)),
+        low = {"train_tokens_per_second": unless(missing, lambda: train_rate(cfg, device, "bf16")),
+               "bare_train_tokens_per_second": unless(bare_missing, lambda: bare_train_rate(cfg, device,
+                                                                                           precision="bf16")),
+               "eval_tokens_per_second": unless(missing, lambda: eval_rate(model, val, precision=bf16)),
+               "unavailable": missing or bare_missing,
                "sample_chars_per_second_n": median_of(cfg.repeats, lambda: sample_rate(
                    model, tokenizer, streams=cfg.sample_streams, length=max(50, cfg.sample_length // 4),
                    precision="bf16")),

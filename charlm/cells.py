@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import cpu_bf16_instructions
+from .cpu import cpu_bf16_instructions
 
 GATE_NAMES = ("i", "f", "o")  # the gates with a peephole
 

@@ -590,7 +590,7 @@ def bench(
         def row(what: str, fp32: float, key: str | None, unit: str) -> None:
             cells = [f"{fp32:,.0f} {unit}"]
             if low:
-                cells.append(f"{low[key]:,.0f} {unit}" if key else "")
+                cells.append("" if not key else "unavailable" if low[key] is None else f"{low[key]:,.0f} {unit}")
             table.add_row(what, *cells)
 
         row(f"training (batch {batch_size} × seq {seq_len})", result.train_tokens_per_second,
@@ -605,6 +605,9 @@ def bench(
         row("dense matmul", result.matmul_gflops, "matmul_gflops", "GFLOP/s")
         row("peak memory", result.peak_memory_mb, None, "MB")
         console.print(table)
+        if low.get("unavailable"):
+            err.print(f"charlm: no bf16 figure where a recurrent kernel is needed: {low['unavailable']}",
+                      markup=False)
         if low:
             err.print(f"charlm: training's --precision auto picks {'bf16' if low['default'] else 'fp32'} here: "
                       f"{low['why']}", markup=False)

@@ -158,6 +158,9 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     from .trainer import load_resume, resume_configs
 
     options.check()
+    if options.resume is None and options.init_from is None and options.precision != "auto":
+        # Refused before any corpus is read: a format this device cannot run (issue: bf16 on AVX2).
+        resolve_precision(options.precision, resolve_device(options.device), cell=options.cell)
     if options.average_power is not None and options.average is None:  # --average-power asks for averaging
         options, given = dataclasses.replace(options, average=True), {*given, "average"}
     dist = dist or Dist()
@@ -226,7 +229,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
         raise ConfigError("the processes of the distributed run built different vocabularies")
     device = resolve_device(options.device)
-    precision = resolve_precision(options.precision, device)
+    precision = resolve_precision(options.precision, device, cell=options.cell)
     auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
                      gpu=device.type == "cuda", bf16=precision.name == "bf16")
     shape_given = any(getattr(options, key) is not None for key in ("hidden_size", "num_layers", "embed_size",
@@ -385,7 +388,7 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     from .precision import resolve_precision
 
     base = load_checkpoint(resolve_checkpoint(options.init_from))
-    precision = resolve_precision(options.precision, resolve_device(options.device))
+    precision = resolve_precision(options.precision, resolve_device(options.device), cell=base.model_config.cell)
     shape = {**base.model_config.to_dict(), "tokenizer": base.tokenizer.kind}
     for key in _SHAPE:
         if key in given and getattr(options, key) != shape[key]:

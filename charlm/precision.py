@@ -5,19 +5,30 @@ and softmax in float32) where the hardware makes it fast: CUDA GPUs with bf16, a
 bf16 instructions (AVX-512 BF16 or AMX), on which a 1×512 LSTM trains ~1.5–1.8× the tokens/s of fp32
 (README, "Precision"). A CPU without them would emulate bf16 and gain nothing, so ``auto`` keeps
 fp32 there. ``fp16`` (CUDA only) is for users who ask for it: it trains with a gradient scaler.
+
+Whether this CPU's kernels can run a cell's recurrence in bf16 at all is asked of the kernels
+themselves (``cpu_bf16_kernel_runs``: a tiny step, probed once per machine and torch version), not
+read from the CPU's name: oneDNN builds without a bf16 LSTM primitive on CPUs without AVX-512, and
+a CPU kind nobody here has met answers the same probe. Where it cannot, ``--precision bf16`` is
+refused with the reason; ``auto`` keeps fp32.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
+import os
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .config import check_precision
+from .cache import cache_root
+from .config import ModelConfig, check_precision
 from .errors import ConfigError
+from .cpu import cpu_bf16_instructions, cpu_flags, simulating_no_bf16
+from .model import RNNLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,37 +54,80 @@ class Precision:
 FP32 = Precision("fp32", "the default")
 
 
+def _probe_cell(cell: str) -> None:
+    """One tiny bf16 training step of ``cell``'s recurrence as charlm runs it (nn.LSTM/GRU/RNN under
+    autocast, two layers, a sliced state); raises what the kernel raises."""
+    model = RNNLM(ModelConfig(vocab_size=5, cell=cell, hidden_size=8, embed_size=4, num_layers=2))
+    x = torch.zeros(3, 2, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = model.init_state(3)
+        sliced = tuple(s[:, :2] for s in state) if isinstance(state, tuple) else state[:, :2]
+        logits, _ = model(x[:2], sliced)
+    logits.float().sum().backward()
+
+
+def _probe_key() -> str:
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    return f"torch {torch.__version__} {platform.machine()} flags {flags}"
+
+
 @functools.cache
-def cpu_bf16_instructions() -> str | None:
-    """The native bf16 instruction set this CPU reports (``avx512_bf16`` or ``amx_bf16``), or
-    None. Read from /proc/cpuinfo: oneDNN itself answers "supported" for any AVX-512 CPU, where bf16
-    is emulated and slower than fp32."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+def cpu_bf16_kernel_runs(cell: str) -> str | None:
+    """None where this CPU runs ``cell``'s recurrence in bf16, else why not (the kernel's error).
+    Probed once per machine and torch version, the answer kept in the cache folder (``kernels.json``)."""
+    if simulating_no_bf16():
+        try:
+            _probe_cell(cell)
+        except RuntimeError as exc:
+            return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
         return None
+    path, key = cache_root() / "kernels.json", _probe_key()
     try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
-    for name in ("amx_bf16", "avx512_bf16"):
-        if name in flags:
-            return name
-    return None
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = None
+    if not isinstance(known, dict):
+        known = {}
+    stored = known.get(key, {}).get("bf16", {}) if isinstance(known.get(key), dict) else {}
+    if isinstance(stored, dict) and cell in stored and (stored[cell] is None or isinstance(stored[cell], str)):
+        return stored[cell]
+    try:
+        _probe_cell(cell)
+        answer = None
+    except RuntimeError as exc:
+        answer = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+    if not isinstance(known.get(key), dict) or not isinstance(known[key].get("bf16"), dict):
+        known[key] = {"bf16": {}}
+    known[key]["bf16"][cell] = answer
+    with contextlib.suppress(OSError):  # a read-only cache folder costs a probe per process, nothing more
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(known, indent=1), encoding="utf-8")
+        os.replace(temporary, path)  # whole or absent; a lost answer costs one probe
+    return answer
 
 
-def resolve_precision(requested: str, device: torch.device) -> Precision:
+def bf16_unavailable(cell: str) -> str:
+    """The one line that refuses bf16 for ``cell`` on this CPU."""
+    flag = cpu_bf16_instructions()
+    has = f"it has {flag}" if flag else "it reports neither avx512_bf16 nor amx_bf16"
+    return (f"--precision bf16: this CPU's kernels cannot run the {cell} recurrence in bf16 ({has}; "
+            f"the kernel said: {cpu_bf16_kernel_runs(cell)}); use --precision fp32 or auto")
+
+
+def resolve_precision(requested: str, device: torch.device, *, cell: str | None = None) -> Precision:
     """``auto``: bf16 on a CUDA GPU that has it and on a CPU with native bf16, fp32 elsewhere. An
-    explicit choice is honoured where the device can run it and refused where it cannot."""
+    explicit choice is honoured where the device can run it and refused where it cannot. ``cell``
+    names the recurrence that will run under it (training, evaluation): on a CPU its kernel must run
+    bf16 (``cpu_bf16_kernel_runs``); without one (sampling steps through matmuls) nothing is probed."""
     check_precision(requested)
     kind = device.type
     if requested == "auto":
         if kind == "cuda" and torch.cuda.is_bf16_supported():
             return Precision("bf16", "this GPU has bf16")
         if kind == "cpu" and (flag := cpu_bf16_instructions()) is not None:
+            if cell is not None and (why := cpu_bf16_kernel_runs(cell)) is not None:
+                return Precision("fp32", f"this CPU has {flag} but no bf16 {cell} kernel ({why})")
             return Precision("bf16", f"this CPU has native bf16 ({flag})")
         if kind == "cpu":
             return Precision("fp32", "this CPU has no native bf16 instructions")
@@ -85,4 +139,6 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         raise ConfigError(f"--precision fp16 needs a CUDA GPU (on a {kind}: bf16 or fp32)")
     if requested == "bf16" and kind == "mps":
         raise ConfigError("--precision bf16 is not supported on mps (use fp32)")
+    if requested == "bf16" and kind == "cpu" and cell is not None and cpu_bf16_kernel_runs(cell) is not None:
+        raise ConfigError(bf16_unavailable(cell))
     return Precision(requested, "as asked")

@@ -420,7 +420,7 @@ class _Run:
         if shape.warning:
             self.emit({"event": "warning", "message": shape.warning})
             cfg = cfg.replace(batch_size=shape.batch_size, seq_len=shape.seq_len)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, cell=model_config.cell)
         if precision_reason:
             self.precision = dataclasses.replace(self.precision, reason=precision_reason)
         self.cfg = cfg = cfg.replace(precision=self.precision.name)  # the checkpoint says what ran

@@ -26,6 +26,43 @@ def _private_token_cache(tmp_path_factory):
         os.environ["CHARLM_CACHE_DIR"] = old
 
 
+def skip_without_bf16_kernel(cell: str = "lstm") -> None:
+    """Skip a test that runs ``cell``'s recurrence in bf16 on the CPU where this CPU's kernels cannot
+    (an AVX2-only CPU; or CHARLM_SIMULATE_NO_BF16=1, which plays one on any machine)."""
+    from charlm.precision import cpu_bf16_kernel_runs
+
+    if (why := cpu_bf16_kernel_runs(cell)) is not None:
+        pytest.skip(f"this CPU has no bf16 {cell} kernel ({why})")
+
+
+@pytest.fixture
+def bf16_kernel() -> None:
+    """The test needs a native bf16 LSTM kernel on the CPU (skipped where the probe finds none)."""
+    skip_without_bf16_kernel("lstm")
+
+
+@pytest.fixture
+def no_bf16_kernels(monkeypatch):
+    """This process plays a CPU whose kernels cannot run bf16 recurrences and that reports no bf16
+    instructions, as an AVX2-only CPU does (child processes inherit it through the environment)."""
+    import torch
+
+    from charlm import cpu, precision
+
+    monkeypatch.setenv(cpu.SIMULATE_NO_BF16, "1")
+    for name, label in (("lstm", "LSTM"), ("gru", "GRU"), ("rnn_tanh", "vanilla RNN")):
+        kernel = getattr(torch._VF, name)
+        if not getattr(kernel, "refuses_bf16", False):
+            monkeypatch.setattr(torch._VF, name, cpu._refusing_bf16(kernel, label, autocast_lists_it=name == "lstm"))
+    caches = (cpu.cpu_bf16_instructions, precision.cpu_bf16_kernel_runs)
+    for cached in caches:
+        cached.cache_clear()
+    yield
+    monkeypatch.undo()
+    for cached in caches:
+        cached.cache_clear()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and lose a lot on a busy 2-core machine."""

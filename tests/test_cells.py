@@ -118,7 +118,7 @@ def test_without_peepholes_the_layer_is_nn_lstm_forward_and_backward():
         assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 
-def test_bf16_training_of_a_wide_lstm_runs_by_hand_near_fp32(monkeypatch):
+def test_bf16_training_of_a_wide_lstm_runs_by_hand_near_fp32(monkeypatch, bf16_kernel):
     """Under CPU bf16 autocast, from cells.HAND_WRITTEN_BF16_MIN_HIDDEN units, training runs the
     hand-written layer (lowered here so a small model takes it): its loss and gradients stay near
     the fp32 model's, as oneDNN's bf16 kernel's do, and evaluation keeps nn.LSTM's kernel."""
