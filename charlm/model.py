@@ -23,6 +23,7 @@ import math
 
 import torch
 from torch import _VF, nn
+from torch.backends.cudnn import rnn as cudnn_rnn
 
 from .cells import GATE_NAMES, PeepholeLSTM, lstm_layer, trains_faster_by_hand
 from .config import ModelConfig
@@ -117,15 +118,63 @@ class RNNLM(nn.Module):
             emb = emb * keep_mask((cfg.vocab_size,), cfg.embed_dropout, emb)[x].unsqueeze(-1)
         emb = locked_dropout(emb, cfg.dropout if cfg.input_dropout is None else cfg.input_dropout, training)
         region, emb = recurrence_region(emb)
+        state = contiguous_state(state)  # cuDNN refuses a strided state (a slice of some streams)
         with region:
-            if cfg.residual or (training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1))) \
-                    or (cfg.cell == "lstm" and trains_faster_by_hand(emb, cfg.hidden_size)):
+            if self._goes_layer_by_layer(emb):
                 raw, state = self._layer_by_layer(emb, state)
             else:
                 raw, state = self.rnn(emb, state)  # (B, T, H): all layers in one call (one fused kernel for nn.*)
         out = locked_dropout(raw, cfg.dropout, training)
         logits = self.head(out)
         return (logits, state, (raw, out)) if with_outputs else (logits, state)
+
+    def _goes_layer_by_layer(self, x: torch.Tensor) -> bool:
+        """Whether the recurrence runs a layer at a time: for dropout between layers, weight drop,
+        skip connections and the hand-written bf16 CPU layer; and always for a stack on CUDA, whose
+        layers each keep their weights in a buffer of their own there (``_cudnn_layers``)."""
+        cfg, training = self.cfg, self.training
+        return (cfg.residual or (training and (cfg.weight_drop > 0 or (cfg.dropout > 0 and cfg.num_layers > 1)))
+                or (cfg.cell == "lstm" and trains_faster_by_hand(x, cfg.hidden_size))
+                or (x.device.type == "cuda" and cfg.num_layers > 1 and cfg.cell != "peephole"))
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """After a move (``.to``, ``.cuda``), lay each layer's weights out for cuDNN on its own."""
+        moved = super()._apply(fn, *args, **kwargs)
+        self._cudnn_layers()
+        return moved
+
+    def _layer_weights(self, k: int) -> list[torch.Tensor]:
+        return [getattr(self.rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def _cudnn_layers(self) -> None:
+        """On CUDA, give each layer's four tensors a flat buffer of its own in cuDNN's layout, so a
+        call per layer finds its weights in one chunk instead of copying them (and warning) each
+        time. ``nn.LSTM`` flattens all layers into one buffer, which only its one-call path can use.
+        A no-op on other devices, and where the layout is already so."""
+        rnn = self.rnn
+        if not isinstance(rnn, nn.RNNBase):
+            return
+        first = rnn.weight_ih_l0
+        if not (first.is_cuda and torch.backends.cudnn.is_acceptable(first)
+                and torch._use_cudnn_rnn_flatten_weight()) or self._cudnn_layers_ready():
+            return
+        mode = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN_TANH"}[self.cfg.cell]
+        with torch.cuda.device_of(first), torch.no_grad():
+            for k in range(self.cfg.num_layers):
+                weights = self._layer_weights(k)
+                torch._cudnn_rnn_flatten_weight(weights, 4, weights[0].size(1), cudnn_rnn.get_cudnn_mode(mode),
+                                                self.cfg.hidden_size, 0, 1, True, False)
+
+    def _cudnn_layers_ready(self) -> bool:
+        """Whether every layer's weights lie one after another from the start of a buffer of their own."""
+        for k in range(self.cfg.num_layers):
+            weights = self._layer_weights(k)
+            at = weights[0].untyped_storage().data_ptr()
+            for w in weights:
+                if w.data_ptr() != at or w.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr():
+                    return False
+                at += w.numel() * w.element_size()
+        return True
 
     def _layer_by_layer(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """The recurrence a layer at a time: variational dropout between layers, each
@@ -144,6 +193,8 @@ class RNNLM(nn.Module):
                 w_hh = w_hh * keep_mask(w_hh.shape, cfg.weight_drop, w_hh)
             weights = [getattr(self.rnn, f"weight_ih_l{k}"), w_hh, getattr(self.rnn, f"bias_ih_l{k}"),
                        getattr(self.rnn, f"bias_hh_l{k}")]
+            if x.is_cuda and cfg.cell != "peephole":
+                weights = _one_chunk(weights, fresh=training and cfg.weight_drop > 0)
             if cfg.cell == "peephole" or (cfg.cell == "lstm" and trains_faster_by_hand(x, cfg.hidden_size)):
                 h, c = state  # type: ignore[misc]
                 peepholes = self.rnn.peepholes(k) if cfg.cell == "peephole" else ()
@@ -210,6 +261,29 @@ def keep_mask(shape: tuple[int, ...] | torch.Size, p: float, like: torch.Tensor)
     return (bits >= threshold).view(shape).to(like.dtype).mul_(1 / (1 - p))
 
 
+def _one_chunk(weights: list[torch.Tensor], *, fresh: bool) -> list[torch.Tensor]:
+    """A layer's weights as cuDNN takes them without a copy: views of one buffer, in order. The
+    stored weights already are (``RNNLM._cudnn_layers``); a dropped-out copy of one of them
+    (``fresh``) is laid out with the others in a new buffer, one copy a window, through autograd."""
+    if not fresh:
+        return weights
+    flat = torch.cat([w.reshape(-1) for w in weights])
+    views, at = [], 0
+    for w in weights:
+        views.append(flat[at:at + w.numel()].view(w.shape))
+        at += w.numel()
+    return views
+
+
+def contiguous_state(state: State | None) -> State | None:
+    """The state with every part contiguous (a no-op where it is): cuDNN refuses strided ones."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.contiguous() for s in state)  # type: ignore[return-value]
+    return state.contiguous()
+
+
 def detach_state(state: State | None) -> State | None:
     """Cut the graph at a window boundary: keep the values, drop the history."""
     if state is None:
@@ -220,10 +294,10 @@ def detach_state(state: State | None) -> State | None:
 
 
 def select_state(state: State, index: int | slice) -> State:
-    """The state of some streams only (dimension 1 is the stream)."""
+    """The state of some streams only (dimension 1 is the stream), contiguous."""
     if isinstance(state, tuple):
-        return tuple(s[:, index] for s in state)  # type: ignore[return-value]
-    return state[:, index]
+        return tuple(s[:, index].contiguous() for s in state)  # type: ignore[return-value]
+    return state[:, index].contiguous()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -135,9 +135,10 @@ def _state_tensors(state) -> dict[str, torch.Tensor]:
 
 
 def _optim_tensors(optimizer: torch.optim.Optimizer, model: RNNLM, state, rng_states: torch.Tensor,
-                   averaged: bool = False) -> dict[str, torch.Tensor]:
+                   averaged: bool = False, cuda_rng_states: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """What ``--resume`` needs besides the weights. ``rng_states`` is every rank's CPU RNG state
-    (one row per rank), so each rank of a resumed distributed run draws its own dropout masks again.
+    (one row per rank), and ``cuda_rng_states`` every rank's CUDA one on a GPU run, so each rank of a
+    resumed distributed run draws its own dropout masks again.
     ``averaged``: the checkpoint holds the run's average weights, so the weights training goes on
     from are kept here (``raw.<name>``)."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -151,7 +152,11 @@ def _optim_tensors(optimizer: torch.optim.Optimizer, model: RNNLM, state, rng_st
     tensors["rng.cpu"] = rng_states[0].clone()  # safetensors stores no two views of one buffer
     if len(rng_states) > 1:
         tensors["rng.cpu.ranks"] = rng_states
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda_rng_states is not None:
+        tensors["rng.cuda"] = cuda_rng_states[0].clone()
+        if len(cuda_rng_states) > 1:
+            tensors["rng.cuda.ranks"] = cuda_rng_states
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tensors.update(_state_tensors(state))
     return tensors
@@ -191,7 +196,7 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
         if key.startswith("raw."):
             continue
         if not key.startswith("optim."):
-            if key not in ("rng.cpu", "rng.cpu.ranks", "rng.cuda", "hidden.h", "hidden.c"):
+            if key not in ("rng.cpu", "rng.cpu.ranks", "rng.cuda", "rng.cuda.ranks", "hidden.h", "hidden.c"):
                 raise bad(f"unexpected entry {brief(key)}")
             continue
         name, _, part = key[len("optim."):].rpartition(".")
@@ -234,6 +239,10 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
     cuda = tensors.get("rng.cuda")
     if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 1):
         raise bad("the CUDA RNG state is malformed")
+    cuda_ranks = tensors.get("rng.cuda.ranks")
+    if cuda_ranks is not None and (cuda is None or cuda_ranks.dtype != torch.uint8 or cuda_ranks.dim() != 2
+                                   or cuda_ranks.shape[1] != cuda.numel()):
+        raise bad("the CUDA RNG states of the ranks are malformed")
     expected = (model_config.num_layers, batch_size, model_config.hidden_size)
     parts = [k for k in ("hidden.h", "hidden.c") if k in tensors]
     if parts:
@@ -270,7 +279,10 @@ def _restore_optim(optimizer: torch.optim.Optimizer, model: RNNLM, tensors: dict
     own = ranks[dist.rank] if ranks is not None and len(ranks) == dist.world_size else tensors["rng.cpu"]
     torch.set_rng_state(own.clone())
     if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"].clone())
+        cuda_ranks = tensors.get("rng.cuda.ranks")
+        own = (cuda_ranks[dist.rank] if cuda_ranks is not None and len(cuda_ranks) == dist.world_size
+               else tensors["rng.cuda"])
+        torch.cuda.set_rng_state(own.clone())
     if "hidden.h" not in tensors:
         return None
     h = tensors["hidden.h"].float().to(device)
@@ -551,17 +563,23 @@ class _Run:
             full_state = gathered if isinstance(state, tuple) else gathered[0]
         # Through the run's device, which NCCL needs; a world of one gets its own state back.
         rng_states = dist.all_gather_cat(torch.get_rng_state()[None].to(self.device), dim=0).cpu()
+        cuda_rng_states = None
+        if self.device.type == "cuda":  # each GPU's own generator draws its own masks
+            cuda_rng_states = dist.all_gather_cat(torch.cuda.get_rng_state(self.device)[None].to(self.device),
+                                                  dim=0).cpu()
         with dist.main_outcome():
             if dist.is_main:
-                self._write_last(full_state, rng_states)
+                self._write_last(full_state, rng_states, cuda_rng_states)
 
-    def _write_last(self, full_state: State | None, rng_states: torch.Tensor) -> None:
+    def _write_last(self, full_state: State | None, rng_states: torch.Tensor,
+                    cuda_rng_states: torch.Tensor | None = None) -> None:
         self.check_weights()
         # The optimizer file is named by step and written first, so last.safetensors always
         # names an optimizer file that exists, whatever moment a crash hits.
         new_optim = f"last.step{self.progress.step:09d}.optim.safetensors"
         ckpt.save_tensors(self.run_dir / new_optim, _optim_tensors(self.optimizer, self.model, full_state, rng_states,
-                                                                   averaged=self.average is not None),
+                                                                   averaged=self.average is not None,
+                                                                   cuda_rng_states=cuda_rng_states),
                           {"format": ckpt.FORMAT, "step": str(self.progress.step)})
         self.progress.optim_file = new_optim
         with self.averaged():
@@ -656,6 +674,8 @@ class _Run:
             self.interval_loss += loss_value
             self.interval_count += 1
         else:
+            if self.scaler:  # unscale_ ran this step: update() closes it (and lowers the scale), or the
+                self.scaler.update()  # next step's unscale_ would refuse to run
             self.bad_steps += 1
             self.state = None  # a non-finite state would poison every later window
             self.record({"event": "bad_step", "step": self.progress.step, "loss": loss_value,

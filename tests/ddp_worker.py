@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from charlm.config import ModelConfig, TrainConfig
 from charlm.distributed import from_env, shutdown
@@ -14,13 +15,18 @@ parser.add_argument("corpus")
 parser.add_argument("out")
 parser.add_argument("--stop-at", type=int, default=None)
 parser.add_argument("--dropout", type=float, default=0.0)
+parser.add_argument("--num-layers", type=int, default=1)
 args = parser.parse_args()
+if os.environ.get("CHARLM_TEST_CONTIGUOUS"):  # every state a recurrent kernel gets must be contiguous
+    import contiguity
+
+    contiguity.install_failing()
 
 dist = from_env("cpu")
 try:
     _, data = prepare_corpus(args.corpus, val_fraction=0.1)
     model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=32, embed_size=16,
-                            dropout=args.dropout)
+                            dropout=args.dropout, num_layers=args.num_layers)
     train_cfg = TrainConfig(seq_len=16, batch_size=4, lr=1e-2, max_steps=8, eval_every=4, warmup_steps=2,
                             log_every=1, device="cpu")
     calls = 0
