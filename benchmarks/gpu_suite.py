@@ -8,13 +8,20 @@
 Writes benchmarks/results/gpu-<device>-<YYYY-MM-DD>.json (``-2``, ``-3``… rather than replace a
 file of the same day) and a ``.log`` beside it with everything printed, the subprocesses' output in
 full. ``--out`` names the JSON file (or a folder for it). The JSON is rewritten after every part,
-so a crash keeps what was measured. Each part is timed and guarded: a failure is recorded in its
+so a crash keeps what was measured, and a SIGINT (``timeout -s INT``) ends the part it interrupts
+as ``interrupted`` and still writes the JSON. Each part is timed and guarded: a failure is recorded in its
 entry (``status``, ``error``) and the next part runs.
 
-Parts (``--parts``, in this order):
+Parts (``--parts``, in the order given; by default this one):
 
+* ``canary``: torch, CUDA and cuDNN versions, then the forwards a first GPU run makes: a 2-layer LSTM
+  and GRU evaluated from a sliced (strided) state, trained a layer at a time with dropout and weight
+  drop, each under fp32 and bf16, with any warning (cuDNN's "not part of single contiguous chunk")
+  and the dtype the recurrence ran in;
 * ``tests``: ``pytest -q tests/test_cuda.py`` in a subprocess (pass/fail counts, the output's tail);
-* ``speed``: charlm's trainer (``charlm.bench.train_rate``; evaluation excluded) against a bare
+* ``speed`` (each loop labelled by the dtype its recurrent kernel's output had, and each charlm row
+  also compared with the bare loop whose recurrence ran in the same format): charlm's trainer
+  (``charlm.bench.train_rate``; evaluation excluded) against a bare
   embedding → cuDNN ``nn.LSTM`` → linear loop with AdamW, the same shape and precision, in this
   process: 3×1024, embed 256, seq 256 (``config.auto_size``'s GPU default) at batch 64 and 128, in
   bf16, fp16 (the bare loop with ``torch.amp.GradScaler``; charlm's trainer has its own) and fp32;
@@ -58,8 +65,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm, whatever is installed
-from charlm.bench import (BenchConfig, bare_train_rate, matmul_gflops, model_for, sample_rate,  # noqa: E402
-                          tokenizer_for, train_rate)
+from charlm.bench import (BenchConfig, bare_train_rate, matmul_gflops, model_for, recurrence_dtypes,  # noqa: E402
+                          sample_rate, tokenizer_for, train_rate)
 from charlm.errors import ConfigError  # noqa: E402
 from charlm.model import GATES  # noqa: E402
 from charlm.precision import cpu_bf16_kernel_runs  # noqa: E402
@@ -70,7 +77,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # ../shared beside the checkout on team machines; corpora/ (git-ignored) where the checkout travels alone.
 CORPORA = (ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt", ROOT / "corpora" / "tinyshakespeare.txt")
 CORPUS = next((path for path in CORPORA if path.is_file()), CORPORA[0])
-PARTS = ("tests", "speed", "sampling", "quality", "bench")
+PARTS = ("canary", "tests", "speed", "sampling", "quality", "bench")
 PRECISIONS = ("bf16", "fp16", "fp32")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -197,6 +204,55 @@ def part_tests(args: argparse.Namespace, sizes: Sizes, log: Log) -> dict[str, An
     return result
 
 
+def part_canary(args: argparse.Namespace, sizes: Sizes, log: Log, device: torch.device) -> dict[str, Any]:
+    """What breaks a first GPU run before any figure: strided states, weights cuDNN must copy, the
+    recurrence's number format. Each case guarded: its warnings, output dtype, or error."""
+    import warnings
+
+    from charlm.config import ModelConfig
+    from charlm.model import RNNLM
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    cases: dict[str, Any] = {}
+    for cell in ("lstm", "gru"):
+        for precision in ("fp32", "bf16"):
+            for mode in ("eval, sliced state", "train, dropout and weight drop"):
+                name = f"{cell} {precision} {mode}"
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    why = cpu_bf16_kernel_runs(cell) if device.type == "cpu" and precision == "bf16" else None
+                    try:
+                        if why is not None:
+                            raise NotSupported(f"this CPU has no bf16 {cell} kernel ({why})")
+                        torch.manual_seed(0)
+                        training = mode.startswith("train")
+                        model = RNNLM(ModelConfig(vocab_size=50, cell=cell, hidden_size=64, embed_size=32,
+                                                  num_layers=2, dropout=0.25 if training else 0.0,
+                                                  weight_drop=0.3 if training else 0.0)).to(device)
+                        model.train(training)
+                        x = torch.randint(0, 50, (6, 12), device=device)
+                        state = model.init_state(8)
+                        sliced = tuple(s[:, 1:7] for s in state) if isinstance(state, tuple) else state[:, 1:7]
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                            logits, _, (raw, _) = model(x, sliced, with_outputs=True)
+                        if training:
+                            logits.float().sum().backward()
+                        _sync(device)
+                        entry = {"status": "ok", "recurrence_dtype": str(raw.dtype).removeprefix("torch.")}
+                    except NotSupported as exc:
+                        entry = {"status": f"not supported: {exc}"}
+                    except Exception as exc:  # noqa: BLE001 - recorded: this is what the canary is for
+                        entry = {"status": "error", "error": _error(exc)}
+                entry["warnings"] = sorted({str(w.message).splitlines()[0] for w in caught})
+                cases[name] = entry
+                log(f"canary {name}: {entry['status']}, {entry.get('recurrence_dtype', '-')}, "
+                    f"warnings: {entry['warnings'] or 'none'}")
+    failed = [name for name, entry in cases.items() if entry["status"] == "error"]
+    warned = [name for name, entry in cases.items() if entry["warnings"]]
+    return {"versions": versions, "cases": cases, "failed": failed, "warned": warned}
+
+
 def forward_flops_per_token(cfg: BenchConfig) -> int:
     """Multiply-adds ×2 of one token's forward pass: every layer's input and recurrent products, the head."""
     G, H, E, L, V = GATES[cfg.cell], cfg.hidden_size, cfg.embed_size, cfg.num_layers, cfg.vocab_size
@@ -257,6 +313,13 @@ def part_speed(args: argparse.Namespace, sizes: Sizes, log: Log, device: torch.d
             torch.set_float32_matmul_precision(previous)
     log("dense matmul GFLOP/s: " + ", ".join(f"{k} {v:,.0f}" if v else f"{k} -" for k, v in matmul.items()))
     rows = []
+    formats: dict[str, dict[str, str] | None] = {}
+    for precision in PRECISIONS:  # what each loop's recurrent kernel actually ran in
+        try:
+            formats[precision] = recurrence_dtypes(sizes.train_shapes[0], device, precision)
+        except Exception as exc:  # noqa: BLE001 - e.g. no such kernel on this device: the row says so
+            formats[precision] = None
+            log(f"recurrence format under {precision}: {type(exc).__name__}: {exc}")
     for cfg in sizes.train_shapes:
         flops = 3 * forward_flops_per_token(cfg)  # forward + backward ≈ 3 forwards
         shape = f"{cfg.num_layers}x{cfg.hidden_size} LSTM, embed {cfg.embed_size}, batch {cfg.batch_size}, " \
@@ -272,6 +335,8 @@ def part_speed(args: argparse.Namespace, sizes: Sizes, log: Log, device: torch.d
                       if o["tokens_per_second"] and b["tokens_per_second"]]
             peak = matmul.get(precision)
             row = {"shape": shape, "precision": precision, "charlm": ours, "bare": bare,
+                   "charlm_recurrence": (formats.get(precision) or {}).get("charlm"),
+                   "bare_recurrence": (formats.get(precision) or {}).get("bare"),
                    "charlm_over_bare": sorted(ratios)[len(ratios) // 2] if ratios else None,
                    "per_round_ratios": ratios, "flops_per_token": flops,
                    "mfu_charlm": ours["tokens_per_second"] * flops / (peak * 1e9)
@@ -283,8 +348,28 @@ def part_speed(args: argparse.Namespace, sizes: Sizes, log: Log, device: torch.d
             rows.append(row)
             log(f"train {shape}, {precision}: charlm {_rate(ours)}, bare {_rate(bare)}, "
                 f"ratio {_fmt(row['charlm_over_bare'], '.3f')}, MFU {_fmt(row['mfu_charlm'], '.1%')}")
+    like = like_for_like(rows)
+    for entry in like:
+        log(f"like for like, {entry['shape']}: charlm {entry['charlm_precision']} (recurrence "
+            f"{entry['recurrence']}) / bare {entry['bare_precision']} loop: {_fmt(entry['ratio'], '.3f')}")
     return {"matmul_gflops": matmul, "dense_matmul_shape": list(sizes.dense_matmul), "steps": sizes.train_steps,
-            "rounds": args.rounds, "rows": rows}
+            "rounds": args.rounds, "rows": rows, "like_for_like": like}
+
+
+def like_for_like(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each charlm row against every bare loop of the same shape whose recurrence ran in the same
+    number format (a "bf16" bare loop on CUDA runs its LSTM in fp16: it is paired by that)."""
+    pairs = []
+    for ours in rows:
+        for bare in rows:
+            if bare["shape"] != ours["shape"] or not ours["charlm_recurrence"] \
+                    or bare["bare_recurrence"] != ours["charlm_recurrence"]:
+                continue
+            a, b = ours["charlm"]["tokens_per_second"], bare["bare"]["tokens_per_second"]
+            pairs.append({"shape": ours["shape"], "charlm_precision": ours["precision"],
+                          "bare_precision": bare["precision"], "recurrence": ours["charlm_recurrence"],
+                          "ratio": a / b if a and b else None})
+    return pairs
 
 
 def _median_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -485,7 +570,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
-    args.parts = [p for p in PARTS if p in parts and not (p == "quality" and args.skip_quality)]
+    args.parts = [p for p in dict.fromkeys(parts) if not (p == "quality" and args.skip_quality)]  # as given
     if args.steps <= 10 or args.rounds < 1 or args.quality_minutes <= 0:
         parser.error("--steps must be over 10 (the first 10 are warm-up), --rounds and --quality-minutes positive")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -517,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1, allow_nan=False, default=_json_safe) + "\n", encoding="utf-8")
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "canary": lambda: part_canary(args, sizes, log, device),
         "tests": lambda: part_tests(args, sizes, log),
         "speed": lambda: part_speed(args, sizes, log, device),
         "sampling": lambda: part_sampling(args, sizes, log, device),
@@ -525,19 +611,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         for name in args.parts:
-            log(f"== {name} (at {time.perf_counter() - start:.0f} s)")
             began = time.perf_counter()
+            interrupted = False
             try:
+                log(f"== {name} (at {began - start:.0f} s)")
                 entry = {"status": "ok", **runners[name]()}
+            except KeyboardInterrupt:  # SIGINT: the time is up; what was measured is written below
+                entry, interrupted = {"status": "interrupted"}, True
+                log(f"{name} interrupted (SIGINT); writing what was measured")
             except Exception as exc:  # noqa: BLE001 - one failure must not cost the other parts
                 entry = {"status": "error", "error": _error(exc)}
                 log(f"{name} failed:\n{entry['error']}")
             entry["part_seconds"] = time.perf_counter() - began
             result["parts"][name] = _finite(entry)
+            if interrupted:
+                result["interrupted"] = name
+                break
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the subprocess parts get the memory
             save()
-        result["complete"] = True
+        else:
+            result["complete"] = True
     finally:
         save()
         failed = [name for name, entry in result["parts"].items() if entry["status"] != "ok"]

@@ -135,6 +135,23 @@ def bare_train_rate(cfg: BenchConfig, device: torch.device, *, precision: str = 
     return (steps - warm) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def recurrence_dtypes(cfg: BenchConfig, device: torch.device, precision: str) -> dict[str, str]:
+    """The number format the recurrent kernel ran in under ``precision``, read from its output, for
+    charlm's model and for the bare loop's ``nn.LSTM``: a loop is compared by what its kernels did,
+    not by its autocast dtype (on CUDA, autocast runs cuDNN's RNNs in fp16 whatever it is asked for;
+    charlm keeps them fp32 under bf16: ``model.FP32_RECURRENCE_UNDER_BF16``)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    torch.manual_seed(0)
+    lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True).to(device)
+    model = model_for(cfg, device)
+    x = torch.zeros(2, 4, dtype=torch.long, device=device)
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        bare = lstm(model.embedding(x))[0].dtype
+        raw = model(x, with_outputs=True)[2][0].dtype
+    return {"charlm": str(raw).removeprefix("torch."), "bare": str(bare).removeprefix("torch.")}
+
+
 def model_for(cfg: BenchConfig, device: torch.device) -> RNNLM:
     torch.manual_seed(0)
     return RNNLM(ModelConfig(vocab_size=cfg.vocab_size, cell=cfg.cell, hidden_size=cfg.hidden_size,
@@ -230,6 +247,7 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
                                                                                            precision="bf16")),
                "eval_tokens_per_second": unless(missing, lambda: eval_rate(model, val, precision=bf16)),
                "unavailable": missing or bare_missing,
+               "recurrence": None if missing or bare_missing else recurrence_dtypes(cfg, device, "bf16"),
                "sample_chars_per_second_n": median_of(cfg.repeats, lambda: sample_rate(
                    model, tokenizer, streams=cfg.sample_streams, length=max(50, cfg.sample_length // 4),
                    precision="bf16")),

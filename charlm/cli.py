@@ -246,6 +246,7 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _TRAIN.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = _TRAIN.device,
+    tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="On a CUDA GPU, let float32 matmuls and cuDNN's recurrences use TF32 tensor cores (10-bit mantissa products, float32 sums); --no-tf32 keeps exact float32. No effect on a CPU. Adjustable on --resume.")] = True,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16: the matmuls' number format in training (validation is fp32). auto: bf16 on a GPU with bf16 and on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere; the start line says which and why. fp16 (CUDA only) trains with a loss scaler. Kept by --resume unless given.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: checkpoints/<corpus name>/ (a new -N folder if taken).")] = None,
     min_count: Annotated[Optional[int], typer.Option(help="Keep words (or characters) seen at least this often; the rest are <UNK>. Default: 2 for words (so <UNK> is trained), 1 otherwise.")] = None,

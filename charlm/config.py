@@ -222,6 +222,8 @@ class TrainConfig(_DictMixin):
     temporal_reg: float = 0.0  # TAR: + this × mean square of their step-to-step change (before dropout)
     optimizer: str = "adamw"
     precision: str = "fp32"  # the matmuls' number format (precision.py); plan_run resolves the CLI's auto
+    # On CUDA, float32 matmuls and cuDNN's recurrences may use TF32 tensor cores (precision.tf32_region)
+    tf32: bool = True
     # Evaluate and save the average of the run's weights, step t weighing t^average_power (averaging.py)
     average: bool = False
     average_power: float = 2.0
@@ -236,6 +238,7 @@ class TrainConfig(_DictMixin):
                      "average_power"):
             check_option(name, getattr(self, name))
         _check(isinstance(self.average, bool), "--average must be true or false")
+        _check(isinstance(self.tf32, bool), "--tf32 must be true or false")
         _check(isinstance(self.shift_windows, bool), "--shift-windows must be true or false")
         _check(isinstance(self.cache, bool), "--cache must be true or false")
         for name in ("epochs", "max_steps", "eval_every", "patience", "max_minutes"):

@@ -65,6 +65,7 @@ class TrainOptions:
     seed: int = _TRAIN.seed
     device: str = _TRAIN.device
     precision: str = "auto"
+    tf32: bool = True  # on CUDA: TF32 tensor cores for float32 products (False: exact float32)
     out: str | None = None
     min_count: int | None = None  # None: 2 for word models (a trained <UNK>), 1 otherwise
     max_vocab: int | None = None
@@ -115,7 +116,7 @@ _RESUME_KEYS = ("tokenizer", "cell", "residual", "hidden_size", "num_layers", "e
                 "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
                 "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
                 "max_bad_steps", "log_every", "precision", "average", "average_power",
-                "shift_windows", "cache")
+                "shift_windows", "cache", "tf32")
 
 
 @dataclass
@@ -274,6 +275,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     lr, weight_decay, clip = _optimizer_defaults(options, given, auto.lr)
     average = _given_or(options.average, auto.average)
     train_cfg = TrainConfig(
+        tf32=options.tf32,
         seq_len=_given_or(options.seq_len, auto.seq_len), batch_size=_given_or(options.batch_size, auto.batch_size),
         lr=lr, weight_decay=weight_decay, clip=clip, optimizer=options.optimizer, warmup_steps=options.warmup_steps,
         min_lr_ratio=_given_or(options.min_lr_ratio, auto.min_lr_ratio if average else 0.0), epochs=options.epochs,
@@ -416,6 +418,7 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
             key: _given_or(getattr(options, key), getattr(base.model_config, key))
             for key in ("dropout", "input_dropout", "embed_dropout", "weight_drop")})
     train_cfg = TrainConfig(
+        tf32=options.tf32,
         seq_len=_given_or(options.seq_len, before.seq_len), batch_size=_given_or(options.batch_size, before.batch_size),
         lr=_given_or(options.lr, before.lr if optimizer == before.optimizer else
                      OPTIMIZER_LR.get(optimizer, {}).get(base.tokenizer.kind, before.lr)),
@@ -459,8 +462,8 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
         if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
             raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
                               f"(got {type(values[key]).__name__})")
-    for key in ("tie_weights", "residual", "extend_vocab", "average", "shift_windows", "cache"):
-        if key in values and not (isinstance(values[key], bool) or (key not in ("extend_vocab", "cache")
+    for key in ("tie_weights", "residual", "extend_vocab", "average", "shift_windows", "cache", "tf32"):
+        if key in values and not (isinstance(values[key], bool) or (key not in ("extend_vocab", "cache", "tf32")
                                                                     and values[key] is None)):
             raise ConfigError(f"{key} must be True or False (got {type(values[key]).__name__})")
     for key in ("include", "exclude"):  # lists from the command line, tuples in the options

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -113,6 +114,24 @@ def bf16_unavailable(cell: str) -> str:
     has = f"it has {flag}" if flag else "it reports neither avx512_bf16 nor amx_bf16"
     return (f"--precision bf16: this CPU's kernels cannot run the {cell} recurrence in bf16 ({has}; "
             f"the kernel said: {cpu_bf16_kernel_runs(cell)}); use --precision fp32 or auto")
+
+
+@contextlib.contextmanager
+def tf32_region(device: torch.device, enabled: bool) -> Iterator[None]:
+    """On CUDA, float32 matmuls (cuBLAS: the head under fp32, the peephole cell's products) and
+    cuDNN's recurrences run on TF32 tensor cores where ``enabled``, exact float32 where not; the
+    process's settings are restored on leaving. Elsewhere nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 def resolve_precision(requested: str, device: torch.device, *, cell: str | None = None) -> Precision:

@@ -33,7 +33,7 @@ from .errors import Cancelled, CheckpointError, ConfigError, RunInUseError, Save
 from .evaluate import EvalResult, evaluate
 from .model import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
                     select_state)
-from .precision import FP32, resolve_precision
+from .precision import FP32, resolve_precision, tf32_region
 
 Event = dict[str, Any]
 
@@ -376,7 +376,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
                           "ends (charlm.train and the CLI default to 3 minutes)")
     dist = dist or Dist()
     run_dir = Path(run_dir)
-    with claim_run_dir(run_dir, dist):
+    with claim_run_dir(run_dir, dist), tf32_region(resolve_device(train_config.device), train_config.tf32):
         return _Run(model_config=model_config, train_config=train_config, data=data, run_dir=run_dir,
                     source=source, on_event=on_event, should_stop=should_stop, resume=resume, dist=dist,
                     val_source=val_source, init_weights=init_weights,
@@ -1038,7 +1038,7 @@ FIXED_ON_RESUME = ("cell", "residual", "hidden_size", "num_layers", "embed_size"
                    "shift_windows")
 ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "max_minutes", "patience", "device", "eval_every",
                         "max_bad_steps", "log_every", "lr", "clip", "weight_decay", "min_lr_ratio", "precision",
-                        "cache")
+                        "cache", "tf32")
 NOT_ON_RESUME = {"min_count": "the vocabulary is the checkpoint's", "max_vocab": "the vocabulary is the checkpoint's"}
 
 

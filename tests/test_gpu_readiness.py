@@ -175,3 +175,28 @@ def test_each_ranks_cuda_generator_is_saved_and_restored(monkeypatch):
     bad = {**tensors, "rng.cuda.ranks": torch.zeros(2, 3, dtype=torch.uint8)}
     with pytest.raises(charlm.errors.CheckpointError, match="CUDA RNG states of the ranks"):
         trainer_module.check_optim_tensors(Path("x"), bad, model.cfg, 4)
+
+
+def test_tf32_is_on_in_a_cuda_run_unless_refused_and_the_settings_come_back():
+    from charlm.precision import tf32_region
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    with tf32_region(torch.device("cuda"), True):  # only the process's settings: no GPU is touched
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    with tf32_region(torch.device("cuda"), False):
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+    with tf32_region(torch.device("cpu"), True):
+        assert torch.get_float32_matmul_precision() == before[0]
+
+
+def test_no_tf32_is_an_option_kept_in_the_run_and_adjustable_on_resume(tmp_path, tiny_corpus):
+    from charlm.checkpoint import load_checkpoint
+
+    tiny = dict(hidden_size=8, embed_size=4, seq_len=8, batch_size=2, device="cpu", cache=False)
+    run = charlm.train(tiny_corpus, out=tmp_path / "run", max_steps=2, tf32=False, **tiny)
+    assert load_checkpoint(run.run_dir / "last.safetensors").train_config.tf32 is False
+    charlm.train(tiny_corpus, resume=run.run_dir, max_steps=3, tf32=True)
+    assert load_checkpoint(run.run_dir / "last.safetensors").train_config.tf32 is True
+    with pytest.raises(charlm.errors.ConfigError, match="tf32 must be True or False"):
+        charlm.train(tiny_corpus, out=tmp_path / "bad", max_steps=2, tf32="yes", **tiny)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from charlm.precision import cpu_bf16_kernel_runs
 from conftest import subprocess_env
@@ -43,7 +44,7 @@ def _positive(value) -> bool:
 def test_every_part_ran_and_recorded_the_machine(smoke):
     done, result, path = smoke
     assert result["complete"] and result["smoke"]
-    assert list(result["parts"]) == ["tests", "speed", "sampling", "quality", "bench"]
+    assert list(result["parts"]) == ["canary", "tests", "speed", "sampling", "quality", "bench"]
     for name, entry in result["parts"].items():
         assert entry["status"] == "ok", (name, entry.get("error"))
         assert _positive(entry["part_seconds"])
@@ -87,7 +88,7 @@ def test_sampling_quality_tests_and_bench_have_real_numbers(smoke):
     assert parts["bench"]["rc"] == 0 and "train" in parts["bench"]["output"].lower()
 
 
-def test_the_suite_refuses_to_smoke_into_the_results_folder():
+def _load_suite():
     spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
     suite = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(SUITE.parent))
@@ -97,6 +98,11 @@ def test_the_suite_refuses_to_smoke_into_the_results_folder():
     finally:
         sys.path.remove(str(SUITE.parent))
         del sys.modules["gpu_suite"]
+    return suite
+
+
+def test_the_suite_refuses_to_smoke_into_the_results_folder():
+    suite = _load_suite()
     with pytest.raises(SystemExit) as exit_info:
         suite.parse_args(["--smoke", "--out", str(RESULTS / "smoke.json")])
     assert exit_info.value.code == 2
@@ -104,3 +110,54 @@ def test_the_suite_refuses_to_smoke_into_the_results_folder():
         suite.parse_args(["--smoke", "--parts", "speed,nonsense"])
     args = suite.parse_args(["--smoke", "--skip-quality"])
     assert args.device == "cpu" and "quality" not in args.parts
+
+
+def test_the_canary_runs_the_forwards_a_first_gpu_run_makes(smoke):
+    canary = smoke[1]["parts"]["canary"]
+    assert canary["versions"]["torch"] == torch.__version__
+    assert len(canary["cases"]) == 8 and not canary["failed"] and not canary["warned"], canary
+    for name, case in canary["cases"].items():
+        if "lstm bf16" in name and cpu_bf16_kernel_runs("lstm"):  # a CPU without the kernel: said so
+            assert case["status"].startswith("not supported"), case
+            continue
+        # On a CPU, autocast lowers the LSTM to bf16; the GRU stays fp32.
+        assert case["recurrence_dtype"] == ("bfloat16" if "lstm bf16" in name else "float32"), (name, case)
+
+
+def test_each_loop_is_labelled_by_the_format_its_recurrence_ran_in(smoke):
+    speed = smoke[1]["parts"]["speed"]
+    fp32 = [row for row in speed["rows"] if row["precision"] == "fp32"]
+    assert all(row["charlm_recurrence"] == row["bare_recurrence"] == "float32" for row in fp32)
+    pairs = {(p["charlm_precision"], p["bare_precision"]) for p in speed["like_for_like"]}
+    assert ("fp32", "fp32") in pairs
+    assert all(p["recurrence"] for p in speed["like_for_like"])
+
+
+def test_parts_run_in_the_order_given():
+    suite = _load_suite()
+    args = suite.parse_args(["--smoke", "--parts", "bench,canary,bench"])
+    assert args.parts == ["bench", "canary"]
+
+
+@pytest.mark.slow
+def test_a_sigint_at_the_time_limit_still_writes_the_json(tmp_path):
+    """The device call runs the suite under `timeout -s INT`: the part it interrupts is recorded as
+    such and the JSON written, so the minutes spent come back as figures."""
+    import signal
+    import time
+
+    env = {k: v for k, v in subprocess_env().items() if k != "CHARLM_TEST_CUDA_AS"}
+    proc = subprocess.Popen([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path), "--parts",
+                             "canary,speed,sampling"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "== speed" not in seen and time.monotonic() < deadline:
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    result = json.loads(next(tmp_path.glob("gpu-*.json")).read_text(encoding="utf-8"))
+    assert result["parts"]["canary"]["status"] == "ok"
+    assert result["parts"]["speed"]["status"] == "interrupted" and result["interrupted"] == "speed"
+    assert not result["complete"] and "sampling" not in result["parts"]
