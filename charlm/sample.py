@@ -26,7 +26,8 @@ def sampling_precision(requested: str, device: torch.device) -> Precision:
 
 
 def next_token(logits: torch.Tensor, *, temperature: float, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               top_p: float | None = None, generator: torch.Generator | None = None,
+               checked: bool = True) -> torch.Tensor:
     """Token ids (B,) drawn from logits (B, V). Temperature 0 means argmax, whatever the seed.
 
     Defined for every input: a temperature so small that ``logits / temperature`` overflows is
@@ -39,7 +40,7 @@ def next_token(logits: torch.Tensor, *, temperature: float, top_k: int | None = 
             raise SamplingError(_NAN_SCORES)
         return logits.argmax(dim=-1)
     scaled = logits / temperature
-    if not bool(torch.isfinite(scaled).all()):  # rare: one check on the common path
+    if checked and not bool(torch.isfinite(scaled).all()):  # rare: one check on the common path
         scaled = _stable_scaled(logits, temperature)
     logits = scaled
     if top_k is not None and top_k < logits.size(-1):
@@ -61,6 +62,9 @@ _NAN_SCORES = ("the model's scores are NaN (its weights overflow in float32), so
                "this checkpoint cannot generate text")
 
 
+_ALL_NEG_INF = "the model scores every token -inf, so there is nothing to sample"
+
+
 def _stable_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / temperature`` shifted so each row's best token is 0 and nothing overflows."""
     if bool(torch.isnan(logits).any()):
@@ -70,7 +74,7 @@ def _stable_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = torch.where(posinf.any(dim=-1, keepdim=True), torch.where(posinf, 0.0, float("-inf")), logits)
     best = logits.amax(dim=-1, keepdim=True)
     if bool(torch.isneginf(best).any()):
-        raise SamplingError("the model scores every token -inf, so there is nothing to sample")
+        raise SamplingError(_ALL_NEG_INF)
     if temperature < torch.finfo(torch.float32).tiny:  # 0 in float32 arithmetic: the limit, argmax
         return torch.where(logits == best, 0.0, float("-inf"))
     # Every value is now ≤ 0 and the best is exactly 0; dividing keeps the best at 0, and the
@@ -180,8 +184,18 @@ class Generation:
         config = self.config
         self.token = next_token(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                 generator=self.generator)
+        return self.take(self.token.tolist())
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether a step's token must be read as it is drawn: a stop string or <EOS> ends a sample."""
+        return self.eos_id is not None or any(buffer.stop for buffer in self.buffers)
+
+    def take(self, token_ids: list[int]) -> list[Piece]:
+        """One step's drawn token ids (one per sample), decoded into the pieces they produce."""
+        config = self.config
         pieces = []
-        for b, token_id in enumerate(self.token.tolist()):
+        for b, token_id in enumerate(token_ids):
             if self.done[b]:
                 continue
             if token_id == self.eos_id:
@@ -200,6 +214,35 @@ class Generation:
             self.finished = True
             pieces.extend(Piece(b, self.buffers[b].flush(), True) for b in range(self.num_samples) if not self.done[b])
         return pieces
+
+
+def draw_on_device(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``next_token`` without reading anything back to the host: the same tokens for the same
+    generator wherever ``next_token`` returns one, and flags (device bools: some row's scores are
+    NaN; some row's are all -inf) instead of its errors (such a row draws uniformly, to be discarded)."""
+    logits = logits.float()
+    nan, none = torch.isnan(logits).any(dim=-1), ~(logits > float("-inf")).any(dim=-1)
+    bad = nan | none
+    flags = torch.stack([nan.any(), none.any()])
+    if temperature == 0:
+        return logits.argmax(dim=-1), flags
+    scaled = logits / temperature
+    # Rows that overflow take the stable form next_token switches to (without its checks).
+    posinf = torch.isposinf(logits)
+    shifted = torch.where(posinf.any(dim=-1, keepdim=True), torch.where(posinf, 0.0, float("-inf")), logits)
+    best = shifted.amax(dim=-1, keepdim=True)
+    stable = ((torch.where(shifted == best, 0.0, float("-inf")) if temperature < torch.finfo(torch.float32).tiny
+               else (shifted - best) / temperature))
+    scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, stable)
+    scaled = torch.where(bad[:, None], 0.0, scaled)
+    return next_token(scaled, temperature=1.0, top_k=top_k, top_p=top_p, generator=generator, checked=False), flags
+
+
+# Where a sample that no stop string has to read draws blocks of tokens before reading them back:
+# on a GPU each read is a wait for the device (``generate``).
+DRAW_AHEAD_DEVICES = frozenset({"cuda"})
+DRAW_AHEAD = 32
 
 
 def _preparing(model: RNNLM, num_samples: int):  # noqa: ANN202 - a context manager
@@ -224,5 +267,28 @@ def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime:
         fast = FastStep(model, dtype=chosen.dtype)
         fast.reset(config.num_samples, run.state)
     yield from run.start()
+    if device.type in DRAW_AHEAD_DEVICES and not run.reads_text:
+        yield from _drawn_ahead(run, fast)
     while not run.finished:
         yield from run.advance(fast.step(run.token))
+
+
+def _drawn_ahead(run: Generation, fast: FastStep) -> Iterator[Piece]:
+    """The steps in blocks of ``DRAW_AHEAD`` tokens drawn on the device and read back once a block:
+    the same tokens as a step at a time (``draw_on_device``), without a wait for each."""
+    config = run.config
+    while not run.finished:
+        count = min(DRAW_AHEAD, config.length - run.steps)
+        block, flags = [], torch.zeros(2, dtype=torch.bool, device=run.token.device)
+        for _ in range(count):
+            run.token, bad = draw_on_device(fast.step(run.token), temperature=config.temperature,
+                                            top_k=config.top_k, top_p=config.top_p, generator=run.generator)
+            flags |= bad
+            block.append(run.token)
+        nan, none = flags.tolist()
+        if nan:
+            raise SamplingError(_NAN_SCORES)
+        if none:
+            raise SamplingError(_ALL_NEG_INF)
+        for token_ids in torch.stack(block).tolist():
+            yield from run.take(token_ids)

@@ -281,3 +281,51 @@ def test_torchrun_trains_and_writes_one_checkpoint(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "start" and events[0]["device"].startswith(DEVICE)
     assert len(_losses(tmp_path / "run")) == 8
+
+
+def test_a_captured_step_gives_the_eager_steps_tokens(run_on_device, monkeypatch):
+    """FastStep replays one captured CUDA graph a token; its samples are the eager steps', token for
+    token, for the same seed (and a capture that fails falls back to eager steps)."""
+    from charlm import infer
+
+    lm = charlm.load(run_on_device, device=DEVICE)
+    options = dict(num_samples=3, length=60, temperature=0.9, seed=11)
+    graphed = lm.samples("First", **options)
+    fast = FastStep(lm.model)
+    fast.reset(2)
+    if DEVICE == "cuda":
+        assert fast.graph is not None
+    monkeypatch.setattr(infer.FastStep, "__init__", _eager_init(infer.FastStep.__init__))
+    assert lm.samples("First", **options) == graphed
+    tokens = torch.randint(0, lm.model.cfg.vocab_size, (20, 2), device=DEVICE)
+    eager = FastStep(lm.model, graphed=False)
+    eager.reset(2)
+    fast.reset(2)
+    for token in tokens:
+        torch.testing.assert_close(fast.step(token).clone(), eager.step(token).clone(), atol=0, rtol=0)
+
+
+def _eager_init(init):
+    def eager(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "graphed": False})
+    return eager
+
+
+def test_layer_by_layer_on_the_device_raises_no_weight_copy_warning():
+    """Each layer's weights in a cuDNN buffer of their own; a weight-dropped layer as one chunk."""
+    import warnings
+
+    device = torch.device(DEVICE)
+    for cell in ("lstm", "gru"):
+        model = RNNLM(ModelConfig(vocab_size=20, cell=cell, hidden_size=32, embed_size=16, num_layers=3,
+                                  dropout=0.2, weight_drop=0.3)).to(device)
+        x = torch.randint(0, 20, (4, 10), device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # cuDNN's "not part of single contiguous chunk" is a UserWarning
+            model.train()
+            logits, _ = model(x)
+            logits.sum().backward()
+            model.eval()
+            with torch.no_grad():
+                state = model.init_state(4)
+                model(x[:2], tuple(s[:, :2] for s in state) if cell == "lstm" else state[:, :2])

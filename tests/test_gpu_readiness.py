@@ -200,3 +200,59 @@ def test_no_tf32_is_an_option_kept_in_the_run_and_adjustable_on_resume(tmp_path,
     assert load_checkpoint(run.run_dir / "last.safetensors").train_config.tf32 is True
     with pytest.raises(charlm.errors.ConfigError, match="tf32 must be True or False"):
         charlm.train(tiny_corpus, out=tmp_path / "bad", max_steps=2, tf32="yes", **tiny)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.8), dict(temperature=1.0, top_k=5),
+                                     dict(temperature=0.7, top_p=0.9), dict(temperature=0.0)],
+                         ids=["t0.8", "top-k", "top-p", "argmax"])
+def test_tokens_drawn_ahead_on_the_device_are_the_ones_drawn_a_step_at_a_time(trained_run, monkeypatch, options):
+    """On a GPU a sample no stop string reads is drawn in blocks, read back once a block: the same
+    text, token for token, as reading every token (shown on the CPU by letting it take that path)."""
+    from charlm import sample as sample_module
+
+    lm = charlm.load(trained_run)
+    args = dict(num_samples=3, length=50, seed=5, **options)
+    stepwise = lm.samples("First", **args)
+    blocks = []
+    real = sample_module._drawn_ahead
+    monkeypatch.setattr(sample_module, "DRAW_AHEAD_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(sample_module, "DRAW_AHEAD", 7)  # 50 = 7 × 7 + 1: a short last block
+    monkeypatch.setattr(sample_module, "_drawn_ahead", lambda run, fast: blocks.append(1) or real(run, fast))
+    assert lm.samples("First", **args) == stepwise and blocks
+    blocks.clear()
+    with_stop = lm.samples("First", stop="e", **args)  # a stop string reads every token as it comes
+    assert not blocks and all("e" not in text for text in with_stop)
+
+
+def test_drawing_on_the_device_agrees_with_next_token_and_flags_what_it_refuses():
+    from charlm.errors import SamplingError
+    from charlm.sample import draw_on_device, next_token
+
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0], [float("inf"), 0.0, float("inf"), 1.0], [3e38, -3e38, 1.0, 2.0]])
+    for temperature in (1.0, 0.5, 1e-30, 0.0):
+        for top_k, top_p in ((None, None), (2, None), (None, 0.5)):
+            a = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                           generator=torch.Generator().manual_seed(1))
+            b, flags = draw_on_device(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      generator=torch.Generator().manual_seed(1))
+            assert torch.equal(a, b) and flags.tolist() == [False, False], (temperature, top_k, top_p)
+    nan = torch.tensor([[0.0, float("nan")], [0.0, 1.0]])
+    with pytest.raises(SamplingError):
+        next_token(nan, temperature=1.0)
+    assert draw_on_device(nan, temperature=1.0, top_k=None, top_p=None,
+                          generator=torch.Generator())[1].tolist() == [True, False]
+    none = torch.full((1, 3), float("-inf"))
+    assert draw_on_device(none, temperature=0.5, top_k=None, top_p=None,
+                          generator=torch.Generator())[1].tolist() == [False, True]
+
+
+def test_a_nan_model_drawn_ahead_stops_with_the_same_error(trained_run, monkeypatch):
+    from charlm import sample as sample_module
+    from charlm.errors import SamplingError
+
+    lm = charlm.load(trained_run)
+    with torch.no_grad():
+        lm.model.head.bias.fill_(float("nan"))
+    monkeypatch.setattr(sample_module, "DRAW_AHEAD_DEVICES", frozenset({"cpu"}))
+    with pytest.raises(SamplingError, match="scores are NaN"):
+        lm.samples("First", num_samples=2, length=20, seed=1)
