@@ -253,6 +253,7 @@ def train(corpus: str | os.PathLike[str] | None = None, *, on_event: Callable[[d
                              run_dir=plan.run_dir, source=plan.source, on_event=on_event, should_stop=should_stop,
                              resume=plan.resume, dist=dist, val_source=plan.val_source,
                              init_weights=plan.init_weights,
-                             corpus_options=plan.corpus_options, precision_reason=plan.precision_reason)
+                             corpus_options=plan.corpus_options, precision_reason=plan.precision_reason,
+                             sizing=plan.sizing)
     finally:
         shutdown(dist)

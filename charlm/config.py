@@ -9,7 +9,7 @@ import dataclasses
 import math
 import reprlib
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError
 
@@ -392,15 +392,15 @@ def char_input_dropout(dropout: float) -> float:
 
 
 def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, gpu: bool,
-              bf16: bool = False, speed: Callable[[int, int, int, int], float] | None = None) -> AutoSize:
+              bf16: bool = False) -> AutoSize:
     """Pick a model and batch shape for a corpus and a time budget.
 
     Larger budgets buy larger models; the expected number of passes over the data decides dropout.
     Char/byte figures come from tiny-shakespeare runs on 2 CPU cores (see README, "Defaults");
     ``bf16`` (a CPU with native bf16 training in it) buys the next size up for the same budget.
-    ``speed(hidden, layers, batch, seq_len)``: tokens/s of training that shape, measured on this
-    machine (plan.measure_train_rate); without it, the tables' rates of the machine the sizes were
-    tuned on (2 cores of an AMD EPYC with AVX-512 BF16). Word models keep the tables' estimate: on
+    The tables are the fallback where nothing can be timed (a distributed run, a budget in steps, a
+    shape given); with a budget in minutes a char or byte model is sized by this machine's measured
+    speed instead (sizing.py). Word models keep the tables' estimate: on
     a machine ~1.8× as fast, Grimm's 3 minutes measured ~40 epochs, and the regularisation of that
     many (AWD-LSTM's long-run rates) reached test 40.0 (model alone) against 39.2 with the tables'
     level (benchmarks/results/sweep-word-grimm-3min.json).
@@ -436,24 +436,7 @@ def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, g
     if tokenizer == "word":
         return _auto_size_words(train_tokens=train_tokens, minutes=minutes, gpu=gpu, gpu_size=(hidden, layers, batch),
                                 bf16=bf16)
-    if speed is not None:
-        rate = speed(hidden, layers, batch, seq_len)
     expected_epochs = minutes * 60 * rate / max(train_tokens, 1)
-    if speed is not None and bf16 and not gpu and expected_epochs >= 8 and hidden in (768, 1024) \
-            and train_tokens >= tokens_per_weight // 2 * {768: 1024, 1024: 1536}[hidden] ** 2 // 64:
-        # A machine fast enough for 8 or more epochs of this size trains the next one up instead,
-        # with dropout, down to half the data per weight. Tiny-shakespeare, 10 minutes, on an Intel
-        # Xeon with AMX (1.8× the steps of the machine these sizes were tuned on): 1×1024 ran ~10
-        # epochs and reached 1.4390 with dropout 0.2 and 1.4302 with 0.3; 1×1536 with 0.25, ~5
-        # epochs, 1.4049 as a sweep point and 1.3980 as the default (sweep- and
-        # quality-tinyshakespeare-10min.json). The data cap is halved for it: 1×1536 on 1.0M tokens.
-        hidden = {768: 1024, 1024: 1536}[hidden]
-        lr = _CPU_LR[hidden]
-        rate = speed(hidden, layers, batch, seq_len)
-        expected_epochs = minutes * 60 * rate / max(train_tokens, 1)
-        stepped_up = True
-    else:
-        stepped_up = False
     dropout = 0.0 if expected_epochs < 8 else 0.1 if expected_epochs < 20 else 0.25
     if bf16 and not gpu:
         # The larger bf16 models overfit sooner: 1×768 for 8 epochs ended at 1.460 without dropout
@@ -461,8 +444,6 @@ def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, g
         # epochs 1.4302 with 0.3 against 1.4390 with 0.2 (above).
         dropout = (0.0 if expected_epochs < 3 else 0.2 if expected_epochs < 6 else 0.25 if expected_epochs < 8
                    else 0.3)
-        if stepped_up:
-            dropout = max(dropout, 0.25)  # as measured (above)
     embed = min(hidden, 128 if not gpu else 256)
     # Shifted windows from 3 epochs (see the word models' reason below): tiny-shakespeare, 10 minutes
     # (bf16, ~4.5 epochs), the default with them 1.4086 against 1.4107, and in a later session (with

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
+from .sizing import Shape, size_by_speed
+from .sizing import embed_size as sizing_embed
 from .config import (OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, char_input_dropout, check_decay,
                      check_option, check_precision)
 from .errors import ConfigError
@@ -134,6 +136,7 @@ class RunPlan:
     init_weights: Any = None  # fine-tuning: the starting model's tensors
     corpus_options: dict[str, Any] = field(default_factory=dict)  # how the corpus was read, kept for --resume
     precision_reason: str | None = None  # why the run's --precision (the start line says it)
+    sizing: dict[str, Any] | None = None  # what was measured to size the model, and why (sizing.Sized)
 
 
 def _corpus_options(options: "TrainOptions", corpus: Any) -> dict[str, Any]:
@@ -235,26 +238,27 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
                      gpu=device.type == "cuda", bf16=precision.name == "bf16")
     shape_given = any(getattr(options, key) is not None for key in ("hidden_size", "num_layers", "embed_size",
                                                                      "batch_size", "seq_len", "tie_weights"))
-    sized = None
-    if max_minutes is not None and device.type == "cpu" and not dist.enabled and not shape_given \
+    sized = sizing = None
+    if max_minutes is not None and device.type in ("cpu", "cuda") and not dist.enabled and not shape_given \
             and options.tokenizer != "word":
-        # How many epochs the budget buys decides the regularisation (and, where it buys many, the
-        # size): measure this machine's speed rather than trust the tables of the one it was tuned
-        # on. (Word models keep the tables: config.auto_size says why.)
-        measured: dict[tuple[int, ...], float] = {}
+        # How large a model the budget trains well, from this machine's measured speed in the run's
+        # own number format (sizing.py); word models keep the tables (config.auto_size says why).
+        gpu = device.type == "cuda"
 
-        def speed(hidden: int, layers: int, batch: int, seq_len: int) -> float:
-            shape = (hidden, layers, batch, seq_len)
-            if shape not in measured:
-                measured[shape] = measure_train_rate(ModelConfig(
-                    vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=hidden, num_layers=layers,
-                    embed_size=min(hidden, 128), dropout=0.2), batch_size=batch, seq_len=seq_len, precision=precision)
-            return measured[shape]
+        def speed(shape: Shape) -> float:
+            return measure_train_rate(ModelConfig(
+                vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=shape.hidden_size,
+                num_layers=shape.num_layers, embed_size=sizing_embed(shape, gpu), dropout=0.2),
+                batch_size=shape.batch_size, seq_len=shape.seq_len, precision=precision, device=device)
 
-        auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
-                         gpu=False, bf16=precision.name == "bf16", speed=speed)
-        rates = ", ".join(f"1×{shape[0]} {rate / 1000:.1f}k" for shape, rate in measured.items())
-        sized = f"sized for this machine: {auto.reason} (measured tokens/s: {rates})"
+        sizing = size_by_speed(train_tokens=len(data.train_ids), minutes=max_minutes, cell=options.cell, gpu=gpu,
+                               precision=precision.name, speed=speed)
+        shape = sizing.shape
+        auto = dataclasses.replace(auto, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
+                                   embed_size=sizing.embed_size, dropout=sizing.dropout, seq_len=shape.seq_len,
+                                   batch_size=shape.batch_size, lr=shape.lr, reason=sizing.reason,
+                                   input_dropout=sizing.input_dropout, shift_windows=sizing.shift_windows)
+        sized = f"sized for this machine: {sizing.reason}"
     hidden = _given_or(options.hidden_size, auto.hidden_size)
     if options.residual and options.num_layers is None and auto.num_layers < 2:
         raise ConfigError(f"--residual connects stacked layers: give --num-layers (≥ 2); the default here is "
@@ -291,7 +295,8 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     if unknown := data.tokenizer.count_unknown(data.val_ids):
         notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
     return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
-                   corpus_options=_corpus_options(options, corpus_data), precision_reason=precision.reason)
+                   corpus_options=_corpus_options(options, corpus_data), precision_reason=precision.reason,
+                   sizing=sizing.to_dict() if sizing else None)
 
 
 # The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
@@ -304,10 +309,11 @@ _TRAINER_SHARE = 0.9
 
 
 def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: int, precision: Any,
-                       steps: int = 4) -> float:
-    """Tokens/s of training this shape on this CPU (forward, backward, clipping, the optimizer
-    step), from the median of ``steps`` − 1 timed steps after a warm-up one: about a second for
-    the default sizes. Random tokens; the caller's random state is left as it was."""
+                       steps: int = 4, device: Any = None) -> float:
+    """Tokens/s of training this shape on ``device`` (the CPU by default) in ``precision`` (forward,
+    backward, clipping, the optimizer step), from the median of ``steps`` − 1 timed steps after a
+    warm-up one: about a second for the default sizes. Random tokens; the caller's random state
+    is left as it was."""
     import statistics
     import time
 
@@ -317,14 +323,16 @@ def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: i
     from .model import RNNLM
     from .trainer import make_optimizer
 
-    device = torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device("cpu") if device is None else torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        model = RNNLM(model_config).train()
+        model = RNNLM(model_config).to(device).train()
         optimizer = make_optimizer(model, TrainConfig(), device)
-        x = torch.randint(model_config.vocab_size, (batch_size, seq_len + 1))
+        x = torch.randint(model_config.vocab_size, (batch_size, seq_len + 1), device=device)
         seconds, state = [], None
         for _ in range(steps):
+            sync()
             t0 = time.perf_counter()
             with precision.autocast(device):
                 logits, state = model(x[:, :-1], state)
@@ -334,6 +342,7 @@ def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: i
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+            sync()
             seconds.append(time.perf_counter() - t0)
     return _TRAINER_SHARE * batch_size * seq_len / statistics.median(seconds[1:])
 

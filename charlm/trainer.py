@@ -354,7 +354,8 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
           should_stop: Callable[[], str | None] | None = None, resume: Resume | None = None,
           dist: Dist | None = None, val_source: str | None = None,
           init_weights: dict[str, torch.Tensor] | None = None,
-          corpus_options: dict[str, Any] | None = None, precision_reason: str | None = None) -> TrainResult:
+          corpus_options: dict[str, Any] | None = None, precision_reason: str | None = None,
+          sizing: dict[str, Any] | None = None) -> TrainResult:
     """Train a model and write checkpoints and metrics.jsonl into ``run_dir``.
 
     ``should_stop`` is polled after every step; a non-empty answer (e.g. "SIGINT") ends the run
@@ -369,7 +370,8 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
     ``include``/``exclude`` patterns and the digest of its split) are kept in the checkpoint for
     ``--resume``. ``init_weights`` (fine-tuning) starts from another model's tensors instead of a random
     initialisation; a vocabulary that grew keeps the old rows and initialises only the new ones.
-    ``precision_reason`` says why ``train_config.precision`` (the start event reports it).
+    ``precision_reason`` says why ``train_config.precision`` (the start event reports it), and
+    ``sizing`` what was measured to size the model (``sizing.Sized.to_dict``; the start event too).
     """
     if train_config.max_steps is None and train_config.epochs is None and train_config.max_minutes is None:
         raise ConfigError("give a stopping rule (max_steps, epochs or max_minutes): without one training never "
@@ -380,7 +382,8 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
         return _Run(model_config=model_config, train_config=train_config, data=data, run_dir=run_dir,
                     source=source, on_event=on_event, should_stop=should_stop, resume=resume, dist=dist,
                     val_source=val_source, init_weights=init_weights,
-                    corpus_options=corpus_options or {}, precision_reason=precision_reason).run()
+                    corpus_options=corpus_options or {}, precision_reason=precision_reason,
+                    sizing=sizing).run()
 
 
 @dataclass
@@ -415,8 +418,9 @@ class _Run:
                  source: str, on_event: Callable[[Event], None] | None, should_stop: Callable[[], str | None] | None,
                  resume: Resume | None, dist: Dist, val_source: str | None,
                  init_weights: dict[str, torch.Tensor] | None, corpus_options: dict[str, Any],
-                 precision_reason: str | None = None) -> None:
+                 precision_reason: str | None = None, sizing: dict[str, Any] | None = None) -> None:
         cfg = train_config
+        self.sizing = sizing
         self.dist, self.data, self.run_dir, self.resume = dist, data, run_dir, resume
         self.source, self.val_source, self.corpus_options = source, val_source, corpus_options
         self.should_stop = should_stop
@@ -805,7 +809,8 @@ class _Run:
                      "train_config": cfg.to_dict(), "resumed": self.resume is not None,
                      "train_tokens": int(len(self.data.train_ids)), "val_tokens": int(len(self.data.val_ids)),
                      "tokenizer": self.data.tokenizer.kind, "precision": self.precision.name,
-                     "precision_reason": self.precision.reason})
+                     "precision_reason": self.precision.reason,
+                     **({"sizing": self.sizing} if self.sizing else {})})
         self.step_hint = (f"make --batch-size ({cfg.batch_size}) or --seq-len ({cfg.seq_len}) smaller, "
                           f"or the model (--hidden-size, --num-layers)")
         self.net.train()

@@ -89,24 +89,6 @@ def test_bf16_word_models_expect_more_epochs_and_regularise_more():
     assert (long.dropout, long.input_dropout, long.embed_dropout, long.weight_drop) == (0.5, 0.65, 0.1, 0.5)
 
 
-def test_a_measured_speed_replaces_the_tables_in_the_epochs_estimate():
-    slow = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=10, gpu=False, bf16=True,
-                     speed=lambda hidden, *shape: 8_000)
-    assert "~5 epochs" in slow.reason and (slow.hidden_size, slow.dropout) == (1024, 0.2)
-    # A machine that trains 1×1024 for ~10 epochs in the budget trains 1×1536 instead, with dropout.
-    rates = {1024: 17_000, 1536: 10_000}
-    fast = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=10, gpu=False, bf16=True,
-                     speed=lambda hidden, *shape: rates[hidden])
-    assert (fast.hidden_size, fast.dropout, fast.lr, fast.input_dropout) == (1536, 0.25, 6e-3, 0.125)
-    assert "~6 epochs" in fast.reason
-    fp32 = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=10, gpu=False,
-                     speed=lambda hidden, *shape: 17_000)
-    assert fp32.hidden_size == 768  # fp32's sizes are the measured ones: no step up
-    small = auto_size(tokenizer="char", train_tokens=300_000, max_minutes=10, gpu=False, bf16=True,
-                      speed=lambda hidden, *shape: 17_000)
-    assert small.hidden_size == 512 and small.dropout == 0.3  # too little data to grow: more dropout instead
-
-
 def test_the_plan_measures_this_machine_only_for_a_shape_it_chooses(tmp_path, monkeypatch):
     import torch
 
