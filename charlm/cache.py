@@ -17,6 +17,7 @@ start on the same corpus wait, then use it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -33,8 +34,8 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from .data import (PreparedData, check_not_blank, check_split, default_corpus, iter_corpus_chunks, prepare_data,
-                   prepare_texts, read_corpus)
+from .data import (PreparedData, check_not_blank, check_split, default_corpus, iter_corpus_chunks, open_source,
+                   prepare_data, prepare_texts, read_corpus, source_kind)
 from .errors import CorpusError, UsageError
 from .tokenizer import (ENCODE_CHUNK, ByteTokenizer, CharTokenizer, Tokenizer, codepoints, ids_dtype,
                         tokenizer_from_dict)
@@ -70,7 +71,8 @@ class CorpusIds:
 
 
 def cache_key(paths: list[Path], settings: dict[str, Any]) -> str:
-    files = [{"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
+    files = [{"sha256": p.stem.partition("-")[0], "size": p.stat().st_size} if p.suffix == SPOOL_SUFFIX  # a pipe, by content
+             else {"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
     what = {"version": CACHE_VERSION, "files": files, **settings}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -87,8 +89,8 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
     settings = {"kind": kind, "val_fraction": None if val_path is not None else val_fraction,
                 "min_count": min_count, "max_vocab": max_vocab, "encoding_errors": encoding_errors}
     for p in paths:
-        if not p.is_file():
-            read_corpus(p)  # raises the precise error (missing, a directory, …)
+        if source_kind(p) != "file":  # raises the precise error (missing, a directory, a device, …)
+            raise CorpusError(f"{p}: is a pipe; prepare_corpus reads it into a file first (spooled)")
     options = dict(kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
                    encoding_errors=encoding_errors)
     return _cached(paths, settings, lambda tmp: _build(paths, tmp, n_train=1, **options),
@@ -109,8 +111,8 @@ def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (),
     folder = Path(folder)
     candidates = corpus_files(folder, include, exclude)
     if val_path is not None:
-        if not Path(val_path).is_file():
-            read_corpus(val_path)  # raises the precise error (missing, a directory, …)
+        if source_kind(val_path) != "file":  # raises the precise error (missing, a directory, …)
+            raise CorpusError(f"{val_path}: is a pipe; prepare_corpus reads it into a file first (spooled)")
         # A --val-file inside the folder is validation text only, never also trained on.
         val_resolved = Path(val_path).resolve()
         candidates = [p for p in candidates if p.resolve() != val_resolved]
@@ -176,11 +178,15 @@ def _cached(paths: list[Path], settings: dict[str, Any], build: Callable[[Path],
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """An exclusive lock on ``lock_path`` for the block (POSIX ``flock``: the system releases it if
     the process dies; where there is no ``fcntl``, the block runs unlocked)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+b") as fh:
+    from .fsutil import open_lock_file
+
+    fd = open_lock_file(lock_path)  # a planted link there is refused, not followed
+    try:
         if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def _build_entry(folder: Path, build: Callable[[Path], None], *, on_build: Callable[[str], None] | None,
@@ -472,17 +478,88 @@ def _note_folder(on_note: Callable[[str], None], source: Path, files: dict[str, 
                 f"training and validation; --val-file chooses the validation text)")
 
 
-def prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
-                   max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
-                   val_path: str | None = None, on_note: Callable[[str], None] | None = None,
-                   include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> tuple[Corpus, PreparedData]:
+SPOOL_SUFFIX = ".spool"
+
+
+@contextmanager
+def spooled(paths: "list[str | None]", *, root: Path | None = None) -> Iterator[list[str | None]]:
+    """``paths`` with each pipe (``<(zcat corpus.gz)``, a FIFO) copied into a file of the cache
+    root for the block, so that it can be read twice (a count, then the ids) and never has to
+    fit in memory. The copy is named by its content's SHA-256, which keys the token cache
+    instead of the pipe's path; it is removed when the block ends. Files pass through as they are."""
+    out: list[str | None] = []
+    made: list[Path] = []
+    try:
+        for path in paths:
+            if path is None or path == BUILTIN or Path(path).is_dir() or source_kind(path) == "file":
+                out.append(path)
+                continue
+            made.append(_spool(Path(path), (root or cache_root()) / "spool"))
+            out.append(str(made[-1]))
+        yield out
+    finally:
+        for spool in made:
+            spool.unlink(missing_ok=True)
+
+
+def _spool(path: Path, folder: Path) -> Path:
+    from .fsutil import _CLOEXEC, _NOFOLLOW
+
+    digest, size, blank = hashlib.sha256(), 0, True
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{os.getpid()}-{os.urandom(4).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CorpusError(f"cannot copy {path} into the token cache in {folder}: {exc.strerror or exc}; "
+                          f"set CHARLM_CACHE_DIR to a writable folder") from None
+    try:
+        with open_source(path) as source:
+            while data := source.read(1 << 20):
+                digest.update(data)
+                size += len(data)
+                blank = blank and data.isspace()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+        os.close(fd)
+        fd = -1
+        check_not_blank(path, empty=size == 0, blank=blank)
+        spool = folder / f"{digest.hexdigest()}-{os.getpid()}{SPOOL_SUFFIX}"
+        os.replace(tmp, spool)
+        return spool
+    except OSError as exc:
+        raise CorpusError(f"cannot copy {path} into the token cache in {folder}: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
+def prepare_corpus(path: str | None, *, val_path: str | None = None, **options: Any) -> tuple[Corpus, PreparedData]:
     """The corpus and its ids: a file or a folder of files goes through the on-disk token cache,
-    the built-in text is small.
+    the built-in text is small, a pipe (``<(zcat corpus.gz)``) is copied into the cache root
+    first (``spooled``) and then read as a file.
 
     ``val_path`` validates on that file instead of the last ``val_fraction`` of the corpus (the
     last files of a folder). ``tokenizer`` (a resumed or fine-tuned run's) must match what the
     cache holds; if it does not, the text is encoded with it in memory instead.
     """
+    with spooled([path, val_path]) as (readable, readable_val):
+        note = options.get("on_note")
+        if note is not None and (readable, readable_val) != (path, val_path):  # name a pipe as given
+            copies = [(str(c), f"{p} (a pipe, copied)") for c, p in ((readable, path), (readable_val, val_path)) if c != p]
+            options["on_note"] = lambda message: note(functools.reduce(lambda m, cp: m.replace(*cp), copies, message))
+        corpus, data = _prepare_corpus(readable, val_path=readable_val, **options)
+    if readable != path:  # a pipe: named as given, not as its copy
+        corpus = dataclasses.replace(corpus, name="pipe", source=str(path))
+    return corpus, data
+
+
+def _prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
+                    max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
+                    val_path: str | None = None, on_note: Callable[[str], None] | None = None,
+                    include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> tuple[Corpus, PreparedData]:
     def in_memory(text: str, val_text: str | None = None, **options: Any) -> PreparedData:
         if val_path is not None:
             val_text = read_corpus(val_path, encoding_errors=encoding_errors)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import jsonio
+from . import fsutil, jsonio
 from .config import CachePointer, ConfigError, ModelConfig, TrainConfig, brief
-from .errors import CheckpointError, SaveError, TokenizerError, out_of_memory_as
+from .errors import CheckpointError, TokenizerError, out_of_memory_as
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "charlm/1"
@@ -59,46 +59,7 @@ def checkpoint_report(checkpoint: Checkpoint) -> dict[str, Any]:
 
 # ── writing ─────────────────────────────────────────────────────────────────────────────────────
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one.
-
-    Temporary file in the same folder → fsync → rename over the target → fsync the folder.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        reason = exc.strerror or str(exc)
-        raise SaveError(f"cannot write {path}: {reason}; the previous checkpoint is intact") from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+atomic_write = fsutil.atomic_write  # the one atomic write (temporary file, fsync, rename; no links followed)
 
 
 def model_tensors(model) -> dict[str, Any]:

@@ -5,8 +5,10 @@ the commands so ``charlm --help`` stays fast.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -31,8 +33,42 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-console = Console(highlight=False, soft_wrap=True)
+# Control characters a terminal would obey (ESC starts colour, title and clipboard sequences; CR
+# and BS overwrite; the bidirectional overrides reorder what is shown), C1 controls and DEL.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def safe_text(text: str) -> str:
+    """``text`` as a terminal shows it without obeying it: control characters written as escapes
+    (``\\x1b``, ``\\u202e``); newlines and tabs kept. Every string from a file passes through this."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+class _SafeConsole(Console):
+    """A console that prints strings as text: no markup (a ``[`` in a path is a bracket) and no
+    control characters (``safe_text``)."""
+
+    def print(self, *objects: Any, **options: Any) -> None:  # noqa: A003 - rich's name
+        options.setdefault("markup", False)
+        super().print(*(_safe_renderable(o) for o in objects), **options)
+
+
+def _safe_renderable(value: Any) -> Any:
+    if isinstance(value, Text):
+        return Text(safe_text(value.plain), style=value.style, justify=value.justify, overflow=value.overflow)
+    return safe_text(value) if isinstance(value, str) else value
+
+
+class _Table(Table):
+    """A table whose cells are text, never markup, with control characters escaped."""
+
+    def add_row(self, *cells: Any, **options: Any) -> None:
+        super().add_row(*(Text(safe_text(c)) if isinstance(c, str) else _safe_renderable(c) for c in cells),
+                        **options)
+
+
+err = _SafeConsole(stderr=True, highlight=False, soft_wrap=True, markup=False)
+console = _SafeConsole(highlight=False, soft_wrap=True, markup=False)
 
 _TRAIN = TrainConfig()  # the configs' defaults, stated once
 
@@ -47,18 +83,14 @@ def _handled() -> Iterator[None]:
     """Turn library errors into one line on stderr and an exit code; never a traceback."""
     try:
         yield
+        _flush_stdout()  # a full disk or a closed pipe shows here, not at exit after the message
     except CharlmError as exc:
         raise _error(str(exc), exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("charlm: interrupted", markup=False)
-        raise typer.Exit(130) from None
-    except BrokenPipeError:
-        # `charlm sample | head`: the reader went away; that is not an error.
-        try:
-            sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - silence the flush at exit
-        except OSError:
-            pass
-        raise typer.Exit(0) from None
+    except KeyboardInterrupt as exc:
+        err.print(f"charlm: interrupted{f' ({exc})' if isinstance(exc, _Signalled) else ''}", markup=False)
+        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+    except OutputLost as exc:
+        raise _error(str(exc), 1) from None
     except (MemoryError, RuntimeError) as exc:
         # The library names what ran out where it can (OutOfMemoryError); anything it did not
         # wrap still ends as one line, not an allocator's traceback.
@@ -66,6 +98,71 @@ def _handled() -> Iterator[None]:
             raise
         raise _error("out of memory; make the model (--hidden-size, --num-layers), --batch-size or "
                      "--num-samples smaller", 1) from None
+
+
+# ── standard output that can vanish ────────────────────────────────────────────────────────────
+
+class OutputLost(Exception):
+    """Standard output cannot take what a command writes: closed, a full disk, a reader gone."""
+
+
+_OUTPUT_REASONS = {errno.EPIPE: "the reader went away (broken pipe)", errno.ENOSPC: "no space left on the device",
+                   errno.EBADF: "it is closed"}
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: a failed write or flush becomes ``OutputLost``, and
+    the real descriptor is then pointed at /dev/null so that the flush at exit stays quiet."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _lost(self, exc: OSError) -> OutputLost:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        reason = _OUTPUT_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+        return OutputLost(f"cannot write to standard output: {reason}")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except OSError as exc:  # not guarded (a library caller's own stream)
+            raise OutputLost(f"cannot write to standard output: "
+                             f"{_OUTPUT_REASONS.get(exc.errno or 0, exc.strerror or str(exc))}") from None
+
+
+def _write_text(text: str) -> None:
+    """Generated text to stdout: as it is into a file or pipe, with control characters escaped
+    on a terminal (a downloaded model's vocabulary can hold escape sequences)."""
+    sys.stdout.write(safe_text(text) if _stdout_is_terminal() else text)
+
+
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _version(value: bool) -> None:
@@ -178,18 +275,35 @@ class _TrainDisplay:
             self.progress.update(self.task, completed=1000 * self._fraction(event), description=self.step_info)
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM before training started: nothing to save, so the work stops at once."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.exit_code = 143 if name == "SIGTERM" else 130
+
+
 class _StopFlag:
-    """SIGINT/SIGTERM ask the trainer to stop after the current step; a second Ctrl-C aborts."""
+    """SIGINT/SIGTERM ask the trainer to stop after the current step; a second Ctrl-C aborts.
+    Before training starts (reading, tokenizing, planning: nothing to save yet) either one stops
+    at once, even in a read that waits on a pipe."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.started = False  # the trainer's "start" event has come
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if not self.started:
+            raise _Signalled(signal.Signals(signum).name)
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
         err.print(f"\ncharlm: {self.reason}: finishing this step and saving…", markup=False)
+
+    def seen(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "start":
+            self.started = True
 
     def __enter__(self) -> "_StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -277,7 +391,12 @@ def train(
         main_process = not launched_by_torchrun() or os.environ.get("RANK", "0").strip() in ("0", "")
         display = _TrainDisplay(live=main_process)
         with _StopFlag() as stop, display:
-            result = run_training(corpus, on_event=display, should_stop=stop,
+            stop.started = not main_process  # torchrun's other ranks see no events: they keep the graceful stop
+            def on_event(event: dict[str, Any]) -> None:
+                stop.seen(event)
+                display(event)
+
+            result = run_training(corpus, on_event=on_event, should_stop=stop,
                                   on_note=lambda message: err.print(f"charlm: {message}", markup=False),
                                   given_options={name for name in ctx.params if _given(ctx, name)}, **options)
         run_dir = result.run_dir
@@ -312,7 +431,7 @@ def train(
         if sample_length > 0:
             console.print("sample:", markup=False)
             for text in _end_of_training_sample(result.best_checkpoint, length=sample_length, seed=seed):
-                sys.stdout.write(text)
+                _write_text(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
 
@@ -389,21 +508,25 @@ def sample(
                       f"{' '.join(brief(word) for word in unknown[:8])}", markup=False)
         separate = num_samples > 1
         buffers: list[list[str]] = [[] for _ in range(num_samples)]
+        # The library checks the prime and the stop string when the stream is made, so a refused
+        # prime is never echoed first.
+        pieces = lm.stream(prime, length=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           stop=stop, num_samples=num_samples, precision=precision)
         if separate:
             sys.stdout.write("──── sample 1 ────\n")
-        sys.stdout.write(prime)
+        _write_text(prime)
         sys.stdout.flush()
         # The first sample streams live; the others are printed whole once generated.
-        for piece in lm.stream(prime, length=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               stop=stop, num_samples=num_samples, precision=precision):
+        for piece in pieces:
             if piece.stream == 0:
-                sys.stdout.write(piece.text)
+                _write_text(piece.text)
                 sys.stdout.flush()
             else:
                 buffers[piece.stream].append(piece.text)
         sys.stdout.write("\n")
         for i in range(1, num_samples):
-            sys.stdout.write(f"──── sample {i + 1} ────\n{prime}{''.join(buffers[i])}\n")
+            sys.stdout.write(f"──── sample {i + 1} ────\n")
+            _write_text(f"{prime}{''.join(buffers[i])}\n")
         sys.stdout.flush()
 
 
@@ -453,7 +576,7 @@ def perplexity(
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
             return
-        table = Table(show_header=False, box=None)
+        table = _Table(show_header=False, box=None)
         for label, value in (("tokens", f"{report['tokens']:,}"), ("characters", f"{report['characters']:,}"),
                              ("<UNK> tokens", f"{report['unknown_tokens']:,}"),
                              ("nats/token", f"{report['nats_per_token']:.4f}"),
@@ -496,7 +619,7 @@ def info(
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
             return
-        table = Table(show_header=False, box=None)
+        table = _Table(show_header=False, box=None)
         table.add_row("checkpoint", str(resolved))
         mc = loaded.model_config
         table.add_row("model", f"{mc.num_layers}×{mc.hidden_size} {mc.cell.upper()}, embedding {mc.embed_size}"
@@ -581,7 +704,7 @@ def bench(
         if as_json:
             console.print_json(jsonio.dumps(result.to_dict()))
             return
-        table = Table(title=f"charlm bench · {num_layers}×{hidden_size} {cell.upper()} · {result.device}")
+        table = _Table(title=f"charlm bench · {num_layers}×{hidden_size} {cell.upper()} · {result.device}")
         low = result.bf16 or {}
         table.add_column("what")
         table.add_column("fp32 (median)", justify="right")
@@ -781,7 +904,7 @@ def score(
             sys.stdout.write(jsonio.dumps({"file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
                                          "include_end": include_end, "lines": rows}) + "\n")
             return
-        table = Table(box=None)
+        table = _Table(box=None)
         for column in ("line", "perplexity", "nats/token", "bits/char", "tokens", "text"):
             table.add_column(column, justify="left" if column == "text" else "right")
         for row in rows:
@@ -940,7 +1063,35 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """The ``charlm`` command: Typer parses; a parse error is one line, like every other error."""
+    try:  # Typer ≥ 0.26 carries its own copy of click
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
+    if sys.stdout is None:  # started with stdout closed (>&-): every command's result would be lost
+        err.print("charlm: error: standard output is closed; redirect it to a file or /dev/null instead",
+                  markup=False)
+        sys.exit(1)
+    sys.stdout = _GuardedStdout(sys.stdout)  # type: ignore[assignment]
+    try:
+        code = app(standalone_mode=False)
+        _flush_stdout()
+    except click_errors.NoArgsIsHelpError as exc:  # a group with no command: its help, exit 2 as before
+        app(args=[*sys.argv[1:], "--help"], standalone_mode=False)
+        code = exc.exit_code
+    except click_errors.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err.print(f"charlm: error: {exc.format_message()}{hint}", markup=False)
+        code = exc.exit_code
+    except click_errors.Abort:
+        err.print("charlm: interrupted", markup=False)
+        code = 130
+    except OutputLost as exc:
+        err.print(f"charlm: error: {exc}", markup=False)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -642,10 +642,10 @@ def _copy(stream: Any, count: int | None, label: str) -> Iterator[bytes]:
 
 def _atomic_write_stream(path: Path, chunks: Iterator[bytes]) -> None:
     """Temporary file in the same folder → fsync → rename, so a split file is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
+        with open(tmp, "xb") as fh:  # exclusive: a link planted under that name is not followed
             for chunk in chunks:
                 fh.write(chunk)
             fh.flush()

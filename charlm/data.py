@@ -44,6 +44,61 @@ def normalize_newlines(text: str) -> str:
 CHUNK_BYTES = 8 << 20
 
 
+def source_kind(path: str | os.PathLike[str]) -> str:
+    """What ``path`` is as a text source, without reading a byte: "file", or "pipe" (a FIFO, a
+    process substitution such as ``<(zcat corpus.gz)``, standard input piped in), both read as
+    text. Anything else is refused with ``CorpusError`` at once: missing, a folder, a character
+    device (a terminal, /dev/zero: they never end), a block device or a socket."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISFIFO(mode):
+        return "pipe"
+    if stat.S_ISDIR(mode):
+        raise CorpusError(f"{path}: is a directory, not a text file")
+    what = ("a character device (a terminal or a device such as /dev/zero)" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    raise CorpusError(f"{path}: is {what}, not a text file; save the text to a file, or pipe it in")
+
+
+class _PipeReader:
+    """Reads a pipe without ever blocking where nothing can come: opened non-blocking, so a FIFO
+    that no process has opened for writing reads as ended at once (not a hang), and waiting for
+    a writer's next bytes is a ``select`` that a signal interrupts."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+
+    def read(self, size: int) -> bytes:
+        import select
+
+        while True:
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                select.select([self.fd], [], [])  # a writer is there but has nothing yet
+
+    def __enter__(self) -> "_PipeReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def open_source(path: str | os.PathLike[str]):  # noqa: ANN201 - a binary file or a _PipeReader
+    """``path`` opened for reading bytes: a regular file or a pipe (``source_kind`` refuses the rest)."""
+    path = Path(path)
+    return open(path, "rb") if source_kind(path) == "file" else _PipeReader(path)  # noqa: SIM115
+
+
 def iter_corpus_chunks(path: str | os.PathLike[str], *, encoding_errors: str = "strict",
                        chunk_bytes: int | None = None) -> Iterator[str]:
     """Decode a UTF-8 text file (with or without BOM) piece by piece, CRLF/CR normalised to LF.
@@ -57,15 +112,12 @@ def iter_corpus_chunks(path: str | os.PathLike[str], *, encoding_errors: str = "
     path = Path(path)
     if encoding_errors not in ENCODING_ERRORS:
         raise UsageError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)} (got {encoding_errors!r})")
-    if not path.exists():
-        raise CorpusError(f"{path}: no such file")
-    if path.is_dir():
-        raise CorpusError(f"{path}: is a directory, not a text file")
+    source_kind(path)  # refuses what is not a file or a pipe before anything is read
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")(errors=encoding_errors)
     offset, held_cr = 0, False
     try:
-        with open(path, "rb") as fh:
+        with open_source(path) as fh:
             while True:
                 data = fh.read(chunk_bytes if offset else max(chunk_bytes, 3))  # a BOM is 3 bytes
                 final = not data
@@ -107,7 +159,12 @@ def read_corpus(path: str | os.PathLike[str], *, encoding_errors: str = "strict"
 
 def check_not_blank(path: str | os.PathLike[str], *, empty: bool, blank: bool) -> None:
     if empty:
-        raise CorpusError(f"{path}: is empty")
+        try:
+            pipe = source_kind(path) == "pipe"
+        except CorpusError:
+            pipe = False
+        raise CorpusError(f"{path}: is empty" + (" (a pipe: nothing was written to it, or no program had opened it "
+                                                  "for writing)" if pipe else ""))
     if blank:
         raise CorpusError(f"{path}: holds only whitespace")
 

@@ -184,7 +184,8 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
             if note is not None:
                 note(f"note: --tokenizer {measured_with}, the tokenizer {run_name}'s published results use "
                      f"(give --tokenizer to choose another)")
-    val_source = str(Path(val_file).resolve()) if val_file else None
+    val_source = ((val_file if Path(val_file).is_fifo() else str(Path(val_file).resolve()))  # a pipe as given
+                  if val_file else None)
 
     if options.resume is not None:
         resume_dir = Path(options.resume)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ConfigError, MetricsError, MissingDependencyError, SaveError
+from .errors import ConfigError, MetricsError, MissingDependencyError
 
 METRICS_FILE = "metrics.jsonl"
 MARKERS = "*o+x#"
@@ -72,10 +72,16 @@ def read_metrics(run: str | os.PathLike[str]) -> Metrics:
         except json.JSONDecodeError:
             metrics.skipped_lines += 1
             continue
-        if not isinstance(event, dict) or not isinstance(event.get("step"), (int, float)):
+        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
             metrics.skipped_lines += 1
             continue
-        kind, step = event.get("event"), float(event["step"])
+        kind = event["event"]
+        if kind not in _STEPPED:  # an event with no place on the chart (cache, warning, or a newer kind)
+            continue
+        if not isinstance(event.get("step"), (int, float)) or isinstance(event["step"], bool):
+            metrics.skipped_lines += 1
+            continue
+        step = float(event["step"])
         if kind == "start":
             if metrics.start is None:
                 metrics.start = event
@@ -93,6 +99,10 @@ def read_metrics(run: str | os.PathLike[str]) -> Metrics:
         elif kind == "end":
             metrics.end = event
     return metrics
+
+
+# The events the chart reads, each at a step; any other event is not drawn, and not "unreadable".
+_STEPPED = ("start", "step", "eval", "end")
 
 
 def _append(points: list[Point], step: float, value: Any) -> None:
@@ -196,13 +206,8 @@ def save_png(run: str | os.PathLike[str], out_path: str | os.PathLike[str], *, d
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
 
+    from .fsutil import atomic_write
+
     out = Path(out_path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise SaveError(f"cannot write {out}: {exc.strerror or exc}") from None
+    atomic_write(out, buffer.getvalue(), intact="nothing was written")
     return out

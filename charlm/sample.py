@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import SampleConfig
+from .config import SampleConfig, brief
 from .errors import SamplingError, UsageError, out_of_memory_as
 from .infer import FastStep
 from .model import RNNLM
@@ -112,6 +112,17 @@ def prime_ids(tokenizer: Tokenizer, prime: str) -> np.ndarray:
     return np.array([1 if tokenizer.vocab_size > 1 else 0])  # the first real token
 
 
+def check_stop(tokenizer: Tokenizer, stop: str | None) -> None:
+    """Refuse a stop string the model can never write (it holds a character that no token of the
+    vocabulary decodes to): the sample would otherwise run its whole length looking for it."""
+    if not stop or (stop == EOS and tokenizer.eos_id is not None):
+        return
+    if missing := tokenizer.unwritable(stop):
+        shown = " ".join(repr(c) for c in missing[:10])
+        raise UsageError(f"the stop string {brief(stop)} can never be generated: this model's vocabulary has no "
+                         f"{shown}" + (" (a word model ends lines with '<EOS>')" if tokenizer.kind == "word" else ""))
+
+
 class _StopBuffer:
     """Holds back text that might be the start of the stop string, so output never shows a partial stop."""
 
@@ -157,6 +168,7 @@ class Generation:
         else:
             self.generator.seed()
         n = self.num_samples = config.num_samples
+        check_stop(tokenizer, config.stop)
         context = torch.as_tensor(prime_ids(tokenizer, prime).astype(np.int64), device=device)
         self.state = None
         with _preparing(model, n):
@@ -250,22 +262,28 @@ def _preparing(model: RNNLM, num_samples: int):  # noqa: ANN202 - a context mana
                             f"{model.cfg.hidden_size} model", "make --num-samples (or the --prime) smaller")
 
 
-@torch.inference_mode()
 def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime: str = "",
              precision: str = "auto") -> Iterator[Piece]:
     """Stream ``config.num_samples`` samples of ``config.length`` tokens, a piece per token.
 
     ``config.stop`` ends a sample at that string (not included); for word models ``<EOS>`` ends it
     at the end of the line. ``precision`` is the steps' matmuls' (``sampling_precision``); the
-    prime is always read in fp32.
+    prime is always read in fp32. The prime, the stop string and the precision are checked here,
+    before the first piece is asked for.
     """
     device = model.embedding.weight.device
     chosen = sampling_precision(precision, device)
-    run = Generation(model, tokenizer, config=config, prime=prime)
-    with _preparing(model, config.num_samples):
-        # The same arithmetic as model(token[:, None], state), without its overhead.
-        fast = FastStep(model, dtype=chosen.dtype)
-        fast.reset(config.num_samples, run.state)
+    with torch.inference_mode():
+        run = Generation(model, tokenizer, config=config, prime=prime)
+        with _preparing(model, config.num_samples):
+            # The same arithmetic as model(token[:, None], state), without its overhead.
+            fast = FastStep(model, dtype=chosen.dtype)
+            fast.reset(config.num_samples, run.state)
+    return _steps(run, fast)
+
+
+@torch.inference_mode()
+def _steps(run: Generation, fast: FastStep) -> Iterator[Piece]:
     yield from run.start()
     if device.type in DRAW_AHEAD_DEVICES and not run.reads_text:
         yield from _drawn_ahead(run, fast)

@@ -72,6 +72,16 @@ class Tokenizer:
     def count_unknown(self, ids: np.ndarray) -> int:
         return 0 if self.unk_id is None else int(np.count_nonzero(ids == self.unk_id))
 
+    def emitted_chars(self) -> frozenset[str] | None:
+        """Every character the decoder can ever write (None: any character, as bytes can)."""
+        return None
+
+    def unwritable(self, text: str) -> list[str]:
+        """The characters of ``text`` this model can never write, sorted: a stop string holding one
+        can never be reached."""
+        chars = self.emitted_chars()
+        return [] if chars is None else sorted(set(text) - chars)
+
 
 class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -155,6 +165,9 @@ class CharTokenizer(Tokenizer):
     def unknown_symbols(self, text: str) -> list[str]:
         known = set(self.itos[1:])
         return sorted(set(text) - known)
+
+    def emitted_chars(self) -> frozenset[str]:
+        return frozenset(self.itos[1:]) | {UNK_CHAR}
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": self.itos[1:]}
@@ -292,6 +305,9 @@ class WordTokenizer(Tokenizer):
 
     def unknown_symbols(self, text: str) -> list[str]:
         return sorted({w for w in self.split(text) if w not in self.stoi})
+
+    def emitted_chars(self) -> frozenset[str]:
+        return frozenset("".join(self.itos)) | {" ", "\n"}  # <UNK> is written as itself
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "words": self.itos[2:]}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from . import jsonio
+from . import fsutil, jsonio
 from .averaging import WeightAverage
 from .config import ModelConfig, TrainConfig, brief
 from .data import PreparedData, batchify, epoch_offset, fit_batch_shape, num_windows, shifted_windows, window
@@ -528,11 +528,7 @@ class _Run:
         with self.dist.main_outcome():
             if not self.dist.is_main:
                 return
-            try:
-                with open(self.metrics_path, "a", encoding="utf-8") as fh:
-                    fh.write(jsonio.dumps(event) + "\n")
-            except OSError as exc:
-                raise SaveError(f"cannot write {self.metrics_path}: {exc.strerror or exc}") from None
+            fsutil.append_text(self.metrics_path, jsonio.dumps(event) + "\n")  # never through a planted link
             self.emit(event)
 
     def train_state(self) -> dict[str, Any]:
@@ -978,11 +974,15 @@ def claim_run_dir(run_dir: Path, dist: Dist | None = None) -> Iterator[None]:
             problem = f"save:cannot write {run_dir}: {exc.strerror or exc}"
         except RunInUseError as exc:
             problem = f"busy:{exc}"
+        except fsutil.UnsafeFolderError as exc:
+            problem = f"unsafe:{exc}"
     problem = dist.broadcast_object(problem)
     if problem is not None:
         kind, _, message = problem.partition(":")
         if kind == "busy":
             raise RunInUseError(message)
+        if kind == "unsafe":
+            raise fsutil.UnsafeFolderError(message)
         raise SaveError(message)
     try:
         if dist.is_main:
@@ -995,19 +995,8 @@ def claim_run_dir(run_dir: Path, dist: Dist | None = None) -> Iterator[None]:
 
 
 def _lock_folder(folder: Path) -> int | None:
-    """An exclusive, non-blocking lock on ``folder``: its descriptor, or ``RunInUseError``."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): run unlocked
-        return None
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise RunInUseError(f"{folder} is in use by another charlm process training there; wait for it to "
-                            f"finish (or stop it), or choose another --out") from None
-    return fd
+    """An exclusive, non-blocking lock on ``folder``: its descriptor, or ``RunInUseError`` (fsutil.lock_folder)."""
+    return fsutil.lock_folder(folder)
 
 
 def run_dir_in_use(folder: Path) -> bool:
