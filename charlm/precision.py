@@ -18,7 +18,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 import platform
 from dataclasses import dataclass
 from typing import Iterator
@@ -27,7 +26,8 @@ import torch
 
 from .cache import cache_root
 from .config import ModelConfig, check_precision
-from .errors import ConfigError
+from .errors import CharlmError, ConfigError
+from .fsutil import atomic_write
 from .cpu import cpu_bf16_instructions, cpu_flags, simulating_no_bf16
 from .model import RNNLM
 
@@ -100,11 +100,10 @@ def cpu_bf16_kernel_runs(cell: str) -> str | None:
     if not isinstance(known.get(key), dict) or not isinstance(known[key].get("bf16"), dict):
         known[key] = {"bf16": {}}
     known[key]["bf16"][cell] = answer
-    with contextlib.suppress(OSError):  # a read-only cache folder costs a probe per process, nothing more
+    # A cache folder that cannot be written (or holds a planted link) costs a probe per process.
+    with contextlib.suppress(OSError, CharlmError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(known, indent=1), encoding="utf-8")
-        os.replace(temporary, path)  # whole or absent; a lost answer costs one probe
+        atomic_write(path, json.dumps(known, indent=1).encode("utf-8"))
     return answer
 
 

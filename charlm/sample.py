@@ -285,7 +285,7 @@ def generate(model: RNNLM, tokenizer: Tokenizer, *, config: SampleConfig, prime:
 @torch.inference_mode()
 def _steps(run: Generation, fast: FastStep) -> Iterator[Piece]:
     yield from run.start()
-    if device.type in DRAW_AHEAD_DEVICES and not run.reads_text:
+    if run.token.device.type in DRAW_AHEAD_DEVICES and not run.reads_text:
         yield from _drawn_ahead(run, fast)
     while not run.finished:
         yield from run.advance(fast.step(run.token))
