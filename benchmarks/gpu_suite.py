@@ -65,8 +65,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's charlm, whatever is installed
-from charlm.bench import (BenchConfig, bare_train_rate, matmul_gflops, model_for, recurrence_dtypes,  # noqa: E402
-                          sample_rate, tokenizer_for, train_rate)
+from charlm.bench import (BenchConfig, bare_sample_rate, bare_train_rate, matmul_gflops, model_for,  # noqa: E402
+                          recurrence_dtypes, sample_rate, tokenizer_for, train_rate)
 from charlm.errors import ConfigError  # noqa: E402
 from charlm.model import GATES  # noqa: E402
 from charlm.precision import cpu_bf16_kernel_runs  # noqa: E402
@@ -390,25 +390,6 @@ def _rate(entry: dict[str, Any]) -> str:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-@torch.inference_mode()
-def bare_sample_rate(cfg: BenchConfig, device: torch.device, length: int) -> float:
-    """The plainest one-token sampler: ``nn.LSTM`` called on each token, each token read on the host."""
-    torch.manual_seed(0)
-    emb = nn.Embedding(cfg.vocab_size, cfg.embed_size).to(device)
-    lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers).to(device)
-    head = nn.Linear(cfg.hidden_size, cfg.vocab_size).to(device)
-    token, state = torch.zeros(1, 1, dtype=torch.long, device=device), None
-    for _ in range(5):  # cuDNN and allocator set-up, outside the timing
-        out, state = lstm(emb(token), state)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(length):
-        out, state = lstm(emb(token), state)
-        token = torch.multinomial(head(out[-1]).softmax(-1), 1)
-        token.item()  # a streaming sampler decodes each token as it comes
-    return length / (time.perf_counter() - start)
 
 
 def part_sampling(args: argparse.Namespace, sizes: Sizes, log: Log, device: torch.device) -> dict[str, Any]:

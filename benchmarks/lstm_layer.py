@@ -7,7 +7,8 @@ For each hidden size × batch (seq 100, input 128) and precision, one training w
 backward) of ``nn.LSTM`` (oneDNN) and of ``charlm.cells.lstm_layer`` without peepholes, alternated
 round by round so both see the same machine load; then the trainer's tokens/s at the default 10-
 and 3-minute bf16 shapes with the layer chosen either way, beside a bare bf16 ``nn.LSTM`` loop.
-The results decide ``cells.HAND_WRITTEN_BF16_MIN_HIDDEN``. Writes
+The results set ``cells.HAND_WRITTEN_BF16_MIN_HIDDEN``, the width from which each machine times both
+layers itself (``cells.faster_by_hand``). Writes
 benchmarks/results/lstm-layer-cpu.json.
 """
 from __future__ import annotations
@@ -61,8 +62,9 @@ def window_seconds(hidden: int, batch: int, bf16: bool, rounds: int) -> dict[str
 def trainer_rates(hidden: int, batch: int, rounds: int) -> dict[str, float]:
     """The trainer's bf16 tokens/s with each layer, and the bare bf16 loop's, alternated."""
     cfg = bench.BenchConfig(hidden_size=hidden, num_layers=1, batch_size=batch, seq_len=100, train_steps=30)
-    device, chosen = torch.device("cpu"), cells.HAND_WRITTEN_BF16_MIN_HIDDEN
+    device, chosen = torch.device("cpu"), (cells.HAND_WRITTEN_BF16_MIN_HIDDEN, cells.faster_by_hand)
     rates: dict[str, list[float]] = {"trainer_onednn": [], "trainer_hand": [], "bare_onednn": []}
+    cells.faster_by_hand = lambda *shape: True  # the width decides alone here: each layer forced in turn
     try:
         for _ in range(rounds):
             cells.HAND_WRITTEN_BF16_MIN_HIDDEN = 10 ** 9
@@ -71,7 +73,7 @@ def trainer_rates(hidden: int, batch: int, rounds: int) -> dict[str, float]:
             rates["trainer_hand"].append(bench.train_rate(cfg, device, "bf16"))
             rates["bare_onednn"].append(bench.bare_train_rate(cfg, device, precision="bf16"))
     finally:
-        cells.HAND_WRITTEN_BF16_MIN_HIDDEN = chosen
+        cells.HAND_WRITTEN_BF16_MIN_HIDDEN, cells.faster_by_hand = chosen
     return {name: statistics.median(values) for name, values in rates.items()}
 
 

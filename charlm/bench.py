@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, SampleConfig, TrainConfig
+from . import machine
 from .evaluate import evaluate
 from .model import RNNLM, resolve_device
 from .precision import FP32, Precision, cpu_bf16_kernel_runs, resolve_precision
@@ -59,6 +60,9 @@ class BenchResult:
     # The same figures with bf16 matmuls (train, bare train, eval, sample_n, matmul_gflops), or None;
     # a figure is None, and ``unavailable`` says why, where this CPU has no bf16 kernel for it.
     bf16: dict | None = None
+    bare_sample_chars_per_second_1: float = 0.0  # a bare nn.LSTM one-token loop, each token read back
+    # What charlm chose for speed on this machine, each with both timings (machine.answers()).
+    choices: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,6 +176,26 @@ def sample_rate(model: RNNLM, tokenizer: CharTokenizer, *, streams: int, length:
     return chars / (time.perf_counter() - start)
 
 
+@torch.inference_mode()
+def bare_sample_rate(cfg: BenchConfig, device: torch.device, length: int) -> float:
+    """The plainest one-token sampler: ``nn.LSTM`` called on each token, each token read on the host
+    (as any streaming sampler does)."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(cfg.vocab_size, cfg.embed_size).to(device)
+    lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers).to(device)
+    head = nn.Linear(cfg.hidden_size, cfg.vocab_size).to(device)
+    token, state = torch.zeros(1, 1, dtype=torch.long, device=device), None
+    for _ in range(5):  # kernel and allocator set-up, outside the timing
+        out, state = lstm(emb(token), state)
+    _sync_device(device)
+    start = time.perf_counter()
+    for _ in range(length):
+        out, state = lstm(emb(token), state)
+        token = torch.multinomial(head(out[-1]).softmax(-1), 1)
+        token.item()
+    return length / (time.perf_counter() - start)
+
+
 def tokenize_rate(text: str) -> float:
     tokenizer = CharTokenizer.fit(text)
     start = time.perf_counter()
@@ -221,7 +245,10 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
     say("evaluation")
     eval_tps = median_of(cfg.repeats, lambda: eval_rate(model, val))
     say("sampling")
+    sample_rate(model, tokenizer, streams=1, length=10)  # the sampler's kernel choice, measured outside the timing
+    sample_rate(model, tokenizer, streams=cfg.sample_streams, length=10)
     one = median_of(cfg.repeats, lambda: sample_rate(model, tokenizer, streams=1, length=cfg.sample_length))
+    bare_one = median_of(cfg.repeats, lambda: bare_sample_rate(cfg, device, cfg.sample_length))
     many = median_of(cfg.repeats, lambda: sample_rate(model, tokenizer, streams=cfg.sample_streams,
                                                       length=max(50, cfg.sample_length // 4)))
     say("tokenization")
@@ -255,4 +282,4 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
                "default": auto.name == "bf16", "why": auto.reason}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return BenchResult(name, asdict(cfg), train_tps, eval_tps, one, many, tok, gflops, peak_memory_mb(device),
-                       bare_tps, low)
+                       bare_tps, low, bare_one, machine.answers())

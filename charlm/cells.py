@@ -27,13 +27,15 @@ traces a plain functional loop that does the same sums. Sampling has its own ste
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import _VF, nn
 
-from .cpu import cpu_bf16_instructions
+from .machine import remembered
 
 GATE_NAMES = ("i", "f", "o")  # the gates with a peephole
 
@@ -49,7 +51,7 @@ def fixed_weight_matmul(weight: torch.Tensor, batch_size: int) -> Callable[[torc
     (``torch.ops.mkldnn``) are the ones PyTorch's compiler uses, not public API, so they are tried
     once per dtype on a small product and ``torch.mm`` serves wherever they are absent or disagree.
     """
-    if weight.device.type == "cpu" and _onednn_linear_works(weight.dtype):
+    if weight.device.type == "cpu" and onednn_linear_works(weight.dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     transposed = weight.t().contiguous()
@@ -57,7 +59,7 @@ def fixed_weight_matmul(weight: torch.Tensor, batch_size: int) -> Callable[[torc
 
 
 @functools.cache
-def _onednn_linear_works(dtype: torch.dtype) -> bool:
+def onednn_linear_works(dtype: torch.dtype) -> bool:
     try:
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(24, 16, generator=generator).to(dtype)
@@ -121,21 +123,68 @@ class PeepholeLSTM(nn.Module):
         return x, (torch.stack(hs), torch.stack(cs))
 
 
-# On a CPU, bf16 training of an LSTM this wide runs faster through ``_Recurrence`` than through
-# oneDNN's fused kernel, whose bf16 backward takes ~4× its forward. benchmarks/lstm_layer.py (a
-# window of 100 steps, forward + backward, oneDNN's time over ours, batch 16 / 32): 1024 units
-# 1.73× / 1.36×, 768 units 1.62× / 1.34×, 512 units 0.64× / 0.98×; in fp32 0.69–1.11×. That was
-# an AMD EPYC with AVX-512 BF16. On an Intel Xeon with AMX oneDNN's bf16 kernel wins instead (1024
-# units, batch 32: 0.95×; the trainer 0.88–0.89× with ours, benchmarks/results/lstm-layer-cpu-amx.json),
-# so there it stays on oneDNN's.
-HAND_WRITTEN_BF16_MIN_HIDDEN = 10**9 if cpu_bf16_instructions() == "amx_bf16" else 768
+# bf16 training of a wide LSTM layer can run faster through ``_Recurrence`` than through oneDNN's
+# fused kernel, whose bf16 backward takes ~4× its forward on some CPUs: on an AMD EPYC with AVX-512
+# BF16 (benchmarks/lstm_layer.py, a window of 100 steps, forward + backward, oneDNN's time over
+# ours, batch 16 / 32) 1024 units 1.73× / 1.36×, 768 units 1.62× / 1.34×, 512 units 0.64× / 0.98×;
+# on an Intel Xeon with AMX oneDNN's won (1024 × 32: 0.95×, benchmarks/results/lstm-layer-cpu-amx.json).
+# So from this width both are timed on the machine, once per shape, and the faster one trains.
+HAND_WRITTEN_BF16_MIN_HIDDEN = 768
 
 
 def trains_faster_by_hand(x: torch.Tensor, hidden_size: int) -> bool:
     """Whether an LSTM layer over ``x`` should run as ``lstm_layer`` rather than ``nn.LSTM``'s kernel:
-    on a CPU, with gradients, under bf16 autocast, from ``HAND_WRITTEN_BF16_MIN_HIDDEN`` units."""
+    on a CPU, with gradients, under bf16 autocast, from ``HAND_WRITTEN_BF16_MIN_HIDDEN`` units, where
+    this machine measured it faster (``faster_by_hand``)."""
     return (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and hidden_size >= HAND_WRITTEN_BF16_MIN_HIDDEN)
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and hidden_size >= HAND_WRITTEN_BF16_MIN_HIDDEN
+            and faster_by_hand(x.size(0), x.size(-1), hidden_size))
+
+
+def faster_by_hand(batch_size: int, input_size: int, hidden_size: int) -> bool:
+    """Whether ``lstm_layer`` trains a bf16 window of this shape faster than oneDNN's kernel on this
+    CPU: both timed once per machine and shape (``time_bf16_layers``), the answer kept."""
+    key = f"hidden {hidden_size} input {input_size} batch {batch_size}"
+    answer = remembered("bf16 lstm layer", key, lambda: time_bf16_layers(batch_size, input_size, hidden_size),
+                        valid=lambda kept: isinstance(kept, dict) and kept.get("chosen") in ("by hand", "onednn"))
+    return answer["chosen"] == "by hand"
+
+
+def time_bf16_layers(batch_size: int, input_size: int, hidden_size: int, *, steps: int = 50,
+                     rounds: int = 2) -> dict:
+    """Milliseconds of one bf16 window (forward and backward) through oneDNN's LSTM kernel and
+    through ``lstm_layer``: medians of alternating rounds after a warm-up of each."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, steps, input_size, generator=generator).requires_grad_()
+    h0, c0 = torch.zeros(batch_size, hidden_size), torch.zeros(batch_size, hidden_size)
+    weights = [(torch.randn(4 * hidden_size, n, generator=generator) * 0.05).requires_grad_()
+               for n in (input_size, hidden_size)] + [torch.zeros(4 * hidden_size, requires_grad=True) for _ in "ab"]
+
+    def onednn() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _VF.lstm(x, (h0[None], c0[None]), weights, True, 1, 0.0, True, False, True)[0]
+        out.float().sum().backward()
+
+    def by_hand() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lstm_layer(x, h0, c0, *weights)[0]
+        out.float().sum().backward()
+
+    times: dict[str, list[float]] = {"onednn": [], "by hand": []}
+    with torch.enable_grad():
+        try:
+            for run in (onednn, by_hand):
+                run()
+            for _ in range(rounds):
+                for name, run in (("onednn", onednn), ("by hand", by_hand)):
+                    start = time.perf_counter()
+                    run()
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        except RuntimeError as exc:  # no bf16 kernel in oneDNN here: the hand-written layer is the one that runs
+            return {"onednn_ms": None, "by_hand_ms": None, "chosen": "by hand", "why": str(exc).splitlines()[0]}
+    onednn_ms, by_hand_ms = statistics.median(times["onednn"]), statistics.median(times["by hand"])
+    return {"onednn_ms": onednn_ms, "by_hand_ms": by_hand_ms,
+            "chosen": "by hand" if by_hand_ms < onednn_ms else "onednn"}
 
 
 def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,

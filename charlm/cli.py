@@ -723,18 +723,37 @@ def bench(
             "bare_train_tokens_per_second", "tokens/s")
         row("evaluation (perplexity)", result.eval_tokens_per_second, "eval_tokens_per_second", "tokens/s")
         row("sampling, 1 stream", result.sample_chars_per_second_1, None, "chars/s")
+        row("bare nn.LSTM one-token loop, 1 stream", result.bare_sample_chars_per_second_1, None, "chars/s")
         row(f"sampling, {sample_streams} streams", result.sample_chars_per_second_n, "sample_chars_per_second_n",
             "chars/s")
         row("char tokenization", result.tokenize_mb_per_second, None, "MB/s")
         row("dense matmul", result.matmul_gflops, "matmul_gflops", "GFLOP/s")
         row("peak memory", result.peak_memory_mb, None, "MB")
         console.print(table)
+        if result.choices:
+            console.print(_choices_table(result.choices))
         if low.get("unavailable"):
             err.print(f"charlm: no bf16 figure where a recurrent kernel is needed: {low['unavailable']}",
                       markup=False)
         if low:
             err.print(f"charlm: training's --precision auto picks {'bf16' if low['default'] else 'fp32'} here: "
                       f"{low['why']}", markup=False)
+
+
+def _choices_table(choices: dict) -> Any:
+    """What charlm picked for speed on this machine, and the timings it picked by (machine.py)."""
+    table = _Table(title="chosen by measurement on this machine")
+    for column in ("what", "for", "timings (ms)", "chosen"):
+        table.add_column(column)
+    for section, entries in sorted(choices.items()):
+        for key, answer in sorted(entries.items()):
+            if not isinstance(answer, dict):  # a probe's answer (a kernel runs, or why not)
+                table.add_row(section, key, "", "runs" if answer is None else f"unavailable: {answer}")
+                continue
+            timings = ", ".join(f"{name.removesuffix('_ms')} {value:.3g}" for name, value in answer.items()
+                                if name.endswith("_ms") and isinstance(value, (int, float)))
+            table.add_row(section, key, timings, str(answer.get("chosen", "")))
+    return table
 
 
 # ── corpus ──────────────────────────────────────────────────────────────────────────────────────

@@ -10,9 +10,10 @@ arithmetic. ``FastStep`` does the arithmetic alone:
   ``[W_ih; W_hh]ᵀ`` in a single matmul;
 * all buffers are allocated once per batch size and written with ``out=`` (no per-step allocation);
 * no autograd (``inference_mode``);
-* on a CPU the products go through oneDNN with each weight reordered once per batch size
-  (``cells.fixed_weight_matmul``): measured 1.12× one stream's and 1.53× 64 streams' chars/s
-  (fp32; bf16 1.11×) against ``torch.addmm`` on the same weights.
+* on a CPU the products may go through oneDNN with each weight reordered once per batch size
+  (``cells.fixed_weight_matmul``): faster on some CPUs (AVX-512: 1.12× one stream's chars/s, 1.53×
+  64 streams'), slower on others (AVX2 only: 0.65×), so each machine measures both once per model
+  shape and batch size (``faster_products``, kept by ``machine.py``) and uses the faster.
 
 The same code serves B parallel streams, where the matmuls amortise much better. ``step`` equals the
 model's ``forward`` on one token (tested to 1e-5 against ``nn.LSTM``/``nn.GRU``/``nn.RNN``).
@@ -27,11 +28,14 @@ native bf16 this is what lifts many-stream sampling past fp32's matmul ceiling.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Callable
 
 import torch
 
-from .cells import fixed_weight_matmul
+from .cells import fixed_weight_matmul, onednn_linear_works
+from .machine import remembered
 from .model import GATES, RNNLM, State, has_cell_state
 
 
@@ -39,11 +43,12 @@ class FastStep:
     """A frozen copy of an ``RNNLM``'s weights laid out for single-token steps."""
 
     @torch.inference_mode()
-    def __init__(self, model: RNNLM, *, dtype: torch.dtype = torch.float32, prepacked: bool = True,
+    def __init__(self, model: RNNLM, *, dtype: torch.dtype = torch.float32, prepacked: bool | None = None,
                  graphed: bool = True) -> None:
         cfg = model.cfg
+        self.model = model
         self.dtype = dtype
-        self.prepacked = prepacked
+        self.prepacked = prepacked  # None: whichever this machine measured faster (faster_products)
         self.graphed = graphed  # on CUDA: replay a captured step (``_capture``)
         self.graph = None
         self.cell, self.num_layers, self.hidden = cfg.cell, cfg.num_layers, cfg.hidden_size
@@ -81,7 +86,9 @@ class FastStep:
         B, H, L = batch_size, self.hidden, self.num_layers
         zeros = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
         self.batch_size = B
-        if self.prepacked:  # each weight reordered once for this batch size (cells.fixed_weight_matmul)
+        prepacked = self.prepacked if self.prepacked is not None else faster_products(self.model, self.dtype, B)
+        self._products = {}
+        if prepacked:  # each weight reordered once for this batch size (cells.fixed_weight_matmul)
             weights = [*self.w_hh, *self.w_stack, *self.w_ih, self.head_w]
             self._products = {id(w): fixed_weight_matmul(w.t().contiguous(), B) for w in weights}
         # xh[k] = [input of layer k | h of layer k]; layer k writes its h into xh[k][:, H:] and,
@@ -201,3 +208,42 @@ class FastStep:
                 return out.addmm_(a, w)
             return torch.addmm(bias, a, w, out=out)
         return torch.add(bias, torch.mm(a.to(w.dtype), w), out=out)
+
+
+def batch_bucket(batch_size: int) -> str:
+    """Batch sizes that share one measured choice: 1, up to 8, up to 64, more."""
+    return "1" if batch_size == 1 else "2-8" if batch_size <= 8 else "9-64" if batch_size <= 64 else "65+"
+
+
+def faster_products(model: RNNLM, dtype: torch.dtype, batch_size: int) -> bool:
+    """Whether this CPU steps ``model`` faster with oneDNN's prepacked products than with plain
+    matmuls at this batch size: both timed once per machine, model shape, dtype and batch bucket
+    (alternating rounds, a few hundred milliseconds), the answer kept (``machine.remembered``)."""
+    if model.embedding.weight.device.type != "cpu" or not onednn_linear_works(dtype):
+        return False
+    cfg = model.cfg
+    key = (f"{cfg.cell} {cfg.num_layers}x{cfg.hidden_size} vocab {cfg.vocab_size} {str(dtype).removeprefix('torch.')}"
+           f" batch {batch_bucket(batch_size)}")
+    answer = remembered("sampler products", key, lambda: time_products(model, dtype, batch_size),
+                        valid=lambda kept: isinstance(kept, dict) and kept.get("chosen") in ("prepacked", "plain"))
+    return answer["chosen"] == "prepacked"
+
+
+def time_products(model: RNNLM, dtype: torch.dtype, batch_size: int, *, rounds: int = 3,
+                  steps: int = 20) -> dict:
+    """Milliseconds per step with prepacked and with plain products, medians of alternating rounds."""
+    steppers = {flag: FastStep(model, dtype=dtype, prepacked=flag, graphed=False) for flag in (True, False)}
+    tokens = torch.zeros(batch_size, dtype=torch.long)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for stepper in steppers.values():
+        stepper.reset(batch_size)
+    for _ in range(rounds):
+        for flag, stepper in steppers.items():
+            for _ in range(3):
+                stepper.step(tokens)
+            start = time.perf_counter()
+            for _ in range(steps):
+                stepper.step(tokens)
+            times[flag].append((time.perf_counter() - start) / steps * 1e3)
+    prepacked, plain = statistics.median(times[True]), statistics.median(times[False])
+    return {"prepacked_ms": prepacked, "plain_ms": plain, "chosen": "prepacked" if prepacked < plain else "plain"}

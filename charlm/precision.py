@@ -15,20 +15,15 @@ refused with the reason; ``auto`` keeps fp32.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import json
-import platform
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .cache import cache_root
 from .config import ModelConfig, check_precision
-from .errors import CharlmError, ConfigError
-from .fsutil import atomic_write
-from .cpu import cpu_bf16_instructions, cpu_flags, simulating_no_bf16
+from .errors import ConfigError
+from .cpu import cpu_bf16_instructions
+from .machine import remembered
 from .model import RNNLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,44 +62,19 @@ def _probe_cell(cell: str) -> None:
     logits.float().sum().backward()
 
 
-def _probe_key() -> str:
-    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
-    return f"torch {torch.__version__} {platform.machine()} flags {flags}"
-
-
-@functools.cache
-def cpu_bf16_kernel_runs(cell: str) -> str | None:
-    """None where this CPU runs ``cell``'s recurrence in bf16, else why not (the kernel's error).
-    Probed once per machine and torch version, the answer kept in the cache folder (``kernels.json``)."""
-    if simulating_no_bf16():
-        try:
-            _probe_cell(cell)
-        except RuntimeError as exc:
-            return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-        return None
-    path, key = cache_root() / "kernels.json", _probe_key()
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = None
-    if not isinstance(known, dict):
-        known = {}
-    stored = known.get(key, {}).get("bf16", {}) if isinstance(known.get(key), dict) else {}
-    if isinstance(stored, dict) and cell in stored and (stored[cell] is None or isinstance(stored[cell], str)):
-        return stored[cell]
+def _probe_answer(cell: str) -> str | None:
     try:
         _probe_cell(cell)
-        answer = None
     except RuntimeError as exc:
-        answer = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-    if not isinstance(known.get(key), dict) or not isinstance(known[key].get("bf16"), dict):
-        known[key] = {"bf16": {}}
-    known[key]["bf16"][cell] = answer
-    # A cache folder that cannot be written (or holds a planted link) costs a probe per process.
-    with contextlib.suppress(OSError, CharlmError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(known, indent=1).encode("utf-8"))
-    return answer
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+    return None
+
+
+def cpu_bf16_kernel_runs(cell: str) -> str | None:
+    """None where this CPU runs ``cell``'s recurrence in bf16, else why not (the kernel's error).
+    Probed once per machine and torch version, the answer kept in the cache folder (``machine.py``)."""
+    return remembered("bf16 kernels", cell, lambda: _probe_answer(cell),
+                      valid=lambda answer: answer is None or isinstance(answer, str))
 
 
 def bf16_unavailable(cell: str) -> str:

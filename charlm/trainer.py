@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import platform
+import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .errors import Cancelled, CheckpointError, ConfigError, RunInUseError, Save
 from .evaluate import EvalResult, evaluate
 from .model import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
                     select_state)
+from .machine import remembered
 from .precision import FP32, resolve_precision, tf32_region
 
 Event = dict[str, Any]
@@ -110,10 +112,12 @@ def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, *,
     """``cfg.optimizer``: AdamW (decoupled weight decay), plain SGD (the PyTorch word-LM example's),
     Adagrad (min-char-rnn's) or RMSprop with decay 0.95 (char-rnn's); the others' weight decay is
     the L2 kind. Biases and other vectors are never decayed; the trainer sets the rate each step.
-    AdamW and SGD use their fused kernels (one pass over each tensor) on a GPU and on a CPU, or where
-    ``fused`` says: on 2 CPU cores a 4.8M-parameter AdamW step took 3.3 ms fused against 20.8 ms in
-    PyTorch's default multi-tensor form (~4% of a 1×1024 batch-32 training step), SGD 1.6 against 3.1."""
-    fused = device.type in ("cuda", "cpu") if fused is None else fused
+    AdamW and SGD use their fused kernels (one pass over each tensor) on a GPU, and on a CPU where
+    this machine measured them faster than PyTorch's default multi-tensor form (``fused_is_faster``),
+    or where ``fused`` says."""
+    if fused is None:
+        fused = device.type == "cuda" or (device.type == "cpu" and cfg.optimizer in ("adamw", "sgd")
+                                          and fused_is_faster(cfg.optimizer))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -124,6 +128,36 @@ def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, *,
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=0.95)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=fused)
+
+
+def fused_is_faster(kind: str) -> bool:
+    """Whether this CPU steps ``kind`` (adamw or sgd) faster with its fused kernel than in PyTorch's
+    multi-tensor form, timed once per machine on 2.4M parameters (~50 ms), the answer kept."""
+    answer = remembered("fused optimizer", kind, lambda: time_optimizers(kind),
+                        valid=lambda kept: isinstance(kept, dict) and kept.get("chosen") in ("fused", "foreach"))
+    return answer["chosen"] == "fused"
+
+
+def time_optimizers(kind: str, *, rounds: int = 5) -> dict:
+    """Milliseconds per step of the fused and the multi-tensor ``kind``: medians of alternating steps."""
+    times: dict[str, list[float]] = {"fused": [], "foreach": []}
+    made = {}
+    for name in times:
+        params = [torch.zeros(2048, 1024, requires_grad=True), torch.zeros(2048, 128, requires_grad=True),
+                  torch.zeros(2048, requires_grad=True)]
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+        options = {"fused": True} if name == "fused" else {"foreach": True}
+        made[name] = (torch.optim.SGD(params, lr=1e-3, momentum=0.0, **options) if kind == "sgd"
+                      else torch.optim.AdamW(params, lr=1e-3, **options))
+    for round_ in range(rounds + 1):
+        for name, optimizer in made.items():
+            start = time.perf_counter()
+            optimizer.step()
+            if round_:  # the first round builds the optimizers' state
+                times[name].append((time.perf_counter() - start) * 1e3)
+    fused, foreach = statistics.median(times["fused"]), statistics.median(times["foreach"])
+    return {"fused_ms": fused, "foreach_ms": foreach, "chosen": "fused" if fused < foreach else "foreach"}
 
 
 def _state_tensors(state) -> dict[str, torch.Tensor]:
@@ -453,7 +487,12 @@ class _Run:
             if init_weights is not None:
                 load_initial_weights(self.model, init_weights)
             self.model.to(self.device)
-            self.optimizer = make_optimizer(self.model, cfg, self.device, fused=self.device_side or None)
+            fused = True if self.device_side else None
+            if fused is None and dist.enabled and self.device.type == "cpu":
+                # Every rank steps the same way (rank 0 measured which is faster), so their weights stay equal.
+                fused = dist.broadcast_object(cfg.optimizer in ("adamw", "sgd") and fused_is_faster(cfg.optimizer)
+                                              if dist.is_main else None)
+            self.optimizer = make_optimizer(self.model, cfg, self.device, fused=fused)
         if dist.enabled:
             # Different dropout masks on different streams. Seeded before a resume restores each
             # rank's own RNG state, so a resumed run draws the masks an uninterrupted one would.

@@ -47,20 +47,17 @@ def no_bf16_kernels(monkeypatch):
     instructions, as an AVX2-only CPU does (child processes inherit it through the environment)."""
     import torch
 
-    from charlm import cpu, precision
+    from charlm import cpu
 
     monkeypatch.setenv(cpu.SIMULATE_NO_BF16, "1")
     for name, label in (("lstm", "LSTM"), ("gru", "GRU"), ("rnn_tanh", "vanilla RNN")):
         kernel = getattr(torch._VF, name)
         if not getattr(kernel, "refuses_bf16", False):
             monkeypatch.setattr(torch._VF, name, cpu._refusing_bf16(kernel, label, autocast_lists_it=name == "lstm"))
-    caches = (cpu.cpu_bf16_instructions, precision.cpu_bf16_kernel_runs)
-    for cached in caches:
-        cached.cache_clear()
+    cpu.cpu_bf16_instructions.cache_clear()
     yield
     monkeypatch.undo()
-    for cached in caches:
-        cached.cache_clear()
+    cpu.cpu_bf16_instructions.cache_clear()
 
 
 @pytest.fixture

@@ -141,6 +141,7 @@ def test_bf16_training_of_a_wide_lstm_runs_by_hand_near_fp32(monkeypatch, bf16_k
 
     exact, exact_grads, _ = loss_and_grads(False)
     monkeypatch.setattr(cells, "HAND_WRITTEN_BF16_MIN_HIDDEN", 32)
+    monkeypatch.setattr(cells, "faster_by_hand", lambda *shape: True)  # as where it measured faster
     low, low_grads, (h, c) = loss_and_grads(True)
     assert calls and h.dtype == c.dtype == torch.float32 and h.shape == (1, 6, 48)
     assert abs(low - exact) < 0.01

@@ -52,7 +52,7 @@ def test_prepacked_products_equal_plain_matmuls(cell):
     torch.manual_seed(3)
     model = RNNLM(ModelConfig(vocab_size=19, cell=cell, hidden_size=16, embed_size=8, num_layers=2,
                               residual=True)).eval()
-    packed, plain = FastStep(model), FastStep(model, prepacked=False)
+    packed, plain = FastStep(model, prepacked=True), FastStep(model, prepacked=False)
     packed.reset(5)
     plain.reset(5)
     for token in torch.randint(0, 19, (10, 5)):

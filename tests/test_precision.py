@@ -287,21 +287,23 @@ def test_a_real_process_on_such_a_cpu_refuses_bf16_without_a_traceback(tmp_path,
 
 
 def test_the_probe_is_kept_per_machine_and_survives_a_damaged_file(tmp_path, monkeypatch):
+    from charlm import machine
+
     monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CHARLM_SIMULATE_NO_BF16", raising=False)
     probes = []
     real = precision_module._probe_cell
     monkeypatch.setattr(precision_module, "_probe_cell", lambda cell: probes.append(cell) or real(cell))
-    precision_module.cpu_bf16_kernel_runs.cache_clear()
+    machine.forget()
     try:
         first = precision_module.cpu_bf16_kernel_runs("gru")
-        precision_module.cpu_bf16_kernel_runs.cache_clear()
+        machine.forget()
         assert precision_module.cpu_bf16_kernel_runs("gru") == first and probes == ["gru"]  # read back, not probed
         stored = json.loads((tmp_path / "kernels.json").read_text())
-        assert list(stored.values())[0]["bf16"] == {"gru": first}
+        assert stored[machine.machine_key()]["bf16 kernels"] == {"gru": first}
         (tmp_path / "kernels.json").write_text("{not json", encoding="utf-8")
-        precision_module.cpu_bf16_kernel_runs.cache_clear()
+        machine.forget()
         assert precision_module.cpu_bf16_kernel_runs("gru") == first and probes == ["gru", "gru"]
         assert json.loads((tmp_path / "kernels.json").read_text())  # rewritten whole
     finally:
-        precision_module.cpu_bf16_kernel_runs.cache_clear()
+        machine.forget()
