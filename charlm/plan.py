@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from .sizing import Shape, size_by_speed
-from .sizing import embed_size as sizing_embed
 from .config import (OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, char_input_dropout, check_decay,
                      check_option, check_precision)
 from .errors import ConfigError
+from .sizing import Shape, size_by_speed
+from .sizing import embed_size as sizing_embed
 
 DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
 DEFAULT_LOG_EVERY = 10
@@ -154,16 +154,18 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
              on_note: Callable[[str], None] | None = None) -> RunPlan:
     """Decide everything about a run. ``given`` names the options the user gave explicitly (a
     resumed run honours or refuses each of them, even one equal to its default)."""
+    import torch
+
     from .cache import prepare_corpus
     from .corpora import get_spec, resolve_corpus_name
     from .distributed import Dist
     from .model import resolve_device
     from .precision import resolve_precision
-    from .trainer import load_resume, resume_configs
+    from .trainer import device_memory_bytes, load_resume, resume_configs, training_memory_bytes
 
     options.check()
     if options.resume is None and options.init_from is None and options.precision != "auto":
-        # Refused before any corpus is read: a format this device cannot run (issue: bf16 on AVX2).
+        # Refused before any corpus is read: a format this device cannot run (bf16 on an AVX2-only CPU).
         resolve_precision(options.precision, resolve_device(options.device), cell=options.cell)
     if options.average_power is not None and options.average is None:  # --average-power asks for averaging
         options, given = dataclasses.replace(options, average=True), {*given, "average"}
@@ -246,14 +248,25 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
         # own number format (sizing.py); word models keep the tables (config.auto_size says why).
         gpu = device.type == "cuda"
 
+        def candidate(shape: Shape) -> ModelConfig:
+            return ModelConfig(vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=shape.hidden_size,
+                               num_layers=shape.num_layers, embed_size=sizing_embed(shape, gpu), dropout=0.2)
+
         def speed(shape: Shape) -> float:
-            return measure_train_rate(ModelConfig(
-                vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=shape.hidden_size,
-                num_layers=shape.num_layers, embed_size=sizing_embed(shape, gpu), dropout=0.2),
-                batch_size=shape.batch_size, seq_len=shape.seq_len, precision=precision, device=device)
+            try:
+                return measure_train_rate(candidate(shape), batch_size=shape.batch_size, seq_len=shape.seq_len,
+                                          precision=precision, device=device)
+            except torch.OutOfMemoryError:  # too large for this device after all: not a candidate
+                return 0.0
+
+        memory = device_memory_bytes(device)
+
+        def fits(shape: Shape) -> bool:  # at most half the device, leaving room for everything else
+            need = training_memory_bytes(candidate(shape), shape.batch_size, shape.seq_len)
+            return memory is None or 2 * need <= memory
 
         sizing = size_by_speed(train_tokens=len(data.train_ids), minutes=max_minutes, cell=options.cell, gpu=gpu,
-                               precision=precision.name, speed=speed)
+                               precision=precision.name, speed=speed, fits=fits)
         shape = sizing.shape
         auto = dataclasses.replace(auto, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
                                    embed_size=sizing.embed_size, dropout=sizing.dropout, seq_len=shape.seq_len,

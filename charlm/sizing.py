@@ -96,14 +96,16 @@ class Sized:
 
 
 def size_by_speed(*, train_tokens: int, minutes: float, cell: str, gpu: bool, precision: str,
-                  speed: Callable[[Shape], float], clock: Callable[[], float] = time.monotonic) -> Sized:
+                  speed: Callable[[Shape], float], clock: Callable[[], float] = time.monotonic,
+                  fits: Callable[[Shape], bool] = lambda shape: True) -> Sized:
     """Time the ladder's shapes (``speed``: tokens/s of training one, in the run's format) smallest
-    first, and take the largest the data can feed that still gets ``MIN_EPOCHS`` in ``minutes``."""
+    first, and take the largest the data can feed that still gets ``MIN_EPOCHS`` in ``minutes``.
+    ``fits``: whether a shape's training leaves the device room (a shape that does not is not tried)."""
     ladder = GPU_LADDER if gpu else CPU_LADDER
     if not gpu and train_tokens < SMALL_CORPUS_TOKENS:
         ladder = ladder[:1]
-    fed = [s for s in ladder if train_tokens >= TOKENS_PER_PARAMETER * recurrent_parameters(s, cell, gpu)] \
-        or list(ladder[:1])
+    fed = [s for s in ladder if train_tokens >= TOKENS_PER_PARAMETER * recurrent_parameters(s, cell, gpu)
+           and fits(s)] or list(ladder[:1])
     seconds = minutes * 60
     measured: dict[str, float] = {}
     chosen, started, short = fed[0], clock(), None

@@ -111,3 +111,11 @@ def test_a_planned_run_records_what_was_measured_and_why(tmp_path, tiny_corpus, 
     assert len(line) == 1 and "\n" not in line[0] and "1.2k tokens/s" in line[0]
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["sizing"] == start["sizing"]
+
+
+def test_a_shape_that_leaves_the_device_no_room_is_not_tried():
+    asked = []
+    sized = size_by_speed(train_tokens=100_000_000, minutes=60, cell="lstm", gpu=True, precision="bf16",
+                          speed=lambda shape: asked.append(shape.name) or 1e6,
+                          fits=lambda shape: shape.hidden_size <= 768)
+    assert sized.shape == GPU_LADDER[2] and "3x1024" not in asked
