@@ -38,14 +38,14 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from . import jsonio
-from .api import LanguageModel
-from .checkpoint import checkpoint_report
-from .config import LIMITS, SampleConfig, brief
-from .errors import Cancelled, CharlmError, MissingDependencyError, OutOfMemoryError, UsageError, is_out_of_memory
-from .infer import FastStep
-from .model import has_cell_state
-from .sample import Generation, prime_ids
+from .. import jsonio
+from ..api import LanguageModel
+from ..checkpoint import checkpoint_report
+from ..config import LIMITS, SampleConfig, brief
+from ..errors import Cancelled, CharlmError, MissingDependencyError, OutOfMemoryError, UsageError, is_out_of_memory
+from ..infer import FastStep
+from ..model import has_cell_state
+from ..sample import Generation, prime_ids
 
 try:
     from starlette.applications import Starlette
