@@ -329,3 +329,178 @@ def test_scoring_is_bounded_and_its_tokenizing_stops_when_asked(client, lm):
     assert "".join(pieces) == text and len(pieces) > 50 and all(p.endswith("\n") for p in pieces)
     answer = client.post("/v1/perplexity", json={"text": "ab" * 300})
     assert answer.status_code == 422 and "--max-tokens" in answer.json()["error"]
+
+
+# ── a real server, the official client ──────────────────────────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def real_server(trained_run):
+    from serving import Server
+
+    running = Server(trained_run, "--max-length", "400", "--max-samples", "4", "--max-tokens", "500")
+    yield running
+    assert running.stop() == 0, "".join(running.log)
+    assert "Traceback" not in "".join(running.log) and "never retrieved" not in "".join(running.log), \
+        "".join(running.log)
+
+
+def openai_client(port: int, key: str = "unused"):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_openai_client_completes_streams_and_draws_n(real_server, lm, model_id):
+    client = openai_client(real_server.port)
+    assert [m.id for m in client.models.list().data] == [model_id]
+    done = client.completions.create(model=model_id, prompt="First", max_tokens=40, seed=3, temperature=0.8)
+    assert done.choices[0].text == "".join(lm.generate("First", length=40, seed=3, temperature=0.8))
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 40
+    pieces = list(client.completions.create(model=model_id, prompt="First", max_tokens=40, seed=3, temperature=0.8,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert len(pieces) > 2 and "".join(c.text for p in pieces for c in p.choices) == done.choices[0].text
+    assert pieces[-1].usage.total_tokens == done.usage.total_tokens
+    several = client.completions.create(model=model_id, prompt="Sp", max_tokens=20, seed=4, n=3, stop=["\n\n", "zz"])
+    assert [c.text for c in several.choices] == [text.split("\n\n")[0].split("zz")[0] for text in
+                                                 lm.samples("Sp", num_samples=3, length=20, seed=4, temperature=1.0)]
+    with_logprobs = client.completions.create(model=model_id, prompt="First", max_tokens=10, seed=3, logprobs=2)
+    lp = with_logprobs.choices[0].logprobs
+    assert "".join(lp.tokens) == with_logprobs.choices[0].text and all(len(top) == 2 for top in lp.top_logprobs)
+
+
+@pytest.mark.slow
+def test_echo_scoring_through_the_client_equals_charlm_score(real_server, trained_run, lm, model_id, tmp_path):
+    line = "First Citizen: you are all resolved rather to die"
+    path = tmp_path / "line.txt"
+    path.write_text(line + "\n", encoding="utf-8")
+    cli = runner.invoke(app, ["score", str(path), "--checkpoint", str(trained_run), "--json"])
+    assert cli.exit_code == 0, cli.output
+    want = json.loads(cli.stdout)["lines"][0]
+    # charlm score reads a line start, then predicts the line and its end: echo the same text.
+    client = openai_client(real_server.port)
+    got = client.completions.create(model=model_id, prompt="\n" + line + "\n", max_tokens=0, echo=True,
+                                    logprobs=0).choices[0].logprobs
+    assert got.token_logprobs[0] is None and len(got.tokens) == want["tokens"] + 1
+    assert -sum(got.token_logprobs[1:]) == pytest.approx(want["total_nats"], abs=1e-5 * want["tokens"])
+    pieces = lm.score([line], logprobs=True, top=1)[0].logprobs
+    assert got.token_logprobs[1:] == pytest.approx([p.logprob for p in pieces], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_errors_reach_the_client_as_its_own_exceptions(real_server, trained_run, model_id):
+    import openai
+
+    client = openai_client(real_server.port)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-3.5-turbo-instruct", prompt="a")
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=model_id, prompt="a", best_of=2)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model=model_id, prompt="a", suffix="b")
+    from serving import Server
+
+    keyed = Server(trained_run, "--api-key", "s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            openai_client(keyed.port, "wrong").completions.create(model=model_id, prompt="a", max_tokens=1)
+        ok = openai_client(keyed.port, "s3cret").completions.create(model=model_id, prompt="a", max_tokens=3)
+        assert len(ok.choices[0].text) == 3
+    finally:
+        assert keyed.stop() == 0
+
+
+# ── slow and stuck clients, through real sockets ────────────────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def strict_server(trained_run):
+    from serving import Server
+
+    running = Server(trained_run, "--client-timeout", "1", "--max-connections", "6", "--workers", "1",
+                     "--max-length", "100000", "--max-samples", "16", "--max-queue", "0", "--max-tokens", "1000000")
+    yield running
+    assert running.stop() == 0, "".join(running.log)
+    assert "Traceback" not in "".join(running.log), "".join(running.log)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (what it sent before is read and dropped)."""
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except (socket.timeout, TimeoutError):
+        return False
+    except ConnectionResetError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_half_sent_headers_lose_their_connection(strict_server):
+    silent = socket.create_connection(("127.0.0.1", strict_server.port))
+    partial = socket.create_connection(("127.0.0.1", strict_server.port))
+    partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never the blank line
+    assert _closed_within(silent, 5) and _closed_within(partial, 5)
+
+
+@pytest.mark.slow
+def test_a_body_sent_a_byte_at_a_time_gives_its_place_back(strict_server):
+    sock = socket.create_connection(("127.0.0.1", strict_server.port))
+    sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n")
+    started, answer = time.monotonic(), b""
+    sock.settimeout(0.2)
+    while time.monotonic() - started < 8 and b"\r\n\r\n" not in answer:
+        try:
+            sock.sendall(b" ")
+            answer += sock.recv(4096)
+        except (socket.timeout, TimeoutError):
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    sock.close()
+
+
+@pytest.mark.slow
+def test_a_client_that_never_reads_its_stream_gives_its_place_back(strict_server, model_id):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", strict_server.port))
+    body = json.dumps({"model": model_id, "prompt": "F", "max_tokens": 100000, "n": 16, "stream": True,
+                       "logprobs": 5, "seed": 1}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    strict_server.wait_busy()
+    strict_server.wait_idle(seconds=120)  # its writes stalled: cut after --client-timeout, the work stopped
+    sock.close()
+
+
+@pytest.mark.slow
+def test_connections_beyond_the_cap_are_closed_at_once(strict_server):
+    held = [socket.create_connection(("127.0.0.1", strict_server.port)) for _ in range(6)]
+    extra = socket.create_connection(("127.0.0.1", strict_server.port))
+    assert _closed_within(extra, 0.8)  # before --client-timeout would have closed it
+    for sock in held:
+        sock.close()
+    time.sleep(0.3)
+    assert strict_server.health()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_client_gone_during_scoring_leaves_no_traceback(strict_server):
+    text = "First Citizen: " * 30_000
+    for path, body in [("/v1/perplexity", {"text": text}), ("/v1/score", {"lines": [text]})]:
+        data = json.dumps(body).encode()
+        sock = socket.create_connection(("127.0.0.1", strict_server.port))
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        time.sleep(0.3)
+        sock.close()
+        strict_server.wait_idle()
+    import gc
+
+    gc.collect()
+    time.sleep(0.5)  # the fixture checks the log
