@@ -30,7 +30,7 @@ import torch
 from .. import jsonio
 from ..api import LanguageModel
 from ..config import LIMITS, SampleConfig, brief
-from ..errors import Cancelled
+from ..errors import Cancelled, UsageError
 from ..infer import FastStep
 from ..sample import Generation, prime_ids, sampling_precision
 from ..surprise import token_label
@@ -265,8 +265,8 @@ def prepare(lm: LanguageModel, request: Completion, *, max_tokens: int, cancel: 
         if request.max_tokens:
             try:
                 prime_ids(lm.tokenizer, prompt)
-            except Exception as exc:  # a char model's unseen characters: a bad request, not a failure
-                raise problem(400, str(exc), param="prompt") from None
+            except UsageError as exc:  # a char model's unseen characters: a bad request, not a failure
+                raise problem(400, str(exc).replace("the prime", "the prompt"), param="prompt") from None
         echo = None
         if request.echo and request.logprobs is not None:
             echo, offset = [], 0
