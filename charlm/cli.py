@@ -353,6 +353,7 @@ def _end_of_training_sample(path: Path, *, length: int, seed: int) -> Iterator[s
 
 @app.command()
 def sample(
+    ctx: typer.Context,
     checkpoint: Annotated[Optional[Path], typer.Option(help="A .safetensors file or a run folder. Default: the newest run under checkpoints/.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = always the most likely token.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(help="Sample only from the K most likely tokens.")] = None,
@@ -365,6 +366,7 @@ def sample(
     stop: Annotated[Optional[str], typer.Option(help="End a sample at this string (not printed); '<EOS>' ends a word model's line.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 for the matmuls of each step. auto is fp32 (exact); bf16 is faster for many --num-samples on hardware with fast bf16, its log-probabilities within ~0.1 of fp32's.")] = "auto",
+    beam: Annotated[Optional[int], typer.Option(help="Beam search: the most likely text of --length tokens that N hypotheses find (1 = always the most likely token), printed once found; the sampling options do not apply.")] = None,
 ) -> None:
     """Generate text from a trained model, streamed to stdout as it is produced.
 
@@ -382,6 +384,14 @@ def sample(
             if prime:
                 raise _usage("give --prime or --prime-file, not both")
             prime = read_corpus(prime_file)
+        if beam is not None:  # a sampling option given with it is refused, not ignored
+            sources = {name: ctx.get_parameter_source(name) for name in ("temperature", "top_k", "top_p", "seed",
+                                                                         "stop", "num_samples")}
+            given = [f"--{name.replace('_', '-')}" for name, source in sources.items()
+                     if source is not None and source.name != "DEFAULT"]
+            if given:
+                raise _usage(f"--beam picks the most likely text, it does not sample: {', '.join(given)} cannot be "
+                             f"given with it")
         lm = load(checkpoint, device=device)
         if lm.tokenizer.kind == "word" and (unknown := lm.tokenizer.unknown_symbols(prime)):
             err.print(f"charlm: warning: {len(unknown)} prime word(s) not in the vocabulary, read as <UNK>: "
@@ -392,6 +402,12 @@ def sample(
             sys.stdout.write("──── sample 1 ────\n")
         sys.stdout.write(prime)
         sys.stdout.flush()
+        if beam is not None:
+            for text in lm.generate(prime, length=length, beam=beam, precision=precision):
+                sys.stdout.write(text)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            return
         # The first sample streams live; the others are printed whole once generated.
         for piece in lm.stream(prime, length=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                stop=stop, num_samples=num_samples, precision=precision):
