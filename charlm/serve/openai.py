@@ -441,7 +441,7 @@ def routes(lm: LanguageModel, limits: Any, pool: Any, *, model_id: str, created:
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from . import _END, _STOPPED, _EventStream, _Problem, _body, _call_soon, _json, _outcome
+    from .http import _END, _STOPPED, _EventStream, _Problem, _body, _call_soon, _json, _outcome
 
     model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "charlm"}
 
