@@ -504,3 +504,40 @@ def test_a_client_gone_during_scoring_leaves_no_traceback(strict_server):
 
     gc.collect()
     time.sleep(0.5)  # the fixture checks the log
+
+
+@pytest.mark.slow
+def test_running_out_of_file_descriptors_floods_nothing(trained_run):
+    """A server whose open-files limit is low, more connections than it allows: one warning line,
+    no traceback, and it serves again once they close."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    command = f"ulimit -n 64 && exec {sys.executable} -m charlm serve {trained_run} --port 0 --max-connections 1000"
+    proc = subprocess.Popen(["bash", "-c", command], stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        line = proc.stderr.readline()
+        while line and "at http://" not in line:
+            line = proc.stderr.readline()
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))
+        held = []
+        for _ in range(80):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break
+        time.sleep(3)  # asyncio retries the accept every second
+        for sock in held:
+            sock.close()
+        time.sleep(1.5)
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        conn.close()
+    finally:
+        proc.send_signal(2)
+        _, log = proc.communicate(timeout=30)
+    assert "Traceback" not in log and log.count("cannot accept connections") == 1, log
