@@ -192,7 +192,8 @@ def test_the_model_is_listed_and_checked(client, model_id):
 
 
 REFUSED = [
-    ({"suffix": "end"}, "suffix"), ({"best_of": 2}, "best_of"), ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"suffix": "end"}, "suffix"), ({"best_of": 2}, "best_of"), ({"best_of": True}, "best_of"),
+    ({"temperature": 10**400}, "temperature"), ({"top_p": -10**400}, "top_p"), ({"presence_penalty": False}, "presence_penalty"), ({"logit_bias": {"50256": -100}}, "logit_bias"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": -1}, "frequency_penalty"),
     ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": 5}, "prompt"),
     ({"prompt": ["a"] * 5}, "prompt"), ({"n": 0}, "n"), ({"n": 5}, "n"), ({"max_tokens": 401}, "max_tokens"),

@@ -19,6 +19,7 @@ from_line_start=False)`` (the first token's is null), which is what ``charlm sco
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import threading
 import time
@@ -115,7 +116,7 @@ def check_completion(body: dict[str, Any], *, model_id: str, max_length: int, ma
 
     def number(name: str, low: float, high: float, *, low_open: bool = False) -> float:
         value = values[name]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and LIMITS["temperature"].allows(abs(value))
+        ok = not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)))
         if not ok or not (low < value if low_open else low <= value) or value > high:
             raise _bad(problem, f"{name} must be a number in {'(' if low_open else '['}{low:g}, {high:g}] "
                                 f"(got {brief(value)})", name)
@@ -159,7 +160,8 @@ def check_completion(body: dict[str, Any], *, model_id: str, max_length: int, ma
     if values["suffix"] not in (None, ""):
         raise _bad(problem, "suffix is not supported: charlm's models continue a text, they do not fill in "
                             "before a suffix", "suffix")
-    if values["best_of"] not in (None, 1) and not (values["best_of"] == n and n == 1):
+    best_of = values["best_of"]
+    if best_of is not None and (isinstance(best_of, bool) or not isinstance(best_of, int) or best_of != 1):
         raise _bad(problem, f"best_of is not supported (got {brief(values['best_of'])}); ask for n choices "
                             f"and pick among them", "best_of")
     if values["logit_bias"] not in (None, {}):
