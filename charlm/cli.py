@@ -909,7 +909,7 @@ def serve(
     max_connections: Annotated[int, typer.Option(help="Open connections at most; more are closed at once.")] = 256,
     client_timeout: Annotated[float, typer.Option(help="Seconds a client has to send its request's headers, and its body, and that a response may wait for a client that stopped reading.")] = 30.0,
 ) -> None:
-    """Serve a model over HTTP: a JSON API (generate, score, perplexity; streaming as Server-Sent Events) and a playground page that shows how surprised the model is by each character.
+    """Serve a model over HTTP: a JSON API (generate, score, perplexity; streaming as Server-Sent Events), OpenAI's completions API (/v1/completions, /v1/models) and a playground page that shows how surprised the model is by each character.
 
     Needs the serve extra: pip install "charlm[serve]". Open the printed address in a browser.
 
