@@ -542,3 +542,21 @@ def test_running_out_of_file_descriptors_floods_nothing(trained_run):
         proc.send_signal(2)
         _, log = proc.communicate(timeout=30)
     assert "Traceback" not in log and log.count("cannot accept connections") == 1, log
+
+
+def test_a_prime_is_read_on_a_worker_and_its_reading_stops_when_asked(client, lm):
+    import threading
+
+    from charlm.errors import Cancelled
+    from charlm.serve import check_prime
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        check_prime("First\n" * 100, lm, LIMITS, stop)
+    with pytest.raises(Exception, match="over 500 tokens"):
+        check_prime(("First\n" * 20_000), lm, LIMITS, threading.Event())
+    check_prime("First", lm, LIMITS, threading.Event())  # within bounds: nothing to say
+    answer = client.post("/v1/generate", json={"prime": "F" * 501, "length": 5})
+    assert answer.status_code == 422 and "--max-tokens" in answer.json()["error"]
+    assert client.get("/healthz").json()["busy"] == 0

@@ -147,8 +147,10 @@ SCORE_FIELDS: dict[str, Any] = {"lines": None, "include_end": True, "logprobs": 
 PERPLEXITY_FIELDS: dict[str, Any] = {"text": None, "logprobs": False, "top": 5, "cache": True}
 
 
-def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimits) -> dict[str, Any]:
-    """The checked keyword arguments of ``LanguageModel.stream``, and ``stream``."""
+def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimits, *,
+                     read_prime: bool = True) -> dict[str, Any]:
+    """The checked keyword arguments of ``LanguageModel.stream``, and ``stream``. ``read_prime``:
+    check the prime here too (else the caller runs ``check_prime`` on a worker)."""
     values = _fields(body, GENERATE_FIELDS)
     _string(values, "prime")
     _string(values, "stop", optional=True, nonempty=True)
@@ -159,14 +161,27 @@ def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimit
     _flag(values, "stream")
     _at_most(values, "length", limits.max_length, "--max-length")
     _at_most(values, "num_samples", limits.max_samples, "--max-samples")
-    # A prime the model cannot read is a 422 here, before any stream starts.
-    tokens = len(prime_ids(lm.tokenizer, values["prime"]))
-    if tokens > limits.max_tokens:
-        raise _Problem(422, f"the prime is {tokens:,} tokens; this server takes at most {limits.max_tokens:,} "
-                            f"(--max-tokens)")
+    if read_prime:
+        check_prime(values["prime"], lm, limits)
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(2**63)
     return values
+
+
+def check_prime(prime: str, lm: LanguageModel, limits: ServeLimits, cancel: threading.Event | None = None) -> None:
+    """A prime the model cannot read, or longer than --max-tokens, is a 422 before any stream
+    starts. Counted a piece at a time, so a large one stops when ``cancel`` is set."""
+    bound = f"this server takes at most {limits.max_tokens:,} (--max-tokens)"
+    total = 0
+    for piece in _pieces_of(prime):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the request was cancelled")
+        total += len(lm.tokenizer.encode(piece))
+        if total > limits.max_tokens + 1:  # + 1: a word model's prime mid-line does not read its <EOS>
+            raise _Problem(422, f"the prime is over {limits.max_tokens:,} tokens; {bound}")
+    tokens = len(prime_ids(lm.tokenizer, prime))
+    if tokens > limits.max_tokens:
+        raise _Problem(422, f"the prime is {tokens:,} tokens; {bound}")
 
 
 # ── running the model off the event loop ────────────────────────────────────────────────────────
@@ -330,15 +345,21 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *,
                 pool.release(cancel, future)
 
     async def generate(request: Request) -> Response:
-        cancel = None
+        cancel, checked = None, None
         try:
-            options = generate_options(await _body(request, limits.max_body_bytes, limits.client_timeout), lm, limits)
+            options = generate_options(await _body(request, limits.max_body_bytes, limits.client_timeout), lm, limits,
+                                       read_prime=False)
             stream = options.pop("stream")
             if batcher is not None and options["num_samples"] > limits.batch:
                 raise _Problem(422, f"num_samples must be ≤ {limits.batch} on this server (--batch; got "
                                     f"{options['num_samples']})")
             cancel = pool.admit(batched=batcher is not None)
+            # The prime is read on a worker (a large one would hold up every request on the event loop).
+            checked = pool.submit(cancel, lambda: check_prime(options["prime"], lm, limits, cancel))
+            await _outcome(request, checked)
         except Exception as exc:  # noqa: BLE001
+            if cancel is not None:
+                pool.release(cancel, checked)
             return failure(exc)
         items, future = _start_generation(lm, options, pool, batcher, cancel)
         if stream:
