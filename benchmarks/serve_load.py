@@ -4,13 +4,16 @@
     python benchmarks/serve_load.py --checkpoint checkpoints/tinyshakespeare --settings workers=2 batch=32
 
 Each setting starts ``charlm serve CHECKPOINT --port 0 --workers W [--batch N]`` in its own process on
-127.0.0.1, then for each concurrency C runs C client threads, each sending streaming
-``POST /v1/generate`` requests (``--length`` characters, seeds all different) one after another
+127.0.0.1, then for each endpoint (``--endpoints``: the native ``POST /v1/generate`` and OpenAI's
+``POST /v1/completions``, both streaming, side by side in the same run on the same server) and each
+concurrency C runs C client threads, each sending requests (``--length`` characters, temperature
+0.8, seeds all different) one after another
 until the level has sent ``--requests-per-client`` × C requests or ``--seconds`` have passed (both
 bounds hold; every request in flight is read to its end). It reports requests/s and generated
 chars/s over the level's wall time, and the median and 90th-percentile request latency and time to
-the first piece. Every response is checked: a 200, the events ``start`` … ``end``, and ``--length``
-pieces of text. The clients run in this process on the same cores as the server (2 on the
+the first piece. Every response is checked: a 200, the events ``start`` … ``end`` (OpenAI's: chunks,
+``finish_reason`` "length", ``data: [DONE]``), and ``--length`` characters of text. Completions
+run on the workers (``--batch`` batches only ``/v1/generate``). The clients run in this process on the same cores as the server (2 on the
 machines we measure on), so the figures are what one machine serves to itself, a lower bound.
 
 The default model is an untrained 2×512 char LSTM over a 65-character vocabulary (one training
@@ -60,8 +63,10 @@ def start_server(checkpoint: Path, setting: dict[str, int]) -> tuple[subprocess.
     raise SystemExit("the server did not start")
 
 
-def one_request(port: int, length: int, seed: int) -> tuple[float, float, int]:
+def one_request(port: int, length: int, seed: int, endpoint: str = "generate", model: str = "") -> tuple[float, float, int]:
     """(latency, time to first piece, characters) of one streaming generation."""
+    if endpoint == "completions":
+        return one_completion(port, length, seed, model)
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/generate", body=json.dumps({"length": length, "seed": seed, "stream": True}),
@@ -85,7 +90,34 @@ def one_request(port: int, length: int, seed: int) -> tuple[float, float, int]:
     return time.perf_counter() - start, first or 0.0, chars
 
 
-def level(port: int, clients: int, *, length: int, per_client: int, seconds: float, seed0: int) -> dict:
+def one_completion(port: int, length: int, seed: int, model: str) -> tuple[float, float, int]:
+    """(latency, time to first text, characters) of one streamed OpenAI completion."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {"model": model, "prompt": "", "max_tokens": length, "seed": seed, "temperature": 0.8, "stream": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+    first, chars, finish, done = None, 0, None, False
+    for raw in response:
+        line = raw.decode("utf-8")
+        if line.startswith("data: [DONE]"):
+            done = True
+        elif line.startswith("data: "):
+            for choice in json.loads(line[6:])["choices"]:
+                if choice["text"] and first is None:
+                    first = time.perf_counter() - start
+                chars += len(choice["text"])
+                finish = choice["finish_reason"] or finish
+    conn.close()
+    if not done or finish != "length" or chars != length:
+        raise RuntimeError(f"a bad stream: [DONE] {done}, finish_reason {finish}, {chars} characters of {length}")
+    return time.perf_counter() - start, first or 0.0, chars
+
+
+def level(port: int, clients: int, *, length: int, per_client: int, seconds: float, seed0: int,
+          endpoint: str = "generate", model: str = "") -> dict:
     results: list[tuple[float, float, int]] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -96,7 +128,7 @@ def level(port: int, clients: int, *, length: int, per_client: int, seconds: flo
             if time.perf_counter() > deadline:
                 return
             try:
-                outcome = one_request(port, length, seed0 + k * per_client + i)
+                outcome = one_request(port, length, seed0 + k * per_client + i, endpoint, model)
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 with lock:
                     errors.append(str(exc))
@@ -145,6 +177,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=200, help="characters per request")
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=60, help="stop sending new requests after this long")
+    parser.add_argument("--endpoints", nargs="+", default=["generate", "completions"],
+                        choices=["generate", "completions"], help="what the clients call, each in turn")
     parser.add_argument("--out", type=Path, help="the JSON file (default: benchmarks/results/serve-load-<model>.json)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,18 +188,22 @@ def main() -> None:
         lm = charlm.load(checkpoint)
         cfg = lm.checkpoint.model_config
         model = f"{cfg.num_layers}x{cfg.hidden_size}-{cfg.cell}-{lm.tokenizer.kind}{lm.tokenizer.vocab_size}"
+        from charlm.serve.openai import model_id_of
+
+        model_id = model_id_of(lm)
         runs = []
         for text in args.settings:
             setting = {name: int(value) for name, value in (part.split("=") for part in text.split(","))}
             proc, port = start_server(checkpoint, setting)
             try:
-                one_request(port, 20, 0)  # warm-up
-                for clients in args.clients:
-                    row = {"setting": text, **level(port, clients, length=args.length,
-                                                       per_client=args.requests_per_client, seconds=args.seconds,
-                                                       seed0=1000 * clients)}
+                for endpoint in args.endpoints:
+                    one_request(port, 20, 0, endpoint, model_id)  # warm-up
+                for clients, endpoint in [(c, e) for c in args.clients for e in args.endpoints]:
+                    row = {"setting": text, "endpoint": endpoint,
+                           **level(port, clients, length=args.length, per_client=args.requests_per_client,
+                                   seconds=args.seconds, seed0=1000 * clients, endpoint=endpoint, model=model_id)}
                     runs.append(row)
-                    print(f"{text}, {clients:>2} clients: {row['requests']:>3} requests, "
+                    print(f"{text}, /v1/{endpoint}, {clients:>2} clients: {row['requests']:>3} requests, "
                           f"{row['requests_per_second']:6.2f} req/s, {row['chars_per_second']:8.0f} chars/s, "
                           f"latency median {row['latency_median_s']:.2f} s (p90 {row['latency_p90_s']:.2f}), "
                           f"first piece median {row['first_piece_median_s']:.3f} s, errors {row['error_count']}",

@@ -100,18 +100,47 @@ class LanguageModel:
                               num_samples=num_samples, seed=seed, stop=stop)
         return _generate(self.model, self.tokenizer, config=config, prime=prime, precision=precision)
 
-    def generate(self, prime: str = "", *, length: int = 500, temperature: float = 0.8, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop: str | None = None,
-                 precision: str = "auto") -> Iterator[str]:
+    def generate(self, prime: str = "", *, length: int = 500, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: str | None = None, precision: str = "auto", beam: int | None = None) -> Iterator[str]:
         """The text that follows ``prime``, a piece (token) at a time. The same seed gives the same
-        text as ``charlm sample --seed``; temperature 0 is always the most likely token.
+        text as ``charlm sample --seed``; temperature (default 0.8) 0 is always the most likely token.
+        ``beam=N``: no sampling, the most likely text of ``length`` tokens a beam of N hypotheses
+        finds (N=1 is temperature 0), yielded once found; the sampling options do not apply to it.
 
         >>> "".join(lm.generate("ROMEO:", length=50, seed=1))  # doctest: +SKIP
+        >>> "".join(lm.generate("ROMEO:", length=50, beam=8))  # doctest: +SKIP
         """
-        for piece in self.stream(prime, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=seed, stop=stop, precision=precision):
+        if beam is not None:
+            yield from self._beam(prime, length=length, beam=beam, precision=precision,
+                                  sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                                            "stop": stop})
+            return
+        for piece in self.stream(prime, length=length, temperature=0.8 if temperature is None else temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, precision=precision):
             if piece.text:
                 yield piece.text
+
+    def _beam(self, prime: str, *, length: int, beam: int, precision: str,
+              sampling: dict[str, Any]) -> Iterator[str]:
+        from .errors import UsageError
+        from .sample import beam_search, prime_ids
+
+        given = [name for name, value in sampling.items() if value is not None]
+        if given:
+            raise UsageError(f"beam search picks the most likely text, it does not sample: {', '.join(given)} "
+                             f"cannot be given with beam")
+        _text("prime", prime)
+        if precision not in ("auto", "fp32"):
+            raise UsageError(f"beam search runs in fp32; precision must be auto or fp32 (got {precision!r})")
+        ids, _ = beam_search(self.model, self.tokenizer, prime=prime, length=length, beam=beam)
+        decoder = self.tokenizer.decoder()
+        if self.tokenizer.kind == "word" and prime and not prime.endswith("\n"):
+            decoder.feed(int(prime_ids(self.tokenizer, prime)[-1]))  # continue the prime's line, as sampling does
+        for token_id in ids:
+            text = decoder.feed(token_id)
+            if text:
+                yield text
 
     def samples(self, prime: str = "", *, num_samples: int, **options: Any) -> list[str]:
         """``num_samples`` whole samples (without the prime), generated together."""

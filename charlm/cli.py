@@ -473,6 +473,7 @@ def _end_of_training_sample(path: Path, *, length: int, seed: int) -> Iterator[s
 
 @app.command()
 def sample(
+    ctx: typer.Context,
     checkpoint: Annotated[Optional[Path], typer.Option(help="A .safetensors file or a run folder. Default: the newest run under checkpoints/.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = always the most likely token.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(help="Sample only from the K most likely tokens.")] = None,
@@ -485,6 +486,7 @@ def sample(
     stop: Annotated[Optional[str], typer.Option(help="End a sample at this string (not printed); '<EOS>' ends a word model's line.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 for the matmuls of each step. auto is fp32 (exact); bf16 is faster for many --num-samples on hardware with fast bf16, its log-probabilities within ~0.1 of fp32's.")] = "auto",
+    beam: Annotated[Optional[int], typer.Option(help="Beam search: the most likely text of --length tokens that N hypotheses find (1 = always the most likely token), printed once found; the sampling options do not apply.")] = None,
 ) -> None:
     """Generate text from a trained model, streamed to stdout as it is produced.
 
@@ -502,6 +504,14 @@ def sample(
             if prime:
                 raise _usage("give --prime or --prime-file, not both")
             prime = read_corpus(prime_file)
+        if beam is not None:  # a sampling option given with it is refused, not ignored
+            sources = {name: ctx.get_parameter_source(name) for name in ("temperature", "top_k", "top_p", "seed",
+                                                                         "stop", "num_samples")}
+            given = [f"--{name.replace('_', '-')}" for name, source in sources.items()
+                     if source is not None and source.name != "DEFAULT"]
+            if given:
+                raise _usage(f"--beam picks the most likely text, it does not sample: {', '.join(given)} cannot be "
+                             f"given with it")
         lm = load(checkpoint, device=device)
         if lm.tokenizer.kind == "word" and (unknown := lm.tokenizer.unknown_symbols(prime)):
             err.print(f"charlm: warning: {len(unknown)} prime word(s) not in the vocabulary, read as <UNK>: "
@@ -516,6 +526,12 @@ def sample(
             sys.stdout.write("──── sample 1 ────\n")
         _write_text(prime)
         sys.stdout.flush()
+        if beam is not None:
+            for text in lm.generate(prime, length=length, beam=beam, precision=precision):
+                sys.stdout.write(text)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            return
         # The first sample streams live; the others are printed whole once generated.
         for piece in pieces:
             if piece.stream == 0:
@@ -1023,7 +1039,7 @@ def export(
 @app.command()
 def serve(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="A .safetensors file or a run folder. Default: the newest run.")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on. The default answers this machine only; 0.0.0.0 answers anyone who can reach it (there is no authentication).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on. The default answers this machine only; 0.0.0.0 answers anyone who can reach it (then give --api-key, or --unauthenticated).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on; 0 picks a free one (printed).")] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
     workers: Annotated[int, typer.Option(help="Requests the model runs at once; the rest wait their turn.")] = 2,
@@ -1033,8 +1049,13 @@ def serve(
     max_samples: Annotated[int, typer.Option(help="The most samples one request may ask for.")] = 16,
     max_tokens: Annotated[int, typer.Option(help="The most tokens in a prime, and in a text whose per-token log-probabilities are asked for.")] = 20_000,
     max_body_bytes: Annotated[int, typer.Option(help="The largest request body accepted.")] = 1_000_000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="CHARLM_API_KEY", show_envvar=True, help="Every /v1 request must send 'Authorization: Bearer KEY'. Default: no key (loopback only, unless --unauthenticated).")] = None,
+    allow_host: Annotated[Optional[list[str]], typer.Option(help="A Host name to answer besides localhost, loopback and IP addresses (repeatable); other names are refused (DNS rebinding).")] = None,
+    unauthenticated: Annotated[bool, typer.Option("--unauthenticated", help="Listen beyond loopback without --api-key: anyone who can reach the port can use the model.")] = False,
+    max_connections: Annotated[int, typer.Option(help="Open connections at most; more are closed at once.")] = 256,
+    client_timeout: Annotated[float, typer.Option(help="Seconds a client has to send its request's headers, and its body, and that a response may wait for a client that stopped reading.")] = 30.0,
 ) -> None:
-    """Serve a model over HTTP: a JSON API (generate, score, perplexity; streaming as Server-Sent Events) and a playground page that shows how surprised the model is by each character.
+    """Serve a model over HTTP: a JSON API (generate, score, perplexity; streaming as Server-Sent Events), OpenAI's completions API (/v1/completions, /v1/models) and a playground page that shows how surprised the model is by each character.
 
     Needs the serve extra: pip install "charlm[serve]". Open the printed address in a browser.
 
@@ -1047,15 +1068,19 @@ def serve(
         from .serve import ServeLimits, allowed_hosts_for, make_app, run
 
         limits = ServeLimits(max_body_bytes=max_body_bytes, max_length=max_length, max_samples=max_samples,
-                             max_tokens=max_tokens, workers=workers, max_queue=max_queue, batch=batch)
+                             max_tokens=max_tokens, workers=workers, max_queue=max_queue, batch=batch,
+                             max_connections=max_connections, client_timeout=client_timeout)
         try:
             family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         except socket.gaierror as exc:
             raise _usage(f"cannot listen on {host!r}: {exc.strerror}") from None
-        allowed = allowed_hosts_for(host, str(address[0]))
+        allowed = allowed_hosts_for(host, str(address[0]), tuple(allow_host or ()))
+        if allowed.ip_literals and api_key is None and not unauthenticated:
+            raise _usage(f"--host {host} lets other machines use the model: give --api-key KEY (or CHARLM_API_KEY), "
+                         f"or --unauthenticated to serve them without one")
         lm = load(checkpoint, device=device)
-        app_ = make_app(lm, limits, allowed_hosts=allowed,
-                        log=lambda line: err.print(line, markup=False, highlight=False))
+        say = lambda line: err.print(line, markup=False, highlight=False)  # noqa: E731
+        app_ = make_app(lm, limits, allowed_hosts=allowed, api_key=api_key, log=say)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1066,16 +1091,18 @@ def serve(
                          + (" (give another --port, or 0 for any free one)" if exc.errno == 98 else "")) from None
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        if allowed is None:
-            err.print(f"charlm: warning: listening on {host}: anyone who can reach this machine can use the model "
-                      f"(there is no authentication)", markup=False)
+        if allowed.ip_literals:
+            who = "anyone with the API key" if api_key is not None else "anyone (there is no API key)"
+            err.print(f"charlm: warning: listening on {host} port {bound}: {who} who can reach this machine can "
+                      f"generate and score text with the model and read its configuration (/v1/model); Host names "
+                      f"answered: {allowed.describe()}", markup=False)
 
         def started() -> None:
             err.print(f"charlm: serving {lm.path} at http://{shown}:{bound}/ (API under /v1; Ctrl-C stops)",
                       markup=False)
 
         try:
-            run(app_, sock, on_started=started)
+            run(app_, sock, on_started=started, log=say)
         except KeyboardInterrupt:  # uvicorn shuts down first, then passes Ctrl-C on: the way to stop
             pass
         err.print("charlm: server stopped", markup=False)

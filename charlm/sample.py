@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from .config import SampleConfig, brief
-from .errors import SamplingError, UsageError, out_of_memory_as
+from .config import LIMITS, Range, SampleConfig, brief
+from .errors import Cancelled, SamplingError, UsageError, out_of_memory_as
 from .infer import FastStep
 from .model import RNNLM
 from .precision import Precision, resolve_precision
@@ -310,3 +310,40 @@ def _drawn_ahead(run: Generation, fast: FastStep) -> Iterator[Piece]:
             raise SamplingError(_ALL_NEG_INF)
         for token_ids in torch.stack(block).tolist():
             yield from run.take(token_ids)
+
+
+BEAM = Range(int, 1, 10_000)  # hypotheses kept by beam search
+
+
+@torch.inference_mode()
+def beam_search(model: RNNLM, tokenizer: Tokenizer, *, prime: str = "", length: int, beam: int,
+                should_stop: Callable[[], bool] | None = None) -> tuple[list[int], float]:
+    """The most likely continuation of ``prime`` of ``length`` tokens that a beam of ``beam``
+    hypotheses finds, and its log-probability (nats, under the model itself). ``beam`` 1 is
+    greedy decoding (temperature 0); a beam as wide as every sequence of ``length - 1`` tokens is
+    exhaustive search. Each step runs the model on the hypotheses as one batch (fp32)."""
+    for name, limit in (("beam", BEAM), ("length", LIMITS["length"])):
+        value = beam if name == "beam" else length
+        if not limit.allows(value):
+            raise UsageError(f"--{name} must be {limit.describe()} (got {brief(value)})")
+    model.eval()
+    device = model.embedding.weight.device
+    context = torch.as_tensor(prime_ids(tokenizer, prime).astype(np.int64), device=device)
+    with _preparing(model, beam):
+        state = model(context[None, :-1], None)[1] if len(context) > 1 else None
+    token = context[-1:]  # (B,): one hypothesis to start
+    scores = torch.zeros(1, dtype=torch.float64, device=device)
+    sequences: list[list[int]] = [[]]
+    for _ in range(length):
+        if should_stop is not None and should_stop():
+            raise Cancelled("beam search was cancelled")
+        logits, state = model(token[:, None], state)  # (B, 1, V)
+        logp = torch.log_softmax(logits[:, -1].double(), dim=-1)
+        if bool(torch.isnan(logp).any()):
+            raise SamplingError(_NAN_SCORES)
+        total = (scores[:, None] + logp).flatten()
+        scores, flat = torch.topk(total, min(beam, total.numel()))
+        rows, token = flat // logp.size(1), flat % logp.size(1)
+        sequences = [sequences[r] + [t] for r, t in zip(rows.tolist(), token.tolist())]
+        state = tuple(s[:, rows] for s in state) if isinstance(state, tuple) else state[:, rows]
+    return sequences[0], float(scores[0])

@@ -95,15 +95,21 @@ def test_the_package_has_no_import_cycle():
 
     package = Path(__file__).resolve().parents[1] / "charlm"
     graph = {}
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):  # subpackages too: serve/x.py is "serve.x", serve/__init__.py "serve"
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        here = parts[:-1]  # the package that `from .` means
         edges = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = here[:len(here) - (node.level - 1)] if node.level > 1 else here
                 if node.module:
-                    edges.add(node.module.split(".")[0])
+                    edges.add(".".join([*base, node.module.split(".")[0]]))
                 else:
-                    edges.update(alias.name for alias in node.names)
-        graph[path.stem] = edges - {path.stem, "__init__"}
+                    edges.update(".".join([*base, alias.name]) for alias in node.names)
+        graph[name] = edges
+    for name, edges in graph.items():  # `from . import x` where x is not a module imports the package itself
+        graph[name] = {e if e in graph or "." not in e else e.rsplit(".", 1)[0] for e in edges} - {name, ""}
 
     def visit(module, trail):
         assert module not in trail, " → ".join([*trail, module])

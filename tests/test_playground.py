@@ -93,3 +93,25 @@ def test_generate_then_see_the_surprise_view(browser, trained_run, tmp_path):
         assert not errors, errors  # nothing blocked (CSP), nothing failed to load
     finally:
         server.stop()
+
+
+def test_the_page_asks_once_for_the_servers_api_key(browser, trained_run):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = Server(trained_run, "--api-key", "s3cret")
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait.until(expected_conditions.alert_is_present())
+        browser.switch_to.alert.send_keys("s3cret")
+        browser.switch_to.alert.accept()
+        wait.until(lambda d: "parameters" in d.find_element(By.ID, "model").text)
+        find = browser.find_element
+        find(By.ID, "length").clear()
+        find(By.ID, "length").send_keys("30")
+        find(By.ID, "generate").click()  # the key is kept: no second question
+        wait.until(lambda d: "pieces in" in find(By.ID, "status").text)
+    finally:
+        server.stop()

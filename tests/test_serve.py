@@ -138,7 +138,9 @@ def test_perplexity_equals_the_api_with_per_character_logprobs(server, lm):
 def test_model_is_what_info_shows_and_health(server, trained_run):
     status, body = server.request("GET", "/v1/model")
     info = runner.invoke(app, ["info", str(trained_run), "--json"])
-    assert status == 200 and body == json.loads(info.stdout)
+    shown = json.loads(info.stdout)  # what info prints, but for the machine's folders
+    shown["checkpoint"] = f"{trained_run.name}/best.safetensors"
+    assert status == 200 and body == shown
     assert server.health() == {"status": "ok", "workers": 2, "batch": 0, "busy": 0, "waiting": 0}
 
 
@@ -209,6 +211,9 @@ BAD = [
     ("/v1/perplexity", {"text": "abc", "logprobs": 1}, 422, "logprobs must be"),
     ("/v1/perplexity", {"text": "abc", "cache": "no"}, 422, "cache must be"),
     ("/v1/perplexity", {"text": "abc", "lines": []}, 422, "unknown field"),
+    # Scoring is bounded as generation is, logprobs or not.
+    ("/v1/perplexity", {"text": "ab" * 300}, 422, "--max-tokens"),
+    ("/v1/score", {"lines": ["a" * 300, "b" * 300]}, 422, "--max-tokens"),
 ]
 
 
@@ -232,7 +237,7 @@ def test_wrong_method_or_path(server, method, path, status):
                                   "localhost.evil.example", "10.0.0.1"])
 def test_requests_for_another_host_name_are_refused(server, host):
     got, answer = server.request("GET", "/v1/model", headers={"Host": host})
-    assert got == 421 and "answers requests addressed to localhost or a loopback address only" in answer["error"]
+    assert got == 421 and "answers requests addressed to localhost, loopback addresses only" in answer["error"]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost:8000", "[::1]:8000", "LOCALHOST.:1", "127.0.0.5:80"])
@@ -264,7 +269,7 @@ def _open_generation(port: int, body: dict) -> socket.socket:
 def one_worker(trained_run):
     """One worker, no queue, and lengths long enough that only a stopped generation ever ends."""
     running = Server(trained_run, "--workers", "1", "--max-queue", "0", "--max-length", "100000000",
-                     "--max-body-bytes", "30000000")
+                     "--max-body-bytes", "30000000", "--max-tokens", "30000000")
     yield running
     running.stop()
 
@@ -378,10 +383,17 @@ def test_without_the_extra_it_says_what_to_install(trained_run, monkeypatch):
 def test_loopback_hosts_accept_loopback_names_only():
     for host in ("127.0.0.1", "127.0.0.5", "::1", "[::1]", "localhost", "LOCALHOST.", "::ffff:127.0.0.1",
                  "0:0:0:0:0:0:0:1"):
-        assert allowed_hosts_for(host) == (host_name(host),), host
-    assert allowed_hosts_for("myname", "127.0.0.1") == ("myname",)  # a name that resolves to loopback
+        policy = allowed_hosts_for(host)
+        assert policy.names == (host_name(host),) and not policy.ip_literals, host
+        assert not policy.allows("10.0.0.1") and not policy.allows("evil.example")
+    policy = allowed_hosts_for("myname", "127.0.0.1")  # a name that resolves to loopback
+    assert policy.names == ("myname",) and not policy.ip_literals
+    # Beyond loopback the Host check stays (DNS rebinding): IP literals, the --host name and --allow-host names.
     for host in ("0.0.0.0", "::", "192.168.1.5", "example.org"):
-        assert allowed_hosts_for(host) is None
+        policy = allowed_hosts_for(host, None, ("box.lan",))
+        assert policy.ip_literals and policy.allows("box.lan") and policy.allows("192.168.1.9")
+        assert not policy.allows("evil.example") and policy.allows("localhost")
+    assert allowed_hosts_for("0.0.0.0").names == () and allowed_hosts_for("example.org").names == ("example.org",)
     assert [host_name(h) for h in ("Example.org:80", "[::1]:8000", "localhost.", "127.0.0.1", "")] == \
         ["example.org", "::1", "localhost", "127.0.0.1", ""]
     assert is_loopback_name("127.9.9.9") and not is_loopback_name("127.0.0.1.evil.example")

@@ -31,9 +31,22 @@ function requiredNumber(id, label) {
   return Number(value);
 }
 
+// A server started with --api-key answers 401 without it: ask once, keep it for this tab only.
+async function api(path, options = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const key = sessionStorage.getItem("charlm-api-key");
+    const headers = { ...(options.headers || {}), ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+    const response = await fetch(path, { ...options, headers });
+    if (response.status !== 401 || attempt > 0) return response;
+    const given = window.prompt("This server needs its API key (charlm serve --api-key):");
+    if (!given) return response;
+    sessionStorage.setItem("charlm-api-key", given.trim());
+  }
+}
+
 async function showModel() {
   try {
-    const response = await fetch("/v1/model");
+    const response = await api("/v1/model");
     if (!response.ok) throw new Error(await errorOf(response));
     const info = await response.json();
     const m = info.model_config;
@@ -80,7 +93,7 @@ async function generate() {
   const started = performance.now();
   let pieces = 0;
   try {
-    const response = await fetch("/v1/generate", {
+    const response = await api("/v1/generate", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(request), signal: controller.signal,
     });
@@ -175,7 +188,7 @@ async function showSurprise() {
   setStatus($("summary"), "scoring…");
   $("score").disabled = true;
   try {
-    const response = await fetch("/v1/perplexity", {
+    const response = await api("/v1/perplexity", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ text, logprobs: true, top: 5 }),
     });

@@ -3,17 +3,19 @@
     POST /v1/generate    {prime, length, temperature, top_k, top_p, seed, stop, num_samples, stream}
     POST /v1/score       {lines, include_end, logprobs, top}
     POST /v1/perplexity  {text, logprobs, top}
-    GET  /v1/model       what `charlm info --json` prints
+    GET  /v1/model       what `charlm info --json` prints (paths shown relative to the run folder)
+    POST /v1/completions, GET /v1/models   OpenAI's legacy completions API (openai.py)
     GET  /healthz        {"status": "ok", workers, busy, waiting}
     GET  /               the playground (static files from charlm/static, no build step, no CDN)
 
 Built on Starlette and uvicorn (the ``serve`` extra). The model runs in a pool of worker threads,
 never on the event loop, so a long request does not hold up the others; each request gets its own
 sampler state (``FastStep``), so concurrent requests share weights and nothing else. Safe by
-default: requests whose Host is not this machine's loopback name are refused while the server
-listens on loopback (a web page cannot reach it by DNS rebinding), bodies, lengths and sample
-counts are bounded (``ServeLimits``), bad input is a 400/413/422 with a one-line message, and a
-client that goes away stops its generation at the next token and frees its place.
+default (security.py): requests for a Host name this server was not told to answer, from another
+web site, without JSON's content type or without the ``--api-key`` are refused before any route
+runs; slow or stuck clients lose their connection; bodies, lengths, sample counts and the tokens
+read are bounded (``ServeLimits``); bad input is a 400/413/422 with a one-line message; and a client
+that goes away stops its work at the next token or window and frees its place.
 
 Generation with the same seed gives the same text as ``charlm sample`` and ``LanguageModel.stream``:
 it *is* that call. A request without a seed gets a random one, reported in the answer so the text
@@ -24,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import ipaddress
 import logging
 import queue
 import secrets
@@ -38,20 +39,24 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from . import jsonio
-from .api import LanguageModel
-from .checkpoint import checkpoint_report
-from .config import LIMITS, SampleConfig, brief
-from .errors import Cancelled, CharlmError, MissingDependencyError, OutOfMemoryError, UsageError, is_out_of_memory
-from .infer import FastStep
-from .model import has_cell_state
-from .sample import Generation, prime_ids
+from .. import jsonio
+from ..api import LanguageModel
+from ..checkpoint import checkpoint_report
+from ..config import LIMITS, SampleConfig, brief
+from ..errors import Cancelled, CharlmError, MissingDependencyError, UsageError
+from ..infer import FastStep
+from ..model import has_cell_state
+from ..sample import Generation, prime_ids
+from .http import (SHUTTING_DOWN, _END, _STOPPED, _answer_of, _body, _call_soon, _error, _EventStream,  # noqa: F401
+                   _json, _outcome, _Problem)
+from .security import (OPENAI_PATHS, Guard, HostPolicy, guarded_protocol, quiet_accept_errors)
+from .security import allowed_hosts_for, host_name, is_loopback_name  # noqa: F401 - re-exported
 
 try:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import Response, StreamingResponse
+    from starlette.responses import Response
     from starlette.routing import Route
 except ImportError:  # the serve extra is not installed; make_app says so
     Starlette = ClientDisconnect = None  # type: ignore[assignment,misc]
@@ -78,69 +83,18 @@ class ServeLimits:
     workers: int = 2  # requests the model runs at once
     max_queue: int = 64  # requests waiting for a worker; more are refused with 503
     batch: int = 0  # 0: each generation steps on its own; N: up to N samples step together (_Batcher)
+    max_connections: int = 256  # open connections; more are closed at once
+    client_timeout: float = 30.0  # seconds for a request's headers, for its body, and for a stalled write
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_length", "max_samples", "max_tokens", "workers", "max_queue", "batch"):
+        for name in ("max_body_bytes", "max_length", "max_samples", "max_tokens", "workers", "max_queue", "batch",
+                     "max_connections"):
             value, low = getattr(self, name), 0 if name in ("max_queue", "batch") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"--{name.replace('_', '-')} must be a whole number ≥ {low} (got {brief(value)})")
-
-
-class _Problem(Exception):
-    """An answer other than 200: the status and a one-line message for the client."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _answer_of(exc: BaseException) -> tuple[int, str]:
-    """The status and one-line message that answer a failure."""
-    if isinstance(exc, _Problem):
-        return exc.status, exc.message
-    if ClientDisconnect is not None and isinstance(exc, ClientDisconnect):
-        return 499, "the client went away"  # nobody reads the answer
-    if isinstance(exc, Cancelled):
-        return 503, SHUTTING_DOWN
-    if is_out_of_memory(exc) and not isinstance(exc, CharlmError):
-        return 503, "out of memory; ask for fewer samples or a shorter text, or try again when the server is less busy"
-    if isinstance(exc, CharlmError):
-        status = 422 if isinstance(exc, UsageError) else 503 if isinstance(exc, OutOfMemoryError) else 500
-        return status, " ".join(str(exc).split("\n"))
-    return 500, f"internal error ({type(exc).__name__}); the server's log has the details"
-
-
-def _json(value: Any, status: int = 200) -> Response:
-    return Response(jsonio.dumps(value) + "\n", status_code=status, media_type="application/json")
-
-
-def _error(status: int, message: str) -> Response:
-    return _json({"error": message, "status": status}, status)
-
-
-# ── reading a request ───────────────────────────────────────────────────────────────────────────
-
-async def _body(request: Request, limit: int) -> dict[str, Any]:
-    """The request's JSON object, read at most ``limit`` bytes far."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _Problem(413, f"the request body is {int(declared):,} bytes; this server takes at most {limit:,} "
-                            f"(--max-body-bytes)")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise _Problem(413, f"the request body is over {limit:,} bytes (--max-body-bytes)")
-    if not data:
-        raise _Problem(400, "the request needs a JSON object as its body")
-    try:
-        value = jsonio.loads(bytes(data), unique_keys=True)
-    except ValueError as exc:
-        raise _Problem(400, f"the request body cannot be read: {exc}") from None
-    if not isinstance(value, dict):
-        raise _Problem(400, f"the body must be a JSON object, not {type(value).__name__}")
-    return value
+        value = self.client_timeout
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+            raise UsageError(f"--client-timeout must be a number of seconds in (0, 3600] (got {brief(value)})")
 
 
 def _fields(body: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -193,8 +147,10 @@ SCORE_FIELDS: dict[str, Any] = {"lines": None, "include_end": True, "logprobs": 
 PERPLEXITY_FIELDS: dict[str, Any] = {"text": None, "logprobs": False, "top": 5, "cache": True}
 
 
-def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimits) -> dict[str, Any]:
-    """The checked keyword arguments of ``LanguageModel.stream``, and ``stream``."""
+def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimits, *,
+                     read_prime: bool = True) -> dict[str, Any]:
+    """The checked keyword arguments of ``LanguageModel.stream``, and ``stream``. ``read_prime``:
+    check the prime here too (else the caller runs ``check_prime`` on a worker)."""
     values = _fields(body, GENERATE_FIELDS)
     _string(values, "prime")
     _string(values, "stop", optional=True, nonempty=True)
@@ -205,14 +161,27 @@ def generate_options(body: dict[str, Any], lm: LanguageModel, limits: ServeLimit
     _flag(values, "stream")
     _at_most(values, "length", limits.max_length, "--max-length")
     _at_most(values, "num_samples", limits.max_samples, "--max-samples")
-    # A prime the model cannot read is a 422 here, before any stream starts.
-    tokens = len(prime_ids(lm.tokenizer, values["prime"]))
-    if tokens > limits.max_tokens:
-        raise _Problem(422, f"the prime is {tokens:,} tokens; this server takes at most {limits.max_tokens:,} "
-                            f"(--max-tokens)")
+    if read_prime:
+        check_prime(values["prime"], lm, limits)
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(2**63)
     return values
+
+
+def check_prime(prime: str, lm: LanguageModel, limits: ServeLimits, cancel: threading.Event | None = None) -> None:
+    """A prime the model cannot read, or longer than --max-tokens, is a 422 before any stream
+    starts. Counted a piece at a time, so a large one stops when ``cancel`` is set."""
+    bound = f"this server takes at most {limits.max_tokens:,} (--max-tokens)"
+    total = 0
+    for piece in _pieces_of(prime):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the request was cancelled")
+        total += len(lm.tokenizer.encode(piece))
+        if total > limits.max_tokens + 1:  # + 1: a word model's prime mid-line does not read its <EOS>
+            raise _Problem(422, f"the prime is over {limits.max_tokens:,} tokens; {bound}")
+    tokens = len(prime_ids(lm.tokenizer, prime))
+    if tokens > limits.max_tokens:
+        raise _Problem(422, f"the prime is {tokens:,} tokens; {bound}")
 
 
 # ── running the model off the event loop ────────────────────────────────────────────────────────
@@ -293,69 +262,66 @@ class _Pool:
         self.executor.shutdown(wait=False)
 
 
-async def _outcome(request: Request, future: Future) -> Any:
-    """The worker's result; if the client disconnects first, ``_Problem(499)`` (nobody reads it)."""
-    waiting = asyncio.wrap_future(future)
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=0.25)
-        if done:
-            return waiting.result()
-        if await request.is_disconnected():
-            raise _Problem(499, "the client went away")
-
-
-class _EventStream(StreamingResponse):
-    """Server-Sent Events whose ``on_close`` runs however the response ends (done, disconnect, error)."""
-
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
-    """``callback(*args)`` on the event loop, from any thread; nothing once the loop has closed
-    (a worker finishing after shutdown has nobody left to tell)."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        pass
+def _pieces_of(text: str, size: int = 1 << 16) -> list[str]:
+    """``text`` cut after line ends into pieces of about ``size`` characters (a tokenizer reads
+    each the same as within the whole; a line longer than ``size`` is one piece)."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 def _event(data: Any, name: str | None = None) -> str:
     return (f"event: {name}\n" if name else "") + f"data: {jsonio.dumps(data)}\n\n"
 
 
-_END, _STOPPED = object(), object()
-SHUTTING_DOWN = "the server is shutting down"
 
 
 # ── the endpoints ───────────────────────────────────────────────────────────────────────────────
 
-def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_hosts: tuple[str, ...] | None = None,
+def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *,
+             allowed_hosts: HostPolicy | tuple[str, ...] | None = None, api_key: str | None = None,
              log: Callable[[str], None] | None = None) -> "Starlette":
-    """The ASGI app serving ``lm``. ``allowed_hosts``: the Host names accepted (None: any)."""
+    """The ASGI app serving ``lm``. ``allowed_hosts``: the Host names answered besides loopback
+    ones (``allowed_hosts_for``; a tuple: those names; None: any). ``api_key``: the key every
+    ``/v1`` request must bring as ``Authorization: Bearer KEY`` (None: none)."""
     if Starlette is None:
         raise MissingDependencyError(NEEDS_EXTRA)
+    from . import openai
+
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or api_key != api_key.strip()):
+        raise UsageError("--api-key must be a non-empty string without spaces around it")
+    if isinstance(allowed_hosts, tuple):
+        allowed_hosts = HostPolicy(allowed_hosts, ip_literals=False)
     limits = limits or ServeLimits()
     # Scoring and evaluation put the model in eval mode and restore what they found; from threads
     # at once that is only safe when what they find is eval mode already.
     lm.model.eval()
     pool = _Pool(limits)
     batcher = _Batcher(lm, limits.batch, pool) if limits.batch else None
-    report = checkpoint_report(lm.checkpoint)
+    report = without_paths(checkpoint_report(lm.checkpoint), lm.path)
     say = log or logging.getLogger(__name__).error
 
     def failure(exc: BaseException) -> Response:
         status, message = _answer_of(exc)
         if status == 500 and not isinstance(exc, CharlmError):
             say("charlm: error while serving a request:\n" + "".join(traceback.format_exception(exc)).rstrip())
+        return _error(status, message)
+
+    def openai_failure(exc: BaseException) -> Response:
+        failure(exc)  # logs a bug's traceback
+        status, message = _answer_of(exc)
+        if status == 422:  # OpenAI's clients expect a bad value to be a 400 (BadRequestError)
+            status = 400
+        param, code = getattr(exc, "param", None), getattr(exc, "code", None)
+        return _json(openai.error_body(status, message, param=param, code=code), status)
+
+    def error_for(path: str, status: int, message: str, code: str | None = None) -> Response:
+        if path.startswith(OPENAI_PATHS):
+            return _json(openai.error_body(status, message, code=code), status)
         return _error(status, message)
 
     async def answered(request: Request, defaults: dict[str, Any],
@@ -366,7 +332,7 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
         too; every failure a JSON error. The place is held until the worker is done."""
         cancel, future = None, None
         try:
-            raw = await _body(request, limits.max_body_bytes)
+            raw = await _body(request, limits.max_body_bytes, limits.client_timeout)
             body = _fields(raw, defaults)
             check(body, set(raw))
             cancel = pool.admit()
@@ -379,15 +345,21 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
                 pool.release(cancel, future)
 
     async def generate(request: Request) -> Response:
-        cancel = None
+        cancel, checked = None, None
         try:
-            options = generate_options(await _body(request, limits.max_body_bytes), lm, limits)
+            options = generate_options(await _body(request, limits.max_body_bytes, limits.client_timeout), lm, limits,
+                                       read_prime=False)
             stream = options.pop("stream")
             if batcher is not None and options["num_samples"] > limits.batch:
                 raise _Problem(422, f"num_samples must be ≤ {limits.batch} on this server (--batch; got "
                                     f"{options['num_samples']})")
             cancel = pool.admit(batched=batcher is not None)
+            # The prime is read on a worker (a large one would hold up every request on the event loop).
+            checked = pool.submit(cancel, lambda: check_prime(options["prime"], lm, limits, cancel))
+            await _outcome(request, checked)
         except Exception as exc:  # noqa: BLE001
+            if cancel is not None:
+                pool.release(cancel, checked)
             return failure(exc)
         items, future = _start_generation(lm, options, pool, batcher, cancel)
         if stream:
@@ -400,11 +372,18 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
         finally:
             pool.release(cancel, future)
 
-    def logprob_tokens(texts: list[str]) -> None:
-        total = sum(len(lm.tokenizer.encode(text)) for text in texts)
-        if total > limits.max_tokens:
-            raise _Problem(422, f"the text is {total:,} tokens; per-token log-probabilities are given for at most "
-                                f"{limits.max_tokens:,} (--max-tokens)")
+    def bounded(texts: list[str], cancel: threading.Event) -> None:
+        """Refuse texts of more than --max-tokens tokens in all, as generation's primes are; counted
+        on the worker a piece at a time, so a large body's tokenizing stops when its client leaves."""
+        total = 0
+        for text in texts:
+            for piece in _pieces_of(text):
+                if cancel.is_set():
+                    raise Cancelled("the request was cancelled")
+                total += len(lm.tokenizer.encode(piece))
+                if total > limits.max_tokens:
+                    raise _Problem(422, f"the text is over {limits.max_tokens:,} tokens; this server reads at most "
+                                        f"{limits.max_tokens:,} per request (--max-tokens)")
 
     def check_score(values: dict[str, Any], given: set[str]) -> None:
         lines = values["lines"]
@@ -413,10 +392,9 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
         _flag(values, "include_end")
         _flag(values, "logprobs")
         _top(values, lm.tokenizer.vocab_size, "top" in given)
-        if values["logprobs"]:
-            logprob_tokens(lines)
 
     def score(values: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+        bounded(values["lines"], cancel)
         results = []
         for line in lm.score(values["lines"], include_end=values["include_end"], logprobs=values["logprobs"],
                              top=values["top"], should_stop=cancel.is_set):
@@ -434,10 +412,9 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
         _flag(values, "logprobs")
         _flag(values, "cache")
         _top(values, lm.tokenizer.vocab_size, "top" in given)
-        if values["logprobs"]:
-            logprob_tokens([values["text"]])
 
     def perplexity(values: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+        bounded([values["text"]], cancel)
         answer = dataclasses.asdict(lm.perplexity(values["text"], cache=values["cache"], should_stop=cancel.is_set))
         if values["logprobs"]:
             answer["logprobs"] = [_piece(p) for p in lm.logprobs(values["text"], top=values["top"],
@@ -472,10 +449,12 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
         status = getattr(exc, "status_code", 500)
         detail = {404: f"no such endpoint: {request.method} {request.url.path}",
                   405: f"{request.url.path} does not take {request.method}"}.get(status, getattr(exc, "detail", ""))
-        return _error(status, str(detail))
+        return error_for(request.url.path, status, str(detail))
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        return failure(exc)
+        return openai_failure(exc) if request.url.path.startswith(OPENAI_PATHS) else failure(exc)
+
+    created = int(lm.path.stat().st_mtime) if lm.path.exists() else 0
 
     app = Starlette(
         routes=[Route("/v1/generate", generate, methods=["POST"]),
@@ -484,12 +463,34 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *, allowed_ho
                 Route("/v1/model", model_info, methods=["GET"]),
                 Route("/healthz", health, methods=["GET"]),
                 Route("/", page, methods=["GET"]),
-                Route("/static/{name}", static, methods=["GET"])],
+                Route("/static/{name}", static, methods=["GET"]),
+                *openai.routes(lm, limits, pool, model_id=openai.model_id_of(lm), created=created,
+                               failure=openai_failure)],
         exception_handlers={HTTPException: http_problem, Exception: unexpected},
         lifespan=_closing(pool, batcher),
     )
     app.state.pool = pool
-    return _HostCheck(app, allowed_hosts) if allowed_hosts is not None else app
+    app.state.limits = limits
+    return Guard(app, allowed_hosts, api_key,
+                 lambda path, status, message, code: error_for(path, status, message, code))
+
+
+def without_paths(value: Any, checkpoint: Any) -> Any:
+    """``value`` with every absolute path of this machine made relative: the checkpoint as
+    ``run/best.safetensors``, any other (a corpus) as its file name. A client learns nothing of
+    the machine's folders."""
+    import os
+
+    if isinstance(value, dict):
+        return {key: without_paths(item, checkpoint) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_paths(item, checkpoint) for item in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        path = os.path.normpath(value)
+        if path == os.path.normpath(str(checkpoint)):
+            return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+        return os.path.basename(path)
+    return value
 
 
 def _closing(pool: _Pool, batcher: "_Batcher | None") -> Callable[[Any], Any]:
@@ -744,69 +745,18 @@ class _Batcher:
             self._set_running([job for job in self.running if job not in finished])
 
 
-class _HostCheck:
-    """Refuse requests addressed to a name that is not this machine's (DNS rebinding: a web page
-    whose name is made to resolve to 127.0.0.1 sends its own name): 421, as JSON. Accepted:
-    localhost, loopback addresses, the names in ``allowed``, and no Host at all (HTTP/1.0; no
-    browser sends that)."""
-
-    def __init__(self, app: Any, allowed: tuple[str, ...]) -> None:
-        self.app = app
-        self.allowed = {host_name(name) for name in allowed}
-        self.state = app.state
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-            name = host_name(header)
-            if name and not is_loopback_name(name) and name not in self.allowed:
-                response = _error(421, f"this server answers requests addressed to localhost or a loopback address"
-                                       f"{''.join(f' or {n}' for n in sorted(self.allowed) if not is_loopback_name(n))} only "
-                                       f"(got Host {brief(header)}); start it with --host NAME to answer NAME")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def host_name(header: str) -> str:
-    """The name in a Host header: lower case, without port, brackets or a trailing dot."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        name = header[1:header.find("]")] if "]" in header else header[1:]
-    else:
-        name = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-    return name.rstrip(".")
-
-
-def is_loopback_name(name: str) -> bool:
-    """localhost, or an address in 127.0.0.0/8 or ::1 (an IPv4-mapped one included)."""
-    if name == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def allowed_hosts_for(host: str, address: str | None = None) -> tuple[str, ...] | None:
-    """The names to accept besides loopback ones when listening on ``host`` (which resolved to
-    ``address``): on loopback, ``host`` itself; elsewhere None, meaning any name."""
-    name = host_name(host)
-    if is_loopback_name(name) or (address is not None and is_loopback_name(host_name(address))):
-        return (name,)
-    return None
-
-
-def run(app: Any, sock: Any, *, on_started: Callable[[], None] | None = None) -> None:
-    """Serve ``app`` on the bound socket ``sock`` until Ctrl-C (uvicorn; its own log quiet)."""
+def run(app: Any, sock: Any, *, on_started: Callable[[], None] | None = None,
+        log: Callable[[str], None] | None = None) -> None:
+    """Serve ``app`` on the bound socket ``sock`` until Ctrl-C (uvicorn; its own log quiet), with
+    the deadlines and the connection cap of its ``ServeLimits`` (security.py)."""
     try:
         import uvicorn
     except ImportError:
         raise MissingDependencyError(NEEDS_EXTRA) from None
 
     pool: _Pool = app.state.pool
+    limits: ServeLimits = getattr(app.state, "limits", None) or ServeLimits()
+    say = log or logging.getLogger(__name__).warning
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -814,15 +764,16 @@ def run(app: Any, sock: Any, *, on_started: Callable[[], None] | None = None) ->
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10,
-                            lifespan="on")
+                            lifespan="on", http=guarded_protocol(limits.client_timeout, limits.max_connections),
+                            timeout_keep_alive=max(1, min(5, int(limits.client_timeout))))
     server = Server(config)
-    if on_started is not None:
-        original = server.startup
+    original = server.startup
 
-        async def startup(sockets: Any = None) -> None:
-            await original(sockets=sockets)
-            if server.started:
-                on_started()
+    async def startup(sockets: Any = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(quiet_accept_errors(say))
+        await original(sockets=sockets)
+        if server.started and on_started is not None:
+            on_started()
 
-        server.startup = startup  # type: ignore[method-assign]
+    server.startup = startup  # type: ignore[method-assign]
     server.run(sockets=[sock])
