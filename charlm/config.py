@@ -396,7 +396,7 @@ def auto_size(*, tokenizer: str, train_tokens: int, max_minutes: float | None, g
     """Pick a model and batch shape for a corpus and a time budget.
 
     Larger budgets buy larger models; the expected number of passes over the data decides dropout.
-    Char/byte figures come from tiny-shakespeare runs on 2 CPU cores (see README, "Defaults");
+    Char/byte figures come from tiny-shakespeare runs on 2 CPU cores (docs/choosing.md);
     ``bf16`` (a CPU with native bf16 training in it) buys the next size up for the same budget.
     The tables are the fallback where nothing can be timed (a distributed run, a budget in steps, a
     shape given); with a budget in minutes a char or byte model is sized by this machine's measured

@@ -3,7 +3,7 @@
 ``fp32`` everywhere; ``bf16`` (autocast: matmuls and the fused recurrent kernels in bfloat16, losses
 and softmax in float32) where the hardware makes it fast: CUDA GPUs with bf16, and CPUs with native
 bf16 instructions (AVX-512 BF16 or AMX), on which a 1×512 LSTM trains ~1.5–1.8× the tokens/s of fp32
-(README, "Precision"). A CPU without them would emulate bf16 and gain nothing, so ``auto`` keeps
+(docs/precision.md). A CPU without them would emulate bf16 and gain nothing, so ``auto`` keeps
 fp32 there. ``fp16`` (CUDA only) is for users who ask for it: it trains with a gradient scaler.
 
 Whether this CPU's kernels can run a cell's recurrence in bf16 at all is asked of the kernels

@@ -18,8 +18,8 @@ from .tokenizer import EOS, Tokenizer
 def sampling_precision(requested: str, device: torch.device) -> Precision:
     """The matmuls' precision for sampling. ``auto`` is fp32: bf16 steps move a trained model's
     log-probabilities of likely tokens by up to ~0.1 after a few hundred steps (the state drifts),
-    past the 1e-2 a sampler must stay within to draw from the model's own distribution (README,
-    "Precision"); bf16 is there for whoever asks."""
+    past the 1e-2 a sampler must stay within to draw from the model's own distribution (docs/precision.md);
+    bf16 is there for whoever asks."""
     if requested == "auto":
         return Precision("fp32", "sampling stays exact under auto")
     return resolve_precision(requested, device)

@@ -10,8 +10,8 @@ budget buys. On a slow CPU that is a
 smaller model that gets enough steps; on a fast one a larger model with more dropout. Where nothing
 can be timed (a distributed run, a budget in steps), ``config.auto_size``'s tables decide.
 
-The thresholds come from tiny-shakespeare runs on three CPU kinds (benchmarks/README.md, "How
-charlm sizes a run"): the best of the sizes tried was the largest that got 2–5 epochs (an AMD EPYC
+The thresholds come from tiny-shakespeare runs on three CPU kinds (docs/choosing.md, whose figures
+come from benchmarks/README.md): the best of the sizes tried was the largest that got 2–5 epochs (an AMD EPYC
 with AVX-512 BF16, 3 minutes: 1×768 at ~2.4 epochs beat 1×512 at ~5; 10 minutes: 1×1024 at ~5 beat
 1×768 at ~8; an Intel Xeon with AMX, 10 minutes: 1×1536 at ~5 beat 1×1024 at ~9; an AVX2-only EPYC,
 3 minutes: 1×512 at ~1.1 epochs was 0.01 behind 1×384 and 1×256).

@@ -73,7 +73,7 @@ def test_bf16_buys_the_next_size_up_and_more_dropout_while_fp32_keeps_its_defaul
         fp32 = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=minutes, gpu=False)
         bf16 = auto_size(tokenizer="char", train_tokens=1_003_854, max_minutes=minutes, gpu=False, bf16=True)
         assert (fp32.hidden_size, bf16.hidden_size) == (fp32_size, bf16_size)
-        assert fp32.dropout == 0.0  # the measured fp32 defaults (README, "Defaults") are unchanged
+        assert fp32.dropout == 0.0  # the measured fp32 defaults (docs/choosing.md) are unchanged
     assert bf16.dropout == 0.2  # 10 minutes of bf16 buys ~5 epochs of the larger model
     small = auto_size(tokenizer="char", train_tokens=150_000, max_minutes=10, gpu=False, bf16=True)
     assert small.hidden_size == 256  # small data caps the model in either precision

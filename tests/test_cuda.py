@@ -202,7 +202,7 @@ def test_perplexity_on_the_device_equals_the_cpu(run_on_device):
     on_cpu = charlm.load(run_on_device, device="cpu").perplexity(TINY_TEXT)
     assert on_device.predicted_tokens == on_cpu.predicted_tokens
     assert abs(on_device.nats_per_token - on_cpu.nats_per_token) < 1e-3
-    # --precision bf16 on the device: offered for speed because it stays this close (README, "Precision").
+    # --precision bf16 on the device: offered for speed because it stays this close (docs/precision.md).
     fast = charlm.load(run_on_device, device=DEVICE).perplexity(TINY_TEXT, precision="bf16")
     assert fast.precision == "bf16" and abs(fast.nats_per_token - on_cpu.nats_per_token) < 2e-3
 
