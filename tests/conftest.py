@@ -14,6 +14,17 @@ TINY_TEXT = (
 ) * 30
 
 
+# The kinds of test the fast tier (pytest -m "not slow") leaves out; each is marked slow here, so
+# the whole suite (CI, README's command) runs them and the inner loop does not.
+SLOW_KINDS = ("processes", "server", "distributed", "browser", "fuzz")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_token_cache(tmp_path_factory):
     """Keep the token cache of every test run (and its child processes) out of ~/.cache."""

@@ -77,6 +77,7 @@ def test_bad_input_gives_one_line_and_exit_code(tmp_path, monkeypatch, args, cod
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
 
 
+@pytest.mark.processes
 def test_real_subprocess_train_then_sample(tmp_path, tiny_corpus):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "charlm", "train", str(tiny_corpus), "--out", str(out), *TINY_TRAIN],

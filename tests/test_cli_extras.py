@@ -26,6 +26,7 @@ def test_corpus_list_json(tmp_path):
     assert not rows["enwik8"]["prepared"] and rows["enwik8"]["download_bytes"] == 36_445_475
 
 
+@pytest.mark.processes
 def test_corpus_get_from_a_file_mirror_then_train_by_name(tmp_path, monkeypatch):
     if not SHARED_CORPUS.is_file():
         pytest.skip("../shared/corpora/tinyshakespeare.txt is not present")

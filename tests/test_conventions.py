@@ -44,6 +44,7 @@ def test_json_outputs_parse(tmp_path, tiny_corpus):
         assert isinstance(json.loads(result.stdout), dict), args
 
 
+@pytest.mark.processes
 def test_piped_output_has_no_escape_codes(tmp_path, tiny_corpus):
     env = subprocess_env()
 
@@ -64,6 +65,7 @@ def test_piped_output_has_no_escape_codes(tmp_path, tiny_corpus):
     charlm("score", "lines.txt", "--checkpoint", "run", "--sort", "best")
 
 
+@pytest.mark.processes
 def test_no_color_on_a_terminal(trained_run):
     """On a real (pseudo-)terminal NO_COLOR must still switch colour codes off."""
     pid, fd = pty.fork()

@@ -21,6 +21,8 @@ from charlm.model import RNNLM
 from charlm.config import ModelConfig
 from conftest import subprocess_env
 
+pytestmark = pytest.mark.distributed  # the fast tier (-m 'not slow') leaves these out: conftest.py
+
 OPTIONS = ["--max-steps", "8", "--batch-size", "4", "--seq-len", "16", "--hidden-size", "32", "--embed-size", "16",
            "--dropout", "0", "--log-every", "1", "--eval-every", "4", "--warmup-steps", "2", "--sample-length", "0",
            "--device", "cpu", "--precision", "fp32"]  # DDP equals one process exactly in fp32

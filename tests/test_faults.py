@@ -15,6 +15,8 @@ from charlm.trainer import load_resume
 
 from conftest import subprocess_env
 
+pytestmark = pytest.mark.processes  # the fast tier (-m 'not slow') leaves these out: conftest.py
+
 TRAIN = ["--hidden-size", "16", "--embed-size", "8", "--seq-len", "8", "--batch-size", "2",
          "--device", "cpu", "--sample-length", "0"]
 
@@ -40,7 +42,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path, ti
     steps = []
     # Evaluate and save after every step, so most random moments fall inside a save.
     args = [tiny_corpus, "--out", out, "--max-steps", "100000", "--eval-every", "1", *TRAIN]
-    for attempt in range(12):
+    for attempt in range(6):
         previous = (out / "last.safetensors").stat().st_mtime_ns if attempt else None
         proc = _start(args if attempt == 0 else ["--resume", out, "--max-steps", "100000"])
         _wait_for_save(out / "last.safetensors", previous, proc)

@@ -15,6 +15,8 @@ import torch
 from charlm.precision import cpu_bf16_kernel_runs
 from conftest import subprocess_env
 
+pytestmark = pytest.mark.processes  # the fast tier (-m 'not slow') leaves these out: conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
 RESULTS = ROOT / "benchmarks" / "results"

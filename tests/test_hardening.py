@@ -323,6 +323,7 @@ TRAIN_OPTIONS = ("hidden_size", "num_layers", "embed_size", "dropout", "seq_len"
                  "sample_length", "log_every")
 
 
+@pytest.mark.fuzz
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_values_for_every_numeric_train_option(tmp_path_factory, tiny_corpus, data):

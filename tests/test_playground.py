@@ -23,8 +23,9 @@ from serving import Server  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver "
-                                                                   "(apt-get install chromium chromium-driver)")
+pytestmark = [pytest.mark.browser,  # the fast tier (-m 'not slow') leaves these out: conftest.py
+              pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver "
+                                                                   "(apt-get install chromium chromium-driver)")]
 
 
 @pytest.fixture

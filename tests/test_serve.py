@@ -25,6 +25,8 @@ from charlm.errors import UsageError  # noqa: E402
 from conftest import TINY_TEXT  # noqa: E402
 from serving import Server  # noqa: E402
 
+pytestmark = pytest.mark.server  # the fast tier (-m 'not slow') leaves these out: conftest.py
+
 runner = CliRunner()
 
 
