@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from . import __version__
+from . import __version__, fsutil
 from .errors import ChecksumError, CorpusError, DownloadError, UsageError
 
 SPLITS = ("train", "valid", "test")
@@ -46,6 +46,10 @@ Event = dict[str, Any]
 
 
 # ── the registry ────────────────────────────────────────────────────────────────────────────────
+
+# What a failed write of a split or the manifest leaves: the earlier files, whole.
+NOTHING_CHANGED = "the corpus folder keeps what it had"
+
 
 @dataclass(frozen=True)
 class RemoteFile:
@@ -339,7 +343,8 @@ def get_corpus(name: str | CorpusSpec, root: str | os.PathLike[str] = "corpora",
         "files": [{"name": f.name, "url": f.url, "sha256": f.sha256, "verified_by": f.verified_by} for f in files],
         "splits": {split: {"bytes": path.stat().st_size} for split, path in splits.items()},
     }
-    _atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    fsutil.atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"),
+                        intact=NOTHING_CHANGED)
     return PreparedCorpus(spec.name, folder, splits, tuple(files), fetched,
                           tuple(f.name for f in files if f.verified_by is None))
 
@@ -581,13 +586,13 @@ def _write_splits(spec: CorpusSpec, folder: Path, download_dir: Path,
                     for source in sorted(sources, key=lambda s: (s.byte_range or (0, 0))[0]):
                         target = folder / f"{source.split}.txt"
                         if source.byte_range is None:
-                            _atomic_write_stream(target, _copy(stream, None, label))
+                            fsutil.atomic_write_chunks(target, _copy(stream, None, label), intact=NOTHING_CHANGED)
                         else:
                             start, end = source.byte_range
                             if start < position:
                                 raise CorpusError(f"{label}: split byte ranges overlap")
                             _skip(stream, start - position, label)
-                            _atomic_write_stream(target, _copy(stream, end - start, label))
+                            fsutil.atomic_write_chunks(target, _copy(stream, end - start, label), intact=NOTHING_CHANGED)
                             position = end
                         paths[source.split] = target
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
@@ -612,7 +617,7 @@ def _split_by_characters(data: bytes, sources: list[SplitSource], folder: Path, 
         lo, hi = source.char_fraction
         start, end = int(len(text) * lo), int(len(text) * hi)
         target = folder / f"{source.split}.txt"
-        _atomic_write_bytes(target, text[start:end].encode("utf-8", errors="surrogateescape"))
+        fsutil.atomic_write(target, text[start:end].encode("utf-8", errors="surrogateescape"), intact=NOTHING_CHANGED)
         paths[source.split] = target
 
 
@@ -638,26 +643,3 @@ def _copy(stream: Any, count: int | None, label: str) -> Iterator[bytes]:
         if remaining is not None:
             remaining -= len(chunk)
         yield chunk
-
-
-def _atomic_write_stream(path: Path, chunks: Iterator[bytes]) -> None:
-    """Temporary file in the same folder → fsync → rename, so a split file is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as fh:  # exclusive: a link planted under that name is not followed
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CorpusError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write_stream(path, iter((data,)))

@@ -13,6 +13,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Iterator
 
 from .errors import RunInUseError, SaveError, UsageError
 
@@ -41,9 +42,15 @@ def _refuse_link(path: Path, intact: str) -> None:
 def atomic_write(path: str | os.PathLike[str], data: bytes, *,
                  intact: str = "the previous checkpoint is intact") -> None:
     """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one,
-    and nothing else anywhere: a temporary file created under a fresh name (``O_EXCL``, which never
-    follows a link) in the same folder → fsync → rename over the target (which replaces a name,
-    never writes through it) → fsync the folder. A symbolic link at ``path`` is refused."""
+    and nothing else anywhere (``atomic_write_chunks``). A symbolic link at ``path`` is refused."""
+    atomic_write_chunks(path, iter((data,)), intact=intact)
+
+
+def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterator[bytes], *,
+                        intact: str = "the previous file is intact") -> None:
+    """``atomic_write`` of data that arrives in chunks (a download): a temporary file created under a
+    fresh name (``O_EXCL``, which never follows a link) in the same folder → fsync → rename over the
+    target (which replaces a name, never writes through it) → fsync the folder."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
@@ -51,21 +58,22 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *,
         _refuse_link(path, intact)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise SaveError(f"cannot write {path}: {exc.strerror or exc}; {intact}") from None
+    except BaseException:  # an interrupted download leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def append_text(path: str | os.PathLike[str], text: str) -> None:
