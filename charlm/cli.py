@@ -98,6 +98,7 @@ class _TrainDisplay:
         self.total_steps: int | None = None
         self.last_eval: dict[str, Any] | None = None  # carries the run's best so far
         self.step_info = ""
+        self.stop_flag: "_StopFlag | None" = None  # told what a Ctrl-C does while the cache pointer is fitted
 
     def __enter__(self) -> "_TrainDisplay":
         if self.live:
@@ -159,6 +160,18 @@ class _TrainDisplay:
             else:
                 err.print(line, markup=False)
             self._update(event)
+        elif kind == "cache_start":
+            if self.stop_flag is not None:
+                self.stop_flag.doing = "skipping the cache pointer fit; the checkpoints are kept…"
+            self.step_info = f"fitting the cache pointer (at most {event['seconds']:.0f} s; Ctrl-C skips it)"
+            if self.progress is None:
+                err.print(f"charlm: {self.step_info}", markup=False)
+            self._describe()
+        elif kind == "cache_progress":
+            what = "reading the validation text" if event["phase"] == "reading" else "searching"
+            self.step_info = (f"cache pointer: {what} {min(event['done'], event['total'])}/{event['total']} "
+                              f"(Ctrl-C skips it)")
+            self._describe()
         elif kind == "cache":
             without, found = event["val_loss_without"], event["cache"]
             if found is None:
@@ -169,9 +182,16 @@ class _TrainDisplay:
                         f"without (perplexity {math.exp(min(event['val_loss'], 700)):.3f} against "
                         f"{math.exp(min(without, 700)):.3f}; window {found['window']:,}, θ {found['theta']:g}, "
                         f"λ {found['weight']:g}, fitted on these {event['tokens']:,} tokens in {event['seconds']:.0f} s)")
+            if event.get("cut_short"):
+                line += f"; its {event['allowance']:.0f} s ran out during the search: the best point tried is kept"
             err.print(line, markup=False)
         elif kind == "bad_step":
             err.print(f"charlm: warning: non-finite loss at step {event['step']}, step skipped", markup=False)
+
+    def _describe(self) -> None:
+        """The bar's text only (its position stays where training left it)."""
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, description=self.step_info)
 
     def _update(self, event: dict[str, Any]) -> None:
         if self.progress is not None and self.task is not None:
@@ -183,13 +203,14 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.doing = "finishing this step and saving…"  # what the first request does now
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
-        err.print(f"\ncharlm: {self.reason}: finishing this step and saving…", markup=False)
+        err.print(f"\ncharlm: {self.reason}: {self.doing}", markup=False)
 
     def __enter__(self) -> "_StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -236,10 +257,10 @@ def train(
     average: Annotated[Optional[bool], typer.Option("--average/--no-average", help="Evaluate and save the average of the run's weights (step t weighs t^P, P = --average-power), not the last step's: a high learning rate then still ends at a quiet point (AWD-LSTM's averaged SGD). Default: on for word models whose budget buys 8 or more epochs, with a constant rate.")] = None,
     average_power: Annotated[Optional[float], typer.Option(help="How much --average leans on recent steps: 0 weighs the whole run equally; with P the mean age of what is averaged is 1/(P+2) of the run (0–20; giving it turns --average on). Default: 2.")] = None,
     shift_windows: Annotated[Optional[bool], typer.Option("--shift-windows/--no-shift-windows", help="Start each epoch's BPTT windows at a different offset (0 to --seq-len − 1, drawn from the seed and the epoch), so a token is not always at the same place in its window (AWD-LSTM varies the length for this). Default: on where the budget buys 8 or more epochs of a word model, 3 or more of a char or byte model.")] = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="When the run ends, fit a cache pointer (Grave et al. 2017) to the best checkpoint on the validation split: the model's next-token distribution mixed with the tokens that followed similar moments of the recent past. It is stored in the checkpoint, kept only where it lowers the validation loss by 0.01 nats/token or more, and used by 'charlm perplexity' unless --no-cache. Takes seconds; not counted in --max-minutes.")] = True,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="When the run ends, fit a cache pointer (Grave et al. 2017) to the best checkpoint on the validation split: the model's next-token distribution mixed with the tokens that followed similar moments of the recent past. It is stored in the checkpoint, kept only where it lowers the validation loss by 0.01 nats/token or more, and used by 'charlm perplexity' unless --no-cache. Its time is bounded and counted: at most a tenth of --max-minutes (kept inside it), or of the training time (at least 2 s) for --epochs/--max-steps runs; Ctrl-C skips it and keeps the checkpoints.")] = True,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, the final evaluation and the cache pointer fit included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
     val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = _TRAIN.val_fraction,
     val_file: Annotated[Optional[Path], typer.Option(help="Validate on this file instead; all of CORPUS is then training text.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: under a time budget every twentieth of it, but at most ~3% of the time spent evaluating; 10 times per step/epoch limit; always at the end.")] = None,
@@ -276,6 +297,7 @@ def train(
         main_process = not launched_by_torchrun() or os.environ.get("RANK", "0").strip() in ("0", "")
         display = _TrainDisplay(live=main_process)
         with _StopFlag() as stop, display:
+            display.stop_flag = stop
             result = run_training(corpus, on_event=display, should_stop=stop,
                                   on_note=lambda message: err.print(f"charlm: {message}", markup=False),
                                   given_options={name for name in ctx.params if _given(ctx, name)}, **options)
@@ -298,7 +320,8 @@ def train(
                 "best_val_bpc": result.best_val_bpc, "best_val_perplexity": math.exp(min(result.best_val_loss, 700)),
                 "best_step": result.best_step, "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
                 "stopped_by": result.stopped_by, "num_parameters": result.num_parameters,
-                "eval_seconds": result.eval_seconds, "cache": _cache_json(result.cache),
+                "eval_seconds": result.eval_seconds, "cache_seconds": result.cache_seconds,
+                "cache": _cache_json(result.cache),
                 "sample": sample_text}) + "\n")
             return
         _print_loss_chart(run_dir)
@@ -306,7 +329,9 @@ def train(
                       f"{display.per_unit(result.best_val_loss, result.best_val_bpc)} · "
                       f"perplexity {math.exp(min(result.best_val_loss, 700)):.3f} (step {result.best_step:,} of "
                       f"{result.step:,}, {result.elapsed_seconds:.0f} s, evaluation "
-                      f"{result.eval_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
+                      f"{result.eval_seconds:.0f} s"
+                      + (f", cache pointer fit {result.cache_seconds:.0f} s" if result.cache_seconds else "")
+                      + f", stopped: {result.stopped_by})", markup=False)
         console.print(f"checkpoints: {result.best_checkpoint}", markup=False)
         if sample_length > 0:
             console.print("sample:", markup=False)
