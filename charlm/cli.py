@@ -448,6 +448,10 @@ def perplexity(
     precision: Annotated[str, typer.Option(help="auto or fp32: exact fp32 figures, comparable across machines and with training's validation loss; bf16: faster, within 2e-3 nats/token.")] = "auto",
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the cache pointer that training fitted to this checkpoint, if any (the model's distribution mixed with the tokens that followed similar moments of the text's recent past; see 'charlm train --cache'). The model alone's figures are printed beside it. --no-cache: the model alone, in the faster batched pass.")] = True,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic evaluation (Krause et al. 2018): a copy of the model adapts to the text as it reads it, one gradient step after scoring each window, decaying towards the trained weights; the checkpoint never changes. The static figures (and the cache pointer's) are printed beside it. Slower: a backward pass per window.")] = False,
+    dynamic_lr: Annotated[Optional[float], typer.Option(help="With --dynamic: the rate η, how far each weight moves per step in units of its RMS-normalised gradient (0–1). Default: 0.001.")] = None,
+    dynamic_decay: Annotated[Optional[float], typer.Option(help="With --dynamic: the decay λ, the share of the way back to the trained weights each step (0–1). Default: 0.002.")] = None,
+    dynamic_window: Annotated[Optional[int], typer.Option(help="With --dynamic: tokens scored between two steps. Default: 5 for word models, 20 for char and byte models.")] = None,
 ) -> None:
     """Score held-out text: nats/token, perplexity, and bits/char and bits/byte (comparable across char and byte models; a word model's are lower bounds).
 
@@ -462,7 +466,8 @@ def perplexity(
         text = read_corpus(file, encoding_errors=encoding_errors)
         lm = load(checkpoint, device=device)
         t0 = time.perf_counter()
-        result = lm.perplexity(text, precision=precision, cache=cache)
+        result = lm.perplexity(text, precision=precision, cache=cache, dynamic=dynamic, dynamic_lr=dynamic_lr,
+                               dynamic_decay=dynamic_decay, dynamic_window=dynamic_window)
         seconds = time.perf_counter() - t0
         report = {
             "file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
@@ -473,6 +478,9 @@ def perplexity(
             "seconds": seconds, "precision": result.precision, "cache": result.cache,
             "nats_per_token_without_cache": result.nats_per_token_without_cache,
             "perplexity_without_cache": result.perplexity_without_cache,
+            "dynamic": result.dynamic, "static_nats_per_token": result.static_nats_per_token,
+            "static_perplexity": result.static_perplexity, "cache_nats_per_token": result.cache_nats_per_token,
+            "cache_perplexity": result.cache_perplexity,
         }
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
@@ -485,11 +493,22 @@ def perplexity(
                              ("bits/byte" + ("*" if result.caveat else ""), f"{report['bits_per_byte']:.4f}"),
                              ("perplexity", f"{report['perplexity']:.3f}")):
             table.add_row(label, value)
-        if result.cache is not None:
+        if result.dynamic is not None:
+            table.add_row("static (as trained)", f"{result.static_nats_per_token:.4f} nats/token, "
+                                                 f"perplexity {result.static_perplexity:.3f}")
+            if result.cache_nats_per_token is not None:
+                table.add_row("static + cache pointer", f"{result.cache_nats_per_token:.4f} nats/token, "
+                                                        f"perplexity {result.cache_perplexity:.3f}")
+        elif result.cache is not None:
             table.add_row("model alone", f"{result.nats_per_token_without_cache:.4f} nats/token, "
                                          f"perplexity {result.perplexity_without_cache:.3f}")
         console.print(table)
-        if result.cache is not None:
+        if result.dynamic is not None:
+            d = result.dynamic
+            err.print(f"charlm: dynamic evaluation: the model adapted to the text as it read it (rate {d['lr']:g}, "
+                      f"decay {d['decay']:g}, a step every {d['window']:,} tokens); the checkpoint is unchanged",
+                      markup=False)
+        elif result.cache is not None:
             err.print(f"charlm: with the checkpoint's cache pointer (window {result.cache['window']:,} tokens, "
                       f"θ {result.cache['theta']:g}, λ {result.cache['weight']:g}; --no-cache for the model alone)",
                       markup=False)
