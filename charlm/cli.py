@@ -449,8 +449,8 @@ def perplexity(
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the cache pointer that training fitted to this checkpoint, if any (the model's distribution mixed with the tokens that followed similar moments of the text's recent past; see 'charlm train --cache'). The model alone's figures are printed beside it. --no-cache: the model alone, in the faster batched pass.")] = True,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic evaluation (Krause et al. 2018): a copy of the model adapts to the text as it reads it, one gradient step after scoring each window, decaying towards the trained weights; the checkpoint never changes. The static figures (and the cache pointer's) are printed beside it. Slower: a backward pass per window.")] = False,
-    dynamic_lr: Annotated[Optional[float], typer.Option(help="With --dynamic: the rate η, how far each weight moves per step in units of its RMS-normalised gradient (0–1). Default: 0.001.")] = None,
-    dynamic_decay: Annotated[Optional[float], typer.Option(help="With --dynamic: the decay λ, the share of the way back to the trained weights each step (0–1). Default: 0.002.")] = None,
+    dynamic_lr: Annotated[Optional[float], typer.Option(help="With --dynamic: the rate η, how far each weight moves per step in units of its RMS-normalised gradient (0–1). Default: 0.002.")] = None,
+    dynamic_decay: Annotated[Optional[float], typer.Option(help="With --dynamic: the decay λ, the share of the way back to the trained weights each step (0–1). Default: 0.008.")] = None,
     dynamic_window: Annotated[Optional[int], typer.Option(help="With --dynamic: tokens scored between two steps. Default: 5 for word models, 20 for char and byte models.")] = None,
 ) -> None:
     """Score held-out text: nats/token, perplexity, and bits/char and bits/byte (comparable across char and byte models; a word model's are lower bounds).

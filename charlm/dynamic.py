@@ -57,12 +57,12 @@ class DynamicEval:
         return asdict(self)
 
 
-# The defaults, by tokenizer. Krause et al. read word-level text in windows of 5 tokens and
-# char-level text in longer ones; the rates are η and λ of the update above, chosen on Grimm's
-# validation text (docs/choosing.md).
-DEFAULTS = {"word": DynamicEval(lr=3e-4, decay=2e-3, window=5),
-            "char": DynamicEval(lr=3e-4, decay=2e-3, window=20),
-            "byte": DynamicEval(lr=3e-4, decay=2e-3, window=20)}
+# The defaults, by tokenizer: windows of 5 words as Krause et al. read word-level text, 20 for
+# char and byte models (cheaper; untuned); η and λ chosen on Grimm's validation text
+# (docs/choosing.md, "Dynamic evaluation").
+DEFAULTS = {"word": DynamicEval(lr=2e-3, decay=8e-3, window=5),
+            "char": DynamicEval(lr=2e-3, decay=8e-3, window=20),
+            "byte": DynamicEval(lr=2e-3, decay=8e-3, window=20)}
 
 
 def dynamic_settings(tokenizer_kind: str, *, lr: float | None = None, decay: float | None = None,

@@ -12,6 +12,11 @@ best checkpoint; ``charlm perplexity`` uses them unless told not to.
 
 The past is kept as a ring of the last ``window`` (h, next token) pairs, so a text of any length
 is scored in one sequential pass with bounded memory.
+
+A fit costs the model's pass over its tokens plus, for each trial of the search, every token
+against its window: tokens × window. Given seconds (the trainer gives a tenth of the budget at
+most), ``tune_cache`` reads only the tokens its measured costs (``measure_fit_cost``) say fit, and
+a search still going when they are spent keeps the best point tried.
 """
 from __future__ import annotations
 
