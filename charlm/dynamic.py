@@ -14,6 +14,10 @@ its gradients are, and the same η suits char, byte and word models. η is the r
 (the paper's "global prior"). Only the past is read: each token is still predicted from what came
 before it, so the figure is the probability of the text under a model that learns as it reads.
 The caller's model is never changed (a copy adapts), nor any file.
+
+With a cache pointer (pointer.py) the adapting model's distribution is mixed with the cache's, as
+in static scoring: the two are complementary (the cache copies what the text has just said, the
+adapted weights what it tends to say).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Range, brief
+from .config import CachePointer, Range, brief
 from .errors import ConfigError, stop_if_asked
 from .evaluate import EvalResult
 from .model import RNNLM, detach_state
@@ -75,13 +79,17 @@ def dynamic_settings(tokenizer_kind: str, *, lr: float | None = None, decay: flo
 
 
 def evaluate_dynamic(model: RNNLM, ids: np.ndarray, settings: DynamicEval, *, precision: Precision = FP32,
-                     should_stop: Callable[[], bool] | None = None) -> EvalResult:
+                     cache: CachePointer | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> tuple[EvalResult, EvalResult]:
     """Total nats of predicting ids[1:] in one sequential pass that adapts a copy of ``model`` to
-    the text after each window (see the module's docstring). ``should_stop`` is asked before each
-    window; True raises ``Cancelled``. ``model`` itself is left exactly as it was."""
+    the text after each window (see the module's docstring): with ``cache`` mixed in, and the
+    adapting model alone (the same figure twice without a cache). ``should_stop`` is asked before
+    each window; True raises ``Cancelled``. ``model`` itself is left exactly as it was."""
+    from .pointer import Ring, _cache_probs, _cache_scores, mix
+
     ids = np.asarray(ids)
     if len(ids) < 2:
-        return EvalResult(0.0, 0)
+        return EvalResult(0.0, 0), EvalResult(0.0, 0)
     adapted = copy.deepcopy(model).eval()  # dropout off, as in scoring; only the copy learns
     params = list(adapted.parameters())  # tied weights appear once
     for p in params:
@@ -91,6 +99,9 @@ def evaluate_dynamic(model: RNNLM, ids: np.ndarray, settings: DynamicEval, *, pr
     device = params[0].device
     tokens = torch.from_numpy(ids.astype(np.int64)).to(device)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    mixed_total = torch.zeros((), dtype=torch.float64, device=device)
+    ring = Ring(cache.window, model.cfg.hidden_size, device) if cache is not None else None
+    weight = torch.tensor([cache.weight if cache else 0.5], dtype=torch.float64, device=device)
     state, steps = None, 0
     with torch.enable_grad():
         for i in range(0, len(tokens) - 1, settings.window):
@@ -98,10 +109,16 @@ def evaluate_dynamic(model: RNNLM, ids: np.ndarray, settings: DynamicEval, *, pr
             y = tokens[None, i + 1:i + 1 + settings.window]
             x = tokens[None, i:i + y.size(1)]
             with precision.autocast(device):
-                logits, state = adapted(x, state)  # (1, T, V)
+                logits, state, (raw, _) = adapted(x, state, with_outputs=True)  # (1, T, V), (1, T, H)
             nats = F.cross_entropy(logits[0].float(), y[0], reduction="none")  # (T,)
             total += nats.detach().double().sum()
             state = detach_state(state)
+            if ring is not None:
+                h = raw[0].detach().float()
+                scores, nexts = _cache_scores(h, ring, cache.window)
+                mixed = mix(-nats.detach().double(), _cache_probs(scores, nexts, y[0], cache.theta), weight)
+                mixed_total -= mixed.sum()
+                ring.push(h, y[0])
             if settings.lr == 0:
                 continue  # nothing would move: the static figure, without the backward passes
             grads = torch.autograd.grad(nats.mean(), params)
@@ -111,4 +128,5 @@ def evaluate_dynamic(model: RNNLM, ids: np.ndarray, settings: DynamicEval, *, pr
                     ms.mul_((steps - 1) / steps).addcmul_(g, g, value=1 / steps)  # the mean of g² so far
                     p.add_(p0 - p, alpha=settings.decay)  # both terms from the weights before the step
                     p.sub_(settings.lr * g / (ms.sqrt() + EPSILON))
-    return EvalResult(float(total), len(ids) - 1)
+    alone = EvalResult(float(total), len(ids) - 1)
+    return (EvalResult(float(mixed_total), len(ids) - 1) if ring is not None else alone), alone

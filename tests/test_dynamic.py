@@ -29,9 +29,12 @@ def tiny_model(vocab: int = 20, hidden: int = 12, cell: str = "lstm", layers: in
                              cell=cell)).eval()
 
 
-def reference_nats(model: RNNLM, ids: np.ndarray, settings: DynamicEval) -> float:
+def reference_nats(model: RNNLM, ids: np.ndarray, settings: DynamicEval,
+                   cache: CachePointer | None = None) -> float:
     """The definition, plainly: one token at a time through the model, each window's tokens scored
-    before the weights move; then θ ← θ + λ(θ₀ − θ) − η g / (√(mean of g² so far) + ε)."""
+    before the weights move; then θ ← θ + λ(θ₀ − θ) − η g / (√(mean of g² so far) + ε). With a
+    cache: p = (1 − λc) p_model + λc Σ softmax(θc h_t·h_i) over the last ``window`` positions whose
+    next token is the target, h and p_model the adapting model's at the time."""
     import copy
 
     model = copy.deepcopy(model)
@@ -39,12 +42,24 @@ def reference_nats(model: RNNLM, ids: np.ndarray, settings: DynamicEval) -> floa
     trained = [p.detach().clone() for p in params]
     squares = [torch.zeros_like(p) for p in params]
     total, state, steps = 0.0, None, 0
+    history = []  # (h_t, p_model of the target, target) of every token predicted so far
     for start in range(0, len(ids) - 1, settings.window):
         losses = []
         for t in range(start, min(start + settings.window, len(ids) - 1)):
-            logits, state = model(torch.tensor([[ids[t]]]), state)
+            logits, state, (h, _) = model(torch.tensor([[ids[t]]]), state, with_outputs=True)
             losses.append(-F.log_softmax(logits[0, 0].double(), -1)[ids[t + 1]])
-        total += float(sum(losses).detach())
+            history.append((h[0, 0].detach().double(), math.exp(-float(losses[-1].detach())), int(ids[t + 1])))
+        if cache is None:
+            total += float(sum(losses).detach())
+        else:
+            for t in range(start, start + len(losses)):
+                h_t, p_model, y = history[t]
+                past = range(max(0, t - cache.window), t)
+                if past:
+                    weights = torch.softmax(torch.stack([cache.theta * (h_t @ history[i][0]) for i in past]), 0)
+                    p_cache = sum(float(w) for w, i in zip(weights, past) if history[i][2] == y)
+                    p_model = (1 - cache.weight) * p_model + cache.weight * p_cache
+                total -= math.log(p_model)
         state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
         model.zero_grad()
         (sum(losses) / len(losses)).backward()
@@ -66,17 +81,26 @@ def _ids(n: int = 90, vocab: int = 20, period: int = 9) -> np.ndarray:
 def test_dynamic_evaluation_equals_a_token_by_token_reference(cell, layers):
     model, ids = tiny_model(cell=cell, layers=layers), _ids()
     settings = DynamicEval(lr=0.01, decay=0.05, window=7)  # 90 tokens: 12 windows of 7, the last of 5
-    result = evaluate_dynamic(model, ids, settings)
-    assert result.num_predicted == len(ids) - 1
+    result, alone = evaluate_dynamic(model, ids, settings)
+    assert result == alone and result.num_predicted == len(ids) - 1
     assert result.total_nats == pytest.approx(reference_nats(model, ids, settings), rel=1e-5)
+
+
+def test_dynamic_evaluation_with_a_cache_pointer_equals_the_reference():
+    model, ids = tiny_model(), _ids()
+    settings, cache = DynamicEval(lr=0.01, decay=0.05, window=7), CachePointer(window=20, theta=0.7, weight=0.3)
+    mixed, alone = evaluate_dynamic(model, ids, settings, cache=cache)
+    assert alone.total_nats == pytest.approx(reference_nats(model, ids, settings), rel=1e-5)
+    assert mixed.total_nats == pytest.approx(reference_nats(model, ids, settings, cache), rel=1e-5)
+    assert mixed.total_nats < alone.total_nats  # the text repeats every 9 tokens
 
 
 def test_at_rate_zero_it_is_the_static_figure_and_adapting_to_repetitive_text_lowers_the_loss():
     model, ids = tiny_model(), _ids(400)
     static = evaluate(model, ids, num_streams=1)
-    still = evaluate_dynamic(model, ids, DynamicEval(lr=0.0, decay=0.0, window=5))
+    still, _ = evaluate_dynamic(model, ids, DynamicEval(lr=0.0, decay=0.0, window=5))
     assert still.total_nats == pytest.approx(static.total_nats, rel=1e-5)
-    adapted = evaluate_dynamic(model, ids, DynamicEval(lr=0.01, decay=0.002, window=5))
+    adapted, _ = evaluate_dynamic(model, ids, DynamicEval(lr=0.01, decay=0.002, window=5))
     assert adapted.nats_per_token < static.nats_per_token - 0.5  # a period-9 text is soon learned
 
 
@@ -85,8 +109,9 @@ def test_the_model_is_unchanged_and_the_result_deterministic():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.requires_grad for p in model.parameters()]
     settings = DynamicEval(lr=0.01, decay=0.01, window=5)
-    first, second = evaluate_dynamic(model, ids, settings), evaluate_dynamic(model, ids, settings)
-    assert first.total_nats == second.total_nats  # to the bit
+    cache = CachePointer(window=50, theta=1.0, weight=0.2)
+    first, second = evaluate_dynamic(model, ids, settings, cache=cache), evaluate_dynamic(model, ids, settings, cache=cache)
+    assert first == second and first[0] != first[1]  # to the bit, with the cache and without
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert [p.requires_grad for p in model.parameters()] == grads and not model.training
@@ -142,9 +167,16 @@ def test_with_a_cache_pointer_all_three_figures_are_reported(saved):
     text = held_out.read_text(encoding="utf-8")
     result = lm.perplexity(text, dynamic=True)
     cached = lm.perplexity(text)
+    alone = lm.perplexity(text, dynamic=True, cache=False)
     assert result.cache == cached.cache and result.cache_nats_per_token == pytest.approx(cached.nats_per_token)
     assert result.static_nats_per_token == pytest.approx(cached.nats_per_token_without_cache)
     assert result.cache_perplexity == pytest.approx(math.exp(result.cache_nats_per_token))
+    # the adapting model with the cache, and alone (the same figure --no-cache gives)
+    assert result.nats_per_token_without_cache == pytest.approx(alone.nats_per_token)
+    assert alone.cache is None and alone.cache_nats_per_token is None
+    assert result.nats_per_token < min(alone.nats_per_token, cached.nats_per_token)
+    table = runner.invoke(app, ["perplexity", str(held_out), "--checkpoint", str(path), "--dynamic"])
+    assert table.exit_code == 0 and "dynamic alone" in table.stdout and "static + cache pointer" in table.stdout
 
 
 def test_the_command_reports_the_figures_and_refuses_bad_options(saved):
