@@ -68,19 +68,22 @@ class Perplexity:
     caveat: str | None = None  # what the per-character figures leave out (word models), else None
     precision: str = "fp32"  # the matmuls'
     # The checkpoint's cache pointer (window, theta, weight) when the figures above used it; the
-    # model alone's figures are then the *_without_cache ones (the same pass; with ``dynamic``, the
-    # adapting model without the cache).
+    # model alone's figures are then the *_without_cache ones (the same pass). With ``dynamic`` it
+    # names the pointer of the cache_* figures instead.
     cache: dict[str, Any] | None = None
     nats_per_token_without_cache: float | None = None
     perplexity_without_cache: float | None = None
     # Dynamic evaluation (dynamic.py): its settings (lr, decay, window) when the figures above are
-    # the adapting model's (with the cache pointer where ``cache`` names one); beside them the model
-    # as trained (static_*) and, with a cache pointer, the model as trained with it (cache_*).
+    # the adapting model's; beside them the model as trained (static_*) and, where the checkpoint
+    # has a cache pointer and ``cache`` is on, the model as trained with it (cache_*) and the
+    # adapting model with it (dynamic_cache_*; its λ was fitted to the model as trained).
     dynamic: dict[str, Any] | None = None
     static_nats_per_token: float | None = None
     static_perplexity: float | None = None
     cache_nats_per_token: float | None = None
     cache_perplexity: float | None = None
+    dynamic_cache_nats_per_token: float | None = None
+    dynamic_cache_perplexity: float | None = None
 
 
 class LanguageModel:
@@ -140,8 +143,8 @@ class LanguageModel:
         result then has the model alone's figures too. ``dynamic``: dynamic evaluation (Krause et
         al. 2018, dynamic.py), a copy of the model adapting to the text as it reads it, with rate
         ``dynamic_lr``, decay ``dynamic_decay`` and a step every ``dynamic_window`` tokens (None:
-        the defaults for the model's tokenizer), mixed with the cache pointer as above; the static
-        figures (with and without the cache) are then beside it, and neither the model nor its
+        the defaults for the model's tokenizer); the static figures, and with the cache pointer
+        the static and the adapting model's, are then beside it, and neither the model nor its
         file changes. ``should_stop`` is asked
         between windows; True stops with ``charlm.errors.Cancelled``."""
         from .dynamic import dynamic_settings, evaluate_dynamic
@@ -165,11 +168,11 @@ class LanguageModel:
         if len(ids) < 2:
             raise UsageError(f"the text needs at least 2 tokens to score (has {len(ids)})")
         pointer, without = self.checkpoint.cache if cache else None, None
-        static = cached = None
+        static = cached = both = None
         if settings is not None:
-            result, without = evaluate_dynamic(self.model, ids, settings, precision=chosen, cache=pointer,
-                                               should_stop=should_stop)
-            without = without if pointer is not None else None
+            both, result = evaluate_dynamic(self.model, ids, settings, precision=chosen, cache=pointer,
+                                            should_stop=should_stop)
+            both = both if pointer is not None else None
             if pointer is not None:
                 cached, static = evaluate_with_cache(self.model, ids, pointer, precision=chosen,
                                                      should_stop=should_stop)
@@ -195,7 +198,9 @@ class LanguageModel:
             static_nats_per_token=static.nats_per_token if static is not None else None,
             static_perplexity=static.perplexity if static is not None else None,
             cache_nats_per_token=cached.nats_per_token if cached is not None else None,
-            cache_perplexity=cached.perplexity if cached is not None else None)
+            cache_perplexity=cached.perplexity if cached is not None else None,
+            dynamic_cache_nats_per_token=both.nats_per_token if both is not None else None,
+            dynamic_cache_perplexity=both.perplexity if both is not None else None)
 
     def logprobs(self, text: str, *, top: int = 5, from_line_start: bool = True, max_tokens: int | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[PieceLogprob]:

@@ -481,6 +481,8 @@ def perplexity(
             "dynamic": result.dynamic, "static_nats_per_token": result.static_nats_per_token,
             "static_perplexity": result.static_perplexity, "cache_nats_per_token": result.cache_nats_per_token,
             "cache_perplexity": result.cache_perplexity,
+            "dynamic_cache_nats_per_token": result.dynamic_cache_nats_per_token,
+            "dynamic_cache_perplexity": result.dynamic_cache_perplexity,
         }
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
@@ -494,13 +496,13 @@ def perplexity(
                              ("perplexity", f"{report['perplexity']:.3f}")):
             table.add_row(label, value)
         if result.dynamic is not None:
-            if result.cache is not None:
-                table.add_row("dynamic alone", f"{result.nats_per_token_without_cache:.4f} nats/token, "
-                                               f"perplexity {result.perplexity_without_cache:.3f}")
-                table.add_row("static + cache pointer", f"{result.cache_nats_per_token:.4f} nats/token, "
-                                                        f"perplexity {result.cache_perplexity:.3f}")
             table.add_row("static (as trained)", f"{result.static_nats_per_token:.4f} nats/token, "
                                                  f"perplexity {result.static_perplexity:.3f}")
+            if result.cache is not None:
+                table.add_row("static + cache pointer", f"{result.cache_nats_per_token:.4f} nats/token, "
+                                                        f"perplexity {result.cache_perplexity:.3f}")
+                table.add_row("dynamic + cache pointer", f"{result.dynamic_cache_nats_per_token:.4f} nats/token, "
+                                                         f"perplexity {result.dynamic_cache_perplexity:.3f}")
         elif result.cache is not None:
             table.add_row("model alone", f"{result.nats_per_token_without_cache:.4f} nats/token, "
                                          f"perplexity {result.perplexity_without_cache:.3f}")
@@ -509,7 +511,6 @@ def perplexity(
             d = result.dynamic
             err.print(f"charlm: dynamic evaluation: the model adapted to the text as it read it (rate {d['lr']:g}, "
                       f"decay {d['decay']:g}, a step every {d['window']:,} tokens)"
-                      + (" with the checkpoint's cache pointer (--no-cache: without it)" if result.cache else "")
                       + "; the checkpoint is unchanged", markup=False)
         elif result.cache is not None:
             err.print(f"charlm: with the checkpoint's cache pointer (window {result.cache['window']:,} tokens, "

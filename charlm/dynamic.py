@@ -15,9 +15,9 @@ its gradients are, and the same η suits char, byte and word models. η is the r
 before it, so the figure is the probability of the text under a model that learns as it reads.
 The caller's model is never changed (a copy adapts), nor any file.
 
-With a cache pointer (pointer.py) the adapting model's distribution is mixed with the cache's, as
-in static scoring: the two are complementary (the cache copies what the text has just said, the
-adapted weights what it tends to say).
+Given a cache pointer (pointer.py), the same pass also mixes the adapting model's distribution
+with the cache's, as static scoring does. ``perplexity`` reports that figure beside the adapting
+model's own, not as the headline: the pointer's λ was fitted to the model as trained.
 """
 from __future__ import annotations
 
