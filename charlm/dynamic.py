@@ -35,7 +35,7 @@ from .evaluate import EvalResult
 from .model import RNNLM, detach_state
 from .precision import FP32, Precision
 
-EPSILON = 1e-5  # ε: keeps the step of a weight whose gradients have all been ~0 small
+EPSILON = 1e-4  # ε: keeps the step of a weight whose gradients have all been ~0 small (chosen: docs/choosing.md)
 # The options' ranges (the CLI's --dynamic-lr, --dynamic-decay, --dynamic-window). A rate of 0 or a
 # decay of 1 is allowed and gives the static figure (the weights never move, or return at once).
 LIMITS = {"dynamic_lr": Range(float, 0, 1), "dynamic_decay": Range(float, 0, 1),
