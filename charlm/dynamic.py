@@ -126,7 +126,8 @@ def evaluate_dynamic(model: RNNLM, ids: np.ndarray, settings: DynamicEval, *, pr
             with torch.no_grad():
                 for p, g, p0, ms in zip(params, grads, trained, mean_square):
                     ms.mul_((steps - 1) / steps).addcmul_(g, g, value=1 / steps)  # the mean of g² so far
-                    p.add_(p0 - p, alpha=settings.decay)  # both terms from the weights before the step
-                    p.sub_(settings.lr * g / (ms.sqrt() + EPSILON))
+                    # θ + λ(θ₀ − θ) − η g / (√MS + ε), in place (both terms from the weights before the step)
+                    p.mul_(1 - settings.decay).add_(p0, alpha=settings.decay)
+                    p.addcdiv_(g, ms.sqrt().add_(EPSILON), value=-settings.lr)
     alone = EvalResult(float(total), len(ids) - 1)
     return (EvalResult(float(mixed_total), len(ids) - 1) if ring is not None else alone), alone
