@@ -311,6 +311,10 @@ def train(
             return
         if not math.isfinite(result.best_val_loss):
             raise _usage("training ended before any evaluation")
+        # A stop request after training (during the cache pointer fit) skipped the fit; the run is
+        # complete, and its result is printed, but no sample is drawn and SIGTERM still ends with 143.
+        if stop.reason is not None:
+            sample_length = 0
         # The run's best, which after --resume may come from before it: not this session's last improvement.
         if as_json:
             sample_text = ("".join(_end_of_training_sample(result.best_checkpoint, length=sample_length, seed=seed))
@@ -323,6 +327,8 @@ def train(
                 "eval_seconds": result.eval_seconds, "cache_seconds": result.cache_seconds,
                 "cache": _cache_json(result.cache),
                 "sample": sample_text}) + "\n")
+            if stop.reason == "SIGTERM":
+                raise typer.Exit(143)
             return
         _print_loss_chart(run_dir)
         console.print(f"best val loss {result.best_val_loss:.4f} nats/token · "
@@ -339,6 +345,8 @@ def train(
                 sys.stdout.write(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+        if stop.reason == "SIGTERM":
+            raise typer.Exit(143)
 
 
 def _cache_json(found: Any) -> dict[str, Any] | None:

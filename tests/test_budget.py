@@ -229,3 +229,29 @@ def test_the_display_shows_the_fit_and_what_ctrl_c_does_then():
     assert "fitting the cache pointer (at most 18 s; Ctrl-C skips it)" in captured.get()
     assert display.step_info.startswith("cache pointer: searching 3/19")
     assert "skipping the cache pointer fit" in stop.doing
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 0), ("SIGTERM", 143)])
+def test_a_signal_during_the_fit_keeps_the_run_and_skips_the_fit_and_the_sample(monkeypatch, tmp_path, tiny_corpus,
+                                                                                 signal_name, code):
+    from typer.testing import CliRunner
+
+    from charlm import cli
+    from charlm.checkpoint import load_checkpoint
+
+    shown = cli._TrainDisplay.__call__
+
+    def display(self, event):  # the signal arrives as the fit starts
+        shown(self, event)
+        if event["event"] == "cache_start":
+            self.stop_flag.reason = signal_name
+
+    monkeypatch.setattr(cli._TrainDisplay, "__call__", display)
+    out = tmp_path / "r"
+    result = CliRunner().invoke(cli.app, ["train", str(tiny_corpus), "--out", str(out), "--hidden-size", "16",
+                                          "--embed-size", "8", "--seq-len", "16", "--batch-size", "4",
+                                          "--max-steps", "6", "--device", "cpu"])
+    assert result.exit_code == code, result.output
+    assert "stopped while fitting the cache pointer" in result.stderr and "sample:" not in result.stdout
+    assert "best val loss" in result.stdout
+    assert load_checkpoint(out / "best.safetensors").cache is None and (out / "last.safetensors").exists()
