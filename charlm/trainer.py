@@ -30,7 +30,7 @@ from .config import ModelConfig, TrainConfig, brief
 from .data import PreparedData, batchify, epoch_offset, fit_batch_shape, num_windows, shifted_windows, window
 from .distributed import Dist, device_for
 from .errors import Cancelled, CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, eval_streams, evaluate
 from .model import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
                     select_state)
 from .precision import FP32, resolve_precision
@@ -58,6 +58,11 @@ DEVICE_STREAMS_BYTES = 1 << 30
 # CACHE_MIN_SECONDS then (a fit of a tiny model takes well under a second).
 CACHE_SHARE = 0.1
 CACHE_MIN_SECONDS = 2.0
+# A time-budgeted run times one evaluation window of this many tokens per stream at its start, so
+# the final evaluation is kept inside the budget even where no evaluation happens before it (a
+# large validation split); evaluate() reads EVAL_CONTEXT tokens before each stream's first window.
+EVAL_PROBE = 256
+EVAL_CONTEXT = 128
 
 
 def streams_on_device(streams: np.ndarray, device: torch.device) -> torch.Tensor | None:
@@ -830,9 +835,28 @@ class _Run:
         cost = self.last_eval_seconds or self.estimated_eval_seconds(steps_since, since)
         return max(self.budget / 20, 30 * cost)
 
+    def probe_eval_seconds(self) -> float:
+        """At the start of a time-budgeted run: an evaluation's cost, from timing its first window
+        (each of the streams it reads the split with, one window of ``EVAL_PROBE`` tokens after its
+        context), scaled to the whole split; 0 where the split is too short for that to save much."""
+        n = len(self.data.val_ids)
+        streams = eval_streams(n)
+        length = (n - 1) // streams
+        if length < 4 * EVAL_PROBE:
+            return 0.0
+        t0 = time.perf_counter()
+        evaluate(self.model, self.data.val_ids[:streams * EVAL_PROBE + 1], num_streams=streams, precision=FP32,
+                 dist=self.dist)
+        seconds = float(self.dist.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64))[0])
+        context = min(EVAL_CONTEXT, EVAL_PROBE)  # each stream reads this much before its first window
+        return seconds / self.dist.world_size * (length + context) / (EVAL_PROBE + context)
+
     def estimated_eval_seconds(self, steps: int, since: float) -> float:
-        """An evaluation's cost before one is timed: a third of a training step per token, at the
-        speed of the ``steps`` taken since ``since`` on the run's clock (0 before any)."""
+        """An evaluation's cost before one is timed: the probe's (``probe_eval_seconds``), or else a
+        third of a training step per token, at the speed of the ``steps`` taken since ``since`` on
+        the run's clock (0 before any)."""
+        if self.eval_probe:
+            return self.eval_probe
         if steps <= 0:
             return 0.0
         seconds_per_token = (self.clock - since) / (steps * self.cfg.batch_size * self.cfg.seq_len)
@@ -864,6 +888,7 @@ class _Run:
         self.bad_steps, self.last_eval_seconds = 0, 0.0
         self.cache_search, self.cache_seconds = None, 0.0
         self.fit_cost, self.fit_reserve = self.plan_cache_fit() if self.budget is not None and cfg.cache else (None, 0.0)
+        self.eval_probe = self.probe_eval_seconds() if self.budget is not None else 0.0
         self.session_start = (p.step, self.clock)
         self.device_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, good steps, bad run
         self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0

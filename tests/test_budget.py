@@ -105,7 +105,7 @@ def test_measured_costs_are_positive_and_leave_the_model_in_its_mode():
 def test_the_end_reserve_is_the_measured_or_estimated_evaluation_plus_the_fit():
     run = SimpleNamespace(last_eval_seconds=0.0, progress=SimpleNamespace(step=10), session_start=(0, 0.0),
                           clock=5.0, cfg=SimpleNamespace(batch_size=4, seq_len=16),
-                          data=SimpleNamespace(val_ids=np.zeros(3000)), fit_reserve=1.5)
+                          data=SimpleNamespace(val_ids=np.zeros(3000)), fit_reserve=1.5, eval_probe=0.0)
     run.estimated_eval_seconds = lambda steps, since: trainer._Run.estimated_eval_seconds(run, steps, since)
     # before any evaluation: a third of a training step per token at 0.5 s per step of 64 tokens
     assert trainer._Run.end_reserve(run) == pytest.approx(3000 * (5.0 / 640) / 3 + 1.5)
@@ -113,10 +113,14 @@ def test_the_end_reserve_is_the_measured_or_estimated_evaluation_plus_the_fit():
     assert trainer._Run.end_reserve(run) == pytest.approx(3.5)
     run.progress.step, run.last_eval_seconds = 0, 0.0  # no step yet: nothing to estimate from
     assert trainer._Run.end_reserve(run) == pytest.approx(1.5)
+    run.eval_probe = 4.0  # timed at the start: used until an evaluation is measured
+    assert trainer._Run.end_reserve(run) == pytest.approx(5.5)
 
 
-def _fake_time(monkeypatch, *, step_seconds: float, eval_seconds: float, fit_cost: FitCost):
-    """The trainer's clock moves step_seconds per training step and eval_seconds per evaluation;
+def _fake_time(monkeypatch, *, step_seconds: float, eval_seconds: float, fit_cost: FitCost,
+               eval_per_token: float = 0.0):
+    """The trainer's clock moves step_seconds per training step and eval_seconds per evaluation
+    (plus eval_per_token per token it reads: scored, and each stream's context before its first);
     the fit's cost is ``fit_cost`` and a fit takes 90% of the seconds it is given."""
     clock = FakeClock()
     monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=clock))
@@ -127,9 +131,11 @@ def _fake_time(monkeypatch, *, step_seconds: float, eval_seconds: float, fit_cos
         clock.now += step_seconds
         return real_step(self)
 
-    def evaluate(*args, **kwargs):
-        clock.now += eval_seconds
-        return real_evaluate(*args, **kwargs)
+    def evaluate(model, ids, **kwargs):
+        streams = kwargs.get("num_streams") or trainer.eval_streams(len(ids))
+        context = min(trainer.EVAL_CONTEXT, (len(ids) - 1) // streams) if streams > 1 else 0
+        clock.now += eval_seconds + eval_per_token * (len(ids) - 1 + streams * context)
+        return real_evaluate(model, ids, **kwargs)
 
     def tune(*args, max_seconds=None, **kwargs):
         calls["fit"].append(max_seconds)
@@ -143,8 +149,8 @@ def _fake_time(monkeypatch, *, step_seconds: float, eval_seconds: float, fit_cos
     return clock, calls
 
 
-def _run(tmp_path, tiny_text, **train_kwargs):
-    data = prepare_data(tiny_text, val_fraction=0.1)
+def _run(tmp_path, tiny_text, val_fraction=0.1, **train_kwargs):
+    data = prepare_data(tiny_text, val_fraction=val_fraction)
     model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=16, embed_size=8, num_layers=1)
     kwargs = dict(seq_len=16, batch_size=4, lr=1e-2, warmup_steps=3, device="cpu", log_every=5, cache=True)
     train_cfg = TrainConfig(**{**kwargs, **train_kwargs})
@@ -180,6 +186,22 @@ def test_a_budgeted_run_ends_with_its_evaluation_and_fit_inside_it(monkeypatch, 
     assert {e["phase"] for e in progress} == {"reading", "searching"}
     written = [json.loads(line)["event"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert "cache" in written and "cache_progress" not in written  # progress is for the display only
+
+
+def test_a_large_validation_split_is_timed_at_the_start_and_its_evaluation_kept_inside(monkeypatch, tmp_path,
+                                                                                       tiny_text):
+    # Evaluation is dear against training here: the training speed's estimate (a third of a step
+    # per token) would keep ~7 s for it and the final evaluation would take 20 s; the window timed
+    # at the start predicts it.
+    text = tiny_text * 3
+    val_tokens = len(prepare_data(text, val_fraction=0.5).val_ids)
+    per_token = 20.0 / val_tokens
+    _, calls = _fake_time(monkeypatch, step_seconds=0.5, eval_seconds=0.0, fit_cost=FitCost(1e-4, 0.0),
+                          eval_per_token=per_token)
+    _, result, events = _run(tmp_path, text, val_fraction=0.5, max_minutes=1.0, seq_len=32, batch_size=8)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert result.stopped_by == "time" and len(evals) == 1 and evals[0]["eval_seconds"] > 19.0
+    assert result.elapsed_seconds <= 60.0
 
 
 def test_a_step_limited_run_gives_the_fit_a_tenth_of_its_time(monkeypatch, tmp_path, tiny_text):
