@@ -9,7 +9,10 @@ the same files and the same wall-clock budget (evaluation included, as charlm co
 
 1. ``charlm train train.txt --val-file valid.txt --tokenizer word --max-minutes M`` (plus
    ``--options``), then ``charlm perplexity test.txt`` of its best checkpoint (with the cache
-   pointer the run fitted on valid.txt, as a user gets it; the model alone's figure beside it);
+   pointer the run fitted on valid.txt, as a user gets it; the model alone's figure beside it),
+   and ``charlm perplexity test.txt --dynamic`` (dynamic evaluation with its defaults, or
+   ``--dynamic-options``): the static model, with its cache pointer, adapting, and adapting with
+   the cache pointer, side by side;
 2. a bare reference loop, written here, with pytorch/examples word_language_model's recipe:
    2×200 LSTM, tied, dropout 0.2, plain SGD at lr 20 divided by 4 whenever an epoch's validation
    loss does not improve, gradient clipping 0.25, BPTT 35, batch 20, uniform(±0.1) init, the
@@ -39,7 +42,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_charlm(corpus: Path, minutes: float, options: str, run_dir: Path) -> dict:
+def run_charlm(corpus: Path, minutes: float, options: str, run_dir: Path, dynamic_options: str = "") -> dict:
     command = [sys.executable, "-m", "charlm", "train", str(corpus / "train.txt"), "--val-file",
                str(corpus / "valid.txt"), "--tokenizer", "word", "--max-minutes", str(minutes), "--out",
                str(run_dir), "--sample-length", "0", "--json", *shlex.split(options)]
@@ -49,6 +52,12 @@ def run_charlm(corpus: Path, minutes: float, options: str, run_dir: Path) -> dic
     test = json.loads(subprocess.run(
         [sys.executable, "-m", "charlm", "perplexity", str(corpus / "test.txt"), "--checkpoint",
          str(run_dir / "best.safetensors"), "--json"], check=True, capture_output=True, text=True).stdout)
+    dynamic_started = time.perf_counter()
+    dynamic = json.loads(subprocess.run(
+        [sys.executable, "-m", "charlm", "perplexity", str(corpus / "test.txt"), "--checkpoint",
+         str(run_dir / "best.safetensors"), "--json", "--dynamic", *shlex.split(dynamic_options)],
+        check=True, capture_output=True, text=True).stdout)
+    dynamic_seconds = time.perf_counter() - dynamic_started
     start = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["event"] == "start")
     cache = train.get("cache") or {}
@@ -58,6 +67,11 @@ def run_charlm(corpus: Path, minutes: float, options: str, run_dir: Path) -> dic
             "cache": test.get("cache"), "cache_fit_seconds": cache.get("seconds"),
             "valid_perplexity_with_cache": math.exp(cache["val_loss"]) if cache.get("pointer") else None,
             "test_unknown_tokens": test.get("unknown_tokens"),
+            # Dynamic evaluation of the same checkpoint, beside the static model and its cache pointer
+            "test_perplexity_dynamic": dynamic["perplexity"], "dynamic": dynamic["dynamic"],
+            "test_perplexity_dynamic_cache": dynamic.get("dynamic_cache_perplexity"),
+            "test_perplexity_static": dynamic["static_perplexity"],
+            "test_perplexity_cache": dynamic["cache_perplexity"], "dynamic_seconds": dynamic_seconds,
             "steps": train["steps"], "best_step": train["best_step"], "elapsed_seconds": train["elapsed_seconds"],
             "wall_seconds": wall, "model_config": start["model_config"], "train_config": start["train_config"],
             "num_parameters": train["num_parameters"]}
@@ -163,6 +177,8 @@ def main() -> None:
     parser.add_argument("corpus", type=Path, help="a folder with train.txt, valid.txt and test.txt")
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--options", default="", help="extra charlm train options: records a sweep point")
+    parser.add_argument("--dynamic-options", default="",
+                        help="options for 'charlm perplexity --dynamic' (e.g. \"--dynamic-lr 0.002\")")
     parser.add_argument("--only", choices=("charlm", "reference"),
                         help="run one side only (the reference takes the vocabulary of charlm's run with --options)")
     args = parser.parse_args()
@@ -173,10 +189,11 @@ def main() -> None:
 
     result["torch_threads"] = torch.get_num_threads()
     if args.only != "reference":
-        result["charlm"] = run_charlm(args.corpus, args.minutes, args.options, run_dir)
-        print(json.dumps({"charlm": {k: result["charlm"][k] for k in ("valid_perplexity", "test_perplexity",
-                                                                       "test_perplexity_without_cache", "cache",
-                                                                       "steps", "best_step")}}), flush=True)
+        result["charlm"] = run_charlm(args.corpus, args.minutes, args.options, run_dir, args.dynamic_options)
+        print(json.dumps({"charlm": {k: result["charlm"][k] for k in (
+            "valid_perplexity", "test_perplexity", "test_perplexity_without_cache", "cache", "steps", "best_step",
+            "test_perplexity_static", "test_perplexity_cache", "test_perplexity_dynamic",
+            "test_perplexity_dynamic_cache", "dynamic")}}), flush=True)
     if args.only != "charlm":
         if not (run_dir / "best.safetensors").exists():
             # The vocabulary of the charlm run this would be paired with: the same command, one step.
@@ -200,10 +217,12 @@ def main() -> None:
                                                                    "test_ratio_both_cached")}))
     RESULTS.mkdir(exist_ok=True)
     stem = f"word-{args.corpus.resolve().name}-{args.minutes:g}min"
-    if args.options or args.only:
+    result["dynamic_options"] = args.dynamic_options
+    if args.options or args.only or args.dynamic_options:
         out = RESULTS / f"sweep-{stem}.json"
         sweep = json.loads(out.read_text()) if out.exists() else {"runs": []}
-        sweep["runs"] = [r for r in sweep["runs"] if (r.get("options"), r.get("only")) != (args.options, args.only)]
+        sweep["runs"] = [r for r in sweep["runs"] if (r.get("options"), r.get("only"), r.get("dynamic_options", ""))
+                         != (args.options, args.only, args.dynamic_options)]
         sweep["runs"].append({**result, "only": args.only})
         out.write_text(json.dumps(sweep, indent=1) + "\n")
     else:

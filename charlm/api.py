@@ -68,10 +68,22 @@ class Perplexity:
     caveat: str | None = None  # what the per-character figures leave out (word models), else None
     precision: str = "fp32"  # the matmuls'
     # The checkpoint's cache pointer (window, theta, weight) when the figures above used it; the
-    # model alone's figures are then the *_without_cache ones (the same pass).
+    # model alone's figures are then the *_without_cache ones (the same pass). With ``dynamic`` it
+    # names the pointer of the cache_* figures instead.
     cache: dict[str, Any] | None = None
     nats_per_token_without_cache: float | None = None
     perplexity_without_cache: float | None = None
+    # Dynamic evaluation (dynamic.py): its settings (lr, decay, window) when the figures above are
+    # the adapting model's; beside them the model as trained (static_*) and, where the checkpoint
+    # has a cache pointer and ``cache`` is on, the model as trained with it (cache_*) and the
+    # adapting model with it (dynamic_cache_*; its λ was fitted to the model as trained).
+    dynamic: dict[str, Any] | None = None
+    static_nats_per_token: float | None = None
+    static_perplexity: float | None = None
+    cache_nats_per_token: float | None = None
+    cache_perplexity: float | None = None
+    dynamic_cache_nats_per_token: float | None = None
+    dynamic_cache_perplexity: float | None = None
 
 
 class LanguageModel:
@@ -149,14 +161,22 @@ class LanguageModel:
             texts[piece.stream] += piece.text
         return texts
 
-    def perplexity(self, text: str, *, precision: str = "auto", cache: bool = True,
+    def perplexity(self, text: str, *, precision: str = "auto", cache: bool = True, dynamic: bool = False,
+                   dynamic_lr: float | None = None, dynamic_decay: float | None = None,
+                   dynamic_window: int | None = None,
                    should_stop: Callable[[], bool] | None = None) -> Perplexity:
         """Score ``text`` in one pass: each token predicted from everything before it.
         ``precision``: auto and fp32 compute in fp32, so figures compare across machines and
         with training's validation loss; bf16 is faster and within 2e-3 nats/token.
         ``cache``: use the checkpoint's cache pointer, if training fitted one (pointer.py); the
-        result then has the model alone's figures too. ``should_stop`` is asked between windows;
-        True stops with ``charlm.errors.Cancelled``."""
+        result then has the model alone's figures too. ``dynamic``: dynamic evaluation (Krause et
+        al. 2018, dynamic.py), a copy of the model adapting to the text as it reads it, with rate
+        ``dynamic_lr``, decay ``dynamic_decay`` and a step every ``dynamic_window`` tokens (None:
+        the defaults for the model's tokenizer); the static figures, and with the cache pointer
+        the static and the adapting model's, are then beside it, and neither the model nor its
+        file changes. ``should_stop`` is asked
+        between windows; True stops with ``charlm.errors.Cancelled``."""
+        from .dynamic import dynamic_settings, evaluate_dynamic
         from .errors import UsageError
         from .evaluate import evaluate
         from .pointer import evaluate_with_cache
@@ -165,13 +185,30 @@ class LanguageModel:
         _text("text", text)
         _text("precision", precision)
         _flag("cache", cache)
+        _flag("dynamic", dynamic)
+        given = [f"--dynamic-{name}" for name, value in (("lr", dynamic_lr), ("decay", dynamic_decay),
+                                                         ("window", dynamic_window)) if value is not None]
+        if given and not dynamic:
+            raise UsageError(f"{', '.join(given)} applies to dynamic evaluation: add --dynamic (dynamic=True)")
+        settings = dynamic_settings(self.tokenizer.kind, lr=dynamic_lr, decay=dynamic_decay,
+                                    window=dynamic_window) if dynamic else None
         chosen = FP32 if precision == "auto" else resolve_precision(precision, self.model.embedding.weight.device,
                                                                      cell=self.model.cfg.cell)
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
             raise UsageError(f"the text needs at least 2 tokens to score (has {len(ids)})")
         pointer, without = self.checkpoint.cache if cache else None, None
-        if pointer is not None:
+        static = cached = both = None
+        if settings is not None:
+            both, result = evaluate_dynamic(self.model, ids, settings, precision=chosen, cache=pointer,
+                                            should_stop=should_stop)
+            both = both if pointer is not None else None
+            if pointer is not None:
+                cached, static = evaluate_with_cache(self.model, ids, pointer, precision=chosen,
+                                                     should_stop=should_stop)
+            else:
+                static = evaluate(self.model, ids, precision=chosen, should_stop=should_stop)
+        elif pointer is not None:
             result, without = evaluate_with_cache(self.model, ids, pointer, precision=chosen, should_stop=should_stop)
         else:
             result = evaluate(self.model, ids, precision=chosen, should_stop=should_stop)
@@ -186,7 +223,14 @@ class LanguageModel:
             caveat=WORD_CAVEAT if self.tokenizer.kind == "word" else None, precision=chosen.name,
             cache=pointer.to_dict() if pointer is not None else None,
             nats_per_token_without_cache=without.nats_per_token if without is not None else None,
-            perplexity_without_cache=without.perplexity if without is not None else None)
+            perplexity_without_cache=without.perplexity if without is not None else None,
+            dynamic=settings.to_dict() if settings is not None else None,
+            static_nats_per_token=static.nats_per_token if static is not None else None,
+            static_perplexity=static.perplexity if static is not None else None,
+            cache_nats_per_token=cached.nats_per_token if cached is not None else None,
+            cache_perplexity=cached.perplexity if cached is not None else None,
+            dynamic_cache_nats_per_token=both.nats_per_token if both is not None else None,
+            dynamic_cache_perplexity=both.perplexity if both is not None else None)
 
     def logprobs(self, text: str, *, top: int = 5, from_line_start: bool = True, max_tokens: int | None = None,
                  should_stop: Callable[[], bool] | None = None) -> list[PieceLogprob]:

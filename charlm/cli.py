@@ -195,6 +195,7 @@ class _TrainDisplay:
         self.total_steps: int | None = None
         self.last_eval: dict[str, Any] | None = None  # carries the run's best so far
         self.step_info = ""
+        self.stop_flag: "_StopFlag | None" = None  # told what a Ctrl-C does while the cache pointer is fitted
 
     def __enter__(self) -> "_TrainDisplay":
         if self.live:
@@ -256,6 +257,18 @@ class _TrainDisplay:
             else:
                 err.print(line, markup=False)
             self._update(event)
+        elif kind == "cache_start":
+            if self.stop_flag is not None:
+                self.stop_flag.doing = "skipping the cache pointer fit; the checkpoints are kept…"
+            self.step_info = f"fitting the cache pointer (at most {event['seconds']:.0f} s; Ctrl-C skips it)"
+            if self.progress is None:
+                err.print(f"charlm: {self.step_info}", markup=False)
+            self._describe()
+        elif kind == "cache_progress":
+            what = "reading the validation text" if event["phase"] == "reading" else "searching"
+            self.step_info = (f"cache pointer: {what} {min(event['done'], event['total'])}/{event['total']} "
+                              f"(Ctrl-C skips it)")
+            self._describe()
         elif kind == "cache":
             without, found = event["val_loss_without"], event["cache"]
             if found is None:
@@ -266,9 +279,16 @@ class _TrainDisplay:
                         f"without (perplexity {math.exp(min(event['val_loss'], 700)):.3f} against "
                         f"{math.exp(min(without, 700)):.3f}; window {found['window']:,}, θ {found['theta']:g}, "
                         f"λ {found['weight']:g}, fitted on these {event['tokens']:,} tokens in {event['seconds']:.0f} s)")
+            if event.get("cut_short"):
+                line += f"; its {event['allowance']:.0f} s ran out during the search: the best point tried is kept"
             err.print(line, markup=False)
         elif kind == "bad_step":
             err.print(f"charlm: warning: non-finite loss at step {event['step']}, step skipped", markup=False)
+
+    def _describe(self) -> None:
+        """The bar's text only (its position stays where training left it)."""
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, description=self.step_info)
 
     def _update(self, event: dict[str, Any]) -> None:
         if self.progress is not None and self.task is not None:
@@ -291,6 +311,7 @@ class _StopFlag:
     def __init__(self) -> None:
         self.reason: str | None = None
         self.started = False  # the trainer's "start" event has come
+        self.doing = "finishing this step and saving…"  # what the first request does now
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -299,7 +320,7 @@ class _StopFlag:
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
-        err.print(f"\ncharlm: {self.reason}: finishing this step and saving…", markup=False)
+        err.print(f"\ncharlm: {self.reason}: {self.doing}", markup=False)
 
     def seen(self, event: dict[str, Any]) -> None:
         if event.get("event") == "start":
@@ -350,10 +371,10 @@ def train(
     average: Annotated[Optional[bool], typer.Option("--average/--no-average", help="Evaluate and save the average of the run's weights (step t weighs t^P, P = --average-power), not the last step's: a high learning rate then still ends at a quiet point (AWD-LSTM's averaged SGD). Default: on for word models whose budget buys 8 or more epochs, with a constant rate.")] = None,
     average_power: Annotated[Optional[float], typer.Option(help="How much --average leans on recent steps: 0 weighs the whole run equally; with P the mean age of what is averaged is 1/(P+2) of the run (0–20; giving it turns --average on). Default: 2.")] = None,
     shift_windows: Annotated[Optional[bool], typer.Option("--shift-windows/--no-shift-windows", help="Start each epoch's BPTT windows at a different offset (0 to --seq-len − 1, drawn from the seed and the epoch), so a token is not always at the same place in its window (AWD-LSTM varies the length for this). Default: on where the budget buys 8 or more epochs of a word model, 3 or more of a char or byte model.")] = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="When the run ends, fit a cache pointer (Grave et al. 2017) to the best checkpoint on the validation split: the model's next-token distribution mixed with the tokens that followed similar moments of the recent past. It is stored in the checkpoint, kept only where it lowers the validation loss by 0.01 nats/token or more, and used by 'charlm perplexity' unless --no-cache. Takes seconds; not counted in --max-minutes.")] = True,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="When the run ends, fit a cache pointer (Grave et al. 2017) to the best checkpoint on the validation split: the model's next-token distribution mixed with the tokens that followed similar moments of the recent past. It is stored in the checkpoint, kept only where it lowers the validation loss by 0.01 nats/token or more, and used by 'charlm perplexity' unless --no-cache. Its time is bounded and counted: at most a tenth of --max-minutes (kept inside it), or of the training time (at least 2 s) for --epochs/--max-steps runs; Ctrl-C skips it and keeps the checkpoints.")] = True,
     epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, evaluation included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, the final evaluation and the cache pointer fit included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
     val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = _TRAIN.val_fraction,
     val_file: Annotated[Optional[Path], typer.Option(help="Validate on this file instead; all of CORPUS is then training text.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: under a time budget every twentieth of it, but at most ~3% of the time spent evaluating; 10 times per step/epoch limit; always at the end.")] = None,
@@ -392,6 +413,8 @@ def train(
         display = _TrainDisplay(live=main_process)
         with _StopFlag() as stop, display:
             stop.started = not main_process  # torchrun's other ranks see no events: they keep the graceful stop
+            display.stop_flag = stop
+
             def on_event(event: dict[str, Any]) -> None:
                 stop.seen(event)
                 display(event)
@@ -409,6 +432,10 @@ def train(
             return
         if not math.isfinite(result.best_val_loss):
             raise _usage("training ended before any evaluation")
+        # A stop request after training (during the cache pointer fit) skipped the fit; the run is
+        # complete, and its result is printed, but no sample is drawn and SIGTERM still ends with 143.
+        if stop.reason is not None:
+            sample_length = 0
         # The run's best, which after --resume may come from before it: not this session's last improvement.
         if as_json:
             sample_text = ("".join(_end_of_training_sample(result.best_checkpoint, length=sample_length, seed=seed))
@@ -418,15 +445,20 @@ def train(
                 "best_val_bpc": result.best_val_bpc, "best_val_perplexity": math.exp(min(result.best_val_loss, 700)),
                 "best_step": result.best_step, "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
                 "stopped_by": result.stopped_by, "num_parameters": result.num_parameters,
-                "eval_seconds": result.eval_seconds, "cache": _cache_json(result.cache),
+                "eval_seconds": result.eval_seconds, "cache_seconds": result.cache_seconds,
+                "cache": _cache_json(result.cache),
                 "sample": sample_text}) + "\n")
+            if stop.reason == "SIGTERM":
+                raise typer.Exit(143)
             return
         _print_loss_chart(run_dir)
         console.print(f"best val loss {result.best_val_loss:.4f} nats/token · "
                       f"{display.per_unit(result.best_val_loss, result.best_val_bpc)} · "
                       f"perplexity {math.exp(min(result.best_val_loss, 700)):.3f} (step {result.best_step:,} of "
                       f"{result.step:,}, {result.elapsed_seconds:.0f} s, evaluation "
-                      f"{result.eval_seconds:.0f} s, stopped: {result.stopped_by})", markup=False)
+                      f"{result.eval_seconds:.0f} s"
+                      + (f", cache pointer fit {result.cache_seconds:.0f} s" if result.cache_seconds else "")
+                      + f", stopped: {result.stopped_by})", markup=False)
         console.print(f"checkpoints: {result.best_checkpoint}", markup=False)
         if sample_length > 0:
             console.print("sample:", markup=False)
@@ -434,6 +466,8 @@ def train(
                 _write_text(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+        if stop.reason == "SIGTERM":
+            raise typer.Exit(143)
 
 
 def _cache_json(found: Any) -> dict[str, Any] | None:
@@ -563,6 +597,10 @@ def perplexity(
     precision: Annotated[str, typer.Option(help="auto or fp32: exact fp32 figures, comparable across machines and with training's validation loss; bf16: faster, within 2e-3 nats/token.")] = "auto",
     encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the cache pointer that training fitted to this checkpoint, if any (the model's distribution mixed with the tokens that followed similar moments of the text's recent past; see 'charlm train --cache'). The model alone's figures are printed beside it. --no-cache: the model alone, in the faster batched pass.")] = True,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic evaluation (Krause et al. 2018): a copy of the model adapts to the text as it reads it, one gradient step after scoring each window, decaying towards the trained weights; the checkpoint never changes. The static figures (and the cache pointer's) are printed beside it. Slower: a backward pass per window.")] = False,
+    dynamic_lr: Annotated[Optional[float], typer.Option(help="With --dynamic: the rate η, how far each weight moves per step in units of its RMS-normalised gradient (0–1). Default: 0.002.")] = None,
+    dynamic_decay: Annotated[Optional[float], typer.Option(help="With --dynamic: the decay λ, the share of the way back to the trained weights each step (0–1). Default: 0.008.")] = None,
+    dynamic_window: Annotated[Optional[int], typer.Option(help="With --dynamic: tokens scored between two steps. Default: 5 for word models, 20 for char and byte models.")] = None,
 ) -> None:
     """Score held-out text: nats/token, perplexity, and bits/char and bits/byte (comparable across char and byte models; a word model's are lower bounds).
 
@@ -577,7 +615,8 @@ def perplexity(
         text = read_corpus(file, encoding_errors=encoding_errors)
         lm = load(checkpoint, device=device)
         t0 = time.perf_counter()
-        result = lm.perplexity(text, precision=precision, cache=cache)
+        result = lm.perplexity(text, precision=precision, cache=cache, dynamic=dynamic, dynamic_lr=dynamic_lr,
+                               dynamic_decay=dynamic_decay, dynamic_window=dynamic_window)
         seconds = time.perf_counter() - t0
         report = {
             "file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
@@ -588,6 +627,11 @@ def perplexity(
             "seconds": seconds, "precision": result.precision, "cache": result.cache,
             "nats_per_token_without_cache": result.nats_per_token_without_cache,
             "perplexity_without_cache": result.perplexity_without_cache,
+            "dynamic": result.dynamic, "static_nats_per_token": result.static_nats_per_token,
+            "static_perplexity": result.static_perplexity, "cache_nats_per_token": result.cache_nats_per_token,
+            "cache_perplexity": result.cache_perplexity,
+            "dynamic_cache_nats_per_token": result.dynamic_cache_nats_per_token,
+            "dynamic_cache_perplexity": result.dynamic_cache_perplexity,
         }
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
@@ -600,11 +644,24 @@ def perplexity(
                              ("bits/byte" + ("*" if result.caveat else ""), f"{report['bits_per_byte']:.4f}"),
                              ("perplexity", f"{report['perplexity']:.3f}")):
             table.add_row(label, value)
-        if result.cache is not None:
+        if result.dynamic is not None:
+            table.add_row("static (as trained)", f"{result.static_nats_per_token:.4f} nats/token, "
+                                                 f"perplexity {result.static_perplexity:.3f}")
+            if result.cache is not None:
+                table.add_row("static + cache pointer", f"{result.cache_nats_per_token:.4f} nats/token, "
+                                                        f"perplexity {result.cache_perplexity:.3f}")
+                table.add_row("dynamic + cache pointer", f"{result.dynamic_cache_nats_per_token:.4f} nats/token, "
+                                                         f"perplexity {result.dynamic_cache_perplexity:.3f}")
+        elif result.cache is not None:
             table.add_row("model alone", f"{result.nats_per_token_without_cache:.4f} nats/token, "
                                          f"perplexity {result.perplexity_without_cache:.3f}")
         console.print(table)
-        if result.cache is not None:
+        if result.dynamic is not None:
+            d = result.dynamic
+            err.print(f"charlm: dynamic evaluation: the model adapted to the text as it read it (rate {d['lr']:g}, "
+                      f"decay {d['decay']:g}, a step every {d['window']:,} tokens)"
+                      + "; the checkpoint is unchanged", markup=False)
+        elif result.cache is not None:
             err.print(f"charlm: with the checkpoint's cache pointer (window {result.cache['window']:,} tokens, "
                       f"θ {result.cache['theta']:g}, λ {result.cache['weight']:g}; --no-cache for the model alone)",
                       markup=False)

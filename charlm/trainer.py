@@ -31,7 +31,7 @@ from .config import ModelConfig, TrainConfig, brief
 from .data import PreparedData, batchify, epoch_offset, fit_batch_shape, num_windows, shifted_windows, window
 from .distributed import Dist, device_for
 from .errors import Cancelled, CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, eval_streams, evaluate
 from .model import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
                     select_state)
 from .machine import remembered
@@ -54,6 +54,17 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
 # This rank's training streams are copied to the GPU once, up to this size, so a step copies no
 # ids from the host (int32 there: a 250M-token corpus per process). Larger ones go window by window.
 DEVICE_STREAMS_BYTES = 1 << 30
+
+# The cache pointer fit at the end of a run takes at most this share of the time budget (kept
+# inside it), or of the time training took where steps or epochs limit the run, and no less than
+# CACHE_MIN_SECONDS then (a fit of a tiny model takes well under a second).
+CACHE_SHARE = 0.1
+CACHE_MIN_SECONDS = 2.0
+# A time-budgeted run times one evaluation window of this many tokens per stream at its start, so
+# the final evaluation is kept inside the budget even where no evaluation happens before it (a
+# large validation split); evaluate() reads EVAL_CONTEXT tokens before each stream's first window.
+EVAL_PROBE = 256
+EVAL_CONTEXT = 128
 
 
 def streams_on_device(streams: np.ndarray, device: torch.device) -> torch.Tensor | None:
@@ -373,6 +384,7 @@ class TrainResult:
     best_val_bpc: float = float("nan")  # bits per character of the validation text
     eval_seconds: float = 0.0  # of this session's time, spent evaluating (and saving checkpoints)
     cache: Any = None  # pointer.CacheSearch: the cache pointer fitted at the end (None if not fitted)
+    cache_seconds: float = 0.0  # of elapsed_seconds, spent fitting it (loading and storing included)
 
     @property
     def best_checkpoint(self) -> Path:
@@ -636,7 +648,7 @@ class _Run:
         p = self.progress
         if self.fixed_total is not None and p.step >= self.fixed_total:
             return "done"
-        if self.budget is not None and self.clock + self.last_eval_seconds >= self.budget:
+        if self.budget is not None and self.clock + self.end_reserve() >= self.budget:
             return "time"
         if p.window >= self.steps_per_epoch:
             p.epoch, p.window, self.state = p.epoch + 1, 0, None
@@ -791,21 +803,73 @@ class _Run:
                      "elapsed": self.clock})
         return seconds
 
-    def fit_cache(self):
-        """Fit a cache pointer to the best checkpoint on the validation split and store it there
-        (or store that none helps); not counted in the time budget (a few seconds). Rank 0 only.
-        Returns the ``pointer.CacheSearch``, or None if a stop request cut the search short."""
+    def plan_cache_fit(self):
+        """At the start of a time-budgeted run: what a cache pointer fit costs here (measured on
+        rank 0 with this model's shape, shared with the others) and the seconds kept for it at the
+        end, its predicted cost on the tokens it would read, at most ``CACHE_SHARE`` of the budget."""
+        from .pointer import TUNE_TOKENS, TUNE_WORK, measure_fit_cost
+
+        cost = measure_fit_cost(self.model, self.data.val_ids, precision=FP32) if self.dist.is_main else None
+        cost = self.dist.broadcast_object(cost)
+        tokens = min(TUNE_TOKENS, TUNE_WORK // self.model.cfg.hidden_size, max(len(self.data.val_ids) - 1, 0))
+        return cost, min(self.budget * CACHE_SHARE, cost.seconds(tokens))
+
+    def cache_allowance(self) -> float:
+        """The seconds the cache pointer fit may take: what is left of a time budget, at most
+        ``CACHE_SHARE`` of it; without one, ``CACHE_SHARE`` of the time training took, at least
+        ``CACHE_MIN_SECONDS``."""
+        if self.budget is not None:
+            return max(0.0, min(self.budget * CACHE_SHARE, self.budget - self.clock))
+        return max(CACHE_MIN_SECONDS, self.clock * CACHE_SHARE)
+
+    def end_with_cache_fit(self) -> None:
+        """Fit the cache pointer (rank 0), record what came of it, and add its time to the run's clock."""
+        allowance = self.cache_allowance()
+        with self.dist.main_outcome():
+            found, seconds = self.fit_cache(allowance) if self.dist.is_main else (None, 0.0)
+        self.cache_seconds = float(self.dist.broadcast_object(seconds))
+        self.clock += self.cache_seconds
+        self.cache_search = found if found is not None and found.skipped is None else None
+        if found is None:  # rank 0's; record() writes and reports on rank 0 only
+            self.record({"event": "warning", "message": "stopped while fitting the cache pointer: the best "
+                                                        "checkpoint is left as it was"})
+        elif found.skipped is not None:
+            self.record({"event": "warning", "message": f"no cache pointer fitted: {found.skipped}; the best "
+                                                        f"checkpoint is left as it was"})
+        else:
+            self.record({"event": "cache", "cache": found.cache.to_dict() if found.cache else None,
+                         "val_loss": found.nats_per_token, "val_loss_without": found.nats_per_token_without,
+                         "tokens": found.tokens, "seconds": found.seconds, "cut_short": found.cut_short,
+                         "allowance": allowance})
+
+    def fit_cache(self, allowance: float):
+        """Fit a cache pointer to the best checkpoint on the validation split within ``allowance``
+        seconds (loading and storing included) and store it there (or store that none helps).
+        Progress goes to ``on_event`` (not to metrics.jsonl). Rank 0 only. Returns the
+        ``pointer.CacheSearch`` (its ``seconds`` the whole fit's) or None if a stop request cut it
+        short, and the seconds it took."""
         from .pointer import tune_cache
+
+        t0 = time.perf_counter()
+        self.emit({"event": "cache_start", "seconds": allowance, "elapsed": self.clock})
+
+        def progress(phase: str, done: int, total: int) -> None:
+            self.emit({"event": "cache_progress", "phase": phase, "done": done, "total": total,
+                       "elapsed": self.clock + time.perf_counter() - t0})
 
         path = self.run_dir / ckpt.BEST
         best = ckpt.load_checkpoint(path, device=str(self.device))
         try:
             found = tune_cache(best.model, self.data.val_ids, precision=FP32,
-                               should_stop=lambda: bool(self.should_stop and self.should_stop()))
+                               should_stop=lambda: bool(self.should_stop and self.should_stop()),
+                               max_seconds=max(0.0, allowance - (time.perf_counter() - t0)),
+                               cost=self.fit_cost, on_progress=progress)
         except Cancelled:
-            return None
-        ckpt.store_cache(path, found.cache)
-        return found
+            return None, time.perf_counter() - t0
+        if found.skipped is None:
+            ckpt.store_cache(path, found.cache)
+        seconds = time.perf_counter() - t0
+        return dataclasses.replace(found, seconds=seconds), seconds
 
     def log_step(self, lr: float) -> None:
         """Every ``log_every`` steps: the mean training loss since the last record, and the speed."""
@@ -827,11 +891,43 @@ class _Run:
         """Seconds between evaluations under a time budget: a twentieth of it, or 30 × the cost
         of an evaluation if that is more (its cost measured, or estimated from the training speed
         as a third of a training step per token, until the first evaluation)."""
-        cost = self.last_eval_seconds
-        if cost == 0.0:
-            seconds_per_token = (self.clock - since) / max(steps_since * self.cfg.batch_size * self.cfg.seq_len, 1)
-            cost = len(self.data.val_ids) * seconds_per_token / 3
+        cost = self.last_eval_seconds or self.estimated_eval_seconds(steps_since, since)
         return max(self.budget / 20, 30 * cost)
+
+    def probe_eval_seconds(self) -> float:
+        """At the start of a time-budgeted run: an evaluation's cost, from timing its first window
+        (each of the streams it reads the split with, one window of ``EVAL_PROBE`` tokens after its
+        context), scaled to the whole split; 0 where the split is too short for that to save much."""
+        n = len(self.data.val_ids)
+        streams = eval_streams(n)
+        length = (n - 1) // streams
+        if length < 4 * EVAL_PROBE:
+            return 0.0
+        t0 = time.perf_counter()
+        evaluate(self.model, self.data.val_ids[:streams * EVAL_PROBE + 1], num_streams=streams, precision=FP32,
+                 dist=self.dist)
+        seconds = float(self.dist.all_reduce_sum(torch.tensor([time.perf_counter() - t0], dtype=torch.float64))[0])
+        context = min(EVAL_CONTEXT, EVAL_PROBE)  # each stream reads this much before its first window
+        return seconds / self.dist.world_size * (length + context) / (EVAL_PROBE + context)
+
+    def estimated_eval_seconds(self, steps: int, since: float) -> float:
+        """An evaluation's cost before one is timed: the probe's (``probe_eval_seconds``), or else a
+        third of a training step per token, at the speed of the ``steps`` taken since ``since`` on
+        the run's clock (0 before any)."""
+        if self.eval_probe:
+            return self.eval_probe
+        if steps <= 0:
+            return 0.0
+        seconds_per_token = (self.clock - since) / (steps * self.cfg.batch_size * self.cfg.seq_len)
+        return len(self.data.val_ids) * seconds_per_token / 3
+
+    def end_reserve(self) -> float:
+        """What a time-budgeted run keeps for its end, so the budget covers it: the final evaluation
+        (the last one's measured cost, or an estimate before the first) and the cache pointer fit
+        (its cost measured at the start, at most ``CACHE_SHARE`` of the budget)."""
+        evaluation = self.last_eval_seconds or self.estimated_eval_seconds(
+            self.progress.step - self.session_start[0], self.session_start[1])
+        return evaluation + self.fit_reserve
 
     # ── the loop ──
 
@@ -850,7 +946,10 @@ class _Run:
                           f"or the model (--hidden-size, --num-layers)")
         self.net.train()
         self.bad_steps, self.last_eval_seconds = 0, 0.0
-        self.cache_search = None
+        self.cache_search, self.cache_seconds = None, 0.0
+        self.fit_cost, self.fit_reserve = self.plan_cache_fit() if self.budget is not None and cfg.cache else (None, 0.0)
+        self.eval_probe = self.probe_eval_seconds() if self.budget is not None else 0.0
+        self.session_start = (p.step, self.clock)
         self.device_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, good steps, bad run
         self.interval_tokens, self.interval_start, self.interval_loss, self.interval_count = 0, self.clock, 0.0, 0
         last_eval_step = p.step if self.resume is not None else -1
@@ -868,7 +967,7 @@ class _Run:
             if self.budget is not None and self.fixed_total is None and p.step >= max(p.warmup_steps, 20) \
                     and p.step % 10 == 0:
                 rate = p.step / max(self.clock, 1e-9)  # steps per second, evaluation included
-                p.total_steps = max(p.step + 1, int(p.step + (self.budget - self.clock - self.last_eval_seconds) * rate))
+                p.total_steps = max(p.step + 1, int(p.step + (self.budget - self.clock - self.end_reserve()) * rate))
             self.log_step(lr)
             timed_eval = cfg.eval_every is None and self.budget is not None and \
                 self.clock - last_eval_at >= self.eval_period(p.step - max(last_eval_step, 0), last_eval_at)
@@ -897,20 +996,15 @@ class _Run:
             else:
                 self.save_last()
         if stopped_by != "interrupt" and cfg.cache and math.isfinite(p.best_val_loss):
-            with self.dist.main_outcome():
-                self.cache_search = self.fit_cache() if self.dist.is_main else None
-            found = self.cache_search  # rank 0's; record() writes and reports on rank 0 only
-            self.record({"event": "warning", "message": "stopped while fitting the cache pointer: the best "
-                                                        "checkpoint is left as it was"} if found is None else
-                        {"event": "cache", "cache": found.cache.to_dict() if found.cache else None,
-                         "val_loss": found.nats_per_token, "val_loss_without": found.nats_per_token_without,
-                         "tokens": found.tokens, "seconds": found.seconds})
+            self.end_with_cache_fit()
         self.record({"event": "end", "step": p.step, "stopped_by": stopped_by, "best_val_loss": p.best_val_loss,
-                     "best_step": p.best_step, "elapsed": self.clock, "eval_seconds": self.eval_seconds_total})
+                     "best_step": p.best_step, "elapsed": self.clock, "eval_seconds": self.eval_seconds_total,
+                     "cache_seconds": self.cache_seconds})
         predicted = max(len(self.data.val_ids) - 1, 0)
         best_bpc = EvalResult(p.best_val_loss * predicted, predicted).bits_per_char(self.data.val_chars)
         return TrainResult(self.run_dir, p.step, p.best_val_loss, p.best_step, p.val_loss, stopped_by, self.clock,
-                           self.num_parameters, best_bpc, self.eval_seconds_total, self.cache_search)
+                           self.num_parameters, best_bpc, self.eval_seconds_total, self.cache_search,
+                           self.cache_seconds)
 
 
 def load_initial_weights(model: RNNLM, weights: dict[str, torch.Tensor]) -> None:
