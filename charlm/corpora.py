@@ -461,10 +461,7 @@ def _stream_to(response: Any, part: Path, *, mode: str, done: int, total: int | 
                progress: Progress | None) -> None:
     if progress:
         progress(done, total)
-    try:
-        fh = open(part, mode)
-    except OSError as exc:
-        raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from None
+    fh = fsutil.open_regular(part, append=mode == "ab")  # never through a link planted as the .part file
     with fh:
         while True:
             try:

@@ -13,7 +13,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from .errors import RunInUseError, SaveError, UsageError
 
@@ -169,3 +169,26 @@ def open_lock_file(path: str | os.PathLike[str]) -> int:
         os.close(fd)
         raise SaveError(f"cannot use the lock {path}: it is not a regular file")
     return fd
+
+
+def open_regular(path: str | os.PathLike[str], *, append: bool) -> BinaryIO:
+    """``path`` opened for writing (emptied) or appending, as a regular file only: a symbolic link
+    there (``SaveError``, the one line says so) is never followed, and a FIFO or device is refused
+    rather than waited on (a download's resumable ``.part`` file, in a folder someone else made)."""
+    path = Path(path)
+    _refuse_link(path, "nothing was written")
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise SaveError(f"cannot write {path}: it is not a regular file")
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise SaveError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SaveError(f"cannot write {path}: it is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab" if append else "wb")

@@ -462,3 +462,25 @@ def test_an_option_that_does_not_parse_is_one_line(monkeypatch, capsys, argv, me
     assert captured.out == ""
     assert len(captured.err.splitlines()) == 1 and captured.err.startswith(message), captured.err
     assert "╭" not in captured.err and "Usage:" not in captured.err
+
+
+def test_a_link_planted_as_a_downloads_part_file_is_not_followed(tmp_path):
+    """The corpus downloader's resumable .part file: a link there is refused, the file it points
+    to untouched, whether the download starts or resumes."""
+    import io
+
+    from charlm import corpora
+    from charlm.errors import SaveError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n", encoding="utf-8")
+    part = tmp_path / "x.zip.part"
+    part.symlink_to(victim)
+    for mode in ("wb", "ab"):
+        with pytest.raises(SaveError, match="symbolic link"):
+            corpora._stream_to(io.BytesIO(b"data"), part, mode=mode, done=0, total=None, progress=None)
+    assert victim.read_text(encoding="utf-8") == "precious\n"
+    part.unlink()
+    os.mkfifo(part)
+    with pytest.raises(SaveError, match="not a regular file"):
+        corpora._stream_to(io.BytesIO(b"data"), part, mode="wb", done=0, total=None, progress=None)
