@@ -405,7 +405,7 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     """A new run that starts from a trained model: its shape and vocabulary (extended with the new
     text's symbols on ``--extend-vocab``), a fresh optimizer and schedule. Tokens the model never
     saw become ``<UNK>`` otherwise, and the plan's notes say how many."""
-    from .cache import prepare_corpus
+    from .cache import prepare_corpus, spooled
     from .checkpoint import load_checkpoint, resolve_checkpoint
     from .tokenizer import extend_tokenizer
 
@@ -424,16 +424,20 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
             raise ConfigError(f"--{key.replace('_', '-')} applies to the new symbols of --extend-vocab only; "
                               f"without it the vocabulary is the model's")
     tokenizer = base.tokenizer
-    if options.extend_vocab:
-        _, fitted = dist.main_first(lambda: prepare_corpus(
-            corpus, kind=tokenizer.kind, val_fraction=options.val_fraction,
-            min_count=_min_count(dataclasses.replace(options, tokenizer=tokenizer.kind)),
-            max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note,
-            include=options.include, exclude=options.exclude))
-        tokenizer = extend_tokenizer(tokenizer, fitted.tokenizer)
-    corpus_data, data = dist.main_first(lambda: prepare_corpus(
-        corpus, val_fraction=options.val_fraction, tokenizer=tokenizer, val_path=val_source,
-        encoding_errors=options.encoding_errors, on_note=note, include=options.include, exclude=options.exclude))
+    # --extend-vocab reads the corpus twice (its new symbols, then the ids): a pipe is copied once first.
+    with spooled([corpus, val_source] if options.extend_vocab else [None, None]) as (spooled_corpus, spooled_val):
+        if options.extend_vocab:
+            corpus, val_source = spooled_corpus, spooled_val
+            _, fitted = dist.main_first(lambda: prepare_corpus(
+                corpus, kind=tokenizer.kind, val_fraction=options.val_fraction,
+                min_count=_min_count(dataclasses.replace(options, tokenizer=tokenizer.kind)),
+                max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors,
+                on_note=note, include=options.include, exclude=options.exclude))
+            tokenizer = extend_tokenizer(tokenizer, fitted.tokenizer)
+        corpus_data, data = dist.main_first(lambda: prepare_corpus(
+            corpus, val_fraction=options.val_fraction, tokenizer=tokenizer, val_path=val_source,
+            encoding_errors=options.encoding_errors, on_note=note, include=options.include,
+            exclude=options.exclude))
     before = base.train_config or TrainConfig()
     optimizer = options.optimizer or before.optimizer
     model_cfg = dataclasses.replace(

@@ -484,3 +484,19 @@ def test_a_link_planted_as_a_downloads_part_file_is_not_followed(tmp_path):
     os.mkfifo(part)
     with pytest.raises(SaveError, match="not a regular file"):
         corpora._stream_to(io.BytesIO(b"data"), part, mode="wb", done=0, total=None, progress=None)
+
+
+@needs_fifo
+def test_a_fine_tune_that_extends_the_vocabulary_reads_a_pipe_once(tmp_path, one_thread):
+    """--extend-vocab reads the corpus twice (its new symbols, then the ids): a pipe is copied once."""
+    plain = tmp_path / "corpus.txt"
+    plain.write_text(TINY_TEXT, encoding="utf-8")
+    assert invoke("train", plain, *TINY, "--out", tmp_path / "base").exit_code == 0
+    fifo = tmp_path / "more.fifo"
+    os.mkfifo(fifo)
+    writer = _write_later(fifo, TINY_TEXT + "Zebras quietly jumped!\n" * 40)
+    tuned = invoke("train", fifo, "--init-from", tmp_path / "base", "--extend-vocab", "--max-steps", "2",
+                   "--out", tmp_path / "tuned", "--sample-length", "0")
+    writer.join(5)
+    assert tuned.exit_code == 0, tuned.output
+    assert "Z" in charlm.load(tmp_path / "tuned").tokenizer.itos
