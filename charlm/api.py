@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,10 @@ class Perplexity:
     cache_perplexity: float | None = None
     dynamic_cache_nats_per_token: float | None = None
     dynamic_cache_perplexity: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON gives it (``/v1/perplexity`` and ``charlm perplexity --json``)."""
+        return {**dataclasses.asdict(self), "unknown": list(self.unknown)}
 
 
 class LanguageModel:

@@ -618,21 +618,8 @@ def perplexity(
         result = lm.perplexity(text, precision=precision, cache=cache, dynamic=dynamic, dynamic_lr=dynamic_lr,
                                dynamic_decay=dynamic_decay, dynamic_window=dynamic_window)
         seconds = time.perf_counter() - t0
-        report = {
-            "file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind,
-            "tokens": result.tokens, "predicted_tokens": result.predicted_tokens, "characters": result.characters,
-            "unknown_tokens": result.unknown_tokens, "total_nats": result.total_nats,
-            "nats_per_token": result.nats_per_token, "bits_per_char": result.bits_per_char, "bytes": result.bytes,
-            "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity, "caveat": result.caveat,
-            "seconds": seconds, "precision": result.precision, "cache": result.cache,
-            "nats_per_token_without_cache": result.nats_per_token_without_cache,
-            "perplexity_without_cache": result.perplexity_without_cache,
-            "dynamic": result.dynamic, "static_nats_per_token": result.static_nats_per_token,
-            "static_perplexity": result.static_perplexity, "cache_nats_per_token": result.cache_nats_per_token,
-            "cache_perplexity": result.cache_perplexity,
-            "dynamic_cache_nats_per_token": result.dynamic_cache_nats_per_token,
-            "dynamic_cache_perplexity": result.dynamic_cache_perplexity,
-        }
+        report = {"file": str(file), "checkpoint": str(lm.path), "tokenizer": lm.tokenizer.kind, **result.to_dict(),
+                  "seconds": seconds}
         if as_json:
             sys.stdout.write(jsonio.dumps(report) + "\n")
             return
@@ -986,9 +973,7 @@ def score(
             raise _usage(f"{file}: has no lines to score")
         lm = load(checkpoint, device=device)
         scores = lm.score([line for _, line in numbered], include_end=include_end)
-        rows = [{"line": n, "text": s.text, "tokens": s.num_tokens, "unknown_tokens": s.num_unknown,
-                 "total_nats": s.total_nats, "nats_per_token": s.nats_per_token, "perplexity": s.perplexity,
-                 "bits_per_char": s.bits_per_char} for (n, _), s in zip(numbered, scores)]
+        rows = [{"line": n, **s.to_dict()} for (n, _), s in zip(numbered, scores)]
         if sort != "input":
             rows.sort(key=lambda r: (math.isnan(r["nats_per_token"]), r["nats_per_token"]), reverse=sort == "worst")
         rows = rows[:top] if top else rows

@@ -42,6 +42,13 @@ class LineScore:
     num_unknown: int
     logprobs: tuple | None = None  # its pieces (surprise.PieceLogprob), when asked for
 
+    def to_dict(self) -> dict:
+        """As JSON gives it (``/v1/score`` and ``charlm score --json``)."""
+        return {"index": self.index, "text": self.text, "tokens": self.num_tokens, "total_nats": self.total_nats,
+                "nats_per_token": self.nats_per_token, "perplexity": self.perplexity,
+                "bits_per_char": self.bits_per_char, "unknown_tokens": self.num_unknown,
+                **({"logprobs": [p.to_dict() for p in self.logprobs]} if self.logprobs is not None else {})}
+
     @property
     def _result(self) -> EvalResult:  # the evaluator's figures, from the same totals
         return EvalResult(self.total_nats, self.num_tokens)

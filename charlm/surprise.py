@@ -31,6 +31,11 @@ class PieceLogprob:
     top: tuple[tuple[str, float], ...]  # the likeliest tokens where the piece was predicted, best first
     unknown: bool = False  # the model's vocabulary lacks it: scored as <UNK>
 
+    def to_dict(self) -> dict:
+        """As JSON gives it (HTTP and ``--json``): ``top`` as [token, logprob] pairs, ``unknown`` only when true."""
+        return {"text": self.text, "logprob": self.logprob, "top": [list(pair) for pair in self.top],
+                **({"unknown": True} if self.unknown else {})}
+
 
 def token_label(tokenizer: Tokenizer, token_id: int) -> str:
     """A token as text for a person: a character, a word, ``<EOS>``, or a byte that is not a whole

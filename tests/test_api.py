@@ -145,3 +145,32 @@ def test_word_defaults_sgd_and_a_trained_unk_and_every_one_can_be_overridden(tmp
     ckpt = charlm.load(mine.run_dir).checkpoint
     assert (ckpt.train_config.optimizer, ckpt.train_config.lr, ckpt.model_config.weight_drop) == ("adamw", 1e-3, 0.0)
     assert "rare" in ckpt.tokenizer.to_dict()["words"]
+
+
+def test_results_know_their_json_and_the_cli_and_server_use_it(play_run, tmp_path):
+    """One to_dict per result type: `charlm perplexity --json`, `charlm score --json` and the HTTP
+    routes all give the same keys for the same figures."""
+    import json as json_module
+
+    from typer.testing import CliRunner
+
+    from charlm.cli import app
+
+    lm = charlm.load(play_run)
+    text = "O Romeo, Romeo\nwherefore art thou\n"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    result = lm.perplexity(text)
+    data = result.to_dict()
+    assert data["nats_per_token"] == result.nats_per_token and isinstance(data["unknown"], list)
+    shown = CliRunner().invoke(app, ["perplexity", str(tmp_path / "t.txt"), "--checkpoint", str(play_run), "--json"])
+    assert shown.exit_code == 0, shown.output
+    cli = json_module.loads(shown.stdout)
+    assert {k: cli[k] for k in data} == json_module.loads(json_module.dumps(data))
+    lines = lm.score(text.splitlines(), logprobs=True, top=2)
+    row = lines[0].to_dict()
+    assert row["tokens"] == lines[0].num_tokens and row["logprobs"][0] == lines[0].logprobs[0].to_dict()
+    scored = CliRunner().invoke(app, ["score", str(tmp_path / "t.txt"), "--checkpoint", str(play_run), "--json"])
+    assert scored.exit_code == 0, scored.output
+    first = json_module.loads(scored.stdout)["lines"][0]
+    plain = lm.score(text.splitlines())[0].to_dict()
+    assert first["line"] == 1 and {k: first[k] for k in plain} == json_module.loads(json_module.dumps(plain))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import queue
 import secrets
@@ -398,13 +397,7 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *,
         results = []
         for line in lm.score(values["lines"], include_end=values["include_end"], logprobs=values["logprobs"],
                              top=values["top"], should_stop=cancel.is_set):
-            item = {"index": line.index, "text": line.text, "tokens": line.num_tokens,
-                    "total_nats": line.total_nats, "nats_per_token": line.nats_per_token,
-                    "perplexity": line.perplexity, "bits_per_char": line.bits_per_char,
-                    "unknown_tokens": line.num_unknown}
-            if line.logprobs is not None:
-                item["logprobs"] = [_piece(p) for p in line.logprobs]
-            results.append(item)
+            results.append(line.to_dict())
         return {"lines": results}
 
     def check_perplexity(values: dict[str, Any], given: set[str]) -> None:
@@ -415,9 +408,9 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *,
 
     def perplexity(values: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
         bounded([values["text"]], cancel)
-        answer = dataclasses.asdict(lm.perplexity(values["text"], cache=values["cache"], should_stop=cancel.is_set))
+        answer = lm.perplexity(values["text"], cache=values["cache"], should_stop=cancel.is_set).to_dict()
         if values["logprobs"]:
-            answer["logprobs"] = [_piece(p) for p in lm.logprobs(values["text"], top=values["top"],
+            answer["logprobs"] = [p.to_dict() for p in lm.logprobs(values["text"], top=values["top"],
                                                                  from_line_start=False, should_stop=cancel.is_set)]
         return answer
 
@@ -509,11 +502,6 @@ def _closing(pool: _Pool, batcher: "_Batcher | None") -> Callable[[Any], Any]:
 def _static(name: str, media_type: str) -> Response:
     data = resources.files("charlm").joinpath("static", name).read_bytes()
     return Response(data, media_type=media_type, headers=SECURITY_HEADERS)
-
-
-def _piece(piece: Any) -> dict[str, Any]:
-    return {"text": piece.text, "logprob": piece.logprob, "top": [list(pair) for pair in piece.top],
-            **({"unknown": True} if piece.unknown else {})}
 
 
 def _start_generation(lm: LanguageModel, options: dict[str, Any], pool: _Pool, batcher: "_Batcher | None",
