@@ -266,7 +266,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
             return memory is None or 2 * need <= memory
 
         sizing = size_by_speed(train_tokens=len(data.train_ids), minutes=max_minutes, cell=options.cell, gpu=gpu,
-                               precision=precision.name, speed=speed, fits=fits)
+                               precision=precision.name, speed=speed, fits=fits, start=auto.hidden_size)
         shape = sizing.shape
         auto = dataclasses.replace(auto, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
                                    embed_size=sizing.embed_size, dropout=sizing.dropout, seq_len=shape.seq_len,

@@ -1,20 +1,22 @@
 """Sizing a char or byte model by the speed this machine measures: one rule for every device and
 number format.
 
-The shapes of a ladder (one wide layer on a CPU, stacks on a GPU) are timed in the format the run
-will use, smallest first; the run takes the largest that the data can feed (at least
-``TOKENS_PER_PARAMETER`` training tokens per recurrent weight) and that the budget still trains
-enough: ``MIN_EPOCHS`` passes over the data, or (a corpus too large to pass over twice)
-``BUDGET_TOKENS_PER_PARAMETER`` tokens per recurrent weight. It then regularises by the passes the
-budget buys. On a slow CPU that is a
+A run starts at the size tuned for its budget (``config.auto_size``: the prior) and moves along a
+ladder of shapes (one wide layer on a CPU, stacks on a GPU) by the speed this machine measures in
+the run's own number format: a rung down while the budget would train fewer than ``DOWN_EPOCHS``
+passes over the data (and under ``BUDGET_TOKENS_PER_PARAMETER`` tokens per recurrent weight), a rung
+up while it would train ``UP_EPOCHS`` or more and the data feeds the next (at least
+``TOKENS_PER_PARAMETER`` training tokens per recurrent weight). It then regularises by the passes
+the budget buys. On a slow CPU that is a
 smaller model that gets enough steps; on a fast one a larger model with more dropout. Where nothing
 can be timed (a distributed run, a budget in steps), ``config.auto_size``'s tables decide.
 
 The thresholds come from tiny-shakespeare runs on three CPU kinds (docs/choosing.md, whose figures
-come from benchmarks/README.md): the best of the sizes tried was the largest that got 2–5 epochs (an AMD EPYC
-with AVX-512 BF16, 3 minutes: 1×768 at ~2.4 epochs beat 1×512 at ~5; 10 minutes: 1×1024 at ~5 beat
-1×768 at ~8; an Intel Xeon with AMX, 10 minutes: 1×1536 at ~5 beat 1×1024 at ~9; an AVX2-only EPYC,
-3 minutes: 1×512 at ~1.1 epochs was 0.01 behind 1×384 and 1×256).
+come from benchmarks/README.md): the tuned sizes won where they got 2–5 epochs (an AMD EPYC with
+AVX-512 BF16, 3 minutes: 1×768 at ~2.4 epochs beat 1×512 at ~5; 10 minutes: 1×1024 at ~5 beat 1×768
+at ~8; an Intel Xeon with AMX, 3 minutes: 1×768 at ~3.5 epochs, 1.417, beat 1×1024 at ~2.8, 1.521;
+10 minutes: 1×1536 at ~5 beat 1×1024 at ~9; an AVX2-only EPYC, 3 minutes: 1×512 at ~1.1 epochs was
+0.01 behind 1×384 and 1×256).
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ CPU_LADDER = (Shape(1, 256, 16, 100, 2e-2), Shape(1, 384, 16, 100, 1.5e-2), Shap
 # suite's quality part reports what this picks).
 GPU_LADDER = (Shape(2, 512, 128, 256, 2e-3), Shape(2, 768, 128, 256, 2e-3), Shape(3, 768, 128, 256, 2e-3),
               Shape(3, 1024, 128, 256, 2e-3), Shape(3, 1536, 128, 256, 1.5e-3), Shape(3, 2048, 128, 256, 1e-3))
-MIN_EPOCHS = 2.0
-BUDGET_TOKENS_PER_PARAMETER = 1.0  # an AVX2 CPU's 3 minutes of 1×512 (~0.8 per weight) was too little
+DOWN_EPOCHS = 1.5  # an AVX2 CPU's 3 minutes of 1×512 (~1.1 epochs) lost to 1×384 (~1.8)
+BUDGET_TOKENS_PER_PARAMETER = 1.0  # ... and ~0.8 tokens per weight: a large corpus keeps a size that gets 1
+UP_EPOCHS = 8.0  # an AMX Xeon's 10 minutes of 1×1024 (~9 epochs) lost to 1×1536 (~5)
 TOKENS_PER_PARAMETER = 0.09  # 1×1536 on tiny-shakespeare's 1.0M training tokens: fed
 SMALL_CORPUS_TOKENS = 200_000  # below this a CPU run keeps the smallest rung
 MEASURING_SHARE = 0.05  # stop timing larger shapes once this share of the budget is spent on it
@@ -96,10 +99,14 @@ class Sized:
 
 
 def size_by_speed(*, train_tokens: int, minutes: float, cell: str, gpu: bool, precision: str,
-                  speed: Callable[[Shape], float], clock: Callable[[], float] = time.monotonic,
+                  speed: Callable[[Shape], float], start: int | None = None,
+                  clock: Callable[[], float] = time.monotonic,
                   fits: Callable[[Shape], bool] = lambda shape: True) -> Sized:
-    """Time the ladder's shapes (``speed``: tokens/s of training one, in the run's format) smallest
-    first, and take the largest the data can feed that still gets ``MIN_EPOCHS`` in ``minutes``.
+    """Start at the rung of ``start`` hidden units (the size tuned for this budget, ``config.auto_size``;
+    the smallest where None) and move along the ladder by what this machine measures (``speed``:
+    tokens/s of training a shape in the run's format): down while the budget trains fewer than
+    ``DOWN_EPOCHS`` passes and under ``BUDGET_TOKENS_PER_PARAMETER`` tokens per weight (a slow
+    machine), up while it trains ``UP_EPOCHS`` or more and the data feeds the next (a fast one).
     ``fits``: whether a shape's training leaves the device room (a shape that does not is not tried)."""
     ladder = GPU_LADDER if gpu else CPU_LADDER
     if not gpu and train_tokens < SMALL_CORPUS_TOKENS:
@@ -108,26 +115,38 @@ def size_by_speed(*, train_tokens: int, minutes: float, cell: str, gpu: bool, pr
            and fits(s)] or list(ladder[:1])
     seconds = minutes * 60
     measured: dict[str, float] = {}
-    chosen, started, short = fed[0], clock(), None
-    for shape in fed:
-        rate = speed(shape)
-        measured[shape.name] = rate
-        trained = seconds * rate  # the tokens the budget trains this shape on
-        if shape is not fed[0] and trained < MIN_EPOCHS * train_tokens \
-                and trained < BUDGET_TOKENS_PER_PARAMETER * recurrent_parameters(shape, cell, gpu):
-            short = shape
-            break
-        chosen = shape
-        if clock() - started > MEASURING_SHARE * seconds:
-            break
-    epochs = seconds * measured[chosen.name] / max(train_tokens, 1)
+    started = clock()
+
+    def epochs_of(shape: Shape) -> float:
+        if shape.name not in measured:
+            measured[shape.name] = speed(shape)
+        return seconds * measured[shape.name] / max(train_tokens, 1)
+
+    def too_little(shape: Shape) -> bool:
+        return epochs_of(shape) < DOWN_EPOCHS and \
+            seconds * measured[shape.name] < BUDGET_TOKENS_PER_PARAMETER * recurrent_parameters(shape, cell, gpu)
+
+    def out_of_time() -> bool:
+        return clock() - started > MEASURING_SHARE * seconds
+
+    # The rung to start from: the tuned size, or the largest the data feeds below it.
+    at = max([k for k, shape in enumerate(fed) if start is None or shape.hidden_size <= start] or [0])
+    if start is None:
+        at = 0
+    moves = []
+    if too_little(fed[at]):
+        while at > 0 and too_little(fed[at]) and not out_of_time():
+            moves.append(f"{fed[at].num_layers}×{fed[at].hidden_size} would get {epochs_of(fed[at]):.1f} epochs")
+            at -= 1
+    else:
+        while at + 1 < len(fed) and epochs_of(fed[at]) >= UP_EPOCHS and not out_of_time():
+            moves.append(f"{fed[at].num_layers}×{fed[at].hidden_size} would get {epochs_of(fed[at]):.1f} epochs")
+            at += 1
+    chosen = fed[at]
+    epochs = epochs_of(chosen)
     per_weight = train_tokens / recurrent_parameters(chosen, cell, gpu)
     dropout = dropout_for(epochs, per_weight)
-    why = (f"; {short.num_layers}×{short.hidden_size} would get {seconds * measured[short.name] / train_tokens:.1f}"
-           f" epochs, {seconds * measured[short.name] / recurrent_parameters(short, cell, gpu):.1f} tokens per "
-           f"weight" if short else
-           "" if chosen is ladder[-1] else "; a larger one would not be fed by the data" if chosen is fed[-1]
-           else "; measuring stopped at its share of the budget")
+    why = f"; {', '.join(moves)}" if moves else ""
     reason = (f"{chosen.num_layers}×{chosen.hidden_size} {cell.upper()}, batch {chosen.batch_size}: "
               f"~{epochs:.1f} epochs of {train_tokens:,} tokens in {minutes:g} min at a measured "
               f"{measured[chosen.name] / 1000:.1f}k tokens/s ({precision}){why}; dropout {dropout:g}")
