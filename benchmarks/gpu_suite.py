@@ -210,7 +210,7 @@ def part_canary(args: argparse.Namespace, sizes: Sizes, log: Log, device: torch.
     import warnings
 
     from charlm.config import ModelConfig
-    from charlm.model import RNNLM
+    from charlm.model import RNNLM, map_state
 
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
                 "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
@@ -233,7 +233,7 @@ def part_canary(args: argparse.Namespace, sizes: Sizes, log: Log, device: torch.
                         model.train(training)
                         x = torch.randint(0, 50, (6, 12), device=device)
                         state = model.init_state(8)
-                        sliced = tuple(s[:, 1:7] for s in state) if isinstance(state, tuple) else state[:, 1:7]
+                        sliced = map_state(lambda s: s[:, 1:7], state)  # strided, as a user's slice is
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                             logits, _, (raw, _) = model(x, sliced, with_outputs=True)
                         if training:

@@ -72,13 +72,6 @@ def median_of(repeats: int, measure: Callable[[], float]) -> float:
     return statistics.median(measure() for _ in range(repeats))
 
 
-def medians_alternated(repeats: int, *measures: Callable[[], float]) -> list[float]:
-    """Each measure's median over ``repeats`` rounds, the measures taking turns within a round, so
-    a machine whose speed drifts affects each alike (a ratio of them is side by side)."""
-    rounds = [[measure() for measure in measures] for _ in range(repeats)]
-    return [statistics.median(values) for values in zip(*rounds)]
-
-
 def synthetic_ids(vocab_size: int, n: int, seed: int = 0) -> np.ndarray:
     """Ids with some structure (a noisy walk), so the model's numbers are not degenerate."""
     rng = np.random.default_rng(seed)
@@ -244,7 +237,7 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
     device = resolve_device(cfg.device)
     say = on_progress or (lambda message: None)
     say("training")
-    train_tps, bare_tps = medians_alternated(cfg.repeats, lambda: train_rate(cfg, device),
+    train_tps, bare_tps = machine.alternated(cfg.repeats, lambda: train_rate(cfg, device),
                                              lambda: bare_train_rate(cfg, device))
     model = model_for(cfg, device)
     tokenizer = tokenizer_for(cfg.vocab_size)
@@ -254,7 +247,7 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
     say("sampling")
     sample_rate(model, tokenizer, streams=1, length=10)  # the sampler's kernel choice, measured outside the timing
     sample_rate(model, tokenizer, streams=cfg.sample_streams, length=10)
-    one, bare_one = medians_alternated(
+    one, bare_one = machine.alternated(
         cfg.repeats, lambda: sample_rate(model, tokenizer, streams=1, length=cfg.sample_length),
         lambda: bare_sample_rate(cfg, device, cfg.sample_length))
     many = median_of(cfg.repeats, lambda: sample_rate(model, tokenizer, streams=cfg.sample_streams,
@@ -277,7 +270,7 @@ def run_bench(cfg: BenchConfig, *, on_progress: Callable[[str], None] | None = N
             return None if why is not None else median_of(cfg.repeats, measure)
 
         say("bf16 training, evaluation and sampling")
-        trained = (medians_alternated(cfg.repeats, lambda: train_rate(cfg, device, "bf16"),
+        trained = (machine.alternated(cfg.repeats, lambda: train_rate(cfg, device, "bf16"),
                                       lambda: bare_train_rate(cfg, device, precision="bf16"))
                    if missing is None and bare_missing is None else
                    [unless(missing, lambda: train_rate(cfg, device, "bf16")),

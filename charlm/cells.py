@@ -27,15 +27,13 @@ traces a plain functional loop that does the same sums. Sampling has its own ste
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import _VF, nn
 
-from .machine import remembered
+from .machine import alternated, milliseconds, remembered
 
 GATE_NAMES = ("i", "f", "o")  # the gates with a peephole
 
@@ -170,19 +168,13 @@ def time_bf16_layers(batch_size: int, input_size: int, hidden_size: int, *, step
             out = lstm_layer(x, h0, c0, *weights)[0]
         out.float().sum().backward()
 
-    times: dict[str, list[float]] = {"onednn": [], "by hand": []}
     with torch.enable_grad():
         try:
             for run in (onednn, by_hand):
                 run()
-            for _ in range(rounds):
-                for name, run in (("onednn", onednn), ("by hand", by_hand)):
-                    start = time.perf_counter()
-                    run()
-                    times[name].append((time.perf_counter() - start) * 1e3)
+            onednn_ms, by_hand_ms = alternated(rounds, milliseconds(onednn), milliseconds(by_hand))
         except RuntimeError as exc:  # no bf16 kernel in oneDNN here: the hand-written layer is the one that runs
             return {"onednn_ms": None, "by_hand_ms": None, "chosen": "by hand", "why": str(exc).splitlines()[0]}
-    onednn_ms, by_hand_ms = statistics.median(times["onednn"]), statistics.median(times["by hand"])
     return {"onednn_ms": onednn_ms, "by_hand_ms": by_hand_ms,
             "chosen": "by hand" if by_hand_ms < onednn_ms else "onednn"}
 

@@ -6,13 +6,13 @@ import functools
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 # Set (to 1) to behave as a CPU whose oneDNN has no bf16 recurrent kernels and no bf16 instructions
 # (an AVX2-only CPU): the fused kernels then raise on bf16 input as oneDNN does there. For testing the
-# refusal on any machine (tests/conftest.py sets it for the whole suite with --simulate-no-bf16).
+# refusal on any machine: `CHARLM_SIMULATE_NO_BF16=1 pytest` runs the whole suite as that CPU.
 SIMULATE_NO_BF16 = "CHARLM_SIMULATE_NO_BF16"
 _NO_PRIMITIVE = "could not create a primitive descriptor for the {} forward propagation primitive"
 
@@ -64,12 +64,13 @@ def _refusing_bf16(kernel: Any, name: str, autocast_lists_it: bool) -> Any:
     return run
 
 
-def install_missing_bf16_kernels() -> None:
-    """Make this process's fused recurrent kernels refuse bf16 on the CPU (``SIMULATE_NO_BF16``)."""
+def install_missing_bf16_kernels(assign: Callable[[Any, str, Any], None] = setattr) -> None:
+    """Make this process's fused recurrent kernels refuse bf16 on the CPU (``SIMULATE_NO_BF16``);
+    ``assign`` sets each (a test passes its monkeypatch's, which undoes it)."""
     for name, label in (("lstm", "LSTM"), ("gru", "GRU"), ("rnn_tanh", "vanilla RNN"), ("rnn_relu", "vanilla RNN")):
         kernel = getattr(torch._VF, name)
         if not getattr(kernel, "refuses_bf16", False):
-            setattr(torch._VF, name, _refusing_bf16(kernel, label, autocast_lists_it=name == "lstm"))
+            assign(torch._VF, name, _refusing_bf16(kernel, label, autocast_lists_it=name == "lstm"))
 
 
 if simulating_no_bf16():

@@ -28,14 +28,12 @@ native bf16 this is what lifts many-stream sampling past fp32's matmul ceiling.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable
 
 import torch
 
 from .cells import fixed_weight_matmul, onednn_linear_works
-from .machine import remembered
+from .machine import alternated, milliseconds, remembered
 from .model import GATES, RNNLM, State, has_cell_state
 
 
@@ -232,18 +230,11 @@ def faster_products(model: RNNLM, dtype: torch.dtype, batch_size: int) -> bool:
 def time_products(model: RNNLM, dtype: torch.dtype, batch_size: int, *, rounds: int = 3,
                   steps: int = 20) -> dict:
     """Milliseconds per step with prepacked and with plain products, medians of alternating rounds."""
-    steppers = {flag: FastStep(model, dtype=dtype, prepacked=flag, graphed=False) for flag in (True, False)}
     tokens = torch.zeros(batch_size, dtype=torch.long)
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for stepper in steppers.values():
+    measures = []
+    for flag in (True, False):
+        stepper = FastStep(model, dtype=dtype, prepacked=flag, graphed=False)
         stepper.reset(batch_size)
-    for _ in range(rounds):
-        for flag, stepper in steppers.items():
-            for _ in range(3):
-                stepper.step(tokens)
-            start = time.perf_counter()
-            for _ in range(steps):
-                stepper.step(tokens)
-            times[flag].append((time.perf_counter() - start) / steps * 1e3)
-    prepacked, plain = statistics.median(times[True]), statistics.median(times[False])
+        measures.append(milliseconds(lambda stepper=stepper: stepper.step(tokens), calls=steps, warm=3))
+    prepacked, plain = alternated(rounds, *measures)
     return {"prepacked_ms": prepacked, "plain_ms": plain, "chosen": "prepacked" if prepacked < plain else "plain"}

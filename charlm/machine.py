@@ -6,10 +6,11 @@ than a table from the machines it was tuned on. ``charlm bench`` shows every kep
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import platform
+import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,31 +49,24 @@ def answers() -> dict[str, dict[str, Any]]:
         if isinstance(mine, dict) else {}
 
 
+# This process's answers, by (section, key, whether the CPU is played): read or measured once.
+_ANSWERS: dict[tuple[str, str, bool], Any] = {}
+
+
 def remembered(section: str, key: str, compute: Callable[[], Any], *,
                valid: Callable[[Any], bool] = lambda answer: True) -> Any:
     """``compute()``'s answer (JSON-able) for ``key``, computed once per machine: kept in the cache
     folder and in this process. A kept answer that ``valid`` refuses is computed again. Playing a
     CPU without bf16 kernels (``CHARLM_SIMULATE_NO_BF16``) keeps nothing on disk."""
-    return _remembered(section, key, compute, valid, simulating_no_bf16())
-
-
-@functools.lru_cache(maxsize=None)
-def _in_process(section: str, key: str) -> list:
-    return []  # one slot per (section, key): [answer] once known
-
-
-def _remembered(section: str, key: str, compute: Callable[[], Any], valid: Callable[[Any], bool],
-                simulated: bool) -> Any:
-    slot = _in_process(section + (" simulated" if simulated else ""), key)
-    if slot:
-        return slot[0]
-    if not simulated:
-        kept = answers().get(section, {})
-        if key in kept and valid(kept[key]):
-            slot.append(kept[key])
-            return kept[key]
-    answer = compute()
-    slot.append(answer)
+    simulated = simulating_no_bf16()
+    slot = (section, key, simulated)
+    if slot in _ANSWERS:
+        return _ANSWERS[slot]
+    kept = {} if simulated else answers().get(section, {})
+    if key in kept and valid(kept[key]):
+        _ANSWERS[slot] = kept[key]
+        return kept[key]
+    answer = _ANSWERS[slot] = compute()
     if not simulated:
         known = _read()
         mine = known.get(machine_key())
@@ -88,4 +82,24 @@ def _remembered(section: str, key: str, compute: Callable[[], Any], valid: Calla
 
 def forget() -> None:
     """Drop this process's answers (the kept file stays): for tests."""
-    _in_process.cache_clear()
+    _ANSWERS.clear()
+
+
+def alternated(rounds: int, *measures: Callable[[], float]) -> list[float]:
+    """Each measure's median over ``rounds`` rounds in which the measures take turns, so a machine
+    whose speed drifts affects each alike: what every A-against-B timing here is made of."""
+    results = [[measure() for measure in measures] for _ in range(rounds)]
+    return [statistics.median(values) for values in zip(*results)]
+
+
+def milliseconds(run: Callable[[], Any], *, calls: int = 1, warm: int = 0) -> Callable[[], float]:
+    """A measure for ``alternated``: ``warm`` calls of ``run`` untimed, then milliseconds per call
+    over ``calls`` more."""
+    def measure() -> float:
+        for _ in range(warm):
+            run()
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        return (time.perf_counter() - start) / calls * 1e3
+    return measure

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 from torch import _VF, nn
@@ -275,29 +276,26 @@ def _one_chunk(weights: list[torch.Tensor], *, fresh: bool) -> list[torch.Tensor
     return views
 
 
+def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
+    """``fn`` applied to each part of a state: (h, c) or h."""
+    if isinstance(state, tuple):
+        return tuple(fn(s) for s in state)  # type: ignore[return-value]
+    return fn(state)
+
+
 def contiguous_state(state: State | None) -> State | None:
     """The state with every part contiguous (a no-op where it is): cuDNN refuses strided ones."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s.contiguous() for s in state)  # type: ignore[return-value]
-    return state.contiguous()
+    return None if state is None else map_state(torch.Tensor.contiguous, state)
 
 
 def detach_state(state: State | None) -> State | None:
     """Cut the graph at a window boundary: keep the values, drop the history."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)  # type: ignore[return-value]
-    return state.detach()
+    return None if state is None else map_state(torch.Tensor.detach, state)
 
 
 def select_state(state: State, index: int | slice) -> State:
     """The state of some streams only (dimension 1 is the stream), contiguous."""
-    if isinstance(state, tuple):
-        return tuple(s[:, index].contiguous() for s in state)  # type: ignore[return-value]
-    return state[:, index].contiguous()
+    return map_state(lambda s: s[:, index].contiguous(), state)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -334,7 +334,7 @@ def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: i
     import torch
     import torch.nn.functional as F
 
-    from .model import RNNLM
+    from .model import RNNLM, detach_state
     from .trainer import make_optimizer
 
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -355,7 +355,7 @@ def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: i
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+            state = detach_state(state)
             sync()
             seconds.append(time.perf_counter() - t0)
     return _TRAINER_SHARE * batch_size * seq_len / statistics.median(seconds[1:])

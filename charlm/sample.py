@@ -69,17 +69,23 @@ def _stable_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / temperature`` shifted so each row's best token is 0 and nothing overflows."""
     if bool(torch.isnan(logits).any()):
         raise SamplingError(_NAN_SCORES)
+    scaled, best = _stable_form(logits, temperature)
+    if bool(torch.isneginf(best).any()):
+        raise SamplingError(_ALL_NEG_INF)
+    return scaled
+
+
+def _stable_form(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_stable_scaled`` without its checks (no host read), and each row's best score."""
     posinf = torch.isposinf(logits)
     # Rows with +inf scores: those tokens alone, equally likely.
     logits = torch.where(posinf.any(dim=-1, keepdim=True), torch.where(posinf, 0.0, float("-inf")), logits)
     best = logits.amax(dim=-1, keepdim=True)
-    if bool(torch.isneginf(best).any()):
-        raise SamplingError(_ALL_NEG_INF)
     if temperature < torch.finfo(torch.float32).tiny:  # 0 in float32 arithmetic: the limit, argmax
-        return torch.where(logits == best, 0.0, float("-inf"))
+        return torch.where(logits == best, 0.0, float("-inf")), best
     # Every value is now ≤ 0 and the best is exactly 0; dividing keeps the best at 0, and the
     # others that underflow to -inf simply get probability 0 (a tiny temperature is argmax).
-    return (logits - best) / temperature
+    return (logits - best) / temperature, best
 
 
 @dataclass(frozen=True)
@@ -241,12 +247,8 @@ def draw_on_device(logits: torch.Tensor, *, temperature: float, top_k: int | Non
         return logits.argmax(dim=-1), flags
     scaled = logits / temperature
     # Rows that overflow take the stable form next_token switches to (without its checks).
-    posinf = torch.isposinf(logits)
-    shifted = torch.where(posinf.any(dim=-1, keepdim=True), torch.where(posinf, 0.0, float("-inf")), logits)
-    best = shifted.amax(dim=-1, keepdim=True)
-    stable = ((torch.where(shifted == best, 0.0, float("-inf")) if temperature < torch.finfo(torch.float32).tiny
-               else (shifted - best) / temperature))
-    scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, stable)
+    scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled,
+                         _stable_form(logits, temperature)[0])
     scaled = torch.where(bad[:, None], 0.0, scaled)
     return next_token(scaled, temperature=1.0, top_k=top_k, top_p=top_p, generator=generator, checked=False), flags
 

@@ -12,7 +12,6 @@ import functools
 import math
 import os
 import platform
-import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from .errors import Cancelled, CheckpointError, ConfigError, RunInUseError, Save
 from .evaluate import EvalResult, eval_streams, evaluate
 from .model import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
                     select_state)
-from .machine import remembered
+from .machine import alternated, milliseconds, remembered
 from .precision import FP32, resolve_precision, tf32_region
 
 Event = dict[str, Any]
@@ -151,9 +150,8 @@ def fused_is_faster(kind: str) -> bool:
 
 def time_optimizers(kind: str, *, rounds: int = 5) -> dict:
     """Milliseconds per step of the fused and the multi-tensor ``kind``: medians of alternating steps."""
-    times: dict[str, list[float]] = {"fused": [], "foreach": []}
     made = {}
-    for name in times:
+    for name in ("fused", "foreach"):
         params = [torch.zeros(2048, 1024, requires_grad=True), torch.zeros(2048, 128, requires_grad=True),
                   torch.zeros(2048, requires_grad=True)]
         for p in params:
@@ -161,13 +159,9 @@ def time_optimizers(kind: str, *, rounds: int = 5) -> dict:
         options = {"fused": True} if name == "fused" else {"foreach": True}
         made[name] = (torch.optim.SGD(params, lr=1e-3, momentum=0.0, **options) if kind == "sgd"
                       else torch.optim.AdamW(params, lr=1e-3, **options))
-    for round_ in range(rounds + 1):
-        for name, optimizer in made.items():
-            start = time.perf_counter()
-            optimizer.step()
-            if round_:  # the first round builds the optimizers' state
-                times[name].append((time.perf_counter() - start) * 1e3)
-    fused, foreach = statistics.median(times["fused"]), statistics.median(times["foreach"])
+    for optimizer in made.values():
+        optimizer.step()  # the first step builds the optimizer's state
+    fused, foreach = alternated(rounds, milliseconds(made["fused"].step), milliseconds(made["foreach"].step))
     return {"fused_ms": fused, "foreach_ms": foreach, "chosen": "fused" if fused < foreach else "foreach"}
 
 

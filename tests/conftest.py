@@ -56,15 +56,10 @@ def bf16_kernel() -> None:
 def no_bf16_kernels(monkeypatch):
     """This process plays a CPU whose kernels cannot run bf16 recurrences and that reports no bf16
     instructions, as an AVX2-only CPU does (child processes inherit it through the environment)."""
-    import torch
-
     from charlm import cpu
 
     monkeypatch.setenv(cpu.SIMULATE_NO_BF16, "1")
-    for name, label in (("lstm", "LSTM"), ("gru", "GRU"), ("rnn_tanh", "vanilla RNN")):
-        kernel = getattr(torch._VF, name)
-        if not getattr(kernel, "refuses_bf16", False):
-            monkeypatch.setattr(torch._VF, name, cpu._refusing_bf16(kernel, label, autocast_lists_it=name == "lstm"))
+    cpu.install_missing_bf16_kernels(monkeypatch.setattr)
     cpu.cpu_bf16_instructions.cache_clear()
     yield
     monkeypatch.undo()

@@ -110,8 +110,6 @@ def test_bench_shows_each_choice_with_both_timings(store):
 
 def test_bench_alternates_the_loops_it_compares():
     """A ratio of charlm to a bare loop is measured side by side: the two take turns each round."""
-    from charlm.bench import medians_alternated
-
     calls = []
-    a, b = medians_alternated(3, lambda: calls.append("a") or len(calls), lambda: calls.append("b") or 10.0)
+    a, b = machine.alternated(3, lambda: calls.append("a") or len(calls), lambda: calls.append("b") or 10.0)
     assert calls == ["a", "b"] * 3 and (a, b) == (3, 10.0)
