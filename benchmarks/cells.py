@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.corpus.is_file():
         sys.exit(f"cells.py: {args.corpus} not found (tiny-shakespeare lives in ../shared/corpora)")
-    from charlm.precision import cpu_bf16_instructions
+    from charlm.model.precision import cpu_bf16_instructions
 
     out = RESULTS / f"cells-{args.corpus.stem}-{args.minutes:g}min.json"
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "

@@ -36,11 +36,11 @@ def main() -> None:
     import torch
 
     import charlm
-    from charlm import dynamic
-    from charlm.data import read_corpus
-    from charlm.evaluate import evaluate
-    from charlm.pointer import evaluate_with_cache
-    from charlm.precision import FP32
+    from charlm.infer import dynamic
+    from charlm.data.text import read_corpus
+    from charlm.infer.evaluate import evaluate
+    from charlm.infer.pointer import evaluate_with_cache
+    from charlm.model.precision import FP32
 
     lm = charlm.load(args.checkpoint)
     ids = np.asarray(lm.tokenizer.encode(read_corpus(args.text)))[:args.tokens]

@@ -68,8 +68,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from charlm.bench import (BenchConfig, bare_sample_rate, bare_train_rate, matmul_gflops, model_for,  # noqa: E402
                           recurrence_dtypes, sample_rate, tokenizer_for, train_rate)
 from charlm.errors import ConfigError  # noqa: E402
-from charlm.model import GATES  # noqa: E402
-from charlm.precision import cpu_bf16_kernel_runs  # noqa: E402
+from charlm.model.lm import GATES  # noqa: E402
+from charlm.model.precision import cpu_bf16_kernel_runs  # noqa: E402
 from train_quality import summarize  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def part_canary(args: argparse.Namespace, sizes: Sizes, log: Log, device: torch.
     import warnings
 
     from charlm.config import ModelConfig
-    from charlm.model import RNNLM, map_state
+    from charlm.model.lm import RNNLM, map_state
 
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
                 "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}

@@ -4,7 +4,7 @@
     python benchmarks/lstm_layer.py --rounds 3 --shapes 1024x32 768x32
 
 For each hidden size × batch (seq 100, input 128) and precision, one training window (forward and
-backward) of ``nn.LSTM`` (oneDNN) and of ``charlm.cells.lstm_layer`` without peepholes, alternated
+backward) of ``nn.LSTM`` (oneDNN) and of ``charlm.model.cells.lstm_layer`` without peepholes, alternated
 round by round so both see the same machine load; then the trainer's tokens/s at the default 10-
 and 3-minute bf16 shapes with the layer chosen either way, beside a bare bf16 ``nn.LSTM`` loop.
 The results set ``cells.HAND_WRITTEN_BF16_MIN_HIDDEN``, the width from which each machine times both
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from charlm import bench, cells
-from charlm.precision import cpu_bf16_instructions
-from charlm.trainer import keep_freed_memory
+from charlm import bench
+from charlm.model import cells
+from charlm.model.precision import cpu_bf16_instructions
+from charlm.training.loop import keep_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -37,9 +37,9 @@ from torch import nn
 
 from charlm.bench import (BenchConfig, bare_train_rate, eval_rate, matmul_gflops, model_for, sample_rate, synthetic_ids,
                           tokenize_rate, tokenizer_for, train_rate)
-from charlm.evaluate import evaluate
-from charlm.infer import FastStep
-from charlm.precision import cpu_bf16_instructions
+from charlm.infer.evaluate import evaluate
+from charlm.infer.step import FastStep
+from charlm.model.precision import cpu_bf16_instructions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinyshakespeare.txt"

@@ -54,7 +54,7 @@ def main() -> None:
         command = [sys.executable, "-m", "charlm", "train", args.corpus, "--max-minutes", str(args.minutes),
                    "--out", str(run_dir), "--sample-length", "0", *shlex.split(args.options)]
         subprocess.run(command, check=True)
-    from charlm.precision import cpu_bf16_instructions
+    from charlm.model.precision import cpu_bf16_instructions
 
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
                f"native bf16: {cpu_bf16_instructions() or 'none'}")

@@ -20,7 +20,7 @@ the same files and the same wall-clock budget (evaluation included, as charlm co
 
 Both read the same token ids (the reference uses the vocabulary of charlm's run, so the two
 perplexities are over the same tokens and comparable), and both are scored by the same evaluator
-(charlm.evaluate: the reference's weights are copied into an identical ``RNNLM``). For scale, the
+(charlm.infer.evaluate: the reference's weights are copied into an identical ``RNNLM``). For scale, the
 reference is also scored with a cache pointer fitted the same way (``test_ratio_both_cached``);
 ``test_ratio`` is charlm as a user runs it against the recipe as published. Writes
 ``benchmarks/results/word-<corpus>-<minutes>min.json`` (with ``--options``: a sweep file).
@@ -83,13 +83,13 @@ def run_reference(corpus: Path, minutes: float, tokenizer_from: Path, *, seed: i
     import torch
     from torch import nn
 
-    from charlm.checkpoint import load_checkpoint
+    from charlm.model.checkpoint import load_checkpoint
     from charlm.config import ModelConfig
-    from charlm.data import read_corpus
-    from charlm.evaluate import evaluate
-    from charlm.model import RNNLM
-    from charlm.pointer import evaluate_with_cache, tune_cache
-    from charlm.precision import FP32
+    from charlm.data.text import read_corpus
+    from charlm.infer.evaluate import evaluate
+    from charlm.model.lm import RNNLM
+    from charlm.infer.pointer import evaluate_with_cache, tune_cache
+    from charlm.model.precision import FP32
 
     started = time.perf_counter()
     torch.manual_seed(seed)

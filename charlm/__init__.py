@@ -17,7 +17,7 @@ __all__ = ["LanguageModel", "Perplexity", "TrainResult", "load", "train", "__ver
 
 def __getattr__(name: str) -> Any:
     if name in ("LanguageModel", "Perplexity", "load", "train", "TrainResult"):
-        from . import api
+        from charlm import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'charlm' has no attribute {name!r}")

@@ -17,19 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 
-from .checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from .config import SampleConfig
-from .model import resolve_device
-from .sample import Piece, generate as _generate
-from .score import LineScore, score_lines
-from .surprise import PieceLogprob
-from .trainer import TrainResult
+from charlm.model.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from charlm.config import SampleConfig
+from charlm.model.lm import resolve_device
+from charlm.infer.sample import Piece, generate as _generate
+from charlm.infer.score import LineScore, score_lines
+from charlm.infer.surprise import PieceLogprob
+from charlm.training.loop import TrainResult
 
 
 def _text(name: str, value: Any, *, optional: bool = False) -> None:
     """Refuse a non-string where text belongs (a UsageError naming the argument, not a TypeError)."""
-    from .config import brief
-    from .errors import UsageError
+    from charlm.config import brief
+    from charlm.errors import UsageError
 
     if not (isinstance(value, str) or (optional and value is None)):
         raise UsageError(f"{name} must be a string{' or None' if optional else ''} (got {type(value).__name__} "
@@ -38,7 +38,7 @@ def _text(name: str, value: Any, *, optional: bool = False) -> None:
 
 def _flag(name: str, value: Any) -> None:
     """Refuse a non-bool where a switch belongs (``1`` or ``"yes"`` is not silently truthy)."""
-    from .errors import UsageError
+    from charlm.errors import UsageError
 
     if not isinstance(value, bool):
         raise UsageError(f"{name} must be True or False (got {type(value).__name__})")
@@ -141,8 +141,8 @@ class LanguageModel:
 
     def _beam(self, prime: str, *, length: int, beam: int, precision: str,
               sampling: dict[str, Any]) -> Iterator[str]:
-        from .errors import UsageError
-        from .sample import beam_search, prime_ids
+        from charlm.errors import UsageError
+        from charlm.infer.sample import beam_search, prime_ids
 
         given = [name for name, value in sampling.items() if value is not None]
         if given:
@@ -182,11 +182,11 @@ class LanguageModel:
         the static and the adapting model's, are then beside it, and neither the model nor its
         file changes. ``should_stop`` is asked
         between windows; True stops with ``charlm.errors.Cancelled``."""
-        from .dynamic import dynamic_settings, evaluate_dynamic
-        from .errors import UsageError
-        from .evaluate import evaluate
-        from .pointer import evaluate_with_cache
-        from .precision import FP32, resolve_precision
+        from charlm.infer.dynamic import dynamic_settings, evaluate_dynamic
+        from charlm.errors import UsageError
+        from charlm.infer.evaluate import evaluate
+        from charlm.infer.pointer import evaluate_with_cache
+        from charlm.model.precision import FP32, resolve_precision
 
         _text("text", text)
         _text("precision", precision)
@@ -247,7 +247,7 @@ class LanguageModel:
 
         >>> [(p.text, round(p.logprob, 2)) for p in lm.logprobs("ROMEO:")]  # doctest: +SKIP
         """
-        from .surprise import text_logprobs
+        from charlm.infer.surprise import text_logprobs
 
         _text("text", text)
         _flag("from_line_start", from_line_start)
@@ -261,8 +261,8 @@ class LanguageModel:
         them (``top`` alternatives each), adding up to minus its ``total_nats``."""
         from dataclasses import replace
 
-        from .errors import UsageError
-        from .surprise import line_logprobs
+        from charlm.errors import UsageError
+        from charlm.infer.surprise import line_logprobs
 
         if isinstance(lines, str):
             raise UsageError("score takes a list of lines, not one string (lm.score([text]) scores one line; "
@@ -287,7 +287,7 @@ def load(where: str | os.PathLike[str] | None = None, *, device: str = "cpu",
 
     >>> lm = charlm.load("checkpoints/tinyshakespeare")  # doctest: +SKIP
     """
-    from .errors import UsageError
+    from charlm.errors import UsageError
 
     for name, value in (("where", where), ("root", root)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -310,11 +310,11 @@ def train(corpus: str | os.PathLike[str] | None = None, *, on_event: Callable[[d
 
     >>> run = charlm.train("corpus.txt", max_minutes=3)  # doctest: +SKIP
     """
-    from . import trainer
-    from .distributed import from_env, shutdown
-    from .plan import options_from, plan_run
+    from charlm.training import loop as trainer
+    from charlm.training.distributed import from_env, shutdown
+    from charlm.training.plan import options_from, plan_run
 
-    from .errors import UsageError
+    from charlm.errors import UsageError
 
     if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
         raise UsageError(f"corpus must be a path, a corpus name or None (got {type(corpus).__name__})")

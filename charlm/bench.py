@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig, SampleConfig, TrainConfig
-from . import machine
-from .evaluate import evaluate
-from .model import RNNLM, resolve_device
-from .precision import FP32, Precision, cpu_bf16_kernel_runs, resolve_precision
-from .sample import generate
-from .tokenizer import CharTokenizer
-from .data import PreparedData
-from .trainer import train
+from charlm.config import ModelConfig, SampleConfig, TrainConfig
+from charlm import machine
+from charlm.infer.evaluate import evaluate
+from charlm.model.lm import RNNLM, resolve_device
+from charlm.model.precision import FP32, Precision, cpu_bf16_kernel_runs, resolve_precision
+from charlm.infer.sample import generate
+from charlm.data.tokenizer import CharTokenizer
+from charlm.data.text import PreparedData
+from charlm.training.loop import train
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, jsonio
-from .config import TrainConfig
-from .errors import CharlmError, is_out_of_memory
-from .plan import DEFAULT_LOG_EVERY, DEFAULT_MINUTES
+from charlm import __version__
+from charlm import jsonio
+from charlm.config import TrainConfig
+from charlm.errors import CharlmError, is_out_of_memory
+from charlm.training.plan import DEFAULT_LOG_EVERY, DEFAULT_MINUTES
 
 app = typer.Typer(
     name="charlm",
@@ -400,9 +401,9 @@ def train(
     Example: charlm train tinyshakespeare.txt --max-minutes 10
     """
     with _handled():
-        from .api import train as run_training
-        from .config import check_option
-        from .distributed import launched_by_torchrun
+        from charlm.api import train as run_training
+        from charlm.config import check_option
+        from charlm.training.distributed import launched_by_torchrun
 
         check_option("sample_length", sample_length)  # the CLI's own option; the library checks the rest
 
@@ -486,7 +487,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 def _print_loss_chart(run_dir: Path) -> None:
     """The run's loss curves as plain text on stderr (no extra dependency, no colour codes)."""
-    from .plot import read_metrics, terminal_chart
+    from charlm.training.plot import read_metrics, terminal_chart
 
     try:
         metrics = read_metrics(run_dir)
@@ -498,7 +499,7 @@ def _print_loss_chart(run_dir: Path) -> None:
 
 def _end_of_training_sample(path: Path, *, length: int, seed: int) -> Iterator[str]:
     """The pieces of the short sample ``train`` ends with (temperature 0.8, the run's seed)."""
-    from .api import load
+    from charlm.api import load
 
     yield from load(path).generate(length=length, temperature=0.8, seed=seed)
 
@@ -527,9 +528,9 @@ def sample(
     Example: charlm sample --prime "ROMEO:" --temperature 0.7 --length 300 --seed 1
     """
     with _handled():
-        from .api import load
-        from .config import SampleConfig, brief, check_precision
-        from .data import read_corpus
+        from charlm.api import load
+        from charlm.config import SampleConfig, brief, check_precision
+        from charlm.data.text import read_corpus
 
         SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, num_samples=num_samples,
                      seed=seed, stop=stop)  # checks every option before the model is loaded
@@ -581,7 +582,7 @@ def sample(
 
 
 def _usage(message: str) -> CharlmError:
-    from .errors import UsageError
+    from charlm.errors import UsageError
 
     return UsageError(message)
 
@@ -607,9 +608,9 @@ def perplexity(
     Example: charlm perplexity heldout.txt --checkpoint checkpoints/tinyshakespeare
     """
     with _handled():
-        from .api import load
-        from .config import check_precision
-        from .data import read_corpus
+        from charlm.api import load
+        from charlm.config import check_precision
+        from charlm.data.text import read_corpus
 
         check_precision(precision)
         text = read_corpus(file, encoding_errors=encoding_errors)
@@ -671,7 +672,7 @@ def info(
     Example: charlm info checkpoints/tinyshakespeare
     """
     with _handled():
-        from .checkpoint import checkpoint_report, load_checkpoint, resolve_checkpoint
+        from charlm.model.checkpoint import checkpoint_report, load_checkpoint, resolve_checkpoint
 
         resolved = resolve_checkpoint(checkpoint)
         loaded = load_checkpoint(resolved)
@@ -751,9 +752,9 @@ def bench(
     Example: charlm bench --hidden-size 512 --batch-size 64 --seq-len 128 --json
     """
     with _handled():
-        from .bench import BenchConfig, run_bench
-        from .config import CELLS
-        from .errors import ConfigError
+        from charlm.bench import BenchConfig, run_bench
+        from charlm.config import CELLS
+        from charlm.errors import ConfigError
 
         if cell not in CELLS:
             raise ConfigError(f"--cell must be one of {', '.join(CELLS)} (got {cell!r})")
@@ -879,7 +880,7 @@ def corpus_list(
     Example: charlm corpus list
     """
     with _handled():
-        from .corpora import list_corpora, prepared_corpus
+        from charlm.data.corpora import list_corpora, prepared_corpus
 
         rows = []
         for spec in list_corpora():
@@ -916,7 +917,7 @@ def corpus_get(
     Example: charlm corpus get tinyshakespeare && charlm train tinyshakespeare
     """
     with _handled():
-        from .corpora import get_corpus
+        from charlm.data.corpora import get_corpus
 
         with _DownloadDisplay() as display:
             result = get_corpus(name, root, base_url=mirror, progress=display.update, on_event=display.event,
@@ -956,8 +957,8 @@ def score(
     Example: charlm score candidates.txt --sort best --top 5
     """
     with _handled():
-        from .api import load
-        from .data import normalize_newlines, read_corpus
+        from charlm.api import load
+        from charlm.data.text import normalize_newlines, read_corpus
 
         if sort not in ("input", "best", "worst"):
             raise _usage(f"--sort must be input, best or worst (got {sort!r})")
@@ -1009,8 +1010,8 @@ def plot(
     Example: charlm plot checkpoints/tinyshakespeare --png loss.png
     """
     with _handled():
-        from .checkpoint import resolve_checkpoint
-        from .plot import read_metrics, save_png, terminal_chart
+        from charlm.model.checkpoint import resolve_checkpoint
+        from charlm.training.plot import read_metrics, save_png, terminal_chart
 
         run_dir = run if run is not None else resolve_checkpoint(None).parent
         metrics = read_metrics(run_dir)
@@ -1047,9 +1048,9 @@ def export(
     Example: charlm export model.onnx --checkpoint checkpoints/tinyshakespeare
     """
     with _handled():
-        from .checkpoint import load_checkpoint, resolve_checkpoint
-        from .errors import MissingDependencyError
-        from .export import check_onnx, export_onnx
+        from charlm.model.checkpoint import load_checkpoint, resolve_checkpoint
+        from charlm.errors import MissingDependencyError
+        from charlm.model.export import check_onnx, export_onnx
 
         resolved = resolve_checkpoint(checkpoint)
         loaded = load_checkpoint(resolved)
@@ -1106,8 +1107,8 @@ def serve(
     with _handled():
         import socket
 
-        from .api import load
-        from .serve import ServeLimits, allowed_hosts_for, make_app, run
+        from charlm.api import load
+        from charlm.serve import ServeLimits, allowed_hosts_for, make_app, run
 
         limits = ServeLimits(max_body_bytes=max_body_bytes, max_length=max_length, max_samples=max_samples,
                              max_tokens=max_tokens, workers=workers, max_queue=max_queue, batch=batch,

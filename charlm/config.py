@@ -11,7 +11,7 @@ import reprlib
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import ConfigError
+from charlm.errors import ConfigError
 
 CELLS = ("lstm", "gru", "rnn", "peephole")
 TOKENIZERS = ("char", "word", "byte")

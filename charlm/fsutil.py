@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .errors import RunInUseError, SaveError, UsageError
+from charlm.errors import RunInUseError, SaveError, UsageError
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)

@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from .cache import cache_root
-from .cpu import cpu_flags, simulating_no_bf16
-from .errors import CharlmError
-from .fsutil import atomic_write
+from charlm.data.tokenstore import cache_root
+from charlm.cpu import cpu_flags, simulating_no_bf16
+from charlm.errors import CharlmError
+from charlm.fsutil import atomic_write
 
 STORE = "kernels.json"
 

@@ -40,7 +40,7 @@ def _private_token_cache(tmp_path_factory):
 def skip_without_bf16_kernel(cell: str = "lstm") -> None:
     """Skip a test that runs ``cell``'s recurrence in bf16 on the CPU where this CPU's kernels cannot
     (an AVX2-only CPU; or CHARLM_SIMULATE_NO_BF16=1, which plays one on any machine)."""
-    from charlm.precision import cpu_bf16_kernel_runs
+    from charlm.model.precision import cpu_bf16_kernel_runs
 
     if (why := cpu_bf16_kernel_runs(cell)) is not None:
         pytest.skip(f"this CPU has no bf16 {cell} kernel ({why})")
@@ -101,8 +101,8 @@ def tiny_corpus(tmp_path: Path) -> Path:
 def trained_run(tmp_path_factory) -> Path:
     """A small char model trained once for the tests that need a checkpoint."""
     from charlm.config import ModelConfig, TrainConfig
-    from charlm.data import prepare_data
-    from charlm.trainer import train
+    from charlm.data.text import prepare_data
+    from charlm.training.loop import train
 
     run_dir = tmp_path_factory.mktemp("run")
     data = prepare_data(TINY_TEXT, val_fraction=0.1)

@@ -32,8 +32,8 @@ def _checked(kernel: Callable, name: str, seen: list[str]) -> Callable:
 
 def install(monkeypatch: Any, seen: list[str]) -> None:
     """Wrap ``torch._VF``'s recurrences (and nn.RNN's table of them) and charlm's own LSTM layer."""
-    import charlm.cells as cells_module
-    import charlm.model as model_module
+    import charlm.model.cells as cells_module
+    import charlm.model.lm as model_module
 
     for name in KERNELS:
         monkeypatch.setattr(torch._VF, name, _checked(getattr(torch._VF, name), name, seen))

@@ -6,9 +6,9 @@ import argparse
 import os
 
 from charlm.config import ModelConfig, TrainConfig
-from charlm.distributed import from_env, shutdown
-from charlm.cache import prepare_corpus
-from charlm.trainer import train
+from charlm.training.distributed import from_env, shutdown
+from charlm.data.tokenstore import prepare_corpus
+from charlm.training.loop import train
 
 parser = argparse.ArgumentParser()
 parser.add_argument("corpus")

@@ -100,7 +100,7 @@ def test_wrong_types_are_charlm_errors_not_type_errors(play_run, tmp_path):
 
 
 def test_a_registry_corpus_trains_with_the_tokenizer_its_results_use(tmp_path, monkeypatch):
-    from charlm import corpora
+    from charlm.data import corpora
 
     folder = tmp_path / "corpora" / "enwik8"
     folder.mkdir(parents=True)

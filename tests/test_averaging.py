@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
-from charlm.averaging import WeightAverage
-from charlm.checkpoint import load_checkpoint, load_tensors, save_tensors
+from charlm.training.averaging import WeightAverage
+from charlm.model.checkpoint import load_checkpoint, load_tensors, save_tensors
 from charlm.config import ModelConfig, TrainConfig, auto_size
-from charlm.data import prepare_data
+from charlm.data.text import prepare_data
 from charlm.errors import CheckpointError, ConfigError
-from charlm.evaluate import evaluate
-from charlm.plan import TrainOptions, plan_run
-from charlm.trainer import load_resume, train
+from charlm.infer.evaluate import evaluate
+from charlm.training.plan import TrainOptions, plan_run
+from charlm.training.loop import load_resume, train
 
 
 @pytest.mark.parametrize("power", [0.0, 2.0, 7.5])
@@ -117,7 +117,7 @@ def test_resume_without_the_average_total_is_refused(tmp_path, tiny_text, monkey
         loaded.train_state.pop("average_total")
         return loaded
 
-    monkeypatch.setattr("charlm.trainer.ckpt.load_checkpoint", without_total)
+    monkeypatch.setattr("charlm.training.loop.ckpt.load_checkpoint", without_total)
     with pytest.raises(CheckpointError, match="average_total"):
         load_resume(tmp_path)
 

@@ -11,9 +11,9 @@ import charlm
 from charlm.cli import app
 from charlm.config import ModelConfig, SampleConfig
 from charlm.errors import UsageError
-from charlm.model import RNNLM
-from charlm.sample import beam_search, generate, prime_ids
-from charlm.tokenizer import CharTokenizer
+from charlm.model.lm import RNNLM
+from charlm.infer.sample import beam_search, generate, prime_ids
+from charlm.data.tokenizer import CharTokenizer
 
 runner = CliRunner()
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from charlm import pointer, trainer
+from charlm.infer import pointer
+from charlm.training import loop as trainer
 from charlm.config import ModelConfig, TrainConfig
-from charlm.data import prepare_data
-from charlm.model import RNNLM
-from charlm.pointer import BLOCK, MIN_TOKENS, FitCost, search_pairs, tune_cache
-from charlm.precision import FP32
+from charlm.data.text import prepare_data
+from charlm.model.lm import RNNLM
+from charlm.infer.pointer import BLOCK, MIN_TOKENS, FitCost, search_pairs, tune_cache
+from charlm.model.precision import FP32
 
 
 def tiny_model(vocab: int = 40, hidden: int = 16) -> RNNLM:
@@ -233,7 +234,7 @@ def test_a_stop_request_during_the_fit_skips_it_and_keeps_the_checkpoints(tmp_pa
                            on_event=on_event, should_stop=lambda: "SIGINT" if fitting["on"] else None)
     assert result.stopped_by == "done" and result.cache is None and result.step == 10
     assert any(e["event"] == "warning" and "cache pointer" in e["message"] for e in events)
-    from charlm.checkpoint import load_checkpoint
+    from charlm.model.checkpoint import load_checkpoint
 
     best = load_checkpoint(run_dir / "best.safetensors")
     assert best.cache is None and best.train_state["step"] == result.best_step
@@ -259,7 +260,7 @@ def test_a_signal_during_the_fit_keeps_the_run_and_skips_the_fit_and_the_sample(
     from typer.testing import CliRunner
 
     from charlm import cli
-    from charlm.checkpoint import load_checkpoint
+    from charlm.model.checkpoint import load_checkpoint
 
     shown = cli._TrainDisplay.__call__
 

@@ -8,12 +8,12 @@ import threading
 import numpy as np
 import pytest
 
-import charlm.cache as cache
-import charlm.data as data_module
-from charlm.cache import corpus_ids
-from charlm.tokenizer import CharTokenizer
-from charlm.cache import prepare_corpus
-from charlm.data import prepare_data
+import charlm.data.tokenstore as cache
+import charlm.data.text as data_module
+from charlm.data.tokenstore import corpus_ids
+from charlm.data.tokenizer import CharTokenizer
+from charlm.data.tokenstore import prepare_corpus
+from charlm.data.text import prepare_data
 
 # Non-ASCII text, CRLF line ends, and characters that occur only in the validation part.
 TEXT = ("naïve café — line one\r\nΔelta two\rthree 😀 four\n" * 40) + "tail only: ж§\n"
@@ -121,7 +121,7 @@ def test_a_resumed_tokenizer_that_differs_from_the_cache_is_used_instead(tmp_pat
 
 @pytest.mark.parametrize("kind", ["char", "byte", "word"])
 def test_a_separate_validation_file(tmp_path, small_chunks, kind):
-    from charlm.data import prepare_texts
+    from charlm.data.text import prepare_texts
 
     train_path, val_path = tmp_path / "train.txt", tmp_path / "valid.txt"
     train_path.write_bytes(TEXT.encode("utf-8"))

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import charlm
-from charlm.cells import PeepholeLSTM, fixed_weight_matmul, lstm_layer
+from charlm.model.cells import PeepholeLSTM, fixed_weight_matmul, lstm_layer
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
-from charlm.model import RNNLM
+from charlm.model.lm import RNNLM
 
 
 def reference_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, p_i, p_f, p_o):
@@ -122,8 +122,8 @@ def test_bf16_training_of_a_wide_lstm_runs_by_hand_near_fp32(monkeypatch, bf16_k
     """Under CPU bf16 autocast, from cells.HAND_WRITTEN_BF16_MIN_HIDDEN units, training runs the
     hand-written layer (lowered here so a small model takes it): its loss and gradients stay near
     the fp32 model's, as oneDNN's bf16 kernel's do, and evaluation keeps nn.LSTM's kernel."""
-    import charlm.cells as cells
-    import charlm.model as model_module
+    import charlm.model.cells as cells
+    import charlm.model.lm as model_module
 
     calls = []
     monkeypatch.setattr(model_module, "lstm_layer", lambda *a: calls.append(1) or cells.lstm_layer(*a))
@@ -230,7 +230,7 @@ def test_a_checkpoint_of_each_cell_trains_resumes_samples_scores_and_exports(opt
     assert len(lm.score(["All:\n", "Resolved.\n"])) == 2
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from charlm.export import check_onnx, export_onnx
+    from charlm.model.export import check_onnx, export_onnx
 
     export_onnx(lm.model, tmp_path / "m.onnx")
     assert check_onnx(lm.model, tmp_path / "m.onnx") < 1e-4

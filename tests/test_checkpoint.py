@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from charlm.checkpoint import (FORMAT, atomic_write, load_checkpoint, read_header, resolve_checkpoint,
+from charlm.model.checkpoint import (FORMAT, atomic_write, load_checkpoint, read_header, resolve_checkpoint,
                                save_checkpoint)
 from charlm.config import ModelConfig
 from charlm.errors import CheckpointError, SaveError
-from charlm.model import RNNLM
-from charlm.tokenizer import CharTokenizer
+from charlm.model.lm import RNNLM
+from charlm.data.tokenizer import CharTokenizer
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     def no_space(fd, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("charlm.checkpoint.os.write", no_space)
+    monkeypatch.setattr("charlm.model.checkpoint.os.write", no_space)
     with pytest.raises(SaveError, match="No space left on device"):
         atomic_write(target, b"new")
     assert target.read_bytes() == b"old"

@@ -92,8 +92,8 @@ def test_bf16_word_models_expect_more_epochs_and_regularise_more():
 def test_the_plan_measures_this_machine_only_for_a_shape_it_chooses(tmp_path, monkeypatch):
     import torch
 
-    from charlm import plan as planning
-    from charlm.precision import FP32
+    from charlm.training import plan as planning
+    from charlm.model.precision import FP32
 
     cfg = ModelConfig(vocab_size=30, hidden_size=16, embed_size=8)
     before = torch.get_rng_state()

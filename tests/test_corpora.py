@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from charlm import corpora
-from charlm.corpora import CorpusSpec, RemoteFile, SplitSource, get_corpus, prepared_corpus, resolve_corpus_name
+from charlm.data import corpora
+from charlm.data.corpora import CorpusSpec, RemoteFile, SplitSource, get_corpus, prepared_corpus, resolve_corpus_name
 from charlm.errors import ChecksumError, CorpusError, DownloadError, UsageError
 
 from conftest import SHARED_CORPUS

@@ -28,9 +28,9 @@ from typer.testing import CliRunner
 import charlm
 from charlm.cli import app
 from charlm.config import ModelConfig
-from charlm.infer import FastStep
-from charlm.model import RNNLM
-from charlm.precision import resolve_precision
+from charlm.infer.step import FastStep
+from charlm.model.lm import RNNLM
+from charlm.model.precision import resolve_precision
 from conftest import TINY_TEXT, subprocess_env
 
 OVERRIDE = os.environ.get("CHARLM_TEST_CUDA_AS", "")
@@ -247,7 +247,7 @@ def _torchrun(*args: str, nproc: int, cwd: Path) -> subprocess.CompletedProcess:
 # the device. charlm itself joins no group when WORLD_SIZE is 1, so on one GPU this is the NCCL check.
 _COLLECTIVE = """
 import os, sys, torch, torch.distributed as dist
-from charlm.distributed import backend_for
+from charlm.training.distributed import backend_for
 device = torch.device(sys.argv[1], int(os.environ["LOCAL_RANK"])) if sys.argv[1] == "cuda" else torch.device("cpu")
 if device.type == "cuda":
     torch.cuda.set_device(device)
@@ -286,7 +286,7 @@ def test_torchrun_trains_and_writes_one_checkpoint(tmp_path):
 def test_a_captured_step_gives_the_eager_steps_tokens(run_on_device, monkeypatch):
     """FastStep replays one captured CUDA graph a token; its samples are the eager steps', token for
     token, for the same seed (and a capture that fails falls back to eager steps)."""
-    from charlm import infer
+    from charlm.infer import step as infer
 
     lm = charlm.load(run_on_device, device=DEVICE)
     options = dict(num_samples=3, length=60, temperature=0.9, seed=11)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.data import (batchify, bptt_windows, default_corpus, epoch_offset, fit_batch_shape, num_windows,
+from charlm.data.text import (batchify, bptt_windows, default_corpus, epoch_offset, fit_batch_shape, num_windows,
                          read_corpus, shifted_windows, window,
                          split_text)
 from charlm.errors import CorpusError
@@ -101,7 +101,7 @@ def test_default_corpus_is_python_docs():
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 64])
 def test_streamed_reading_is_chunk_size_independent(tmp_path, chunk_bytes):
-    from charlm.data import iter_corpus_chunks
+    from charlm.data.text import iter_corpus_chunks
 
     path = tmp_path / "c.txt"
     path.write_bytes("\ufeffa\r\nb\rc\r\r\nδx€y😀\r".encode("utf-8"))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from charlm.distributed import Dist
-from charlm.evaluate import evaluate
-from charlm.model import RNNLM
+from charlm.training.distributed import Dist
+from charlm.infer.evaluate import evaluate
+from charlm.model.lm import RNNLM
 from charlm.config import ModelConfig
 from conftest import subprocess_env
 
@@ -173,7 +173,7 @@ def test_a_killed_rank_stops_the_others_and_keeps_the_checkpoint(tiny_corpus, tm
 def test_the_process_group_reduces_cpu_tensors_with_gloo_even_on_cuda(monkeypatch):
     """The per-step loss and clock are CPU tensors, which NCCL cannot reduce: on CUDA the group
     pairs NCCL (GPU tensors) with gloo (CPU ones)."""
-    from charlm import distributed
+    from charlm.training import distributed
 
     joined = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -189,7 +189,7 @@ def test_the_process_group_reduces_cpu_tensors_with_gloo_even_on_cuda(monkeypatc
 
 _OUTCOME_WORKER = """
 import sys
-from charlm.distributed import from_env, shutdown
+from charlm.training.distributed import from_env, shutdown
 from charlm.errors import SaveError
 dist = from_env("cpu")
 try:
@@ -228,11 +228,11 @@ def test_an_error_in_rank_0_alone_stops_every_rank_with_its_message(tmp_path, ou
 _FAILING_SAVE_WORKER = """
 import sys
 from charlm import checkpoint
-from charlm.cache import prepare_corpus
+from charlm.data.tokenstore import prepare_corpus
 from charlm.config import ModelConfig, TrainConfig
-from charlm.distributed import from_env, shutdown
+from charlm.training.distributed import from_env, shutdown
 from charlm.errors import SaveError
-from charlm.trainer import train
+from charlm.training.loop import train
 
 dist = from_env("cpu")
 saves = 0

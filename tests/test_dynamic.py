@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import charlm
-from charlm import checkpoint as ckpt
+from charlm.model import checkpoint as ckpt
 from charlm.cli import app
 from charlm.config import CachePointer, ModelConfig
-from charlm.dynamic import DEFAULTS, EPSILON, DynamicEval, dynamic_settings, evaluate_dynamic
+from charlm.infer.dynamic import DEFAULTS, EPSILON, DynamicEval, dynamic_settings, evaluate_dynamic
 from charlm.errors import ConfigError, UsageError
-from charlm.evaluate import evaluate
-from charlm.model import RNNLM
-from charlm.tokenizer import fit_tokenizer
+from charlm.infer.evaluate import evaluate
+from charlm.model.lm import RNNLM
+from charlm.data.tokenizer import fit_tokenizer
 
 runner = CliRunner()
 

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from charlm.cli import app
-from charlm.data import split_text
+from charlm.data.text import split_text
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from charlm.config import ModelConfig
-from charlm.evaluate import evaluate
-from charlm.model import RNNLM
+from charlm.infer.evaluate import evaluate
+from charlm.model.lm import RNNLM
 
 
 def token_by_token(model, ids, num_streams, context=256):
@@ -52,7 +52,7 @@ def test_evaluate_leaves_training_mode_alone_and_handles_tiny_input():
 
 
 def test_context_brings_many_streams_close_to_one_sequential_pass(trained_run):
-    from charlm.checkpoint import load_checkpoint
+    from charlm.model.checkpoint import load_checkpoint
     from conftest import TINY_TEXT
 
     loaded = load_checkpoint(trained_run / "best.safetensors")
@@ -65,7 +65,7 @@ def test_context_brings_many_streams_close_to_one_sequential_pass(trained_run):
 
 
 def test_a_small_logits_budget_changes_nothing(monkeypatch):
-    import charlm.evaluate as evaluate_module
+    import charlm.infer.evaluate as evaluate_module
 
     torch.manual_seed(2)
     model = RNNLM(ModelConfig(vocab_size=300, hidden_size=16, embed_size=8)).eval()

@@ -10,9 +10,9 @@ import torch
 
 from charlm.config import ModelConfig
 from charlm.errors import ExportError, MissingDependencyError
-from charlm.export import check_onnx, export_onnx
-from charlm.model import RNNLM
-from charlm.tokenizer import CharTokenizer
+from charlm.model.export import check_onnx, export_onnx
+from charlm.model.lm import RNNLM
+from charlm.data.tokenizer import CharTokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,9 +9,9 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from charlm.checkpoint import load_checkpoint
+from charlm.model.checkpoint import load_checkpoint
 from charlm.cli import app
-from charlm.trainer import load_resume
+from charlm.training.loop import load_resume
 
 from conftest import subprocess_env
 
@@ -79,8 +79,8 @@ def test_signal_saves_last_and_says_how_to_resume(tmp_path, tiny_corpus, sig, co
 def test_a_resumed_run_that_does_not_improve_reports_the_earlier_best(tmp_path, tiny_corpus, monkeypatch):
     """The summary is the run's best, not this session's: a resumed session whose evaluations are all
     worse still ends normally (the signal test above hit this when the last few steps ran at lr ≈ 0)."""
-    import charlm.trainer as train_module
-    from charlm.evaluate import EvalResult
+    import charlm.training.loop as train_module
+    from charlm.infer.evaluate import EvalResult
 
     out = tmp_path / "run"
     runner = CliRunner()
@@ -128,7 +128,7 @@ def test_disk_full_during_training_keeps_the_previous_checkpoint(tmp_path, tiny_
     def no_space(fd, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("charlm.checkpoint.os.write", no_space)
+    monkeypatch.setattr("charlm.model.checkpoint.os.write", no_space)
     result = runner.invoke(app, ["train", "--resume", str(out), "--max-steps", "8"])
     assert result.exit_code == 1 and "No space left on device" in result.stderr
     assert "previous checkpoint is intact" in result.stderr

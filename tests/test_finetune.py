@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm.checkpoint import load_checkpoint
+from charlm.model.checkpoint import load_checkpoint
 from charlm.cli import app
 
 from conftest import TINY_TEXT

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from charlm.cache import folder_ids
-from charlm.checkpoint import load_checkpoint
+from charlm.data.tokenstore import folder_ids
+from charlm.model.checkpoint import load_checkpoint
 from charlm.cli import app
-from charlm.tokenizer import CharTokenizer
+from charlm.data.tokenizer import CharTokenizer
 
 runner = CliRunner()
 SHAPE = ["--hidden-size", "16", "--embed-size", "8", "--seq-len", "8", "--batch-size", "2", "--device", "cpu",
@@ -126,7 +126,7 @@ def test_cached_file_lists_are_absolute_and_read_back_from_anywhere(tree, tmp_pa
 
 
 def test_the_validation_split_comes_closest_to_the_fraction(tmp_path):
-    from charlm.cache import _val_start
+    from charlm.data.tokenstore import _val_start
 
     assert _val_start([100] * 10, 0.1) == 9  # one file of ten: exactly the fraction
     assert _val_start([10] * 9 + [1000], 0.1) == 9  # a huge last file: still one file (at least one)

@@ -14,11 +14,11 @@ from torch import nn
 import charlm
 import contiguity
 from charlm.config import ModelConfig, TrainConfig
-from charlm.data import prepare_data
-from charlm.evaluate import evaluate
-from charlm.infer import FastStep
-from charlm.model import RNNLM
-from charlm.precision import Precision
+from charlm.data.text import prepare_data
+from charlm.infer.evaluate import evaluate
+from charlm.infer.step import FastStep
+from charlm.model.lm import RNNLM
+from charlm.model.precision import Precision
 from conftest import TINY_TEXT
 
 
@@ -96,7 +96,7 @@ def test_a_layer_at_a_time_equals_one_call_in_logits_and_gradients(cell, num_lay
 def test_a_dropped_out_layer_is_handed_over_as_one_chunk():
     """With weight drop, the layer's weights go to the kernel as views of one new buffer, in order
     (what cuDNN takes without its copy), and their gradients reach the stored weights."""
-    from charlm.model import _one_chunk
+    from charlm.model.lm import _one_chunk
 
     weights = [torch.randn(8, 3, requires_grad=True), torch.randn(8, 2, requires_grad=True),
                torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)]
@@ -129,7 +129,7 @@ class _CpuFp16(Precision):
 
 
 def test_an_fp16_run_skips_a_non_finite_loss_and_goes_on(tmp_path, monkeypatch):
-    from charlm import trainer as trainer_module
+    from charlm.training import loop as trainer_module
 
     monkeypatch.setattr(trainer_module, "resolve_precision", lambda *a, **k: _CpuFp16("fp16", "test"))
     data = prepare_data(TINY_TEXT, val_fraction=0.1)
@@ -147,7 +147,7 @@ def test_an_fp16_run_skips_a_non_finite_loss_and_goes_on(tmp_path, monkeypatch):
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr("charlm.trainer.F.cross_entropy", poisoned)
+    monkeypatch.setattr("charlm.training.loop.F.cross_entropy", poisoned)
     result = trainer_module.train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
     assert result.step == 8
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -158,8 +158,8 @@ def test_an_fp16_run_skips_a_non_finite_loss_and_goes_on(tmp_path, monkeypatch):
 def test_each_ranks_cuda_generator_is_saved_and_restored(monkeypatch):
     """A distributed GPU run keeps every rank's CUDA generator, so each draws its own dropout masks
     after a resume (rank 0's alone made every GPU draw the same). Shown with a stand-in CUDA RNG."""
-    from charlm import trainer as trainer_module
-    from charlm.distributed import Dist
+    from charlm.training import loop as trainer_module
+    from charlm.training.distributed import Dist
 
     model = RNNLM(ModelConfig(vocab_size=5, hidden_size=4, embed_size=4))
     optimizer = torch.optim.AdamW(model.parameters())
@@ -178,7 +178,7 @@ def test_each_ranks_cuda_generator_is_saved_and_restored(monkeypatch):
 
 
 def test_tf32_is_on_in_a_cuda_run_unless_refused_and_the_settings_come_back():
-    from charlm.precision import tf32_region
+    from charlm.model.precision import tf32_region
 
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     with tf32_region(torch.device("cuda"), True):  # only the process's settings: no GPU is touched
@@ -191,7 +191,7 @@ def test_tf32_is_on_in_a_cuda_run_unless_refused_and_the_settings_come_back():
 
 
 def test_no_tf32_is_an_option_kept_in_the_run_and_adjustable_on_resume(tmp_path, tiny_corpus):
-    from charlm.checkpoint import load_checkpoint
+    from charlm.model.checkpoint import load_checkpoint
 
     tiny = dict(hidden_size=8, embed_size=4, seq_len=8, batch_size=2, device="cpu", cache=False)
     run = charlm.train(tiny_corpus, out=tmp_path / "run", max_steps=2, tf32=False, **tiny)
@@ -208,7 +208,7 @@ def test_no_tf32_is_an_option_kept_in_the_run_and_adjustable_on_resume(tmp_path,
 def test_tokens_drawn_ahead_on_the_device_are_the_ones_drawn_a_step_at_a_time(trained_run, monkeypatch, options):
     """On a GPU a sample no stop string reads is drawn in blocks, read back once a block: the same
     text, token for token, as reading every token (shown on the CPU by letting it take that path)."""
-    from charlm import sample as sample_module
+    from charlm.infer import sample as sample_module
 
     lm = charlm.load(trained_run)
     args = dict(num_samples=3, length=50, seed=5, **options)
@@ -226,7 +226,7 @@ def test_tokens_drawn_ahead_on_the_device_are_the_ones_drawn_a_step_at_a_time(tr
 
 def test_drawing_on_the_device_agrees_with_next_token_and_flags_what_it_refuses():
     from charlm.errors import SamplingError
-    from charlm.sample import draw_on_device, next_token
+    from charlm.infer.sample import draw_on_device, next_token
 
     logits = torch.tensor([[1.0, 2.0, 0.5, -1.0], [float("inf"), 0.0, float("inf"), 1.0], [3e38, -3e38, 1.0, 2.0]])
     for temperature in (1.0, 0.5, 1e-30, 0.0):
@@ -247,7 +247,7 @@ def test_drawing_on_the_device_agrees_with_next_token_and_flags_what_it_refuses(
 
 
 def test_a_nan_model_drawn_ahead_stops_with_the_same_error(trained_run, monkeypatch):
-    from charlm import sample as sample_module
+    from charlm.infer import sample as sample_module
     from charlm.errors import SamplingError
 
     lm = charlm.load(trained_run)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm.precision import cpu_bf16_kernel_runs
+from charlm.model.precision import cpu_bf16_kernel_runs
 from conftest import subprocess_env
 
 pytestmark = pytest.mark.processes  # the fast tier (-m 'not slow') leaves these out: conftest.py

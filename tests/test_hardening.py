@@ -16,14 +16,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from charlm import jsonio
-from charlm.checkpoint import load_checkpoint, save_checkpoint
+from charlm.model.checkpoint import load_checkpoint, save_checkpoint
 from charlm.cli import app
 from charlm.config import LIMITS, ModelConfig, SampleConfig, TrainConfig, check_option
 from charlm.errors import CheckpointError, ConfigError, OutOfMemoryError, RunInUseError, SamplingError
-from charlm.model import RNNLM, count_parameters, parameter_shapes
-from charlm.sample import generate, next_token
-from charlm.tokenizer import CharTokenizer, WordTokenizer
-from charlm.trainer import claim_run_dir, load_resume, new_run_dir
+from charlm.model.lm import RNNLM, count_parameters, parameter_shapes
+from charlm.infer.sample import generate, next_token
+from charlm.data.tokenizer import CharTokenizer, WordTokenizer
+from charlm.training.loop import claim_run_dir, load_resume, new_run_dir
 
 from conftest import subprocess_env
 
@@ -93,7 +93,7 @@ def test_a_size_the_tensors_do_not_hold_is_refused_before_anything_is_allocated(
     def no_building(*args, **kwargs):
         raise AssertionError("a model was built from unchecked metadata")
 
-    monkeypatch.setattr("charlm.model.RNNLM.__init__", no_building)
+    monkeypatch.setattr("charlm.model.lm.RNNLM.__init__", no_building)
     with pytest.raises(CheckpointError):
         load_checkpoint(saved)
 
@@ -387,9 +387,9 @@ def test_out_of_memory_in_a_training_step_keeps_the_checkpoints(tmp_path, tiny_c
 
 
 @pytest.mark.parametrize("where, command, expected", [
-    ("charlm.trainer.RNNLM.__init__", "train", "out of memory building a model"),
-    ("charlm.trainer.evaluate", "train", "out of memory evaluating"),
-    ("charlm.sample.FastStep.reset", "sample", "--num-samples"),
+    ("charlm.training.loop.RNNLM.__init__", "train", "out of memory building a model"),
+    ("charlm.training.loop.evaluate", "train", "out of memory evaluating"),
+    ("charlm.infer.sample.FastStep.reset", "sample", "--num-samples"),
     ("safetensors.torch.load_file", "sample", "out of memory loading"),
 ])
 def test_out_of_memory_anywhere_is_one_line_and_exit_1(tmp_path, tiny_corpus, trained_run, monkeypatch, where,
@@ -406,7 +406,7 @@ def test_a_cuda_style_out_of_memory_is_caught_too(tmp_path, tiny_corpus, monkeyp
     def cuda_oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr("charlm.trainer.evaluate", cuda_oom)
+    monkeypatch.setattr("charlm.training.loop.evaluate", cuda_oom)
     result = invoke("train", tiny_corpus, "--out", tmp_path / "run", "--max-steps", "2", *TINY)
     assert "out of memory evaluating" in one_line_error(result, 1)
 
@@ -599,7 +599,7 @@ def test_encoding_errors_out_of_its_choices_is_a_usage_error(tmp_path, tiny_corp
 
 
 def test_a_perplexity_that_overflows_is_infinite():
-    from charlm.evaluate import EvalResult
+    from charlm.infer.evaluate import EvalResult
 
     assert EvalResult(float("inf"), 3).perplexity == math.inf and EvalResult(800.0, 1).perplexity == math.inf
     assert EvalResult(2.0, 1).perplexity == pytest.approx(math.exp(2.0))

@@ -18,15 +18,15 @@ from typer.testing import CliRunner
 
 import charlm
 from charlm import cli
-from charlm.checkpoint import save_checkpoint
+from charlm.model.checkpoint import save_checkpoint
 from charlm.cli import app, safe_text
 from charlm.config import ModelConfig
-from charlm.data import read_corpus, source_kind
+from charlm.data.text import read_corpus, source_kind
 from charlm.errors import CorpusError, RunInUseError, SaveError, UsageError
 from charlm.fsutil import UnsafeFolderError, append_text, atomic_write, lock_folder, open_lock_file
-from charlm.model import RNNLM
-from charlm.plot import read_metrics
-from charlm.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
+from charlm.model.lm import RNNLM
+from charlm.training.plot import read_metrics
+from charlm.data.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
 
 from conftest import TINY_TEXT, subprocess_env
 
@@ -410,7 +410,7 @@ def test_a_run_folder_of_another_user_is_refused(tmp_path, monkeypatch):
 
 
 def test_a_link_planted_as_the_token_cache_lock_is_refused(tmp_path, monkeypatch):
-    from charlm.cache import cache_key, corpus_ids
+    from charlm.data.tokenstore import cache_key, corpus_ids
 
     victim = _planted(tmp_path)
     corpus = _corpus(tmp_path)
@@ -469,7 +469,7 @@ def test_a_link_planted_as_a_downloads_part_file_is_not_followed(tmp_path):
     to untouched, whether the download starts or resumes."""
     import io
 
-    from charlm import corpora
+    from charlm.data import corpora
     from charlm.errors import SaveError
 
     victim = tmp_path / "victim.txt"

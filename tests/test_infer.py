@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from charlm.config import ModelConfig
-from charlm.infer import FastStep
-from charlm.model import RNNLM
+from charlm.infer.step import FastStep
+from charlm.model.lm import RNNLM
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])

@@ -7,10 +7,13 @@ import json
 import pytest
 import torch
 
-from charlm import cells, infer, machine, trainer
+from charlm import machine
+from charlm.model import cells
+from charlm.infer import step as infer
+from charlm.training import loop as trainer
 from charlm.config import ModelConfig, TrainConfig
-from charlm.infer import FastStep
-from charlm.model import RNNLM
+from charlm.infer.step import FastStep
+from charlm.model.lm import RNNLM
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from charlm.config import ModelConfig
-from charlm.model import RNNLM, detach_state
+from charlm.model.lm import RNNLM, detach_state
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charlm.errors import ConfigError, MetricsError, MissingDependencyError
-from charlm.plot import Metrics, read_metrics, save_png, terminal_chart
+from charlm.training.plot import Metrics, read_metrics, save_png, terminal_chart
 
 from conftest import TINY_TEXT
 
@@ -66,8 +66,8 @@ def test_a_folder_without_metrics_is_an_error(tmp_path):
 
 def test_metrics_of_a_real_training_run(tmp_path):
     from charlm.config import ModelConfig, TrainConfig
-    from charlm.data import prepare_data
-    from charlm.trainer import train
+    from charlm.data.text import prepare_data
+    from charlm.training.loop import train
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

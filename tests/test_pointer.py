@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from charlm import checkpoint as ckpt
+from charlm.model import checkpoint as ckpt
 from charlm.cli import app
 from charlm.config import CachePointer, ModelConfig
 from charlm.errors import CheckpointError, ConfigError
-from charlm.evaluate import evaluate
-from charlm.model import RNNLM
-from charlm.pointer import BLOCK, evaluate_with_cache, tune_cache
-from charlm.precision import FP32
-from charlm.tokenizer import fit_tokenizer
+from charlm.infer.evaluate import evaluate
+from charlm.model.lm import RNNLM
+from charlm.infer.pointer import BLOCK, evaluate_with_cache, tune_cache
+from charlm.model.precision import FP32
+from charlm.data.tokenizer import fit_tokenizer
 
 runner = CliRunner()
 

@@ -6,17 +6,17 @@ import torch
 from safetensors.torch import load_file
 
 import charlm
-from charlm import precision as precision_module
-from charlm.checkpoint import load_checkpoint
+from charlm.model import precision as precision_module
+from charlm.model.checkpoint import load_checkpoint
 from charlm.config import ModelConfig, TrainConfig
-from charlm.data import prepare_data
+from charlm.data.text import prepare_data
 from charlm.errors import ConfigError
-from charlm.evaluate import evaluate
-from charlm.infer import FastStep
-from charlm.model import RNNLM
-from charlm.precision import resolve_precision
-from charlm.sample import sampling_precision
-from charlm.trainer import train
+from charlm.infer.evaluate import evaluate
+from charlm.infer.step import FastStep
+from charlm.model.lm import RNNLM
+from charlm.model.precision import resolve_precision
+from charlm.infer.sample import sampling_precision
+from charlm.training.loop import train
 
 CPU = torch.device("cpu")
 
@@ -181,7 +181,7 @@ def test_a_bad_precision_is_a_usage_error_before_any_work(command, tmp_path, mon
 def test_where_bf16_autocast_would_not_keep_bf16_the_recurrence_runs_in_fp32(monkeypatch, cell, dropout):
     """On CUDA autocast runs cuDNN's RNN in fp16 (no gradient scaler in a bf16 run): there the
     recurrence leaves autocast and runs fp32, the head stays bf16. Shown on the CPU by listing it."""
-    from charlm import model as model_module
+    from charlm.model import lm as model_module
     from conftest import skip_without_bf16_kernel
 
     skip_without_bf16_kernel(cell)
@@ -238,7 +238,7 @@ def test_bf16_training_on_such_a_cpu_is_one_line_before_the_corpus_is_read(no_bf
     corpus.write_text("some text to learn from\n" * 50, encoding="utf-8")
     read = []
     with monkeypatch.context() as patched:
-        patched.setattr("charlm.cache.prepare_corpus", lambda *a, **k: read.append(1))
+        patched.setattr("charlm.data.tokenstore.prepare_corpus", lambda *a, **k: read.append(1))
         result = CliRunner().invoke(app, ["train", str(corpus), "--precision", "bf16", "--max-steps", "2"])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from charlm.config import ModelConfig
-from charlm.model import RNNLM, keep_mask, locked_dropout
+from charlm.model.lm import RNNLM, keep_mask, locked_dropout
 
 STRONG = dict(dropout=0.4, input_dropout=0.5, embed_dropout=0.2, weight_drop=0.5)
 
@@ -102,8 +102,8 @@ def test_weight_drop_leaves_the_stored_weights_unchanged_and_reaches_their_gradi
 
 @pytest.mark.parametrize("cell, cls", [("lstm", nn.LSTM), ("gru", nn.GRU)])
 def test_a_checkpoint_trained_with_regularisation_loads_into_plain_pytorch(tmp_path, cell, cls):
-    from charlm.checkpoint import load_checkpoint, save_checkpoint
-    from charlm.tokenizer import CharTokenizer
+    from charlm.model.checkpoint import load_checkpoint, save_checkpoint
+    from charlm.data.tokenizer import CharTokenizer
 
     tok = CharTokenizer.fit("abcdefghijk")
     m = RNNLM(ModelConfig(vocab_size=tok.vocab_size, cell=cell, hidden_size=8, embed_size=8, num_layers=2,
@@ -142,7 +142,7 @@ def test_activation_regularisation_adds_to_the_objective_not_to_the_reported_los
 def test_char_models_drop_half_as_much_of_the_input_as_of_the_output(tmp_path):
     """config.char_input_dropout: the default follows --dropout (auto-sized or given); a given
     --input-dropout is kept; word models keep their level's own."""
-    from charlm.plan import TrainOptions, plan_run
+    from charlm.training.plan import TrainOptions, plan_run
 
     corpus = tmp_path / "text.txt"
     corpus.write_text("the cat sat on the mat and the dog sat on the log\n" * 300, encoding="utf-8")

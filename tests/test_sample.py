@@ -1,8 +1,8 @@
 import torch
 
-from charlm.checkpoint import load_checkpoint, resolve_checkpoint
+from charlm.model.checkpoint import load_checkpoint, resolve_checkpoint
 from charlm.config import SampleConfig
-from charlm.sample import Piece, _StopBuffer, generate, next_token
+from charlm.infer.sample import Piece, _StopBuffer, generate, next_token
 
 
 def test_temperature_zero_is_argmax_whatever_the_generator():

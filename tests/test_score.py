@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
-from charlm.model import RNNLM
-from charlm.score import line_tokens, score_lines
-from charlm.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
+from charlm.model.lm import RNNLM
+from charlm.infer.score import line_tokens, score_lines
+from charlm.data.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
 
 from conftest import TINY_TEXT
 

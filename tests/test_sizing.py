@@ -8,7 +8,7 @@ import json
 import pytest
 
 import charlm
-from charlm.sizing import CPU_LADDER, GPU_LADDER, Shape, dropout_for, size_by_speed
+from charlm.training.sizing import CPU_LADDER, GPU_LADDER, Shape, dropout_for, size_by_speed
 
 SHAKESPEARE = 1_003_854  # tiny-shakespeare's training tokens
 
@@ -106,7 +106,7 @@ def test_dropout_follows_the_epochs_and_the_data_per_weight():
 
 
 def test_a_planned_run_records_what_was_measured_and_why(tmp_path, tiny_corpus, monkeypatch):
-    from charlm import plan as planning
+    from charlm.training import plan as planning
 
     monkeypatch.setattr(planning, "measure_train_rate", lambda config, **shape: 1234.0)
     events, notes = [], []

@@ -11,11 +11,11 @@ import torch
 from charlm.api import LanguageModel
 from charlm.config import ModelConfig
 from charlm.errors import UsageError
-from charlm.model import RNNLM
-from charlm.evaluate import evaluate
-from charlm.score import score_lines
-from charlm.surprise import line_logprobs, line_start, text_logprobs, token_label
-from charlm.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
+from charlm.model.lm import RNNLM
+from charlm.infer.evaluate import evaluate
+from charlm.infer.score import score_lines
+from charlm.infer.surprise import line_logprobs, line_start, text_logprobs, token_label
+from charlm.data.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
 
 from conftest import TINY_TEXT
 
@@ -148,7 +148,7 @@ def test_empty_text_and_bad_arguments(trained_run):
             text_logprobs(model, tokenizer, "abc", top=top)
     with pytest.raises(UsageError, match="at most 5"):
         text_logprobs(model, tokenizer, "abcdef", max_tokens=5)
-    from charlm.checkpoint import load_checkpoint, resolve_checkpoint
+    from charlm.model.checkpoint import load_checkpoint, resolve_checkpoint
 
     lm = LanguageModel(load_checkpoint(resolve_checkpoint(trained_run)))
     with pytest.raises(UsageError, match="text must be a string"):

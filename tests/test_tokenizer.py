@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charlm.errors import TokenizerError
-from charlm.tokenizer import (EOS, UNK, ByteTokenizer, CharTokenizer, WordTokenizer, fit_tokenizer,
+from charlm.data.tokenizer import (EOS, UNK, ByteTokenizer, CharTokenizer, WordTokenizer, fit_tokenizer,
                               normalize_words, tokenizer_from_dict)
 
 

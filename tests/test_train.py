@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.checkpoint import load_checkpoint
+from charlm.model.checkpoint import load_checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import ConfigError, TrainingError
-from charlm.data import prepare_data
-from charlm.trainer import load_resume, lr_at, new_run_dir, resume_configs, train
+from charlm.data.text import prepare_data
+from charlm.training.loop import load_resume, lr_at, new_run_dir, resume_configs, train
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -85,8 +85,8 @@ def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised, ave
 
 @pytest.mark.parametrize("shifted", [False, True])
 def test_shift_windows_starts_each_epoch_at_its_own_offset(tmp_path, tiny_text, monkeypatch, shifted):
-    from charlm import trainer as trainer_module
-    from charlm.data import batchify, epoch_offset, num_windows, shifted_windows
+    from charlm.training import loop as trainer_module
+    from charlm.data.text import batchify, epoch_offset, num_windows, shifted_windows
 
     data = prepare_data(tiny_text[:2000], val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, epochs=3, seq_len=16, shift_windows=shifted, eval_every=1000)
@@ -115,7 +115,7 @@ def test_shift_windows_starts_each_epoch_at_its_own_offset(tmp_path, tiny_text, 
 def test_streams_held_on_the_device_train_exactly_as_host_windows(tmp_path, tiny_text, monkeypatch):
     """On a GPU the streams are copied there once and windows are cut from them; shown on the CPU
     by making it take that path: the same losses, step for step, with shifted windows too."""
-    from charlm import trainer as trainer_module
+    from charlm.training import loop as trainer_module
 
     data = prepare_data(tiny_text[:3000], val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, epochs=2, shift_windows=True, eval_every=1000)
@@ -153,7 +153,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_text, monkeypatch
     in a row, and the last good checkpoint stays intact. On a GPU the skip happens in the fused
     optimizer (found_inf) and the run of bad steps is read when the run logs (every step here):
     shown on the CPU by making it take that path."""
-    from charlm import trainer as trainer_module
+    from charlm.training import loop as trainer_module
 
     if on_device:
         monkeypatch.setattr(trainer_module, "keeps_steps_on_device", lambda device, dist, cfg: True)
@@ -170,7 +170,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_text, monkeypatch
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr("charlm.trainer.F.cross_entropy", poisoned)
+    monkeypatch.setattr("charlm.training.loop.F.cross_entropy", poisoned)
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
         train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -186,7 +186,7 @@ def test_steps_kept_on_the_device_log_what_host_steps_log(tmp_path, tiny_text, m
     """On a GPU a step leaves its loss and the skip of a bad step on the device, read when the run
     logs (no wait per step). Shown on the CPU by making it take that path: the logged losses are
     the host path's (fused AdamW against the plain one: rounding apart)."""
-    from charlm import trainer as trainer_module
+    from charlm.training import loop as trainer_module
 
     data = prepare_data(tiny_text, val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, max_steps=24, log_every=log_every)
@@ -222,7 +222,7 @@ def test_new_run_dir_never_reuses_a_run(tmp_path):
 
 def test_an_optimizer_file_of_another_optimizer_is_refused(tmp_path, tiny_text):
     from charlm.errors import CheckpointError
-    from charlm.trainer import check_optim_tensors
+    from charlm.training.loop import check_optim_tensors
 
     data = prepare_data(tiny_text, val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, max_steps=3)
@@ -250,7 +250,7 @@ def test_cpu_training_keeps_freed_memory_in_the_heap(monkeypatch):
     """trainer.keep_freed_memory: glibc takes the mallopt options (Linux); elsewhere it is a no-op."""
     import platform
 
-    from charlm import trainer
+    from charlm.training import loop as trainer
 
     trainer.keep_freed_memory.cache_clear()
     try:
@@ -267,8 +267,8 @@ def test_the_fused_cpu_optimizer_steps_as_the_multi_tensor_one(optimizer):
     """The fused kernels make_optimizer takes on a CPU where they measured faster: ten steps of them
     equal PyTorch's default multi-tensor form (with weight decay on the matrices, none on the
     vectors) to float32 rounding."""
-    from charlm.model import RNNLM
-    from charlm.trainer import make_optimizer
+    from charlm.model.lm import RNNLM
+    from charlm.training.loop import make_optimizer
 
     cfg = TrainConfig(optimizer=optimizer, lr=1e-2 if optimizer == "adamw" else 1.0, weight_decay=0.1)
     trained = []

@@ -38,18 +38,18 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from .. import jsonio
-from ..api import LanguageModel
-from ..checkpoint import checkpoint_report
-from ..config import LIMITS, SampleConfig, brief
-from ..errors import Cancelled, CharlmError, MissingDependencyError, UsageError
-from ..infer import FastStep
-from ..model import has_cell_state
-from ..sample import Generation, prime_ids
-from .http import (SHUTTING_DOWN, _END, _STOPPED, _answer_of, _body, _call_soon, _error, _EventStream,  # noqa: F401
+from charlm import jsonio
+from charlm.api import LanguageModel
+from charlm.model.checkpoint import checkpoint_report
+from charlm.config import LIMITS, SampleConfig, brief
+from charlm.errors import Cancelled, CharlmError, MissingDependencyError, UsageError
+from charlm.infer.step import FastStep
+from charlm.model.lm import has_cell_state
+from charlm.infer.sample import Generation, prime_ids
+from charlm.serve.http import (SHUTTING_DOWN, _END, _STOPPED, _answer_of, _body, _call_soon, _error, _EventStream,  # noqa: F401
                    _json, _outcome, _Problem)
-from .security import (OPENAI_PATHS, Guard, HostPolicy, guarded_protocol, quiet_accept_errors)
-from .security import allowed_hosts_for, host_name, is_loopback_name  # noqa: F401 - re-exported
+from charlm.serve.security import (OPENAI_PATHS, Guard, HostPolicy, guarded_protocol, quiet_accept_errors)
+from charlm.serve.security import allowed_hosts_for, host_name, is_loopback_name  # noqa: F401 - re-exported
 
 try:
     from starlette.applications import Starlette
@@ -289,7 +289,7 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *,
     ``/v1`` request must bring as ``Authorization: Bearer KEY`` (None: none)."""
     if Starlette is None:
         raise MissingDependencyError(NEEDS_EXTRA)
-    from . import openai
+    from charlm.serve import openai
 
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or api_key != api_key.strip()):
         raise UsageError("--api-key must be a non-empty string without spaces around it")

@@ -7,9 +7,9 @@ import asyncio
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
-from .. import jsonio
-from ..errors import Cancelled, CharlmError, OutOfMemoryError, UsageError, is_out_of_memory
-from .security import read_body
+from charlm import jsonio
+from charlm.errors import Cancelled, CharlmError, OutOfMemoryError, UsageError, is_out_of_memory
+from charlm.serve.security import read_body
 
 try:
     from starlette.requests import ClientDisconnect, Request

@@ -28,13 +28,13 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from .. import jsonio
-from ..api import LanguageModel
-from ..config import LIMITS, SampleConfig, brief
-from ..errors import Cancelled, UsageError
-from ..infer import FastStep
-from ..sample import Generation, prime_ids, sampling_precision
-from ..surprise import token_label
+from charlm import jsonio
+from charlm.api import LanguageModel
+from charlm.config import LIMITS, SampleConfig, brief
+from charlm.errors import Cancelled, UsageError
+from charlm.infer.step import FastStep
+from charlm.infer.sample import Generation, prime_ids, sampling_precision
+from charlm.infer.surprise import token_label
 
 MAX_STOPS = 4
 MAX_LOGPROBS = 5
@@ -443,7 +443,7 @@ def routes(lm: LanguageModel, limits: Any, pool: Any, *, model_id: str, created:
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from .http import _END, _STOPPED, _EventStream, _Problem, _body, _call_soon, _json, _outcome
+    from charlm.serve.http import _END, _STOPPED, _EventStream, _Problem, _body, _call_soon, _json, _outcome
 
     model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "charlm"}
 

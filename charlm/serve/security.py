@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from ..config import brief
+from charlm.config import brief
 
 OPENAI_PATHS = ("/v1/completions", "/v1/models")
 

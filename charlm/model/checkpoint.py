@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import fsutil, jsonio
-from .config import CachePointer, ConfigError, ModelConfig, TrainConfig, brief
-from .errors import CheckpointError, TokenizerError, out_of_memory_as
-from .tokenizer import Tokenizer, tokenizer_from_dict
+from charlm import fsutil
+from charlm import jsonio
+from charlm.config import CachePointer, ConfigError, ModelConfig, TrainConfig, brief
+from charlm.errors import CheckpointError, TokenizerError, out_of_memory_as
+from charlm.data.tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "charlm/1"
 BEST = "best.safetensors"
@@ -200,7 +201,7 @@ def check_train_state(path: Path, state: Any) -> dict[str, Any]:
     for key in _STATE_TEXTS:
         if key in state and state[key] is not None and not isinstance(state[key], str):
             raise bad(key, "a string or null")
-    from .data import ENCODING_ERRORS
+    from charlm.data.text import ENCODING_ERRORS
 
     if "encoding_errors" in state and state["encoding_errors"] not in ENCODING_ERRORS:
         raise bad("encoding_errors", f"one of {', '.join(ENCODING_ERRORS)}")
@@ -209,7 +210,7 @@ def check_train_state(path: Path, state: Any) -> dict[str, Any]:
 
 def stored_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The tensors a checkpoint of this config holds (tied weights once), by name."""
-    from .model import parameter_shapes
+    from charlm.model.lm import parameter_shapes
 
     shapes = parameter_shapes(model_config)
     if model_config.tie_weights:
@@ -228,7 +229,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Che
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .model import RNNLM
+    from charlm.model.lm import RNNLM
 
     path = Path(path)
     if not path.exists():

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
-from .errors import ExportError, MissingDependencyError
-from .model import RNNLM, has_cell_state
-from .tokenizer import Tokenizer
+from charlm.model.checkpoint import atomic_write
+from charlm.errors import ExportError, MissingDependencyError
+from charlm.model.lm import RNNLM, has_cell_state
+from charlm.data.tokenizer import Tokenizer
 
 DEFAULT_OPSET = 17
 FORMAT = "charlm-onnx/1"

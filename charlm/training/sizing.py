@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .config import char_input_dropout
+from charlm.config import char_input_dropout
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as torch_dist
 
-from .errors import DistributedError
+from charlm.errors import DistributedError
 
 T = TypeVar("T")
 

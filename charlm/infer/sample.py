@@ -7,12 +7,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import LIMITS, Range, SampleConfig, brief
-from .errors import Cancelled, SamplingError, UsageError, out_of_memory_as
-from .infer import FastStep
-from .model import RNNLM
-from .precision import Precision, resolve_precision
-from .tokenizer import EOS, Tokenizer
+from charlm.config import LIMITS, Range, SampleConfig, brief
+from charlm.errors import Cancelled, SamplingError, UsageError, out_of_memory_as
+from charlm.infer.step import FastStep
+from charlm.model.lm import RNNLM
+from charlm.model.precision import Precision, resolve_precision
+from charlm.data.tokenizer import EOS, Tokenizer
 
 
 def sampling_precision(requested: str, device: torch.device) -> Precision:

@@ -32,9 +32,9 @@ from typing import Callable
 
 import torch
 
-from .cells import fixed_weight_matmul, onednn_linear_works
-from .machine import alternated, milliseconds, remembered
-from .model import GATES, RNNLM, State, has_cell_state
+from charlm.model.cells import fixed_weight_matmul, onednn_linear_works
+from charlm.machine import alternated, milliseconds, remembered
+from charlm.model.lm import GATES, RNNLM, State, has_cell_state
 
 
 class FastStep:

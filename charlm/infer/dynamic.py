@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import CachePointer, Range, brief
-from .errors import ConfigError, stop_if_asked
-from .evaluate import EvalResult
-from .model import RNNLM, detach_state
-from .precision import FP32, Precision
+from charlm.config import CachePointer, Range, brief
+from charlm.errors import ConfigError, stop_if_asked
+from charlm.infer.evaluate import EvalResult
+from charlm.model.lm import RNNLM, detach_state
+from charlm.model.precision import FP32, Precision
 
 EPSILON = 1e-4  # ε: keeps the step of a weight whose gradients have all been ~0 small (chosen: docs/choosing.md)
 # The options' ranges (the CLI's --dynamic-lr, --dynamic-decay, --dynamic-window). A rate of 0 or a
@@ -85,7 +85,7 @@ def evaluate_dynamic(model: RNNLM, ids: np.ndarray, settings: DynamicEval, *, pr
     the text after each window (see the module's docstring): with ``cache`` mixed in, and the
     adapting model alone (the same figure twice without a cache). ``should_stop`` is asked before
     each window; True raises ``Cancelled``. ``model`` itself is left exactly as it was."""
-    from .pointer import Ring, _cache_probs, _cache_scores, mix
+    from charlm.infer.pointer import Ring, _cache_probs, _cache_scores, mix
 
     ids = np.asarray(ids)
     if len(ids) < 2:

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import ConfigError, TokenizerError
+from charlm.errors import ConfigError, TokenizerError
 
 UNK = "<UNK>"
 EOS = "<EOS>"

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import CachePointer
-from .errors import stop_if_asked
-from .evaluate import EvalResult
-from .model import RNNLM
-from .precision import Precision
+from charlm.config import CachePointer
+from charlm.errors import stop_if_asked
+from charlm.infer.evaluate import EvalResult
+from charlm.model.lm import RNNLM
+from charlm.model.precision import Precision
 
 BLOCK = 256  # tokens a window of the sequential pass predicts
 # Validation tokens the search reads at most: 20,000 up to 512 units, fewer for wider models (its

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from .config import (OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, char_input_dropout, check_decay,
+from charlm.config import (OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, char_input_dropout, check_decay,
                      check_option, check_precision)
-from .errors import ConfigError
-from .sizing import Shape, size_by_speed
-from .sizing import embed_size as sizing_embed
+from charlm.errors import ConfigError
+from charlm.training.sizing import Shape, size_by_speed
+from charlm.training.sizing import embed_size as sizing_embed
 
 DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
 DEFAULT_LOG_EVERY = 10
@@ -89,7 +89,7 @@ class TrainOptions:
             check_option(name, getattr(self, name), optional=True)
         if self.lr is not None:
             check_decay(lr=self.lr, weight_decay=self.weight_decay)
-        from .data import ENCODING_ERRORS
+        from charlm.data.text import ENCODING_ERRORS
 
         if self.encoding_errors not in ENCODING_ERRORS:
             raise ConfigError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)} "
@@ -156,12 +156,12 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     resumed run honours or refuses each of them, even one equal to its default)."""
     import torch
 
-    from .cache import prepare_corpus
-    from .corpora import get_spec, resolve_corpus_name
-    from .distributed import Dist
-    from .model import resolve_device
-    from .precision import resolve_precision
-    from .trainer import device_memory_bytes, load_resume, resume_configs, training_memory_bytes
+    from charlm.data.tokenstore import prepare_corpus
+    from charlm.data.corpora import get_spec, resolve_corpus_name
+    from charlm.training.distributed import Dist
+    from charlm.model.lm import resolve_device
+    from charlm.model.precision import resolve_precision
+    from charlm.training.loop import device_memory_bytes, load_resume, resume_configs, training_memory_bytes
 
     options.check()
     if options.resume is None and options.init_from is None and options.precision != "auto":
@@ -334,8 +334,8 @@ def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: i
     import torch
     import torch.nn.functional as F
 
-    from .model import RNNLM, detach_state
-    from .trainer import make_optimizer
+    from charlm.model.lm import RNNLM, detach_state
+    from charlm.training.loop import make_optimizer
 
     device = torch.device("cpu") if device is None else torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
@@ -384,7 +384,7 @@ def _optimizer_defaults(options: TrainOptions, given: Collection[str], adamw_lr:
 
 def _new_run_dir(options: TrainOptions, dist: Any, name: str) -> Path:
     """``--out`` (which must not hold a run already), or a fresh ``checkpoints/<name>[-N]``."""
-    from .trainer import new_run_dir
+    from charlm.training.loop import new_run_dir
 
     if options.out is None:
         return Path(dist.broadcast_object(str(new_run_dir("checkpoints", name))))
@@ -405,12 +405,12 @@ def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, no
     """A new run that starts from a trained model: its shape and vocabulary (extended with the new
     text's symbols on ``--extend-vocab``), a fresh optimizer and schedule. Tokens the model never
     saw become ``<UNK>`` otherwise, and the plan's notes say how many."""
-    from .cache import prepare_corpus, spooled
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .tokenizer import extend_tokenizer
+    from charlm.data.tokenstore import prepare_corpus, spooled
+    from charlm.model.checkpoint import load_checkpoint, resolve_checkpoint
+    from charlm.data.tokenizer import extend_tokenizer
 
-    from .model import resolve_device
-    from .precision import resolve_precision
+    from charlm.model.lm import resolve_device
+    from charlm.model.precision import resolve_precision
 
     base = load_checkpoint(resolve_checkpoint(options.init_from))
     precision = resolve_precision(options.precision, resolve_device(options.device), cell=base.model_config.cell)

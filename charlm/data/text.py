@@ -23,8 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import CorpusError, UsageError
-from .tokenizer import Tokenizer, fit_tokenizer
+from charlm.errors import CorpusError, UsageError
+from charlm.data.tokenizer import Tokenizer, fit_tokenizer
 
 ENCODING_ERRORS = ("strict", "replace", "ignore")
 

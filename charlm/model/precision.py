@@ -20,11 +20,11 @@ from typing import Iterator
 
 import torch
 
-from .config import ModelConfig, check_precision
-from .errors import ConfigError
-from .cpu import cpu_bf16_instructions
-from .machine import remembered
-from .model import RNNLM, select_state
+from charlm.config import ModelConfig, check_precision
+from charlm.errors import ConfigError
+from charlm.cpu import cpu_bf16_instructions
+from charlm.machine import remembered
+from charlm.model.lm import RNNLM, select_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

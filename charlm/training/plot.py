@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ConfigError, MetricsError, MissingDependencyError
+from charlm.errors import ConfigError, MetricsError, MissingDependencyError
 
 METRICS_FILE = "metrics.jsonl"
 MARKERS = "*o+x#"
@@ -206,7 +206,7 @@ def save_png(run: str | os.PathLike[str], out_path: str | os.PathLike[str], *, d
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
 
-    from .fsutil import atomic_write
+    from charlm.fsutil import atomic_write
 
     out = Path(out_path)
     atomic_write(out, buffer.getvalue(), intact="nothing was written")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import _VF, nn
 
-from .machine import alternated, milliseconds, remembered
+from charlm.machine import alternated, milliseconds, remembered
 
 GATE_NAMES = ("i", "f", "o")  # the gates with a peephole
 

@@ -23,18 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint as ckpt
-from . import fsutil, jsonio
-from .averaging import WeightAverage
-from .config import ModelConfig, TrainConfig, brief
-from .data import PreparedData, batchify, epoch_offset, fit_batch_shape, num_windows, shifted_windows, window
-from .distributed import Dist, device_for
-from .errors import Cancelled, CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
-from .evaluate import EvalResult, eval_streams, evaluate
-from .model import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
+from charlm.model import checkpoint as ckpt
+from charlm import fsutil
+from charlm import jsonio
+from charlm.training.averaging import WeightAverage
+from charlm.config import ModelConfig, TrainConfig, brief
+from charlm.data.text import PreparedData, batchify, epoch_offset, fit_batch_shape, num_windows, shifted_windows, window
+from charlm.training.distributed import Dist, device_for
+from charlm.errors import Cancelled, CheckpointError, ConfigError, RunInUseError, SaveError, TrainingError, out_of_memory_as
+from charlm.infer.evaluate import EvalResult, eval_streams, evaluate
+from charlm.model.lm import (GATES, RNNLM, State, count_parameters, detach_state, has_cell_state, resolve_device,
                     select_state)
-from .machine import alternated, milliseconds, remembered
-from .precision import FP32, resolve_precision, tf32_region
+from charlm.machine import alternated, milliseconds, remembered
+from charlm.model.precision import FP32, resolve_precision, tf32_region
 
 Event = dict[str, Any]
 
@@ -215,7 +216,7 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
     (layers, batch, hidden) for the cell. An ``averaged`` run's file holds every parameter's
     training weights (``raw.<name>``), finite and of its shape."""
     moments = _MOMENTS[optimizer]
-    from .model import parameter_shapes
+    from charlm.model.lm import parameter_shapes
 
     def bad(message: str) -> CheckpointError:
         return CheckpointError(f"{path}: {message}; the file is damaged (resume from a copy, or start a new run)")
@@ -801,7 +802,7 @@ class _Run:
         """At the start of a time-budgeted run: what a cache pointer fit costs here (measured on
         rank 0 with this model's shape, shared with the others) and the seconds kept for it at the
         end, its predicted cost on the tokens it would read, at most ``CACHE_SHARE`` of the budget."""
-        from .pointer import TUNE_TOKENS, TUNE_WORK, measure_fit_cost
+        from charlm.infer.pointer import TUNE_TOKENS, TUNE_WORK, measure_fit_cost
 
         cost = measure_fit_cost(self.model, self.data.val_ids, precision=FP32) if self.dist.is_main else None
         cost = self.dist.broadcast_object(cost)
@@ -842,7 +843,7 @@ class _Run:
         Progress goes to ``on_event`` (not to metrics.jsonl). Rank 0 only. Returns the
         ``pointer.CacheSearch`` (its ``seconds`` the whole fit's) or None if a stop request cut it
         short, and the seconds it took."""
-        from .pointer import tune_cache
+        from charlm.infer.pointer import tune_cache
 
         t0 = time.perf_counter()
         self.emit({"event": "cache_start", "seconds": allowance, "elapsed": self.clock})

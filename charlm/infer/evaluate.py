@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .distributed import Dist
-from .errors import stop_if_asked
-from .model import RNNLM, select_state
-from .precision import FP32, Precision
+from charlm.training.distributed import Dist
+from charlm.errors import stop_if_asked
+from charlm.model.lm import RNNLM, select_state
+from charlm.model.precision import FP32, Precision
 
 LN2 = math.log(2.0)
 WINDOW_FLOATS = 8_000_000  # floats of activations per evaluation window (32 MB)

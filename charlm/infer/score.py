@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, stop_if_asked
-from .evaluate import EvalResult
-from .model import RNNLM
-from .tokenizer import Tokenizer
+from charlm.errors import ConfigError, stop_if_asked
+from charlm.infer.evaluate import EvalResult
+from charlm.model.lm import RNNLM
+from charlm.data.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

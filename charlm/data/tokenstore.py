@@ -34,10 +34,10 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from .data import (PreparedData, check_not_blank, check_split, default_corpus, iter_corpus_chunks, open_source,
+from charlm.data.text import (PreparedData, check_not_blank, check_split, default_corpus, iter_corpus_chunks, open_source,
                    prepare_data, prepare_texts, read_corpus, source_kind)
-from .errors import CorpusError, UsageError
-from .tokenizer import (ENCODE_CHUNK, ByteTokenizer, CharTokenizer, Tokenizer, codepoints, ids_dtype,
+from charlm.errors import CorpusError, UsageError
+from charlm.data.tokenizer import (ENCODE_CHUNK, ByteTokenizer, CharTokenizer, Tokenizer, codepoints, ids_dtype,
                         tokenizer_from_dict)
 
 CACHE_VERSION = 2  # 2: a folder entry records its files by absolute path, with a digest
@@ -178,7 +178,7 @@ def _cached(paths: list[Path], settings: dict[str, Any], build: Callable[[Path],
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """An exclusive lock on ``lock_path`` for the block (POSIX ``flock``: the system releases it if
     the process dies; where there is no ``fcntl``, the block runs unlocked)."""
-    from .fsutil import open_lock_file
+    from charlm.fsutil import open_lock_file
 
     fd = open_lock_file(lock_path)  # a planted link there is refused, not followed
     try:
@@ -503,7 +503,7 @@ def spooled(paths: "list[str | None]", *, root: Path | None = None) -> Iterator[
 
 
 def _spool(path: Path, folder: Path) -> Path:
-    from .fsutil import _CLOEXEC, _NOFOLLOW
+    from charlm.fsutil import _CLOEXEC, _NOFOLLOW
 
     digest, size, blank = hashlib.sha256(), 0, True
     try:

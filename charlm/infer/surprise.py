@@ -17,11 +17,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import brief
-from .errors import UsageError, stop_if_asked
-from .model import RNNLM
-from .score import line_start, strip_line_end
-from .tokenizer import EOS, Tokenizer, WordTokenizer
+from charlm.config import brief
+from charlm.errors import UsageError, stop_if_asked
+from charlm.model.lm import RNNLM
+from charlm.infer.score import line_start, strip_line_end
+from charlm.data.tokenizer import EOS, Tokenizer, WordTokenizer
 
 
 @dataclass(frozen=True)

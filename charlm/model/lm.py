@@ -26,8 +26,8 @@ import torch
 from torch import _VF, nn
 from torch.backends.cudnn import rnn as cudnn_rnn
 
-from .cells import GATE_NAMES, PeepholeLSTM, lstm_layer, trains_faster_by_hand
-from .config import ModelConfig
+from charlm.model.cells import GATE_NAMES, PeepholeLSTM, lstm_layer, trains_faster_by_hand
+from charlm.config import ModelConfig
 
 # An LSTM state is (h, c); GRU and RNN states are a single h. Each is (num_layers, B, hidden).
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -300,7 +300,7 @@ def select_state(state: State, index: int | slice) -> State:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; asking for a missing device is an error."""
-    from .errors import DeviceError
+    from charlm.errors import DeviceError
 
     if name == "auto":
         if torch.cuda.is_available():

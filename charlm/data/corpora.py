@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from . import __version__, fsutil
-from .errors import ChecksumError, CorpusError, DownloadError, UsageError
+from charlm import __version__
+from charlm import fsutil
+from charlm.errors import ChecksumError, CorpusError, DownloadError, UsageError
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "corpus.json"

@@ -1,0 +1,1 @@
+"""Training: the plan (options, sizing, resume), the loop, its optimisers and state, distributed runs."""
