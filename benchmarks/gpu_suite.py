@@ -23,7 +23,7 @@ Parts (``--parts``, in the order given; by default this one):
   also compared with the bare loop whose recurrence ran in the same format): charlm's trainer
   (``charlm.bench.train_rate``; evaluation excluded) against a bare
   embedding → cuDNN ``nn.LSTM`` → linear loop with AdamW, the same shape and precision, in this
-  process: 3×1024, embed 256, seq 256 (``config.auto_size``'s GPU default) at batch 64 and 128, in
+  process: 3×1024, embed 256, seq 256 (``autosize.auto_size``'s GPU default) at batch 64 and 128, in
   bf16, fp16 (the bare loop with ``torch.amp.GradScaler``; charlm's trainer has its own) and fp32;
   tokens/s, charlm / bare, and MFU: the fraction of the dense matmul rate of the same dtype that
   this run measured (``charlm.bench.matmul_gflops``; not the datasheet's peak);
@@ -101,7 +101,7 @@ class Sizes:
 
 
 def gpu_sizes(steps: int) -> Sizes:
-    # config.auto_size(gpu=True): 3×1024, embed min(1024, 256), batch 64, seq 256; and batch 128.
+    # autosize.auto_size(gpu=True): 3×1024, embed min(1024, 256), batch 64, seq 256; and batch 128.
     shape = BenchConfig(hidden_size=1024, num_layers=3, embed_size=256, seq_len=256, train_steps=steps, device="cuda")
     return Sizes(train_shapes=(shape, dataclasses.replace(shape, batch_size=128)), train_steps=steps,
                  dense_matmul=(4096, 4096, 4096), matmul_reps=100, sample_model=shape, sample_length_1=500,

@@ -12,10 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "1.0.0"
-__all__ = ["LanguageModel", "Perplexity", "TrainResult", "load", "train", "__version__"]
+__all__ = ["LanguageModel", "Perplexity", "TrainOptions", "TrainResult", "load", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "TrainOptions":  # the training options' declaration: no torch
+        from charlm.training import options
+
+        return options.TrainOptions
     if name in ("LanguageModel", "Perplexity", "load", "train", "TrainResult"):
         from charlm import api
 

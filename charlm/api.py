@@ -23,7 +23,12 @@ from charlm.model.lm import resolve_device
 from charlm.infer.sample import Piece, generate as _generate
 from charlm.infer.score import LineScore, score_lines
 from charlm.infer.surprise import PieceLogprob
+from charlm.errors import UsageError
+from charlm.training import loop as trainer
+from charlm.training.distributed import from_env, shutdown
 from charlm.training.loop import TrainResult
+from charlm.training.options import TrainOptions, options_from
+from charlm.training.plan import plan_run
 
 
 def _text(name: str, value: Any, *, optional: bool = False) -> None:
@@ -296,35 +301,39 @@ def load(where: str | os.PathLike[str] | None = None, *, device: str = "cpu",
     return LanguageModel(load_checkpoint(resolve_checkpoint(where, root=root), device=str(resolve_device(device))))
 
 
-def train(corpus: str | os.PathLike[str] | None = None, *, on_event: Callable[[dict[str, Any]], None] | None = None,
+def train(corpus: str | os.PathLike[str] | None = None, options: TrainOptions | None = None, *,
+          on_event: Callable[[dict[str, Any]], None] | None = None,
           should_stop: Callable[[], str | None] | None = None, on_note: Callable[[str], None] | None = None,
-          given_options: Collection[str] | None = None, **options: Any) -> TrainResult:
-    """Train a model on ``corpus`` (a file, a registry name, or None for the built-in text) with the
-    same defaults and checks as ``charlm train``; options by their CLI names (``max_minutes=3``,
-    ``hidden_size=512``, ``resume="checkpoints/run"``, …). Returns a ``TrainResult``.
+          **overrides: Any) -> TrainResult:
+    """Train a model on ``corpus`` (a file, a folder, a registry name, or None for the built-in text)
+    with the same defaults and checks as ``charlm train``. The options are ``TrainOptions``' fields
+    (the command line's names, docs/options.md): as keyword arguments (``max_minutes=3``,
+    ``hidden_size=512``, ``resume="checkpoints/run"``), as a ``TrainOptions`` object an editor
+    completes, or both (keywords win). Returns a ``TrainResult``.
 
-    ``on_event`` receives the progress events, ``should_stop`` is polled after each step (an answer
-    such as "SIGINT" saves and stops), ``on_note`` receives one-line notes. ``given_options`` names
-    the options the user gave explicitly (default: the keyword arguments passed here), which a
-    resumed run honours or refuses even when equal to a default.
+    The options given are the keywords passed and the object's fields that differ from their
+    defaults; a resumed run honours or refuses each of them. ``on_event`` receives the progress
+    events, ``should_stop`` is polled after each step (an answer such as "SIGINT" saves and stops),
+    ``on_note`` receives one-line notes.
 
     >>> run = charlm.train("corpus.txt", max_minutes=3)  # doctest: +SKIP
+    >>> run = charlm.train("corpus.txt", charlm.TrainOptions(max_minutes=3, cell="gru"))  # doctest: +SKIP
     """
-    from charlm.training import loop as trainer
-    from charlm.training.distributed import from_env, shutdown
-    from charlm.training.plan import options_from, plan_run
-
-    from charlm.errors import UsageError
-
     if corpus is not None and not isinstance(corpus, (str, os.PathLike)):
         raise UsageError(f"corpus must be a path, a corpus name or None (got {type(corpus).__name__})")
-    values = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()}
-    opts = options_from({"corpus": None if corpus is None else os.fspath(corpus), **values})
-    given = set(options) if given_options is None else set(given_options)
+    if options is not None and not isinstance(options, TrainOptions):
+        raise UsageError(f"options must be a TrainOptions (got {type(options).__name__})")
+    chosen = {} if options is None else {
+        f.name: getattr(options, f.name) for f in dataclasses.fields(TrainOptions)
+        if getattr(options, f.name) != f.default and f.name != "corpus"}
+    values = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in {**chosen, **overrides}.items()}
+    if corpus is None and options is not None:
+        corpus = options.corpus
+    opts = options_from({**values, "corpus": None if corpus is None else os.fspath(corpus)})
     opts.check()
     dist = from_env(opts.device)
     try:
-        plan = plan_run(opts, given=given, dist=dist, on_note=on_note)
+        plan = plan_run(opts, given=set(values), dist=dist, on_note=on_note)
         if on_note is not None and dist.is_main:
             for note in plan.notes:
                 on_note(note)

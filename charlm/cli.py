@@ -25,7 +25,7 @@ from charlm import __version__
 from charlm import jsonio
 from charlm.config import TrainConfig
 from charlm.errors import CharlmError, is_out_of_memory
-from charlm.training.plan import DEFAULT_LOG_EVERY, DEFAULT_MINUTES
+from charlm.training.options import DEFAULT_LOG_EVERY, DEFAULT_MINUTES
 
 app = typer.Typer(
     name="charlm",
@@ -409,7 +409,7 @@ def train(
 
         # The library plans the run (plan.plan_run); the CLI passes what was typed and renders.
         options = {name: (str(value) if isinstance(value, Path) else value) for name, value in ctx.params.items()
-                   if name not in ("corpus", "sample_length", "as_json")}
+                   if name not in ("corpus", "sample_length", "as_json") and _given(ctx, name)}
         main_process = not launched_by_torchrun() or os.environ.get("RANK", "0").strip() in ("0", "")
         display = _TrainDisplay(live=main_process)
         with _StopFlag() as stop, display:
@@ -422,7 +422,7 @@ def train(
 
             result = run_training(corpus, on_event=on_event, should_stop=stop,
                                   on_note=lambda message: err.print(f"charlm: {message}", markup=False),
-                                  given_options={name for name in ctx.params if _given(ctx, name)}, **options)
+                                  **options)
         run_dir = result.run_dir
         if result.stopped_by == "interrupt":
             if main_process:

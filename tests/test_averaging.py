@@ -6,7 +6,8 @@ import torch
 
 from charlm.training.averaging import WeightAverage
 from charlm.model.checkpoint import load_checkpoint, load_tensors, save_tensors
-from charlm.config import ModelConfig, TrainConfig, auto_size
+from charlm.config import ModelConfig, TrainConfig
+from charlm.training.autosize import auto_size
 from charlm.data.text import prepare_data
 from charlm.errors import CheckpointError, ConfigError
 from charlm.infer.evaluate import evaluate

@@ -1,6 +1,7 @@
 import pytest
 
-from charlm.config import ModelConfig, SampleConfig, TrainConfig, auto_size
+from charlm.config import ModelConfig, SampleConfig, TrainConfig
+from charlm.training.autosize import auto_size
 from charlm.errors import ConfigError
 
 

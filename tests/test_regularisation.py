@@ -140,7 +140,7 @@ def test_activation_regularisation_adds_to_the_objective_not_to_the_reported_los
 
 
 def test_char_models_drop_half_as_much_of_the_input_as_of_the_output(tmp_path):
-    """config.char_input_dropout: the default follows --dropout (auto-sized or given); a given
+    """autosize.char_input_dropout: the default follows --dropout (auto-sized or given); a given
     --input-dropout is kept; word models keep their level's own."""
     from charlm.training.plan import TrainOptions, plan_run
 

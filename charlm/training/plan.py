@@ -1,11 +1,11 @@
 """Planning a training run: from what the user asked for to exactly what the trainer will do.
 
-``TrainOptions`` holds what a user can ask (``None``: "choose for me"); ``plan_run`` makes every
-decision between that and the trainer, so ``charlm train`` and ``charlm.train()`` make the same
-ones: a registry corpus name → its files, options checked before any work, the corpus tokenized
-(through the token cache), the model and batch sized to the corpus and budget (``auto_size``), a
-resumed run's options honoured or refused, a fine-tuned model's vocabulary carried over, and the
-run folder chosen.
+One resolution serves a fresh run, a fine-tune and a resume: the options are checked, a registry
+corpus name becomes its files, the corpus is tokenized (through the token store), and every
+setting of the run's two configs is the user's value where given and otherwise the starting
+point's fallback: the sizing of this machine and corpus (``_Fresh``), the model started from
+(``_FineTune``), or the run itself (``_Resume``). Each starting point also says which given
+options it refuses and where the run is written.
 """
 from __future__ import annotations
 
@@ -14,111 +14,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from charlm.config import (OPTIMIZERS, TOKENIZERS, ModelConfig, TrainConfig, auto_size, char_input_dropout, check_decay,
-                     check_option, check_precision)
+import torch
+
+from charlm.config import ModelConfig, TrainConfig, brief
+from charlm.data import corpora
+from charlm.data.tokenizer import extend_tokenizer
+from charlm.data.tokenstore import prepare_corpus, spooled
 from charlm.errors import ConfigError
-from charlm.training.sizing import Shape, size_by_speed
+from charlm.model.checkpoint import load_checkpoint, resolve_checkpoint
+from charlm.model.lm import resolve_device
+from charlm.model.precision import resolve_precision
+from charlm.training.autosize import AutoSize, auto_size, char_input_dropout
+from charlm.training.distributed import Dist
+from charlm.training.loop import device_memory_bytes, load_resume, new_run_dir, training_memory_bytes
+from charlm.training.options import (BY_NAME, DEFAULT_LOG_EVERY, DEFAULT_MINUTES, FIXED_ON_RESUME, NOT_ON_RESUME,
+                                     TrainOptions)
+from charlm.training.sizing import Shape, Sized, measure_train_rate, size_by_speed
 from charlm.training.sizing import embed_size as sizing_embed
 
-DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
-DEFAULT_LOG_EVERY = 10
-_TRAIN = TrainConfig()
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything ``charlm train`` accepts, by the option's name. ``None`` means "not given"."""
-
-    corpus: str | None = None  # a file, a folder of files, a registry name, or None for the built-in text
-    include: tuple[str, ...] = ()  # a folder corpus: the file name patterns to read (all files if empty)
-    exclude: tuple[str, ...] = ()  # a folder corpus: file or folder name patterns to leave out
-    tokenizer: str = "char"
-    cell: str = "lstm"
-    optimizer: str | None = None  # None: SGD for word models, AdamW otherwise (config.auto_size)
-    hidden_size: int | None = None
-    num_layers: int | None = None
-    embed_size: int | None = None
-    dropout: float | None = None
-    input_dropout: float | None = None
-    embed_dropout: float | None = None
-    weight_drop: float | None = None
-    activation_reg: float | None = None
-    temporal_reg: float | None = None
-    tie_weights: bool | None = None
-    residual: bool | None = None  # None: off
-    seq_len: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = _TRAIN.weight_decay
-    clip: float = _TRAIN.clip
-    warmup_steps: int = _TRAIN.warmup_steps
-    min_lr_ratio: float | None = None  # None: 0 (cosine to zero), or as auto-sized for averaged word models
-    average: bool | None = None  # None: as auto-sized (on for word models)
-    average_power: float | None = None  # giving it turns --average on
-    shift_windows: bool | None = None  # None: as auto-sized (on for word models of many epochs)
-    cache: bool = True  # fit a cache pointer on the validation split when the run ends (pointer.py)
-    epochs: int | None = None
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    val_fraction: float = _TRAIN.val_fraction
-    val_file: str | None = None
-    eval_every: int | None = None
-    patience: int | None = None
-    seed: int = _TRAIN.seed
-    device: str = _TRAIN.device
-    precision: str = "auto"
-    tf32: bool = True  # on CUDA: TF32 tensor cores for float32 products (False: exact float32)
-    out: str | None = None
-    min_count: int | None = None  # None: 2 for word models (a trained <UNK>), 1 otherwise
-    max_vocab: int | None = None
-    resume: str | None = None
-    init_from: str | None = None  # fine-tune: a checkpoint or run folder to start from
-    extend_vocab: bool = False
-    encoding_errors: str = "strict"
-    max_bad_steps: int = _TRAIN.max_bad_steps
-    log_every: int | None = None
-
-    def check(self) -> None:
-        """Every numeric option against its range (config.LIMITS), before any work is done."""
-        if self.tokenizer not in TOKENIZERS:
-            raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
-        check_precision(self.precision)
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
-        for name in NUMERIC_OPTIONS:
-            check_option(name, getattr(self, name), optional=True)
-        if self.lr is not None:
-            check_decay(lr=self.lr, weight_decay=self.weight_decay)
-        from charlm.data.text import ENCODING_ERRORS
-
-        if self.encoding_errors not in ENCODING_ERRORS:
-            raise ConfigError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)} "
-                              f"(got {self.encoding_errors!r})")
-        if self.extend_vocab and self.init_from is None:
-            raise ConfigError("--extend-vocab needs --init-from (it extends that model's vocabulary)")
-        if self.init_from is not None and self.resume is not None:
-            raise ConfigError("give --resume (continue a run) or --init-from (start a new run from a model), "
-                              "not both")
-        if self.average is False and self.average_power is not None:
-            raise ConfigError("--average-power sets how --average weighs recent steps; it cannot be given with "
-                              "--no-average")
-        if self.tokenizer == "word" and self.max_vocab is not None and self.max_vocab < 3:
-            raise ConfigError(f"--max-vocab must be ≥ 3 for a word model (it includes <UNK> and <EOS>; "
-                              f"got {self.max_vocab})")
-
-
-NUMERIC_OPTIONS = ("hidden_size", "num_layers", "embed_size", "dropout", "input_dropout", "embed_dropout",
-                   "weight_drop", "activation_reg", "temporal_reg", "seq_len", "batch_size", "lr",
-                   "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps", "max_minutes",
-                   "val_fraction", "eval_every", "patience", "seed", "min_count", "max_vocab", "max_bad_steps",
-                   "log_every", "average_power")
-# The options a resumed run hands to trainer.resume_configs, which honours or refuses each.
-_RESUME_KEYS = ("tokenizer", "cell", "residual", "hidden_size", "num_layers", "embed_size", "dropout", "input_dropout",
-                "embed_dropout", "weight_drop", "activation_reg", "temporal_reg", "optimizer", "tie_weights", "seq_len",
-                "batch_size", "lr", "weight_decay", "clip", "warmup_steps", "min_lr_ratio", "epochs", "max_steps",
-                "max_minutes", "val_fraction", "eval_every", "patience", "seed", "device", "min_count", "max_vocab",
-                "max_bad_steps", "log_every", "precision", "average", "average_power",
-                "shift_windows", "cache", "tf32")
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size")
+_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
+OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
+                "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
 
 
 @dataclass
@@ -127,11 +45,11 @@ class RunPlan:
 
     model_config: ModelConfig
     train_config: TrainConfig
-    data: Any  # data.PreparedData
+    data: Any  # data.text.PreparedData
     run_dir: Path
     source: str  # the corpus file (or the built-in's name), recorded in the checkpoint
     val_source: str | None
-    resume: Any = None  # trainer.Resume
+    resume: Any = None  # loop.Resume
     notes: list[str] = field(default_factory=list)
     init_weights: Any = None  # fine-tuning: the starting model's tensors
     corpus_options: dict[str, Any] = field(default_factory=dict)  # how the corpus was read, kept for --resume
@@ -139,30 +57,26 @@ class RunPlan:
     sizing: dict[str, Any] | None = None  # what was measured to size the model, and why (sizing.Sized)
 
 
-def _corpus_options(options: "TrainOptions", corpus: Any) -> dict[str, Any]:
-    """What a resumed run must read the corpus with again (cache.Corpus ``corpus``)."""
-    return {"include": list(options.include), "exclude": list(options.exclude),
-            "encoding_errors": options.encoding_errors, "corpus_digest": (corpus.files or {}).get("digest")}
+@dataclass
+class _Request:
+    """The options after the first decisions: what was given, the corpus files, who prints notes."""
 
+    options: TrainOptions
+    given: frozenset[str]
+    dist: Any
+    note: Callable[[str], None] | None
+    run_name: str | None = None  # a registry corpus's name, for the run folder
 
-def _given_or(value: Any, automatic: Any) -> Any:
-    """The user's value when given (0 included: it is a value, and the configs check it)."""
-    return automatic if value is None else value
+    def gave(self, name: str) -> bool:
+        """Whether the user chose this option: named as given, or an option whose unset value is
+        None ("the planner chooses") holding a value."""
+        return name in self.given or (BY_NAME[name].nullable and getattr(self.options, name) is not None)
 
 
 def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = None,
              on_note: Callable[[str], None] | None = None) -> RunPlan:
     """Decide everything about a run. ``given`` names the options the user gave explicitly (a
     resumed run honours or refuses each of them, even one equal to its default)."""
-    import torch
-
-    from charlm.data.tokenstore import prepare_corpus
-    from charlm.data.corpora import get_spec, resolve_corpus_name
-    from charlm.training.distributed import Dist
-    from charlm.model.lm import resolve_device
-    from charlm.model.precision import resolve_precision
-    from charlm.training.loop import device_memory_bytes, load_resume, resume_configs, training_memory_bytes
-
     options.check()
     if options.resume is None and options.init_from is None and options.precision != "auto":
         # Refused before any corpus is read: a format this device cannot run (bf16 on an AVX2-only CPU).
@@ -170,334 +84,366 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     if options.average_power is not None and options.average is None:  # --average-power asks for averaging
         options, given = dataclasses.replace(options, average=True), {*given, "average"}
     dist = dist or Dist()
-    note = on_note if dist.is_main else None
-    corpus, val_file, run_name = options.corpus, options.val_file, None
-    # A registry name reads that corpus's train.txt once 'charlm corpus get NAME' has fetched it;
-    # a file of the same name wins. The run folder keeps the corpus name, not "train".
-    if corpus is not None and (registered := resolve_corpus_name(corpus)) is not None:
-        run_name, corpus = corpus, str(registered.train)
-        if val_file is None and registered.valid is not None:
-            val_file = str(registered.valid)  # the corpus's own validation split, not a slice of train
-        # The tokenizer its published results use (enwik8: bytes), unless one was asked for.
-        measured_with = get_spec(run_name).tokenizer
-        if "tokenizer" not in given and options.resume is None and options.init_from is None \
-                and options.tokenizer != measured_with:
-            options = dataclasses.replace(options, tokenizer=measured_with)
-            if note is not None:
-                note(f"note: --tokenizer {measured_with}, the tokenizer {run_name}'s published results use "
-                     f"(give --tokenizer to choose another)")
-    val_source = ((val_file if Path(val_file).is_fifo() else str(Path(val_file).resolve()))  # a pipe as given
-                  if val_file else None)
+    request = _registry_corpus(_Request(options, frozenset(given), dist, on_note if dist.is_main else None))
+    start = (_Resume(request) if options.resume is not None else _FineTune(request) if options.init_from is not None
+             else _Fresh(request))
+    start.refuse()
+    corpus_data, data = start.read_corpus()
+    values = start.settings(data)
+    values.update({name: getattr(request.options, name) for name in (*_MODEL_FIELDS, *_TRAIN_FIELDS)
+                   if start.takes_given(name) and request.gave(name)})
+    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, **{k: values[k] for k in _MODEL_FIELDS})
+    train_cfg = TrainConfig(**{k: values[k] for k in _TRAIN_FIELDS})
+    options = request.options
+    return RunPlan(model_cfg, train_cfg, data, start.run_dir(corpus_data), corpus_data.source, start.val_source,
+                   resume=start.resume, notes=start.notes(corpus_data, data), init_weights=start.init_weights,
+                   corpus_options={"include": list(options.include), "exclude": list(options.exclude),
+                                   "encoding_errors": options.encoding_errors,
+                                   "corpus_digest": (corpus_data.files or {}).get("digest")},
+                   precision_reason=start.precision_reason, sizing=start.sizing)
 
-    if options.resume is not None:
+
+def _registry_corpus(request: _Request) -> _Request:
+    """A registry name reads that corpus's train.txt once 'charlm corpus get NAME' has fetched it
+    (a file of the same name wins), its own validation split, and the tokenizer its published
+    results use unless one was asked for. The run folder keeps the corpus name, not "train"."""
+    options = request.options
+    if options.corpus is None or (registered := corpora.resolve_corpus_name(options.corpus)) is None:
+        return request
+    name = options.corpus
+    options = dataclasses.replace(options, corpus=str(registered.train), val_file=options.val_file or (
+        str(registered.valid) if registered.valid is not None else None))
+    measured_with = corpora.get_spec(name).tokenizer
+    if "tokenizer" not in request.given and options.resume is None and options.init_from is None \
+            and options.tokenizer != measured_with:
+        options = dataclasses.replace(options, tokenizer=measured_with)
+        if request.note is not None:
+            request.note(f"note: --tokenizer {measured_with}, the tokenizer {name}'s published results use "
+                         f"(give --tokenizer to choose another)")
+    return dataclasses.replace(request, options=options, run_name=name)
+
+
+class _Start:
+    """A starting point: what it refuses, how it reads the corpus, its fallback for every setting."""
+
+    resume: Any = None
+    init_weights: Any = None
+    precision_reason: str | None = None
+    sizing: dict[str, Any] | None = None
+
+    def __init__(self, request: _Request) -> None:
+        self.request = request
+        val_file = request.options.val_file
+        self.val_source = ((val_file if Path(val_file).is_fifo() else str(Path(val_file).resolve()))  # a pipe as given
+                           if val_file else None)
+
+    def refuse(self) -> None:
+        """Raise ``ConfigError`` for a given option this starting point cannot honour."""
+
+    def read_corpus(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def settings(self, data: Any) -> dict[str, Any]:
+        """Every config field's value where the user gave nothing."""
+        raise NotImplementedError
+
+    def takes_given(self, name: str) -> bool:
+        """Whether a given value of option ``name`` replaces the fallback."""
+        return True
+
+    def notes(self, corpus_data: Any, data: Any) -> list[str]:
+        return []
+
+    def run_dir(self, corpus_data: Any) -> Path:
+        """``--out`` (which must not hold a run already), or a fresh ``checkpoints/<name>[-N]``."""
+        options, dist = self.request.options, self.request.dist
+        if options.out is None:
+            name = self.request.run_name or corpus_data.name
+            return Path(dist.broadcast_object(str(new_run_dir("checkpoints", name))))
+        run_dir = Path(options.out)
+        if dist.is_main and run_dir.exists() and any(run_dir.glob("*.safetensors")):
+            raise ConfigError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it "
+                              f"or choose another --out")
+        return run_dir
+
+    def _read(self, corpus: str | None, val_source: str | None, **how: Any) -> tuple[Any, Any]:
+        """The corpus through the token store: rank 0 tokenizes (and fills the store) first, the
+        other ranks then read it."""
+        options = self.request.options
+        return self.request.dist.main_first(lambda: prepare_corpus(
+            corpus, val_path=val_source, encoding_errors=options.encoding_errors, on_note=self.request.note,
+            include=options.include, exclude=options.exclude, **how))
+
+    def _declared(self) -> dict[str, Any]:
+        """The declared values (the options as given or by default), the budget's when no stopping
+        rule is given, and the log interval's."""
+        options = self.request.options
+        values = {name: getattr(options, name) for name in (*_MODEL_FIELDS, *_TRAIN_FIELDS)}
+        if options.epochs is None and options.max_steps is None and options.max_minutes is None:
+            values["max_minutes"] = DEFAULT_MINUTES
+        values["log_every"] = DEFAULT_LOG_EVERY
+        return values
+
+
+class _Fresh(_Start):
+    """A new run: the shape sized to this machine, the corpus and the budget."""
+
+    def read_corpus(self) -> tuple[Any, Any]:
+        options = self.request.options
+        corpus_data, data = self._read(options.corpus, self.val_source, kind=options.tokenizer,
+                                       val_fraction=options.val_fraction, min_count=_min_count(options),
+                                       max_vocab=options.max_vocab)
+        if self.request.dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
+            raise ConfigError("the processes of the distributed run built different vocabularies")
+        return corpus_data, data
+
+    def settings(self, data: Any) -> dict[str, Any]:
+        request, options = self.request, self.request.options
+        values = self._declared()
+        device = resolve_device(options.device)
+        precision = resolve_precision(options.precision, device, cell=options.cell)
+        self.precision_reason = precision.reason
+        auto = self._sized(data, values["max_minutes"], device, precision)
+        if options.residual and options.num_layers is None and auto.num_layers < 2:
+            raise ConfigError(f"--residual connects stacked layers: give --num-layers (≥ 2); the default here is "
+                              f"{auto.num_layers} (one wide layer learns fastest per CPU-second)")
+        hidden = _chosen(request, "hidden_size", auto.hidden_size)
+        tie = _chosen(request, "tie_weights", auto.tie_weights and options.embed_size in (None, hidden))
+        dropout = _chosen(request, "dropout", auto.dropout)
+        optimizer = _chosen(request, "optimizer", auto.optimizer)
+        average = _chosen(request, "average", auto.average)
+        values.update(
+            hidden_size=hidden, num_layers=auto.num_layers, tie_weights=tie, dropout=dropout,
+            embed_size=hidden if tie else min(hidden, auto.embed_size),
+            # A char or byte model's input dropout follows its dropout, given or not; a word model's is its level's.
+            input_dropout=auto.input_dropout if options.tokenizer == "word" else char_input_dropout(dropout),
+            embed_dropout=auto.embed_dropout, weight_drop=auto.weight_drop, residual=False,
+            seq_len=auto.seq_len, batch_size=auto.batch_size, optimizer=optimizer,
+            min_lr_ratio=auto.min_lr_ratio if average else 0.0, activation_reg=auto.activation_reg,
+            temporal_reg=auto.temporal_reg, precision=precision.name, average=auto.average,
+            average_power=auto.average_power, shift_windows=auto.shift_windows,
+            **_optimizer_defaults(request, optimizer, auto.lr))
+        return values
+
+    def takes_given(self, name: str) -> bool:
+        return name != "precision"  # the option is resolved ("auto" → what this device runs)
+
+    def _sized(self, data: Any, max_minutes: float | None, device: torch.device, precision: Any) -> AutoSize:
+        """The tables' size, moved along sizing.py's ladder by this machine's measured speed in the
+        run's own number format where the budget is in minutes and the shape left to charlm (word
+        models keep the tables: autosize.py says why)."""
+        options, dist = self.request.options, self.request.dist
+        auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
+                         gpu=device.type == "cuda", bf16=precision.name == "bf16")
+        shape_given = any(getattr(options, key) is not None for key in ("hidden_size", "num_layers", "embed_size",
+                                                                         "batch_size", "seq_len", "tie_weights"))
+        if max_minutes is None or device.type not in ("cpu", "cuda") or dist.enabled or shape_given \
+                or options.tokenizer == "word":
+            return auto
+        sized = _measured_size(data, options.cell, max_minutes, device, precision, start=auto.hidden_size)
+        self.sizing = sized.to_dict()
+        shape = sized.shape
+        return dataclasses.replace(auto, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
+                                   embed_size=sized.embed_size, dropout=sized.dropout, seq_len=shape.seq_len,
+                                   batch_size=shape.batch_size, lr=shape.lr, reason=sized.reason,
+                                   input_dropout=sized.input_dropout, shift_windows=sized.shift_windows)
+
+    def notes(self, corpus_data: Any, data: Any) -> list[str]:
+        notes = [f"sized for this machine: {self.sizing['reason']}"] if self.sizing else []
+        if unknown := data.tokenizer.count_unknown(data.val_ids):
+            notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
+        return notes
+
+
+def _measured_size(data: Any, cell: str, minutes: float, device: torch.device, precision: Any, *,
+                   start: int) -> Sized:
+    """sizing.size_by_speed with this run's candidates: each shape timed by the trainer's step, and
+    only shapes that fit in half the device's memory."""
+    gpu = device.type == "cuda"
+    memory = device_memory_bytes(device)
+
+    def candidate(shape: Shape) -> ModelConfig:
+        return ModelConfig(vocab_size=data.tokenizer.vocab_size, cell=cell, hidden_size=shape.hidden_size,
+                           num_layers=shape.num_layers, embed_size=sizing_embed(shape, gpu), dropout=0.2)
+
+    def speed(shape: Shape) -> float:
+        try:
+            return measure_train_rate(candidate(shape), batch_size=shape.batch_size, seq_len=shape.seq_len,
+                                      precision=precision, device=device)
+        except torch.OutOfMemoryError:  # too large for this device after all: not a candidate
+            return 0.0
+
+    def fits(shape: Shape) -> bool:  # at most half the device, leaving room for everything else
+        need = training_memory_bytes(candidate(shape), shape.batch_size, shape.seq_len)
+        return memory is None or 2 * need <= memory
+
+    return size_by_speed(train_tokens=len(data.train_ids), minutes=minutes, cell=cell, gpu=gpu,
+                         precision=precision.name, speed=speed, fits=fits, start=start)
+
+
+# What a fine-tune takes from the model it starts from: the shape (and with it the tokenizer).
+_SHAPE = ("cell", "residual", "hidden_size", "num_layers", "embed_size", "tie_weights", "tokenizer")
+# What it takes from the model where not given: its regularisation and the way it was trained.
+_FROM_BASE = ("dropout", "input_dropout", "embed_dropout", "weight_drop", "seq_len", "batch_size", "weight_decay",
+              "clip", "optimizer", "min_lr_ratio", "activation_reg", "temporal_reg", "average", "average_power",
+              "shift_windows")
+
+
+class _FineTune(_Start):
+    """A new run that starts from a trained model: its shape and vocabulary (extended with the new
+    text's symbols on ``--extend-vocab``), a fresh optimizer and schedule. Tokens the model never
+    saw become ``<UNK>`` otherwise, and the plan's notes say how many."""
+
+    def __init__(self, request: _Request) -> None:
+        super().__init__(request)
+        self.base = load_checkpoint(resolve_checkpoint(request.options.init_from))
+        self.tokenizer = self.base.tokenizer
+
+    def refuse(self) -> None:
+        options = self.request.options
+        shape = {**self.base.model_config.to_dict(), "tokenizer": self.base.tokenizer.kind}
+        for key in _SHAPE:
+            if key in self.request.given and getattr(options, key) != shape[key]:
+                raise ConfigError(f"--{key.replace('_', '-')} {getattr(options, key)} conflicts with the model "
+                                  f"given to --init-from, which has {shape[key]}; a fine-tune keeps the model's shape")
+        for key in ("min_count", "max_vocab"):
+            if key in self.request.given and not options.extend_vocab:
+                raise ConfigError(f"--{key.replace('_', '-')} applies to the new symbols of --extend-vocab only; "
+                                  f"without it the vocabulary is the model's")
+
+    def read_corpus(self) -> tuple[Any, Any]:
+        options, corpus, val_source = self.request.options, self.request.options.corpus, self.val_source
+        # --extend-vocab reads the corpus twice (its new symbols, then the ids): a pipe is copied once first.
+        with spooled([corpus, val_source] if options.extend_vocab else [None, None]) as (spooled_corpus, spooled_val):
+            if options.extend_vocab:
+                corpus, val_source = spooled_corpus, spooled_val
+                kind = self.tokenizer.kind
+                _, fitted = self._read(corpus, val_source, kind=kind, val_fraction=options.val_fraction,
+                                       min_count=_min_count(dataclasses.replace(options, tokenizer=kind)),
+                                       max_vocab=options.max_vocab)
+                self.tokenizer = extend_tokenizer(self.tokenizer, fitted.tokenizer)
+            return self._read(corpus, val_source, val_fraction=options.val_fraction, tokenizer=self.tokenizer)
+
+    def settings(self, data: Any) -> dict[str, Any]:
+        request, options, base = self.request, self.request.options, self.base
+        device = resolve_device(options.device)
+        precision = resolve_precision(options.precision, device, cell=base.model_config.cell)
+        self.precision_reason = precision.reason
+        before = {**(base.train_config or TrainConfig()).to_dict(), **base.model_config.to_dict()}
+        values = {**self._declared(), **{key: before[key] for key in (*_SHAPE[:-1], *_FROM_BASE)}}
+        optimizer = _chosen(request, "optimizer", before["optimizer"])
+        values.update(precision=precision.name, lr=before["lr"] if optimizer == before["optimizer"] else
+                      OPTIMIZER_LR.get(optimizer, {}).get(base.tokenizer.kind, before["lr"]))
+        self.init_weights = {name: tensor.detach().cpu() for name, tensor in base.model.state_dict().items()}
+        return values
+
+    def takes_given(self, name: str) -> bool:
+        return name not in ("precision", *_SHAPE)
+
+    def notes(self, corpus_data: Any, data: Any) -> list[str]:
+        notes, old = [], self.base.tokenizer.vocab_size
+        if added := self.tokenizer.vocab_size - old:
+            notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "
+                         f"and output rows start fresh, the other {old:,} are the model's")
+        if unknown := self.tokenizer.count_unknown(data.train_ids):
+            notes.append(f"note: {unknown:,} training tokens are not in the vocabulary of the model given to "
+                         f"--init-from and are read as <UNK> (--extend-vocab learns them instead)")
+        return notes
+
+
+class _Resume(_Start):
+    """The run in ``--resume``'s folder, continued where it stopped: its settings, with a given
+    option honoured (``ADJUSTABLE_ON_RESUME``) or refused (a ``FIXED_ON_RESUME`` one that differs
+    from the run's, a ``NOT_ON_RESUME`` one) and never ignored."""
+
+    def __init__(self, request: _Request) -> None:
+        super().__init__(request)
+        options = request.options
         resume_dir = Path(options.resume)
         if options.out is not None and Path(options.out).resolve() != resume_dir.resolve():
             raise ConfigError(f"--out cannot be given with --resume: a resumed run continues in its own folder "
                               f"({resume_dir})")
-        res = load_resume(resume_dir)
-        model_cfg, train_cfg = resume_configs(res, {k: getattr(options, k) for k in given if k in _RESUME_KEYS})
-        source = corpus or res.checkpoint.train_state.get("corpus") or None
-        val_source = val_source or res.checkpoint.train_state.get("val_corpus")
-        # The corpus is read as the run read it: its folder patterns and --encoding-errors, unless given.
-        state = res.checkpoint.train_state
-        options = dataclasses.replace(
-            options, include=options.include or tuple(state.get("include") or ()),
-            exclude=options.exclude or tuple(state.get("exclude") or ()),
-            encoding_errors=(options.encoding_errors if "encoding_errors" in given
-                             else state.get("encoding_errors") or options.encoding_errors))
-        # Rank 0 tokenizes (and fills the token cache) first; the others then read the cache.
-        corpus_data, data = dist.main_first(lambda: prepare_corpus(
-            source, val_fraction=train_cfg.val_fraction, tokenizer=res.checkpoint.tokenizer, val_path=val_source,
-            encoding_errors=options.encoding_errors, on_note=note, include=options.include,
-            exclude=options.exclude))
+        self.resume = load_resume(resume_dir)
+        checkpoint = self.resume.checkpoint
+        self.state = checkpoint.train_state
+        self.current = {**checkpoint.model_config.to_dict(), **checkpoint.train_config.to_dict(),
+                        "tokenizer": checkpoint.tokenizer.kind}
+        # The corpus is read as the run read it: its files, folder patterns and --encoding-errors, unless given.
+        self.source = options.corpus or self.state.get("corpus") or None
+        self.val_source = self.val_source or self.state.get("val_corpus")
+        request.options = dataclasses.replace(
+            options, include=options.include or tuple(self.state.get("include") or ()),
+            exclude=options.exclude or tuple(self.state.get("exclude") or ()),
+            encoding_errors=(options.encoding_errors if "encoding_errors" in request.given
+                             else self.state.get("encoding_errors") or options.encoding_errors))
+        self.precision_reason = None if "precision" in request.given else "the run's own"
+
+    def refuse(self) -> None:
+        for key in sorted(self.request.given & {*FIXED_ON_RESUME, *NOT_ON_RESUME}):
+            value, option = getattr(self.request.options, key), f"--{key.replace('_', '-')}"
+            if value is None:
+                continue
+            if key in NOT_ON_RESUME:
+                raise ConfigError(f"{option} cannot be given with --resume: {NOT_ON_RESUME[key]}")
+            if value != self.current[key]:
+                raise ConfigError(f"{option} {_as_typed(value)} conflicts with the run being resumed, which has "
+                                  f"{option} {_as_typed(self.current[key])}; it cannot change on resume (leave it "
+                                  f"out)")
+
+    def read_corpus(self) -> tuple[Any, Any]:
+        return self._read(self.source, self.val_source, val_fraction=self.current["val_fraction"],
+                          tokenizer=self.resume.checkpoint.tokenizer)
+
+    def settings(self, data: Any) -> dict[str, Any]:
+        return dict(self.current)
+
+    def takes_given(self, name: str) -> bool:
+        """Only what was named on this command line (not a default) changes a resumed run."""
+        return name in self.request.given and getattr(self.request.options, name) is not None
+
+    def run_dir(self, corpus_data: Any) -> Path:
+        return self.resume.run_dir
+
+    def notes(self, corpus_data: Any, data: Any) -> list[str]:
         notes = []
         # A vocabulary cut by --min-count leaves some <UNK> by design; most of the text is another corpus.
         if (unknown := data.tokenizer.count_unknown(data.train_ids)) > 0.25 * len(data.train_ids):
             notes.append(f"warning: {unknown:,} of the {len(data.train_ids):,} training tokens are not in the "
                          f"resumed model's vocabulary (read as <UNK>); is this the run's corpus?")
         digest = (corpus_data.files or {}).get("digest")
-        if state.get("corpus_digest") and digest != state["corpus_digest"]:
+        if self.state.get("corpus_digest") and digest != self.state["corpus_digest"]:
             notes.append(f"warning: the files under {corpus_data.source} (or their sizes) changed since the run "
                          f"began, so its training and validation text differ from before; the best "
                          f"validation loss so far was measured on the old validation files")
-        return RunPlan(model_cfg, train_cfg, data, res.run_dir, corpus_data.source, val_source, resume=res,
-                       notes=notes, corpus_options=_corpus_options(options, corpus_data),
-                       precision_reason=None if "precision" in given else "the run's own")
-
-    max_minutes = options.max_minutes
-    if options.epochs is None and options.max_steps is None and max_minutes is None:
-        max_minutes = DEFAULT_MINUTES
-    if options.init_from is not None:
-        return _plan_fine_tune(options, given, dist, note, corpus, val_source, run_name, max_minutes)
-    corpus_data, data = dist.main_first(lambda: prepare_corpus(
-        corpus, kind=options.tokenizer, val_fraction=options.val_fraction, min_count=_min_count(options),
-        max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors, on_note=note,
-        include=options.include, exclude=options.exclude))
-    if dist.broadcast_object(data.tokenizer.to_dict()) != data.tokenizer.to_dict():
-        raise ConfigError("the processes of the distributed run built different vocabularies")
-    device = resolve_device(options.device)
-    precision = resolve_precision(options.precision, device, cell=options.cell)
-    auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
-                     gpu=device.type == "cuda", bf16=precision.name == "bf16")
-    shape_given = any(getattr(options, key) is not None for key in ("hidden_size", "num_layers", "embed_size",
-                                                                     "batch_size", "seq_len", "tie_weights"))
-    sized = sizing = None
-    if max_minutes is not None and device.type in ("cpu", "cuda") and not dist.enabled and not shape_given \
-            and options.tokenizer != "word":
-        # How large a model the budget trains well, from this machine's measured speed in the run's
-        # own number format (sizing.py); word models keep the tables (config.auto_size says why).
-        gpu = device.type == "cuda"
-
-        def candidate(shape: Shape) -> ModelConfig:
-            return ModelConfig(vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=shape.hidden_size,
-                               num_layers=shape.num_layers, embed_size=sizing_embed(shape, gpu), dropout=0.2)
-
-        def speed(shape: Shape) -> float:
-            try:
-                return measure_train_rate(candidate(shape), batch_size=shape.batch_size, seq_len=shape.seq_len,
-                                          precision=precision, device=device)
-            except torch.OutOfMemoryError:  # too large for this device after all: not a candidate
-                return 0.0
-
-        memory = device_memory_bytes(device)
-
-        def fits(shape: Shape) -> bool:  # at most half the device, leaving room for everything else
-            need = training_memory_bytes(candidate(shape), shape.batch_size, shape.seq_len)
-            return memory is None or 2 * need <= memory
-
-        sizing = size_by_speed(train_tokens=len(data.train_ids), minutes=max_minutes, cell=options.cell, gpu=gpu,
-                               precision=precision.name, speed=speed, fits=fits, start=auto.hidden_size)
-        shape = sizing.shape
-        auto = dataclasses.replace(auto, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
-                                   embed_size=sizing.embed_size, dropout=sizing.dropout, seq_len=shape.seq_len,
-                                   batch_size=shape.batch_size, lr=shape.lr, reason=sizing.reason,
-                                   input_dropout=sizing.input_dropout, shift_windows=sizing.shift_windows)
-        sized = f"sized for this machine: {sizing.reason}"
-    hidden = _given_or(options.hidden_size, auto.hidden_size)
-    if options.residual and options.num_layers is None and auto.num_layers < 2:
-        raise ConfigError(f"--residual connects stacked layers: give --num-layers (≥ 2); the default here is "
-                          f"{auto.num_layers} (one wide layer learns fastest per CPU-second)")
-    tie = (options.tie_weights if options.tie_weights is not None
-           else auto.tie_weights and options.embed_size in (None, hidden))
-    dropout = _given_or(options.dropout, auto.dropout)
-    # A char or byte model's input dropout follows its dropout, given or not; a word model's is its level's.
-    input_dropout = auto.input_dropout if options.tokenizer == "word" else char_input_dropout(dropout)
-    model_cfg = ModelConfig(
-        vocab_size=data.tokenizer.vocab_size, cell=options.cell, hidden_size=hidden,
-        num_layers=_given_or(options.num_layers, auto.num_layers), dropout=dropout,
-        embed_size=_given_or(options.embed_size, hidden if tie else min(hidden, auto.embed_size)), tie_weights=tie,
-        input_dropout=_given_or(options.input_dropout, input_dropout),
-        embed_dropout=_given_or(options.embed_dropout, auto.embed_dropout),
-        weight_drop=_given_or(options.weight_drop, auto.weight_drop), residual=_given_or(options.residual, False))
-    options = dataclasses.replace(options, optimizer=options.optimizer or auto.optimizer)
-    lr, weight_decay, clip = _optimizer_defaults(options, given, auto.lr)
-    average = _given_or(options.average, auto.average)
-    train_cfg = TrainConfig(
-        tf32=options.tf32,
-        seq_len=_given_or(options.seq_len, auto.seq_len), batch_size=_given_or(options.batch_size, auto.batch_size),
-        lr=lr, weight_decay=weight_decay, clip=clip, optimizer=options.optimizer, warmup_steps=options.warmup_steps,
-        min_lr_ratio=_given_or(options.min_lr_ratio, auto.min_lr_ratio if average else 0.0), epochs=options.epochs,
-        max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
-        eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
-        max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
-        activation_reg=_given_or(options.activation_reg, auto.activation_reg),
-        temporal_reg=_given_or(options.temporal_reg, auto.temporal_reg), precision=precision.name,
-        average=average, average_power=_given_or(options.average_power, auto.average_power),
-        shift_windows=_given_or(options.shift_windows, auto.shift_windows), cache=options.cache)
-    run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
-    notes = [sized] if sized else []
-    if unknown := data.tokenizer.count_unknown(data.val_ids):
-        notes.append(f"note: {unknown:,} validation tokens are not in the training vocabulary (scored as <UNK>)")
-    return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
-                   corpus_options=_corpus_options(options, corpus_data), precision_reason=precision.reason,
-                   sizing=sizing.to_dict() if sizing else None)
+        return notes
 
 
-# The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
-OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
-                "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
+def _chosen(request: _Request, name: str, fallback: Any) -> Any:
+    """The user's value of option ``name`` where given (0 included), else ``fallback``."""
+    return getattr(request.options, name) if request.gave(name) else fallback
 
 
-# A step measured alone runs a little faster than the trainer's steps (evaluation, logging, data).
-_TRAINER_SHARE = 0.9
-
-
-def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: int, precision: Any,
-                       steps: int = 4, device: Any = None) -> float:
-    """Tokens/s of training this shape on ``device`` (the CPU by default) in ``precision`` (forward,
-    backward, clipping, the optimizer step), from the median of ``steps`` − 1 timed steps after a
-    warm-up one: about a second for the default sizes. Random tokens; the caller's random state
-    is left as it was."""
-    import statistics
-    import time
-
-    import torch
-    import torch.nn.functional as F
-
-    from charlm.model.lm import RNNLM, detach_state
-    from charlm.training.loop import make_optimizer
-
-    device = torch.device("cpu") if device is None else torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
-        model = RNNLM(model_config).to(device).train()
-        optimizer = make_optimizer(model, TrainConfig(), device)
-        x = torch.randint(model_config.vocab_size, (batch_size, seq_len + 1), device=device)
-        seconds, state = [], None
-        for _ in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            with precision.autocast(device):
-                logits, state = model(x[:, :-1], state)
-            loss = F.cross_entropy(logits.float().reshape(-1, model_config.vocab_size), x[:, 1:].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            state = detach_state(state)
-            sync()
-            seconds.append(time.perf_counter() - t0)
-    return _TRAINER_SHARE * batch_size * seq_len / statistics.median(seconds[1:])
+def _as_typed(value: Any) -> str:
+    """An option value as a user would type it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value if isinstance(value, str) and len(value) <= 40 else brief(value)
 
 
 def _min_count(options: TrainOptions) -> int:
-    """--min-count, else 2 for words (the words seen once become <UNK>, so <UNK> is trained and
-    a held-out text's unseen words are predicted as it: worth ~0.2 nats/word on Grimm) and 1 for
-    characters and bytes (every symbol kept)."""
+    """--min-count, else 2 for words (the words seen once become <UNK>, so <UNK> is trained and a
+    held-out text's unseen words are predicted as it) and 1 for characters and bytes."""
     if options.min_count is not None:
         return options.min_count
     return 2 if options.tokenizer == "word" else 1
 
 
-def _optimizer_defaults(options: TrainOptions, given: Collection[str], adamw_lr: float) -> tuple[float, float, float]:
-    """--lr, --weight-decay and --clip: the user's, else the optimizer's own defaults (AdamW's
-    auto-sized rate; for the others a rate of their scale, no L2 decay, and SGD the word-LM
-    example's clip of 0.25)."""
-    if options.optimizer == "adamw":
-        return _given_or(options.lr, adamw_lr), options.weight_decay, options.clip
-    lr = _given_or(options.lr, OPTIMIZER_LR[options.optimizer][options.tokenizer])
-    weight_decay = options.weight_decay if "weight_decay" in given else 0.0
-    clip = options.clip if "clip" in given else 0.25 if options.optimizer == "sgd" else options.clip
-    return lr, weight_decay, clip
-
-
-def _new_run_dir(options: TrainOptions, dist: Any, name: str) -> Path:
-    """``--out`` (which must not hold a run already), or a fresh ``checkpoints/<name>[-N]``."""
-    from charlm.training.loop import new_run_dir
-
-    if options.out is None:
-        return Path(dist.broadcast_object(str(new_run_dir("checkpoints", name))))
-    run_dir = Path(options.out)
-    if dist.is_main and run_dir.exists() and any(run_dir.glob("*.safetensors")):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it "
-                          f"or choose another --out")
-    return run_dir
-
-
-# What a fine-tune takes from the model it starts from: the shape (and with it the tokenizer).
-_SHAPE = ("cell", "residual", "hidden_size", "num_layers", "embed_size", "tie_weights", "tokenizer")
-
-
-def _plan_fine_tune(options: TrainOptions, given: Collection[str], dist: Any, note: Callable[[str], None] | None,
-                    corpus: str | None, val_source: str | None, run_name: str | None,
-                    max_minutes: float | None) -> RunPlan:
-    """A new run that starts from a trained model: its shape and vocabulary (extended with the new
-    text's symbols on ``--extend-vocab``), a fresh optimizer and schedule. Tokens the model never
-    saw become ``<UNK>`` otherwise, and the plan's notes say how many."""
-    from charlm.data.tokenstore import prepare_corpus, spooled
-    from charlm.model.checkpoint import load_checkpoint, resolve_checkpoint
-    from charlm.data.tokenizer import extend_tokenizer
-
-    from charlm.model.lm import resolve_device
-    from charlm.model.precision import resolve_precision
-
-    base = load_checkpoint(resolve_checkpoint(options.init_from))
-    precision = resolve_precision(options.precision, resolve_device(options.device), cell=base.model_config.cell)
-    shape = {**base.model_config.to_dict(), "tokenizer": base.tokenizer.kind}
-    for key in _SHAPE:
-        if key in given and getattr(options, key) != shape[key]:
-            raise ConfigError(f"--{key.replace('_', '-')} {getattr(options, key)} conflicts with the model given "
-                              f"to --init-from, which has {shape[key]}; a fine-tune keeps the model's shape")
-    for key in ("min_count", "max_vocab"):
-        if key in given and not options.extend_vocab:
-            raise ConfigError(f"--{key.replace('_', '-')} applies to the new symbols of --extend-vocab only; "
-                              f"without it the vocabulary is the model's")
-    tokenizer = base.tokenizer
-    # --extend-vocab reads the corpus twice (its new symbols, then the ids): a pipe is copied once first.
-    with spooled([corpus, val_source] if options.extend_vocab else [None, None]) as (spooled_corpus, spooled_val):
-        if options.extend_vocab:
-            corpus, val_source = spooled_corpus, spooled_val
-            _, fitted = dist.main_first(lambda: prepare_corpus(
-                corpus, kind=tokenizer.kind, val_fraction=options.val_fraction,
-                min_count=_min_count(dataclasses.replace(options, tokenizer=tokenizer.kind)),
-                max_vocab=options.max_vocab, val_path=val_source, encoding_errors=options.encoding_errors,
-                on_note=note, include=options.include, exclude=options.exclude))
-            tokenizer = extend_tokenizer(tokenizer, fitted.tokenizer)
-        corpus_data, data = dist.main_first(lambda: prepare_corpus(
-            corpus, val_fraction=options.val_fraction, tokenizer=tokenizer, val_path=val_source,
-            encoding_errors=options.encoding_errors, on_note=note, include=options.include,
-            exclude=options.exclude))
-    before = base.train_config or TrainConfig()
-    optimizer = options.optimizer or before.optimizer
-    model_cfg = dataclasses.replace(
-        base.model_config, vocab_size=tokenizer.vocab_size, **{
-            key: _given_or(getattr(options, key), getattr(base.model_config, key))
-            for key in ("dropout", "input_dropout", "embed_dropout", "weight_drop")})
-    train_cfg = TrainConfig(
-        tf32=options.tf32,
-        seq_len=_given_or(options.seq_len, before.seq_len), batch_size=_given_or(options.batch_size, before.batch_size),
-        lr=_given_or(options.lr, before.lr if optimizer == before.optimizer else
-                     OPTIMIZER_LR.get(optimizer, {}).get(base.tokenizer.kind, before.lr)),
-        weight_decay=options.weight_decay if "weight_decay" in given else before.weight_decay,
-        clip=options.clip if "clip" in given else before.clip, optimizer=optimizer,
-        warmup_steps=options.warmup_steps, min_lr_ratio=_given_or(options.min_lr_ratio, before.min_lr_ratio),
-        epochs=options.epochs,
-        max_steps=options.max_steps, max_minutes=max_minutes, val_fraction=options.val_fraction,
-        eval_every=options.eval_every, patience=options.patience, seed=options.seed, device=options.device,
-        max_bad_steps=options.max_bad_steps, log_every=_given_or(options.log_every, DEFAULT_LOG_EVERY),
-        activation_reg=_given_or(options.activation_reg, before.activation_reg),
-        temporal_reg=_given_or(options.temporal_reg, before.temporal_reg), precision=precision.name,
-        average=_given_or(options.average, before.average), average_power=_given_or(options.average_power, before.average_power),
-        shift_windows=_given_or(options.shift_windows, before.shift_windows), cache=options.cache)
-    notes = []
-    if added := tokenizer.vocab_size - base.tokenizer.vocab_size:
-        notes.append(f"note: --extend-vocab added {added:,} token(s) the model had never seen; their embedding "
-                     f"and output rows start fresh, the other {base.tokenizer.vocab_size:,} are the model's")
-    if unknown := tokenizer.count_unknown(data.train_ids):
-        notes.append(f"note: {unknown:,} training tokens are not in the vocabulary of the model given to "
-                     f"--init-from and are read as <UNK> (--extend-vocab learns them instead)")
-    run_dir = _new_run_dir(options, dist, run_name or corpus_data.name)
-    weights = {name: tensor.detach().cpu() for name, tensor in base.model.state_dict().items()}
-    return RunPlan(model_cfg, train_cfg, data, run_dir, corpus_data.source, val_source, notes=notes,
-                   init_weights=weights, corpus_options=_corpus_options(options, corpus_data),
-                   precision_reason=precision.reason)
-
-
-_TEXT_OPTIONS = ("tokenizer", "cell", "optimizer", "device", "precision", "encoding_errors", "corpus", "val_file", "out", "resume", "init_from")
-
-
-def options_from(values: dict[str, Any]) -> TrainOptions:
-    """``TrainOptions`` from keyword values, refusing a name that is not an option (with the list)."""
-    known = {f.name for f in dataclasses.fields(TrainOptions)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; the options are "
-                          f"{', '.join(sorted(known))}")
-    for key in _TEXT_OPTIONS:
-        nullable = key not in ("tokenizer", "cell", "device", "precision", "encoding_errors")
-        if key in values and not (isinstance(values[key], str) or (nullable and values[key] is None)):
-            raise ConfigError(f"{key} must be a string{' or None' if nullable else ''} "
-                              f"(got {type(values[key]).__name__})")
-    for key in ("tie_weights", "residual", "extend_vocab", "average", "shift_windows", "cache", "tf32"):
-        if key in values and not (isinstance(values[key], bool) or (key not in ("extend_vocab", "cache", "tf32")
-                                                                    and values[key] is None)):
-            raise ConfigError(f"{key} must be True or False (got {type(values[key]).__name__})")
-    for key in ("include", "exclude"):  # lists from the command line, tuples in the options
-        patterns = values.get(key) or ()
-        if isinstance(patterns, str):  # include="*.c": one pattern, not its characters
-            patterns = (patterns,)
-        if not (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) and p for p in patterns)):
-            raise ConfigError(f"{key} must be a file name pattern or a list of them (got {patterns!r:.80})")
-        values = {**values, key: tuple(patterns)}
-    return TrainOptions(**values)
+def _optimizer_defaults(request: _Request, optimizer: str, adamw_lr: float) -> dict[str, float]:
+    """--lr, --weight-decay and --clip where not given: AdamW's auto-sized rate and the declared
+    defaults; for the others a rate of their scale, no L2 decay, and SGD the word-LM example's clip
+    of 0.25."""
+    options = request.options
+    if optimizer == "adamw":
+        return {"lr": adamw_lr, "weight_decay": options.weight_decay, "clip": options.clip}
+    return {"lr": OPTIMIZER_LR[optimizer][options.tokenizer], "weight_decay": 0.0,
+            "clip": 0.25 if optimizer == "sgd" else options.clip}
