@@ -25,7 +25,7 @@ from charlm import __version__
 from charlm import jsonio
 from charlm.config import TrainConfig
 from charlm.errors import CharlmError, is_out_of_memory
-from charlm.training.options import DEFAULT_LOG_EVERY, DEFAULT_MINUTES
+from charlm.cli_options import with_declared_options
 
 app = typer.Typer(
     name="charlm",
@@ -341,60 +341,13 @@ class _StopFlag:
 
 
 @app.command()
+@with_declared_options  # every option of training/options.py, then the command line's own below
 def train(
     ctx: typer.Context,
-    corpus: Annotated[Optional[str], typer.Argument(
-        help="UTF-8 text file to train on, a folder of them (read recursively; see --include), or a corpus name from 'charlm corpus list' (after 'charlm corpus get NAME'). "
-             "Default: Python's built-in documentation text (offline).")] = None,
-    include: Annotated[Optional[list[str]], typer.Option("--include", help="A folder corpus: read only files whose names match this pattern (e.g. '*.c'; repeat for more). Default: every file but hidden ones. Binary and non-UTF-8 files are skipped and counted.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="A folder corpus: leave out files and folders whose names match this pattern (e.g. 'site-packages', 'test_*'; repeat for more).")] = None,
-    tokenizer: Annotated[str, typer.Option(help="char, word or byte.")] = "char",
-    cell: Annotated[str, typer.Option(help="lstm, gru, rnn (tanh) or peephole (an LSTM whose gates also see the cell state; docs/cells.md).")] = "lstm",
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw, sgd (plain, as the PyTorch word-LM example: --lr 20 for words, --clip 0.25), adagrad or rmsprop (decay 0.95, as char-rnn). All use the warm-up + cosine schedule; the non-AdamW ones default to no weight decay. Default: sgd for word models, adamw otherwise (measured: docs/word-models.md).")] = None,
-    hidden_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer. Default: sized to the corpus and budget.")] = None,
-    num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers. Default: 1 on a CPU (one wide layer learns fastest per CPU-second), 3 on a GPU.")] = None,
-    embed_size: Annotated[Optional[int], typer.Option(help="Embedding width. Default: min(hidden, 128) on a CPU, min(hidden, 256) on a GPU; hidden when tied.")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Variational dropout (one mask per stream and window) between layers and on the last layer's output, and on the embeddings unless --input-dropout (half as much for char and byte models). Default: from the expected number of epochs.")] = None,
-    input_dropout: Annotated[Optional[float], typer.Option(help="Variational dropout on the embedding output (one mask per stream and window). Default: half of --dropout for char and byte models, as auto-sized for word models.")] = None,
-    embed_dropout: Annotated[Optional[float], typer.Option(help="Drop whole tokens: every use of a dropped token's embedding in a batch (AWD-LSTM). Default: by expected epochs (0 for char models).")] = None,
-    weight_drop: Annotated[Optional[float], typer.Option(help="DropConnect on the hidden-to-hidden weights, a new mask each window; the fused kernel still runs. Default: by expected epochs.")] = None,
-    activation_reg: Annotated[Optional[float], typer.Option(help="AR: add this × the mean square of the last layer's outputs to the loss. Default: 0.")] = None,
-    temporal_reg: Annotated[Optional[float], typer.Option(help="TAR: add this × the mean square of their change from step to step. Default: 0.")] = None,
-    tie_weights: Annotated[Optional[bool], typer.Option("--tie-weights/--no-tie-weights", help="Share embedding and output weights. Default: on for word models.")] = None,
-    residual: Annotated[Optional[bool], typer.Option("--residual/--no-residual", help="Skip connections between stacked layers: each layer after the first adds its input to its output (needs --num-layers ≥ 2). Default: off.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="BPTT window length. Default: 100 (35 for words, 256 on a GPU).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams. Default on a CPU: 16 up to 512 hidden units, 32 above (32 for words); 64 on a GPU.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate. Default: by model size.")] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = _TRAIN.weight_decay,
-    clip: Annotated[float, typer.Option(help="Gradient-norm clipping threshold (0 = off).")] = _TRAIN.clip,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine decay (at most a tenth of a step/epoch limit).")] = _TRAIN.warmup_steps,
-    min_lr_ratio: Annotated[Optional[float], typer.Option(help="The cosine decay ends at this fraction of --lr. Default: 0; with --average, as sized for the tokenizer (1, a constant rate, for word models).")] = None,
-    average: Annotated[Optional[bool], typer.Option("--average/--no-average", help="Evaluate and save the average of the run's weights (step t weighs t^P, P = --average-power), not the last step's: a high learning rate then still ends at a quiet point (AWD-LSTM's averaged SGD). Default: on for word models whose budget buys 8 or more epochs, with a constant rate.")] = None,
-    average_power: Annotated[Optional[float], typer.Option(help="How much --average leans on recent steps: 0 weighs the whole run equally; with P the mean age of what is averaged is 1/(P+2) of the run (0–20; giving it turns --average on). Default: 2.")] = None,
-    shift_windows: Annotated[Optional[bool], typer.Option("--shift-windows/--no-shift-windows", help="Start each epoch's BPTT windows at a different offset (0 to --seq-len − 1, drawn from the seed and the epoch), so a token is not always at the same place in its window (AWD-LSTM varies the length for this). Default: on where the budget buys 8 or more epochs of a word model, 3 or more of a char or byte model.")] = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="When the run ends, fit a cache pointer (Grave et al. 2017) to the best checkpoint on the validation split: the model's next-token distribution mixed with the tokens that followed similar moments of the recent past. It is stored in the checkpoint, kept only where it lowers the validation loss by 0.01 nats/token or more, and used by 'charlm perplexity' unless --no-cache. Its time is bounded and counted: at most a tenth of --max-minutes (kept inside it), or of the training time (at least 2 s) for --epochs/--max-steps runs; Ctrl-C skips it and keeps the checkpoints.")] = True,
-    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many passes over the data.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
-    max_minutes: Annotated[Optional[float], typer.Option(help=f"Time budget, the final evaluation and the cache pointer fit included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="The LAST fraction of the corpus kept for validation.")] = _TRAIN.val_fraction,
-    val_file: Annotated[Optional[Path], typer.Option(help="Validate on this file instead; all of CORPUS is then training text.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. Default: under a time budget every twentieth of it, but at most ~3% of the time spent evaluating; 10 times per step/epoch limit; always at the end.")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without improvement.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = _TRAIN.seed,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = _TRAIN.device,
-    tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="On a CUDA GPU, let float32 matmuls and cuDNN's recurrences use TF32 tensor cores (10-bit mantissa products, float32 sums); --no-tf32 keeps exact float32. No effect on a CPU. Adjustable on --resume.")] = True,
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16: the matmuls' number format in training (validation is fp32). auto: bf16 on a GPU with bf16 and on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere; the start line says which and why. fp16 (CUDA only) trains with a loss scaler. Kept by --resume unless given.")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: checkpoints/<corpus name>/ (a new -N folder if taken).")] = None,
-    min_count: Annotated[Optional[int], typer.Option(help="Keep words (or characters) seen at least this often; the rest are <UNK>. Default: 2 for words (so <UNK> is trained), 1 otherwise.")] = None,
-    max_vocab: Annotated[Optional[int], typer.Option(help="Keep at most this many tokens, the most frequent (<UNK> included).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune: start a new run from this checkpoint or run folder: its shape and vocabulary (fixed), its dropout, --seq-len, --batch-size and --lr unless given; a fresh optimizer and schedule. Unseen tokens become <UNK>.")] = None,
-    extend_vocab: Annotated[bool, typer.Option("--extend-vocab", help="With --init-from: add the new text's unseen tokens to the vocabulary (new embedding and output rows; the old rows unchanged).")] = False,
-    encoding_errors: Annotated[str, typer.Option(help="strict, replace or ignore invalid UTF-8.")] = "strict",
-    max_bad_steps: Annotated[int, typer.Option(help="Stop after this many NaN/Inf steps in a row.")] = _TRAIN.max_bad_steps,
-    sample_length: Annotated[int, typer.Option(help="Length of the sample printed at the end (0 = none).")] = 300,
-    log_every: Annotated[Optional[int], typer.Option(help=f"Write the mean training loss to metrics.jsonl every N steps. Default: {DEFAULT_LOG_EVERY}.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result (and sample) instead.")] = False,
+    *,
+    sample_length: Annotated[int, typer.Option(help="Length of the sample printed at the end (0 = none).", rich_help_panel="Output")] = 300,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result (and sample) instead.", rich_help_panel="Output")] = False,
+    **declared: Any,
 ) -> None:
     """Train a model on CORPUS and keep the best and last checkpoints.
 
@@ -408,8 +361,11 @@ def train(
         check_option("sample_length", sample_length)  # the CLI's own option; the library checks the rest
 
         # The library plans the run (plan.plan_run); the CLI passes what was typed and renders.
-        options = {name: (str(value) if isinstance(value, Path) else value) for name, value in ctx.params.items()
-                   if name not in ("corpus", "sample_length", "as_json") and _given(ctx, name)}
+        # Only what was typed: the defaults are the declaration's, and a resumed run refuses or honours
+        # exactly the options given.
+        corpus = declared["corpus"]
+        options = {name: (str(value) if isinstance(value, Path) else value) for name, value in declared.items()
+                   if name != "corpus" and _given(ctx, name)}
         main_process = not launched_by_torchrun() or os.environ.get("RANK", "0").strip() in ("0", "")
         display = _TrainDisplay(live=main_process)
         with _StopFlag() as stop, display:
@@ -439,7 +395,7 @@ def train(
             sample_length = 0
         # The run's best, which after --resume may come from before it: not this session's last improvement.
         if as_json:
-            sample_text = ("".join(_end_of_training_sample(result.best_checkpoint, length=sample_length, seed=seed))
+            sample_text = ("".join(_end_of_training_sample(result.best_checkpoint, length=sample_length, seed=declared["seed"]))
                            if sample_length > 0 else None)
             sys.stdout.write(jsonio.dumps({
                 "run": str(run_dir), "checkpoint": str(result.best_checkpoint), "best_val_loss": result.best_val_loss,
@@ -463,7 +419,7 @@ def train(
         console.print(f"checkpoints: {result.best_checkpoint}", markup=False)
         if sample_length > 0:
             console.print("sample:", markup=False)
-            for text in _end_of_training_sample(result.best_checkpoint, length=sample_length, seed=seed):
+            for text in _end_of_training_sample(result.best_checkpoint, length=sample_length, seed=declared["seed"]):
                 _write_text(text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
