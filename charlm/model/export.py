@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm.model.checkpoint import atomic_write
+from charlm.model.checkpoint import Checkpoint, atomic_write
 from charlm.errors import ExportError, MissingDependencyError
 from charlm.model.lm import RNNLM, has_cell_state
 from charlm.data.tokenizer import Tokenizer
@@ -181,3 +181,38 @@ def check_onnx(model: RNNLM, path: str | os.PathLike[str], *, steps: int = 8, ba
         raise ExportError(f"{path}: the ONNX graph differs from the model by {worst:.3g} "
                           f"(tolerance {tolerance:g}) over {steps} steps")
     return worst
+
+
+# ── a checkpoint exported and checked (charlm export, charlm.api.export_onnx) ──────────────────
+
+@dataclass(frozen=True)
+class CheckedExport:
+    """A checkpoint's export, and what running it beside the model found."""
+
+    checkpoint: Path
+    onnx: OnnxExport
+    max_abs_difference: float | None  # None: not checked
+    check_skipped: bool  # the check was left to the default and onnxruntime is not installed
+
+    def to_dict(self) -> dict:
+        """As ``charlm export --json`` prints it."""
+        return {"checkpoint": str(self.checkpoint), "onnx": str(self.onnx.path), "description": str(self.onnx.sidecar),
+                "inputs": list(self.onnx.input_names), "outputs": list(self.onnx.output_names),
+                "opset": self.onnx.opset, "batch_size": self.onnx.batch_size,
+                "max_abs_difference": self.max_abs_difference}
+
+
+def export_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str], *, batch_size: int | None = None,
+                      opset: int = DEFAULT_OPSET, check: bool | None = None) -> CheckedExport:
+    """Export ``checkpoint``'s model with its tokenizer's description beside it, then check the graph
+    with onnxruntime: ``check`` True requires it, False skips it, None checks where it is installed."""
+    result = export_onnx(checkpoint.model, path, batch_size=batch_size, opset=opset, tokenizer=checkpoint.tokenizer)
+    difference, skipped = None, False
+    if check is not False:
+        try:
+            difference = check_onnx(checkpoint.model, result.path)
+        except MissingDependencyError:
+            if check:
+                raise
+            skipped = True
+    return CheckedExport(checkpoint.path, result, difference, skipped)
