@@ -27,6 +27,20 @@ def test_version_and_help():
         assert result.exit_code == 0 and "Example:" in result.stdout
 
 
+@pytest.mark.processes
+def test_help_does_not_import_torch():
+    """The commands import the library (and torch) when they run, so `charlm --help` answers at once."""
+    code = ("import sys\n"
+            "sys.argv = ['charlm', '--help']\n"
+            "from charlm.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as exit_:\n    assert exit_.code == 0\n"
+            "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Commands" in proc.stdout and proc.stdout.splitlines()[-1] == "False"
+
+
 def test_train_sample_perplexity_info(tmp_path, tiny_corpus):
     out = tmp_path / "run"
     result = run("train", tiny_corpus, "--out", out, *TINY_TRAIN)
