@@ -34,7 +34,7 @@ def bench(
     Example: charlm bench --hidden-size 512 --batch-size 64 --seq-len 128 --json
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor numpy.
         from charlm.bench import BenchConfig, run_bench
 
         if cell not in CELLS:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from charlm import jsonio
 from charlm.cli.output import console, err, handled
@@ -25,8 +26,6 @@ class _DownloadDisplay:
 
     def __enter__(self) -> "_DownloadDisplay":
         if err.is_terminal:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                      TransferSpeedColumn(), console=err, transient=True)
             self.progress.__enter__()

@@ -35,7 +35,7 @@ def sample(
     Example: charlm sample --prime "ROMEO:" --temperature 0.7 --length 300 --seed 1
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor numpy.
         from charlm.api import load
         from charlm.data.text import read_corpus
 
@@ -106,7 +106,7 @@ def perplexity(
     Example: charlm perplexity heldout.txt --checkpoint checkpoints/tinyshakespeare
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor numpy.
         from charlm.api import load
         from charlm.data.text import read_corpus
 
@@ -177,7 +177,7 @@ def score(
     Example: charlm score candidates.txt --sort best --top 5
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor numpy.
         from charlm.api import LineSelection, score_text
         from charlm.data.text import normalize_newlines, read_corpus
 

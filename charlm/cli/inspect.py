@@ -21,7 +21,7 @@ def info(
     Example: charlm info checkpoints/tinyshakespeare
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor numpy.
         from charlm.api import info as checkpoint_info
 
         report = checkpoint_info(checkpoint)
@@ -90,7 +90,7 @@ def plot(
     Example: charlm plot checkpoints/tinyshakespeare --png loss.png
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor numpy.
         from charlm.api import loss_curves
 
         curves = loss_curves(run)
@@ -123,7 +123,7 @@ def export(
     Example: charlm export model.onnx --checkpoint checkpoints/tinyshakespeare
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor numpy.
         from charlm.api import export_onnx
 
         exported = export_onnx(out, checkpoint=checkpoint, batch_size=batch_size, opset=opset, check=check)

@@ -35,7 +35,7 @@ def serve(
     Example: charlm serve checkpoints/tinyshakespeare --port 8000
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch or the serve extra.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor the serve extra.
         from charlm.api import load
         from charlm.serve import ServeLimits, allowed_hosts_for, make_app, run
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from charlm import jsonio
 from charlm.cli.output import Signalled, console, err, handled, usage_error, write_text
@@ -34,8 +35,6 @@ class _TrainDisplay:
 
     def __enter__(self) -> "_TrainDisplay":
         if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
             self.progress = Progress(TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.description}"),
                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                      console=err, transient=False)
@@ -226,7 +225,7 @@ def train(
     Example: charlm train tinyshakespeare.txt --max-minutes 10
     """
     with handled():
-        # Imported here, not at the top, so that `charlm --help` does not import torch.
+        # Imported when the command runs, so that `charlm --help` loads neither torch nor numpy.
         from charlm.api import train as run_training
         from charlm.training.distributed import placement_from_env
 

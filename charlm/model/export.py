@@ -8,11 +8,10 @@ A step graph is what a runtime generating text needs: it samples a token from ``
 back with ``h_out``/``c_out`` as the next ``h``/``c``, and starts from zeros. (Scoring a whole text
 at once is what PyTorch is for.) The batch axis is dynamic unless a batch size is fixed.
 
-We use PyTorch's TorchScript-based exporter (``dynamo=False``). In torch 2.13 the newer
-torch.export-based exporter also runs, but its LSTM graph did not reproduce the model (differences
-up to 0.2 in the logits with non-zero biases, checked with onnxruntime), and it takes seconds
-instead of a fraction of one. ``check_onnx`` runs the exported graph next to the model so any
-exporter change that breaks this shows up at once.
+We use PyTorch's TorchScript-based exporter (``dynamo=False``): the torch.export-based one wrote
+LSTM graphs that did not reproduce the model (logits off by up to 0.2 with non-zero biases) and took
+seconds instead of a fraction of one. ``check_onnx`` runs the exported graph next to the model so any exporter change
+that breaks this shows up at once.
 
 Needs the ``onnx`` package to export and ``onnxruntime`` to check: ``pip install "charlm[export]"``.
 """
