@@ -27,8 +27,12 @@ from charlm.errors import UsageError
 from charlm.training import loop as trainer
 from charlm.training.distributed import from_env, shutdown
 from charlm.training.loop import TrainResult
+from charlm.infer.score import LineSelection, NumberedScore, ScoredText
+from charlm.model.checkpoint import checkpoint_report
+from charlm.model.export import DEFAULT_OPSET, CheckedExport, export_checkpoint
 from charlm.training.options import TrainOptions, options_from
 from charlm.training.plan import plan_run
+from charlm.training.plot import LossCurves, read_loss_curves
 
 
 def _text(name: str, value: Any, *, optional: bool = False) -> None:
@@ -345,3 +349,75 @@ def train(corpus: str | os.PathLike[str] | None = None, options: TrainOptions | 
                              sizing=plan.sizing)
     finally:
         shutdown(dist)
+
+
+# ── what the CLI's info, plot, export and score commands show, for Python ───────────────────────
+
+def _checkpoint_file(where: str | os.PathLike[str] | None, root: str | os.PathLike[str]) -> Path:
+    for name, value in (("where", where), ("root", root)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise UsageError(f"{name} must be a path (got {type(value).__name__})")
+    return resolve_checkpoint(where, root=root)
+
+
+def info(where: str | os.PathLike[str] | None = None, *, root: str | os.PathLike[str] = "checkpoints") -> dict[str, Any]:
+    """What a checkpoint holds (configs, vocabulary size, parameters, training state, cache pointer),
+    JSON-ready, as ``charlm info --json`` prints it; ``where`` as ``load`` takes it.
+
+    >>> charlm.api.info("checkpoints/tinyshakespeare")["parameters"]  # doctest: +SKIP
+    """
+    return checkpoint_report(load_checkpoint(_checkpoint_file(where, root)))
+
+
+def loss_curves(run: str | os.PathLike[str] | None = None, *,
+                root: str | os.PathLike[str] = "checkpoints") -> LossCurves:
+    """A run's training and validation loss against step, read from its metrics.jsonl, as ``charlm
+    plot`` shows them: ``.to_dict()``, ``.chart(width=, height=)`` (text) and ``.save_png(path)``.
+    ``run`` is a run folder, or None for the newest run under ``root``.
+
+    >>> print(charlm.api.loss_curves("checkpoints/tinyshakespeare").chart())  # doctest: +SKIP
+    """
+    if run is not None and not isinstance(run, (str, os.PathLike)):
+        raise UsageError(f"run must be a path (got {type(run).__name__})")
+    return read_loss_curves(run if run is not None else _checkpoint_file(None, root).parent)
+
+
+def export_onnx(out: str | os.PathLike[str], *, checkpoint: str | os.PathLike[str] | None = None,
+                batch_size: int | None = None, opset: int = DEFAULT_OPSET, check: bool | None = None,
+                root: str | os.PathLike[str] = "checkpoints") -> CheckedExport:
+    """Export a checkpoint's model to ONNX as one time step at ``out`` (a ``.onnx.json`` description
+    beside it), as ``charlm export`` does; ``check`` runs the graph beside the model with
+    onnxruntime (None: where it is installed). Needs ``pip install "charlm[export]"``.
+
+    >>> charlm.api.export_onnx("model.onnx", checkpoint="checkpoints/tinyshakespeare")  # doctest: +SKIP
+    """
+    if not isinstance(out, (str, os.PathLike)):
+        raise UsageError(f"out must be a path (got {type(out).__name__})")
+    for name, value in (("batch_size", batch_size), ("opset", opset)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"{name} must be a whole number (got {type(value).__name__})")
+    if check is not None:
+        _flag("check", check)
+    return export_checkpoint(load_checkpoint(_checkpoint_file(checkpoint, root)), out, batch_size=batch_size,
+                             opset=opset, check=check)
+
+
+def score_text(text: str, checkpoint: str | os.PathLike[str] | None = None, *, sort: str = "input",
+               top: int | None = None, include_end: bool = True, skip_empty: bool = True, device: str = "cpu",
+               root: str | os.PathLike[str] = "checkpoints", name: str = "the text") -> ScoredText:
+    """Each line of ``text`` scored on its own, as ``charlm score`` shows them: empty lines left out
+    unless ``skip_empty`` is False, in text order or ``sort`` best or worst first, the first ``top``
+    (None: all). ``name`` is what a refusal calls the text.
+
+    >>> [row.line for row in charlm.api.score_text(open("lines.txt").read(), sort="best").lines]  # doctest: +SKIP
+    """
+    _text("text", text)
+    _text("name", name)
+    selection = LineSelection(sort=sort, top=top, skip_empty=skip_empty)
+    numbered = selection.numbered(text)
+    if not numbered:
+        raise UsageError(f"{name}: has no lines to score")
+    lm = load(checkpoint, device=device, root=root)
+    scores = lm.score([line for _, line in numbered], include_end=include_end)
+    rows = [NumberedScore(number, score) for (number, _), score in zip(numbered, scores)]
+    return ScoredText(lm.path, lm.tokenizer.kind, include_end, tuple(selection.arrange(rows)))

@@ -242,7 +242,7 @@ def test_a_stop_request_during_the_fit_skips_it_and_keeps_the_checkpoints(tmp_pa
 
 
 def test_the_display_shows_the_fit_and_what_ctrl_c_does_then():
-    from charlm import cli
+    from charlm.cli import train as cli
 
     display, stop = cli._TrainDisplay(live=False), cli._StopFlag()
     display.stop_flag = stop
@@ -259,7 +259,8 @@ def test_a_signal_during_the_fit_keeps_the_run_and_skips_the_fit_and_the_sample(
                                                                                  signal_name, code):
     from typer.testing import CliRunner
 
-    from charlm import cli
+    from charlm.cli import app
+    from charlm.cli import train as cli
     from charlm.model.checkpoint import load_checkpoint
 
     shown = cli._TrainDisplay.__call__
@@ -271,7 +272,7 @@ def test_a_signal_during_the_fit_keeps_the_run_and_skips_the_fit_and_the_sample(
 
     monkeypatch.setattr(cli._TrainDisplay, "__call__", display)
     out = tmp_path / "r"
-    result = CliRunner().invoke(cli.app, ["train", str(tiny_corpus), "--out", str(out), "--hidden-size", "16",
+    result = CliRunner().invoke(app, ["train", str(tiny_corpus), "--out", str(out), "--hidden-size", "16",
                                           "--embed-size", "8", "--seq-len", "16", "--batch-size", "4",
                                           "--max-steps", "6", "--device", "cpu"])
     assert result.exit_code == code, result.output

@@ -27,6 +27,20 @@ def test_version_and_help():
         assert result.exit_code == 0 and "Example:" in result.stdout
 
 
+@pytest.mark.processes
+def test_help_does_not_import_torch():
+    """The commands import the library (and torch) when they run, so `charlm --help` answers at once."""
+    code = ("import sys\n"
+            "sys.argv = ['charlm', '--help']\n"
+            "from charlm.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as exit_:\n    assert exit_.code == 0\n"
+            "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Commands" in proc.stdout and proc.stdout.splitlines()[-1] == "False"
+
+
 def test_train_sample_perplexity_info(tmp_path, tiny_corpus):
     out = tmp_path / "run"
     result = run("train", tiny_corpus, "--out", out, *TINY_TRAIN)
@@ -118,3 +132,15 @@ def test_tiny_corpus_shrinks_the_batch_with_a_warning(tmp_path):
                                  "--hidden-size", "8", "--embed-size", "8", "--sample-length", "0", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "warning: the training text has only" in result.stderr
+
+
+def test_help_into_a_reader_that_stops_early_is_one_line_not_a_traceback():
+    """`charlm train --help | head -3`: the reader goes away mid-help; charlm says so in one line."""
+    reader = subprocess.Popen(["head", "-c", "10"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "charlm", "train", "--help"], stdout=reader.stdin,
+                          stderr=subprocess.PIPE, text=True, env={**subprocess_env(), "COLUMNS": "80"}, timeout=60)
+    reader.stdin.close()
+    reader.wait(timeout=10)
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode in (0, 1)
+    assert len(proc.stderr.strip().splitlines()) <= 1

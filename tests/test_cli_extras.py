@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -99,3 +100,55 @@ def test_export_checks_the_graph(trained_run, tmp_path):
     report = json.loads(result.stdout)
     assert report["inputs"] == ["tokens", "h", "c"] and report["max_abs_difference"] < 1e-4
     assert json.loads((tmp_path / "model.onnx.json").read_text())["tokenizer"]["kind"] == "char"
+
+
+def test_info_plot_and_score_print_what_the_api_gives_python(trained_run, tmp_path):
+    """info, plot and score render what charlm.api.info, loss_curves and score_text return."""
+    from charlm import api, jsonio
+
+    assert invoke("info", trained_run, "--json").stdout == jsonio.dumps(api.info(trained_run)) + "\n"
+    assert "parameters" in invoke("info", trained_run).stdout
+
+    curves = api.loss_curves(trained_run)
+    assert invoke("plot", trained_run, "--json").stdout == jsonio.dumps(curves.to_dict()) + "\n"
+    chart = invoke("plot", trained_run, "--width", "40", "--height", "6").stdout
+    best = curves.metrics.best
+    assert chart == (curves.chart(width=40, height=6) + "\n"
+                     + f"best val loss {best[1]:.4f} nats/token at step {int(best[0]):,}\n")
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First Citizen:\nqzx jvw kkq\n\nAll:\nSpeak, speak.\n")
+    printed = invoke("score", lines, "--checkpoint", trained_run, "--sort", "worst", "--top", "3", "--keep-empty",
+                     "--no-include-end", "--device", "cpu", "--json")
+    scored = api.score_text(lines.read_text(), trained_run, sort="worst", top=3, skip_empty=False,
+                            include_end=False, device="cpu")
+    assert printed.stdout == jsonio.dumps({"file": str(lines), **scored.to_dict()}) + "\n"
+    assert len(scored.lines) == 3 and scored.lines[0].line == 3  # the empty line, nothing scored, counts as worst
+    table = invoke("score", lines, "--checkpoint", trained_run, "--sort", "worst", "--top", "3", "--keep-empty",
+                   "--no-include-end", "--device", "cpu").stdout
+    for row in scored.lines:
+        assert f"{row.score.nats_per_token:.4f}" in table
+
+
+def test_export_prints_what_the_api_gives_python(trained_run, tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from charlm import api, jsonio
+    from charlm.errors import MissingDependencyError
+
+    out = tmp_path / "model.onnx"
+    printed = invoke("export", out, "--checkpoint", trained_run, "--check", "--json").stdout
+    exported = api.export_onnx(out, checkpoint=trained_run, check=True)
+    assert printed == jsonio.dumps(exported.to_dict()) + "\n"
+    assert exported.max_abs_difference is not None and not exported.check_skipped
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    unchecked = api.export_onnx(out, checkpoint=trained_run)
+    assert unchecked.max_abs_difference is None and unchecked.check_skipped
+    assert not api.export_onnx(out, checkpoint=trained_run, check=False).check_skipped
+    with pytest.raises(MissingDependencyError):
+        api.export_onnx(out, checkpoint=trained_run, check=True)
+    result = invoke("export", out, "--checkpoint", trained_run, "--json")
+    assert result.stdout == jsonio.dumps(unchecked.to_dict()) + "\n"
+    assert "onnxruntime is not installed, so the graph was not checked" in result.stderr
+    assert invoke("export", out, "--checkpoint", trained_run, "--check").exit_code == 1

@@ -126,6 +126,7 @@ def test_the_cli_module_decides_nothing_about_runs():
     """The decisions of a training run live in plan.py: the CLI never sizes a model or builds a config."""
     from pathlib import Path
 
-    source = (Path(__file__).resolve().parents[1] / "charlm" / "cli.py").read_text(encoding="utf-8")
+    source = "".join(path.read_text(encoding="utf-8")
+                     for path in (Path(__file__).resolve().parents[1] / "charlm" / "cli").glob("*.py"))
     for name in ("auto_size", "ModelConfig(", "resume_configs", "new_run_dir", "prepare_corpus", "load_resume"):
         assert name not in source, name

@@ -1,6 +1,7 @@
 """ONNX export of one step: the graph run by onnxruntime reproduces the model, step after step."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -10,7 +11,8 @@ import torch
 
 from charlm.config import ModelConfig
 from charlm.errors import ExportError, MissingDependencyError
-from charlm.model.export import check_onnx, export_onnx
+from charlm.model.checkpoint import load_checkpoint, save_checkpoint
+from charlm.model.export import check_onnx, export_checkpoint, export_onnx
 from charlm.model.lm import RNNLM
 from charlm.data.tokenizer import CharTokenizer
 
@@ -122,3 +124,25 @@ def test_bad_options_and_missing_packages(tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match="onnxruntime"):
         check_onnx(model, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_exported_is_checked_where_onnxruntime_is_installed(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    tokenizer = CharTokenizer.fit("hello world\n")
+    model = make_model("lstm", num_layers=1, vocab_size=tokenizer.vocab_size)
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path / "best.safetensors", model=model, tokenizer=tokenizer))
+    out = tmp_path / "model.onnx"
+    if importlib.util.find_spec("onnxruntime") is not None:
+        checked = export_checkpoint(checkpoint, out, batch_size=2)
+        assert checked.max_abs_difference < 1e-4 and not checked.check_skipped
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    unchecked = export_checkpoint(checkpoint, out)
+    assert unchecked.max_abs_difference is None and unchecked.check_skipped
+    assert export_checkpoint(checkpoint, out, check=False).check_skipped is False
+    with pytest.raises(MissingDependencyError, match="onnxruntime"):
+        export_checkpoint(checkpoint, out, check=True)
+    assert unchecked.to_dict() == {
+        "checkpoint": str(tmp_path / "best.safetensors"), "onnx": str(out),
+        "description": str(tmp_path / "model.onnx.json"),
+        "inputs": ["tokens", "h", "c"], "outputs": ["logits", "h_out", "c_out"], "opset": 17, "batch_size": None,
+        "max_abs_difference": None}

@@ -17,9 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 import charlm
-from charlm import cli
 from charlm.model.checkpoint import save_checkpoint
-from charlm.cli import app, safe_text
+from charlm.cli import app, main
+from charlm.cli.output import safe_text, write_text
+from charlm.cli.train import _StopFlag
 from charlm.config import ModelConfig
 from charlm.data.text import read_corpus, source_kind
 from charlm.errors import CorpusError, RunInUseError, SaveError, UsageError
@@ -169,7 +170,7 @@ def test_before_training_starts_a_signal_stops_at_once_and_after_it_saves_first(
     """Reading and tokenizing a big corpus come before the trainer's start event: a signal then
     interrupts whatever runs (a read, the tokenizer); from the start event on it asks the
     trainer to finish the step and save."""
-    flag = cli._StopFlag()
+    flag = _StopFlag()
     with pytest.raises(KeyboardInterrupt) as stopped:
         flag._handle(signal.SIGTERM, None)
     assert stopped.value.exit_code == 143 and flag() is None
@@ -224,7 +225,7 @@ def test_generated_text_is_escaped_on_a_terminal_and_raw_in_a_pipe(monkeypatch):
     for tty, expected in ((True, "a\\x1b[31mb\n"), (False, "a\x1b[31mb\n")):
         fake = Terminal(tty)
         monkeypatch.setattr(sys, "stdout", fake)
-        cli._write_text("a\x1b[31mb\n")
+        write_text("a\x1b[31mb\n")
         monkeypatch.undo()
         assert fake.written == [expected]
 
@@ -456,7 +457,7 @@ def test_an_option_that_does_not_parse_is_one_line(monkeypatch, capsys, argv, me
     monkeypatch.setattr(sys, "argv", ["charlm", *argv])
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() guards it; restored after the test
     with pytest.raises(SystemExit) as exit_:
-        cli.main()
+        main()
     assert exit_.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""

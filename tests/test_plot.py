@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charlm.errors import ConfigError, MetricsError, MissingDependencyError
-from charlm.training.plot import Metrics, read_metrics, save_png, terminal_chart
+from charlm.training.plot import Metrics, read_loss_curves, read_metrics, save_png, terminal_chart
 
 from conftest import TINY_TEXT
 
@@ -141,3 +141,18 @@ def test_save_png_without_matplotlib_says_what_to_install(tmp_path, monkeypatch)
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingDependencyError, match=r'pip install "charlm\[plot\]"'):
         save_png(tmp_path, tmp_path / "loss.png")
+
+
+def test_loss_curves_give_the_metrics_as_json_a_chart_and_a_png(tmp_path):
+    write_events(tmp_path / "metrics.jsonl", run_events())
+    curves = read_loss_curves(tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert curves.run == tmp_path and curves.metrics == metrics
+    assert curves.to_dict() == {"run": str(tmp_path), "train_loss": metrics.train, "val_loss": metrics.val,
+                                "val_bpc": metrics.val_bpc, "best": metrics.best, "resumes": metrics.resumes,
+                                "finished": metrics.end is not None}
+    assert curves.chart(width=30, height=5) == terminal_chart(metrics, width=30, height=5)
+    with pytest.raises(MetricsError, match="no such file"):
+        read_loss_curves(tmp_path / "elsewhere")
+    pytest.importorskip("matplotlib")
+    assert curves.save_png(tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from charlm.config import ModelConfig
-from charlm.errors import ConfigError
+from charlm.errors import ConfigError, UsageError
 from charlm.model.lm import RNNLM
-from charlm.infer.score import line_tokens, score_lines
+from charlm.infer.score import LineScore, LineSelection, NumberedScore, line_tokens, score_lines
 from charlm.data.tokenizer import ByteTokenizer, CharTokenizer, WordTokenizer
 
 from conftest import TINY_TEXT
@@ -133,3 +133,44 @@ def test_a_trained_model_prefers_a_line_from_its_training_text():
     scores = score_lines(model, tokenizer, [garbled, seen])
     assert scores[1].nats_per_token < scores[0].nats_per_token - 1.0
     assert scores[1].perplexity < 3.0 < scores[0].perplexity
+
+
+def test_a_line_selection_numbers_leaves_out_sorts_and_cuts():
+    text = "first\n\n  \nsecond\nthird\n"
+    assert LineSelection().numbered(text) == [(1, "first"), (4, "second"), (5, "third")]
+    assert LineSelection(skip_empty=False).numbered(text) == [(1, "first"), (2, ""), (3, "  "), (4, "second"),
+                                                              (5, "third")]
+    assert LineSelection().numbered("") == [] and LineSelection(skip_empty=False).numbered("\n") == [(1, "")]
+
+    def row(line, nats, tokens=1):
+        return NumberedScore(line, LineScore(index=line, text=str(line), num_tokens=tokens, total_nats=nats,
+                                             num_chars=tokens, num_unknown=0))
+
+    rows = [row(1, 2.0), row(2, 0.0, tokens=0), row(3, 1.0), row(4, 3.0)]  # line 2 scored nothing: NaN
+    assert [r.line for r in LineSelection().arrange(rows)] == [1, 2, 3, 4]
+    assert [r.line for r in LineSelection(sort="best").arrange(rows)] == [3, 1, 4, 2]
+    assert [r.line for r in LineSelection(sort="worst", top=2).arrange(rows)] == [2, 4]
+    assert LineSelection(sort="best", top=10).arrange(rows) == LineSelection(sort="best").arrange(rows)
+    assert row(7, 1.5).to_dict() == {"line": 7, **row(7, 1.5).score.to_dict()}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sort": "sideways"}, "--sort must be input, best or worst (got 'sideways')"),
+    ({"top": 0}, "--top must be a whole number ≥ 1 (got 0)"),
+    ({"top": True}, "--top must be a whole number ≥ 1 (got True)"),
+    ({"top": 2.0}, "--top must be a whole number ≥ 1 (got 2.0)"),
+    ({"skip_empty": 1}, "skip_empty must be True or False (got int)"),
+])
+def test_a_line_selection_refuses_what_it_cannot_honour(options, message):
+    with pytest.raises(UsageError) as refused:
+        LineSelection(**options)
+    assert str(refused.value) == message
+
+
+def test_score_text_refuses_a_text_without_lines_before_looking_for_a_model(tmp_path):
+    from charlm.api import score_text
+
+    with pytest.raises(UsageError, match=r"^notes\.txt: has no lines to score$"):
+        score_text("\n  \n", root=tmp_path / "nothing-here", name="notes.txt")
+    with pytest.raises(UsageError, match="text must be a string"):
+        score_text(b"bytes\n", root=tmp_path)

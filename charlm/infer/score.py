@@ -19,14 +19,16 @@ line alone (the tests check it against a token-by-token loop).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.errors import ConfigError, stop_if_asked
+from charlm.errors import ConfigError, UsageError, stop_if_asked
 from charlm.infer.evaluate import EvalResult
 from charlm.model.lm import RNNLM
 from charlm.data.tokenizer import Tokenizer
@@ -167,3 +169,69 @@ def score_lines(model: RNNLM, tokenizer: Tokenizer, lines: Sequence[str], *, inc
     return [LineScore(index=i, text=text, num_tokens=int(len(enc.targets)), total_nats=totals[i],
                       num_chars=enc.num_chars, num_unknown=tokenizer.count_unknown(enc.targets))
             for i, (text, enc) in enumerate(zip(texts, encoded))]
+
+
+# ── a text's lines, chosen, scored and arranged (charlm score) ──────────────────────────────────
+
+SORTS = ("input", "best", "worst")
+
+
+@dataclass(frozen=True)
+class NumberedScore:
+    """A line's score with the line's number in its text (from 1)."""
+
+    line: int
+    score: LineScore
+
+    def to_dict(self) -> dict:
+        """As ``charlm score --json`` gives each line."""
+        return {"line": self.line, **self.score.to_dict()}
+
+
+@dataclass(frozen=True)
+class LineSelection:
+    """Which lines of a text are scored and shown, and in what order: empty lines left out when
+    ``skip_empty``; ``sort`` input (text order), best (most likely first) or worst; the first ``top``
+    after sorting (None: all). Made before the text is read, it refuses a bad option at once."""
+
+    sort: str = "input"
+    top: int | None = None
+    skip_empty: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sort not in SORTS:
+            raise UsageError(f"--sort must be input, best or worst (got {self.sort!r})")
+        if self.top is not None and (isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 1):
+            raise UsageError(f"--top must be a whole number ≥ 1 (got {self.top!r})")
+        if not isinstance(self.skip_empty, bool):
+            raise UsageError(f"skip_empty must be True or False (got {type(self.skip_empty).__name__})")
+
+    def numbered(self, text: str) -> list[tuple[int, str]]:
+        """The lines of ``text`` to score, each with its number; a final line break ends the last line."""
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return [(n, line) for n, line in enumerate(lines, 1) if line.strip() or not self.skip_empty]
+
+    def arrange(self, rows: Sequence[NumberedScore]) -> list[NumberedScore]:
+        """``rows`` in the chosen order (a line with nothing scored, NaN, counts as the worst), cut to ``top``."""
+        rows = list(rows)
+        if self.sort != "input":
+            rows.sort(key=lambda r: (math.isnan(r.score.nats_per_token), r.score.nats_per_token),
+                      reverse=self.sort == "worst")
+        return rows[:self.top] if self.top else rows
+
+
+@dataclass(frozen=True)
+class ScoredText:
+    """A text's lines scored on their own and arranged as a ``LineSelection`` asks."""
+
+    checkpoint: Path
+    tokenizer: str  # the model's tokenizer kind: char, word or byte
+    include_end: bool
+    lines: tuple[NumberedScore, ...]
+
+    def to_dict(self) -> dict:
+        """As ``charlm score --json`` prints it (after the file's name)."""
+        return {"checkpoint": str(self.checkpoint), "tokenizer": self.tokenizer, "include_end": self.include_end,
+                "lines": [row.to_dict() for row in self.lines]}

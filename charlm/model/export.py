@@ -8,11 +8,10 @@ A step graph is what a runtime generating text needs: it samples a token from ``
 back with ``h_out``/``c_out`` as the next ``h``/``c``, and starts from zeros. (Scoring a whole text
 at once is what PyTorch is for.) The batch axis is dynamic unless a batch size is fixed.
 
-We use PyTorch's TorchScript-based exporter (``dynamo=False``). In torch 2.13 the newer
-torch.export-based exporter also runs, but its LSTM graph did not reproduce the model (differences
-up to 0.2 in the logits with non-zero biases, checked with onnxruntime), and it takes seconds
-instead of a fraction of one. ``check_onnx`` runs the exported graph next to the model so any
-exporter change that breaks this shows up at once.
+We use PyTorch's TorchScript-based exporter (``dynamo=False``): the torch.export-based one wrote
+LSTM graphs that did not reproduce the model (logits off by up to 0.2 with non-zero biases) and took
+seconds instead of a fraction of one. ``check_onnx`` runs the exported graph next to the model so any exporter change
+that breaks this shows up at once.
 
 Needs the ``onnx`` package to export and ``onnxruntime`` to check: ``pip install "charlm[export]"``.
 """
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm.model.checkpoint import atomic_write
+from charlm.model.checkpoint import Checkpoint, atomic_write
 from charlm.errors import ExportError, MissingDependencyError
 from charlm.model.lm import RNNLM, has_cell_state
 from charlm.data.tokenizer import Tokenizer
@@ -181,3 +180,38 @@ def check_onnx(model: RNNLM, path: str | os.PathLike[str], *, steps: int = 8, ba
         raise ExportError(f"{path}: the ONNX graph differs from the model by {worst:.3g} "
                           f"(tolerance {tolerance:g}) over {steps} steps")
     return worst
+
+
+# ── a checkpoint exported and checked (charlm export, charlm.api.export_onnx) ──────────────────
+
+@dataclass(frozen=True)
+class CheckedExport:
+    """A checkpoint's export, and what running it beside the model found."""
+
+    checkpoint: Path
+    onnx: OnnxExport
+    max_abs_difference: float | None  # None: not checked
+    check_skipped: bool  # the check was left to the default and onnxruntime is not installed
+
+    def to_dict(self) -> dict:
+        """As ``charlm export --json`` prints it."""
+        return {"checkpoint": str(self.checkpoint), "onnx": str(self.onnx.path), "description": str(self.onnx.sidecar),
+                "inputs": list(self.onnx.input_names), "outputs": list(self.onnx.output_names),
+                "opset": self.onnx.opset, "batch_size": self.onnx.batch_size,
+                "max_abs_difference": self.max_abs_difference}
+
+
+def export_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str], *, batch_size: int | None = None,
+                      opset: int = DEFAULT_OPSET, check: bool | None = None) -> CheckedExport:
+    """Export ``checkpoint``'s model with its tokenizer's description beside it, then check the graph
+    with onnxruntime: ``check`` True requires it, False skips it, None checks where it is installed."""
+    result = export_onnx(checkpoint.model, path, batch_size=batch_size, opset=opset, tokenizer=checkpoint.tokenizer)
+    difference, skipped = None, False
+    if check is not False:
+        try:
+            difference = check_onnx(checkpoint.model, result.path)
+        except MissingDependencyError:
+            if check:
+                raise
+            skipped = True
+    return CheckedExport(checkpoint.path, result, difference, skipped)

@@ -147,8 +147,9 @@ def backend_for(use_cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
 
 
-def from_env(device_name: str) -> Dist:
-    """Join the process group torchrun describes, or return a world of one."""
+def placement_from_env() -> Dist:
+    """This process's place as torchrun's RANK / WORLD_SIZE / LOCAL_RANK give it, without joining
+    the process group: a world of one when not launched by torchrun."""
     if not launched_by_torchrun():
         return Dist()
     try:
@@ -157,16 +158,24 @@ def from_env(device_name: str) -> Dist:
     except (KeyError, ValueError) as exc:
         raise DistributedError(f"WORLD_SIZE is set but RANK is missing or malformed ({exc}); "
                                f"launch with torchrun") from None
+    return Dist(rank, world_size, local_rank)
+
+
+def from_env(device_name: str) -> Dist:
+    """Join the process group torchrun describes, or return a world of one."""
+    dist = placement_from_env()
+    if not dist.enabled:
+        return dist
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(dist.local_rank)
     timeout = float(os.environ.get("CHARLM_DIST_TIMEOUT", DEFAULT_TIMEOUT_SECONDS))
     if not torch_dist.is_initialized():
         try:
             torch_dist.init_process_group(backend=backend_for(use_cuda), timeout=datetime.timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(f"cannot join the distributed run: {str(exc).strip().splitlines()[0]}") from None
-    return Dist(rank, world_size, local_rank)
+    return dist
 
 
 def shutdown(dist: Dist) -> None:

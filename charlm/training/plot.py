@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from charlm.errors import ConfigError, MetricsError, MissingDependencyError
+from charlm.fsutil import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 MARKERS = "*o+x#"
@@ -205,9 +206,35 @@ def save_png(run: str | os.PathLike[str], out_path: str | os.PathLike[str], *, d
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-
-    from charlm.fsutil import atomic_write
-
     out = Path(out_path)
     atomic_write(out, buffer.getvalue(), intact="nothing was written")
     return out
+
+
+# ── a run's curves, as the plot command and charlm.api.loss_curves give them ────────────────────
+
+@dataclass(frozen=True)
+class LossCurves:
+    """A run's loss curves: its metrics, given as JSON, drawn as text, or saved as a PNG."""
+
+    run: Path
+    metrics: Metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``charlm plot --json`` prints it."""
+        m = self.metrics
+        return {"run": str(self.run), "train_loss": m.train, "val_loss": m.val, "val_bpc": m.val_bpc,
+                "best": m.best, "resumes": m.resumes, "finished": m.end is not None}
+
+    def chart(self, *, width: int = 60, height: int = 12) -> str:
+        """The text chart of the training and validation loss (``terminal_chart``)."""
+        return terminal_chart(self.metrics, width=width, height=height)
+
+    def save_png(self, out_path: str | os.PathLike[str]) -> Path:
+        """The chart as a PNG at ``out_path`` (needs matplotlib); returns its path."""
+        return save_png(self.run, out_path)
+
+
+def read_loss_curves(run: str | os.PathLike[str]) -> LossCurves:
+    """The loss curves of the run in folder ``run`` (or of its metrics.jsonl file itself)."""
+    return LossCurves(Path(run), read_metrics(run))
