@@ -26,7 +26,8 @@ import torch
 from torch import _VF, nn
 from torch.backends.cudnn import rnn as cudnn_rnn
 
-from charlm.model.cells import GATE_NAMES, PeepholeLSTM, lstm_layer, trains_faster_by_hand
+from charlm.model.cells import GATE_NAMES, PeepholeLSTM
+from charlm.model.lstm_kernel import lstm_layer, trains_faster_by_hand
 from charlm.config import ModelConfig
 
 # An LSTM state is (h, c); GRU and RNN states are a single h. Each is (num_layers, B, hidden).
