@@ -52,6 +52,7 @@ def build_ids(paths: list[Path], folder: Path, *, n_train: int, kind: str, val_f
             "num_tokens": num_tokens, "cut": cut, "train_chars": train_chars, "val_chars": val_chars, **(extra or {})}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
+
 def file_chunks(path: Path, encoding_errors: str, separate: bool) -> Iterator[str]:
     """The file's text in pieces; with ``separate``, a newline after a last line that lacks one."""
     last = ""
@@ -61,8 +62,10 @@ def file_chunks(path: Path, encoding_errors: str, separate: bool) -> Iterator[st
     if separate and last != "\n":
         yield "\n"
 
+
 def file_text(path: Path, encoding_errors: str, separate: bool) -> str:
     return "".join(file_chunks(path, encoding_errors, separate))
+
 
 class _IdsFile:
     """A ``.npy`` file of ids written and re-read through plain file I/O, not a memory map: mapped
@@ -92,6 +95,7 @@ class _IdsFile:
         os.fsync(self.fh.fileno())
         self.fh.close()
 
+
 def _scan(paths: list[Path], encoding_errors: str,
           separate: bool = False) -> tuple[list[int], int, np.ndarray | None]:
     """Pass 1: characters per file, UTF-8 bytes, and which codepoints occur (None if all whitespace)."""
@@ -107,6 +111,7 @@ def _scan(paths: list[Path], encoding_errors: str,
             for start in range(0, len(chunk), ENCODE_CHUNK):
                 seen[codepoints(chunk[start:start + ENCODE_CHUNK])] = True
     return chars_per_file, num_bytes, (seen if not blank else None)
+
 
 def _build_char(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars: int, seen: np.ndarray,
                 cut_char: int, min_count: int, max_vocab: int | None):
@@ -143,6 +148,7 @@ def _build_char(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars:
     if (folder / "ids.tmp.npy").exists():
         os.replace(folder / "ids.tmp.npy", folder / "ids.npy")
     return tokenizer, num_chars, cut, cut, num_chars - cut
+
 
 def _build_byte(chunks: Callable[[], Iterator[str]], folder: Path, *, num_bytes: int, cut_char: int,
                 num_chars: int):

@@ -35,6 +35,7 @@ def corpus_files(folder: Path, include: tuple[str, ...] = (), exclude: tuple[str
         raise CorpusError(f"{folder}: no files" + (f" matching {' or '.join(include)}" if include else ""))
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
+
 def _usable(path: Path, encoding_errors: str) -> str | None:
     """Why a file of a folder corpus is left out ("binary", "not UTF-8", "empty"), or None."""
     blank = True
@@ -44,6 +45,7 @@ def _usable(path: Path, encoding_errors: str) -> str | None:
     except CorpusError as exc:
         return "binary" if "looks binary" in str(exc) else "not UTF-8" if "UTF-8" in str(exc) else "unreadable"
     return "empty" if blank else None
+
 
 def build_folder(root: Path, candidates: list[Path], val_path: str | os.PathLike[str] | None, folder: Path,
                   **options: Any) -> None:
@@ -71,6 +73,7 @@ def build_folder(root: Path, candidates: list[Path], val_path: str | os.PathLike
              "digest": files_digest(root, train, val)}
     build_ids(train + val, folder, n_train=len(train), separate=True, extra={"files": files}, **options)
 
+
 def _val_start(sizes: list[int], val_fraction: float) -> int:
     """Where validation starts: the last files (in path order) whose bytes come closest to
     ``val_fraction`` of the whole, at least one, with at least one file left for training."""
@@ -83,6 +86,7 @@ def _val_start(sizes: list[int], val_fraction: float) -> int:
         if total >= target:
             break
     return best
+
 
 def files_digest(root: Path, train: list[Path], val: list[Path]) -> str:
     """What a folder corpus's split is made of (each file's path under ``root`` and size, and which

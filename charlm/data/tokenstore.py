@@ -49,6 +49,7 @@ def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "charlm"
 
+
 @dataclass(frozen=True)
 class CorpusIds:
     tokenizer: Tokenizer
@@ -67,11 +68,13 @@ class CorpusIds:
     def val_ids(self) -> np.ndarray:
         return self.ids[self.cut:]
 
+
 def cache_key(paths: list[Path], settings: dict[str, Any]) -> str:
     files = [{"sha256": p.stem.partition("-")[0], "size": p.stat().st_size} if p.suffix == SPOOL_SUFFIX  # a pipe, by content
              else {"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]
     what = {"version": CACHE_VERSION, "files": files, **settings}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
 
 def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, min_count: int = 1,
                max_vocab: int | None = None, encoding_errors: str = "strict", val_path: str | os.PathLike[str] | None = None,
@@ -91,6 +94,7 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
                    encoding_errors=encoding_errors)
     return _cached(paths, settings, lambda tmp: build_ids(paths, tmp, n_train=1, **options),
                    root=root, on_build=on_build, what=str(paths[0]))
+
 
 def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                kind: str, val_fraction: float,
@@ -122,6 +126,7 @@ def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (),
     return _cached(paths, settings, lambda tmp: build_folder(folder, candidates, val_path, tmp, **options),
                    root=root, on_build=on_build, what=f"{len(candidates):,} files under {folder}")
 
+
 def _cached(paths: list[Path], settings: dict[str, Any], build: Callable[[Path], None], *, root: Path | None,
             on_build: Callable[[str], None] | None, what: str) -> CorpusIds:
     folder = (root or cache_root()) / "tokens" / cache_key(paths, settings)
@@ -143,6 +148,7 @@ def _cached(paths: list[Path], settings: dict[str, Any], build: Callable[[Path],
         raise CorpusError(f"the token cache entry {folder} could not be read back")
     return cached
 
+
 def _build_entry(folder: Path, build: Callable[[Path], None], *, on_build: Callable[[str], None] | None,
                  what: str) -> None:
     """Build the entry in a temporary folder and rename it into place (a killed build leaves no half entry)."""
@@ -163,6 +169,7 @@ def _build_entry(folder: Path, build: Callable[[Path], None], *, on_build: Calla
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
 def _load(folder: Path) -> CorpusIds | None:
     """The entry in ``folder``, or None when it is missing or unreadable (then it is rebuilt)."""
     try:
@@ -182,7 +189,9 @@ def _load(folder: Path) -> CorpusIds | None:
     return CorpusIds(tokenizer, ids, int(meta["cut"]), int(meta["train_chars"]), int(meta["val_chars"]), folder,
                      meta.get("files"))
 
+
 BUILTIN = "builtin:pydoc"
+
 
 @dataclass(frozen=True)
 class Corpus:
@@ -191,10 +200,12 @@ class Corpus:
     text: str | None = None  # None when the ids come from the token cache
     files: dict[str, Any] | None = None  # a folder corpus: its split (cache.folder_ids), what was skipped
 
+
 def builtin_corpus() -> Corpus:
     """The text ``charlm train`` uses when given no corpus (Python's own documentation, offline)."""
     name, text = default_corpus()
     return Corpus(name, BUILTIN, text)
+
 
 def _note_folder(on_note: Callable[[str], None], source: Path, files: dict[str, Any], *, val_fraction: float,
                  val_path: str | None) -> None:
@@ -208,7 +219,9 @@ def _note_folder(on_note: Callable[[str], None], source: Path, files: dict[str, 
                 f"{actual:.1%} of the bytes (--val-fraction {val_fraction:g}; no file is split between "
                 f"training and validation; --val-file chooses the validation text)")
 
+
 SPOOL_SUFFIX = ".spool"
+
 
 @contextmanager
 def spooled(paths: "list[str | None]", *, root: Path | None = None) -> Iterator[list[str | None]]:
@@ -229,6 +242,7 @@ def spooled(paths: "list[str | None]", *, root: Path | None = None) -> Iterator[
     finally:
         for spool in made:
             spool.unlink(missing_ok=True)
+
 
 def _spool(path: Path, folder: Path) -> Path:
     digest, size, blank = hashlib.sha256(), 0, True
@@ -261,6 +275,7 @@ def _spool(path: Path, folder: Path) -> Path:
             os.close(fd)
         tmp.unlink(missing_ok=True)
 
+
 def prepare_corpus(path: str | None, *, val_path: str | None = None, **options: Any) -> tuple[Corpus, PreparedData]:
     """The corpus and its ids: a file or a folder of files goes through the on-disk token cache,
     the built-in text is small, a pipe (``<(zcat corpus.gz)``) is copied into the cache root
@@ -279,6 +294,7 @@ def prepare_corpus(path: str | None, *, val_path: str | None = None, **options: 
     if readable != path:  # a pipe: named as given, not as its copy
         corpus = dataclasses.replace(corpus, name="pipe", source=str(path))
     return corpus, data
+
 
 def _prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float, min_count: int = 1,
                     max_vocab: int | None = None, encoding_errors: str = "strict", tokenizer: Tokenizer | None = None,
