@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm.model.checkpoint import atomic_write
+from charlm.fsutil import atomic_write
 from charlm.errors import ExportError, MissingDependencyError
 from charlm.model.lm import RNNLM, has_cell_state
 from charlm.data.tokenizer import Tokenizer
