@@ -37,7 +37,7 @@ from charlm.model.precision import Precision
 
 BLOCK = 256  # tokens a window of the sequential pass predicts
 # Validation tokens the search reads at most: 20,000 up to 512 units, fewer for wider models (its
-# cost grows with tokens × hidden size; a 1×1024 char model took 21 s for 20,000 on 2 CPU cores).
+# cost grows with tokens × hidden size).
 TUNE_TOKENS = 20_000
 TUNE_WORK = TUNE_TOKENS * 512
 WINDOWS = (250, 500, 1000, 2000, 4000)

@@ -11,9 +11,9 @@ arithmetic. ``FastStep`` does the arithmetic alone:
 * all buffers are allocated once per batch size and written with ``out=`` (no per-step allocation);
 * no autograd (``inference_mode``);
 * on a CPU the products may go through oneDNN with each weight reordered once per batch size
-  (``lstm_kernel.fixed_weight_matmul``): faster on some CPUs (AVX-512: 1.12× one stream's chars/s, 1.53×
-  64 streams'), slower on others (AVX2 only: 0.65×), so each machine measures both once per model
-  shape and batch size (``faster_products``, kept by ``machine.py``) and uses the faster.
+  (``lstm_kernel.fixed_weight_matmul``): faster on some CPUs (AVX-512), slower on others (AVX2
+  only), so each machine measures both once per model shape and batch size (``faster_products``,
+  kept by ``machine.py``) and uses the faster.
 
 The same code serves B parallel streams, where the matmuls amortise much better. ``step`` equals the
 model's ``forward`` on one token (tested to 1e-5 against ``nn.LSTM``/``nn.GRU``/``nn.RNN``).

@@ -32,9 +32,8 @@ def fixed_weight_matmul(weight: torch.Tensor, batch_size: int) -> Callable[[torc
     recurrence needs at every step.
 
     On a CPU it multiplies through oneDNN's linear with the weight reordered once into oneDNN's
-    blocked layout, which is what its own fused LSTM does: for the skinny products of a step
-    (64 × 512 by 512 × 2048) it measured about twice the rate of ``torch.mm`` alone, and took a
-    peephole layer's forward + backward from 0.64× to 0.73× ``nn.LSTM``'s time share. Those ops
+    blocked layout, which is what its own fused LSTM does, and which runs a step's skinny products
+    (64 × 512 by 512 × 2048) about twice as fast as ``torch.mm`` alone. Those ops
     (``torch.ops.mkldnn``) are the ones PyTorch's compiler uses, not public API, so they are tried
     once per dtype on a small product and ``torch.mm`` serves wherever they are absent or disagree.
     """
