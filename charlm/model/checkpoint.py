@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from charlm import jsonio
-from charlm.config import CachePointer, ConfigError, ModelConfig, TrainConfig, brief
+from charlm.config import CachePointer, ModelConfig, TrainConfig, brief
 from charlm.data.text import ENCODING_ERRORS
 from charlm.data.tokenizer import Tokenizer, tokenizer_from_dict
-from charlm.errors import CheckpointError, TokenizerError, out_of_memory_as
+from charlm.errors import CheckpointError, ConfigError, TokenizerError, out_of_memory_as
 from charlm.fsutil import atomic_write
 from charlm.model.lm import RNNLM, parameter_shapes
 
@@ -66,7 +66,7 @@ def checkpoint_report(checkpoint: Checkpoint) -> dict[str, Any]:
 
 # ── writing ─────────────────────────────────────────────────────────────────────────────────────
 
-def model_tensors(model) -> dict[str, Any]:
+def model_tensors(model: RNNLM) -> dict[str, Any]:
     """The model's tensors by PyTorch name, tied weights once, contiguous fp32 on the CPU."""
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -76,7 +76,7 @@ def model_tensors(model) -> dict[str, Any]:
     return tensors
 
 
-def save_checkpoint(path: str | os.PathLike[str], *, model, tokenizer: Tokenizer,
+def save_checkpoint(path: str | os.PathLike[str], *, model: RNNLM, tokenizer: Tokenizer,
                     train_config: TrainConfig | None = None, train_state: dict[str, Any] | None = None) -> Path:
     metadata = {
         "format": FORMAT,
