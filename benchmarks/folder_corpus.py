@@ -69,7 +69,7 @@ def main() -> None:
     include = args.include or ["*.py"]
     exclude = [p for p in (args.exclude if args.exclude is not None else ["site-packages"]) if p]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from charlm.data.tokenstore import corpus_files
+    from charlm.data.folder_corpus import corpus_files
 
     files = corpus_files(args.folder, tuple(include), tuple(exclude))
     size_mb = sum(p.stat().st_size for p in files) / 1e6

@@ -4,11 +4,11 @@
     python benchmarks/lstm_layer.py --rounds 3 --shapes 1024x32 768x32
 
 For each hidden size × batch (seq 100, input 128) and precision, one training window (forward and
-backward) of ``nn.LSTM`` (oneDNN) and of ``charlm.model.cells.lstm_layer`` without peepholes, alternated
+backward) of ``nn.LSTM`` (oneDNN) and of ``charlm.model.lstm_kernel.lstm_layer`` without peepholes, alternated
 round by round so both see the same machine load; then the trainer's tokens/s at the default 10-
 and 3-minute bf16 shapes with the layer chosen either way, beside a bare bf16 ``nn.LSTM`` loop.
-The results set ``cells.HAND_WRITTEN_BF16_MIN_HIDDEN``, the width from which each machine times both
-layers itself (``cells.faster_by_hand``). Writes
+The results set ``lstm_kernel.HAND_WRITTEN_BF16_MIN_HIDDEN``, the width from which each machine times both
+layers itself (``lstm_kernel.faster_by_hand``). Writes
 benchmarks/results/lstm-layer-cpu.json.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from charlm import bench
-from charlm.model import cells
+from charlm.model import lstm_kernel
 from charlm.model.precision import cpu_bf16_instructions
 from charlm.training.loop import keep_freed_memory
 
@@ -47,7 +47,7 @@ def window_seconds(hidden: int, batch: int, bf16: bool, rounds: int) -> dict[str
 
     def by_hand() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out, _, _ = cells.lstm_layer(x, h0, c0, *weights)
+            out, _, _ = lstm_kernel.lstm_layer(x, h0, c0, *weights)
         out.float().sum().backward()
 
     times: dict[str, list[float]] = {"onednn": [], "hand": []}
@@ -63,18 +63,18 @@ def window_seconds(hidden: int, batch: int, bf16: bool, rounds: int) -> dict[str
 def trainer_rates(hidden: int, batch: int, rounds: int) -> dict[str, float]:
     """The trainer's bf16 tokens/s with each layer, and the bare bf16 loop's, alternated."""
     cfg = bench.BenchConfig(hidden_size=hidden, num_layers=1, batch_size=batch, seq_len=100, train_steps=30)
-    device, chosen = torch.device("cpu"), (cells.HAND_WRITTEN_BF16_MIN_HIDDEN, cells.faster_by_hand)
+    device, chosen = torch.device("cpu"), (lstm_kernel.HAND_WRITTEN_BF16_MIN_HIDDEN, lstm_kernel.faster_by_hand)
     rates: dict[str, list[float]] = {"trainer_onednn": [], "trainer_hand": [], "bare_onednn": []}
-    cells.faster_by_hand = lambda *shape: True  # the width decides alone here: each layer forced in turn
+    lstm_kernel.faster_by_hand = lambda *shape: True  # the width decides alone here: each layer forced in turn
     try:
         for _ in range(rounds):
-            cells.HAND_WRITTEN_BF16_MIN_HIDDEN = 10 ** 9
+            lstm_kernel.HAND_WRITTEN_BF16_MIN_HIDDEN = 10 ** 9
             rates["trainer_onednn"].append(bench.train_rate(cfg, device, "bf16"))
-            cells.HAND_WRITTEN_BF16_MIN_HIDDEN = 0
+            lstm_kernel.HAND_WRITTEN_BF16_MIN_HIDDEN = 0
             rates["trainer_hand"].append(bench.train_rate(cfg, device, "bf16"))
             rates["bare_onednn"].append(bench.bare_train_rate(cfg, device, precision="bf16"))
     finally:
-        cells.HAND_WRITTEN_BF16_MIN_HIDDEN, cells.faster_by_hand = chosen
+        lstm_kernel.HAND_WRITTEN_BF16_MIN_HIDDEN, lstm_kernel.faster_by_hand = chosen
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -113,7 +113,7 @@ def main() -> None:
                    f"native bf16: {cpu_bf16_instructions() or 'none'}",
         "what": "one training window (seq 100, input 128, forward + backward) in ms, medians of alternating rounds; "
                 "trainer tokens/s (evaluation excluded) with each layer, and a bare bf16 nn.LSTM loop",
-        "hand_written_bf16_min_hidden": cells.HAND_WRITTEN_BF16_MIN_HIDDEN,
+        "hand_written_bf16_min_hidden": lstm_kernel.HAND_WRITTEN_BF16_MIN_HIDDEN,
         "windows": windows, "trainer_bf16": trainers,
     }
     args.out.parent.mkdir(exist_ok=True)

@@ -1,6 +1,7 @@
 """Every error charlm raises on purpose. Only ``cli.py`` turns them into messages and exit codes."""
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -121,8 +122,6 @@ def out_of_memory_as(doing: str, hint: str = "") -> Iterator[None]:
 
 
 def _release_cached_memory() -> None:
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

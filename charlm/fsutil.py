@@ -1,4 +1,4 @@
-"""Writing into folders: the one atomic write (with fsync), the one append, the one folder lock.
+"""Writing into folders: the one atomic write (with fsync), the one append, the one folder lock and lock file.
 
 A run folder (``--out``, perhaps under a shared temporary place) or the token cache may have been
 made, or touched, by someone else, who can plant a symbolic link where charlm will write
@@ -12,10 +12,16 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from charlm.errors import RunInUseError, SaveError, UsageError
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): folders and lock files go unlocked
+    fcntl = None  # type: ignore[assignment]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -56,7 +62,7 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterator[bytes], *
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _refuse_link(path, intact)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
+        fd = create_exclusive(tmp, 0o644)
         try:
             for chunk in chunks:
                 view = memoryview(chunk)
@@ -74,6 +80,12 @@ def atomic_write_chunks(path: str | os.PathLike[str], chunks: Iterator[bytes], *
     except BaseException:  # an interrupted download leaves no temporary file behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def create_exclusive(path: str | os.PathLike[str], mode: int) -> int:
+    """A descriptor of the new file ``path``, open for writing: created with ``O_EXCL``, so an
+    existing file, or a link planted there, is an ``OSError`` rather than written through."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
 
 
 def append_text(path: str | os.PathLike[str], text: str) -> None:
@@ -140,9 +152,7 @@ def lock_folder(folder: str | os.PathLike[str]) -> int | None:
     """An exclusive, non-blocking ``flock`` on ``folder`` itself: its descriptor (closing it
     releases the lock, as the system does when the process dies), ``RunInUseError`` if another
     process holds it, ``UnsafeFolderError`` as ``open_folder``. None where there is no flock."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): run unlocked
+    if fcntl is None:  # no flock (Windows): run unlocked
         return None
     fd = open_folder(folder)
     try:
@@ -169,6 +179,19 @@ def open_lock_file(path: str | os.PathLike[str]) -> int:
         os.close(fd)
         raise SaveError(f"cannot use the lock {path}: it is not a regular file")
     return fd
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` for the block (POSIX ``flock``: the system releases it if
+    the process dies; where there is no ``fcntl``, the block runs unlocked)."""
+    fd = open_lock_file(lock_path)  # a planted link there is refused, not followed
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def open_regular(path: str | os.PathLike[str], *, append: bool) -> BinaryIO:

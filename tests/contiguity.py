@@ -34,13 +34,14 @@ def install(monkeypatch: Any, seen: list[str]) -> None:
     """Wrap ``torch._VF``'s recurrences (and nn.RNN's table of them) and charlm's own LSTM layer."""
     import charlm.model.cells as cells_module
     import charlm.model.lm as model_module
+    import charlm.model.lstm_kernel as lstm_kernel
 
     for name in KERNELS:
         monkeypatch.setattr(torch._VF, name, _checked(getattr(torch._VF, name), name, seen))
     for mode, kernel in list(rnn_module._rnn_impls.items()):
         monkeypatch.setitem(rnn_module._rnn_impls, mode, _checked(kernel, mode.lower(), seen))
     for module in (model_module, cells_module):  # the model's layer-by-layer path, and PeepholeLSTM's forward
-        monkeypatch.setattr(module, "lstm_layer", _checked(cells_module.lstm_layer, "lstm_layer", seen))
+        monkeypatch.setattr(module, "lstm_layer", _checked(lstm_kernel.lstm_layer, "lstm_layer", seen))
 
 
 class _Patcher:

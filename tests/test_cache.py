@@ -8,12 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-import charlm.data.tokenstore as cache
+import charlm.data.encode_files as encode_files
 import charlm.data.text as data_module
-from charlm.data.tokenstore import corpus_ids
-from charlm.data.tokenizer import CharTokenizer
-from charlm.data.tokenstore import prepare_corpus
+import charlm.data.tokenstore as cache
 from charlm.data.text import prepare_data
+from charlm.data.tokenizer import CharTokenizer
+from charlm.data.tokenstore import corpus_ids, prepare_corpus
+from charlm.fsutil import exclusive_lock
 
 # Non-ASCII text, CRLF line ends, and characters that occur only in the validation part.
 TEXT = ("naïve café — line one\r\nΔelta two\rthree 😀 four\n" * 40) + "tail only: ж§\n"
@@ -23,7 +24,7 @@ TEXT = ("naïve café — line one\r\nΔelta two\rthree 😀 four\n" * 40) + "ta
 def small_chunks(monkeypatch):
     """Pieces far smaller than the text, so every boundary case is crossed."""
     monkeypatch.setattr(data_module, "CHUNK_BYTES", 7)
-    monkeypatch.setattr(cache, "ENCODE_CHUNK", 5)
+    monkeypatch.setattr(encode_files, "ENCODE_CHUNK", 5)
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "word"])
@@ -75,17 +76,17 @@ def test_a_second_builder_waits_for_the_first_and_uses_its_entry(tmp_path, monke
     first = corpus_ids(path, kind="char", val_fraction=0.1, root=root)  # where the entry and its lock go
     folder, built = first.folder, []
     shutil.rmtree(folder)
-    real_build = cache._build
-    monkeypatch.setattr(cache, "_build", lambda *args, **kwargs: (built.append(1), real_build(*args, **kwargs)))
+    real_build = cache.build_ids
+    monkeypatch.setattr(cache, "build_ids", lambda *args, **kwargs: (built.append(1), real_build(*args, **kwargs)))
     got = {}
-    with cache._exclusive(root / "locks" / f"{folder.name}.lock"):  # "the other process" is building
+    with exclusive_lock(root / "locks" / f"{folder.name}.lock"):  # "the other process" is building
         waiter = threading.Thread(target=lambda: got.update(ids=corpus_ids(path, kind="char", val_fraction=0.1,
                                                                             root=root)))
         waiter.start()
         waiter.join(0.5)
         assert waiter.is_alive()  # it waits for the lock instead of building alongside
-        cache._build_entry(folder, lambda tmp: cache._build([path], tmp, n_train=1, kind="char", val_fraction=0.1,
-                                                            min_count=1, max_vocab=None, encoding_errors="strict"),
+        cache._build_entry(folder, lambda tmp: cache.build_ids([path], tmp, n_train=1, kind="char", val_fraction=0.1,
+                                                                  min_count=1, max_vocab=None, encoding_errors="strict"),
                            on_build=None, what=str(path))
         inode = (folder / "ids.npy").stat().st_ino
     waiter.join(30)

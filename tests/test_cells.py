@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import charlm
-from charlm.model.cells import PeepholeLSTM, fixed_weight_matmul, lstm_layer
+from charlm.model.cells import PeepholeLSTM
+from charlm.model.lstm_kernel import fixed_weight_matmul, lstm_layer
 from charlm.config import ModelConfig
 from charlm.errors import ConfigError
 from charlm.model.lm import RNNLM
@@ -98,7 +99,7 @@ def test_bf16_autocast_stays_near_fp32():
 
 
 def test_without_peepholes_the_layer_is_nn_lstm_forward_and_backward():
-    """The plain layer the trainer runs wide bf16 LSTMs through (cells.trains_faster_by_hand)."""
+    """The plain layer the trainer runs wide bf16 LSTMs through (lstm_kernel.trains_faster_by_hand)."""
     args = layer_inputs(B=3, T=6, F=4, H=5, seed=4)[:7]  # no peephole vectors
     assert torch.autograd.gradcheck(lstm_layer, args)
     x, h0, c0, *weights = [a.detach().float().requires_grad_() for a in layer_inputs(B=8, T=40, F=16, H=32, seed=5)[:7]]
@@ -119,14 +120,14 @@ def test_without_peepholes_the_layer_is_nn_lstm_forward_and_backward():
 
 
 def test_bf16_training_of_a_wide_lstm_runs_by_hand_near_fp32(monkeypatch, bf16_kernel):
-    """Under CPU bf16 autocast, from cells.HAND_WRITTEN_BF16_MIN_HIDDEN units, training runs the
+    """Under CPU bf16 autocast, from lstm_kernel.HAND_WRITTEN_BF16_MIN_HIDDEN units, training runs the
     hand-written layer (lowered here so a small model takes it): its loss and gradients stay near
     the fp32 model's, as oneDNN's bf16 kernel's do, and evaluation keeps nn.LSTM's kernel."""
-    import charlm.model.cells as cells
+    import charlm.model.lstm_kernel as lstm_kernel
     import charlm.model.lm as model_module
 
     calls = []
-    monkeypatch.setattr(model_module, "lstm_layer", lambda *a: calls.append(1) or cells.lstm_layer(*a))
+    monkeypatch.setattr(model_module, "lstm_layer", lambda *a: calls.append(1) or lstm_kernel.lstm_layer(*a))
     torch.manual_seed(0)
     model = RNNLM(ModelConfig(vocab_size=11, cell="lstm", hidden_size=48, embed_size=16, num_layers=1))
     x = torch.randint(0, 11, (6, 31))
@@ -140,8 +141,8 @@ def test_bf16_training_of_a_wide_lstm_runs_by_hand_near_fp32(monkeypatch, bf16_k
         return loss.item(), [p.grad.clone() for p in model.parameters()], state
 
     exact, exact_grads, _ = loss_and_grads(False)
-    monkeypatch.setattr(cells, "HAND_WRITTEN_BF16_MIN_HIDDEN", 32)
-    monkeypatch.setattr(cells, "faster_by_hand", lambda *shape: True)  # as where it measured faster
+    monkeypatch.setattr(lstm_kernel, "HAND_WRITTEN_BF16_MIN_HIDDEN", 32)
+    monkeypatch.setattr(lstm_kernel, "faster_by_hand", lambda *shape: True)  # as where it measured faster
     low, low_grads, (h, c) = loss_and_grads(True)
     assert calls and h.dtype == c.dtype == torch.float32 and h.shape == (1, 6, 48)
     assert abs(low - exact) < 0.01
@@ -151,7 +152,7 @@ def test_bf16_training_of_a_wide_lstm_runs_by_hand_near_fp32(monkeypatch, bf16_k
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
     assert not calls
-    monkeypatch.setattr(cells, "HAND_WRITTEN_BF16_MIN_HIDDEN", 10**6)
+    monkeypatch.setattr(lstm_kernel, "HAND_WRITTEN_BF16_MIN_HIDDEN", 10**6)
     loss_and_grads(True)
     assert not calls
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from charlm.model.checkpoint import (FORMAT, atomic_write, load_checkpoint, read_header, resolve_checkpoint,
+from charlm.model.checkpoint import (FORMAT, load_checkpoint, read_header, resolve_checkpoint,
                                save_checkpoint)
 from charlm.config import ModelConfig
 from charlm.errors import CheckpointError, SaveError
+from charlm.fsutil import atomic_write
 from charlm.model.lm import RNNLM
 from charlm.data.tokenizer import CharTokenizer
 

@@ -14,7 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from charlm.data import corpora
-from charlm.data.corpora import CorpusSpec, RemoteFile, SplitSource, get_corpus, prepared_corpus, resolve_corpus_name
+from charlm.data.corpora import CorpusSpec, get_corpus, prepared_corpus, resolve_corpus_name
+from charlm.data.corpus_splits import SplitSource
+from charlm.data.download import RemoteFile
 from charlm.errors import ChecksumError, CorpusError, DownloadError, UsageError
 
 from conftest import SHARED_CORPUS

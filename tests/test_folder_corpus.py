@@ -126,7 +126,7 @@ def test_cached_file_lists_are_absolute_and_read_back_from_anywhere(tree, tmp_pa
 
 
 def test_the_validation_split_comes_closest_to_the_fraction(tmp_path):
-    from charlm.data.tokenstore import _val_start
+    from charlm.data.folder_corpus import _val_start
 
     assert _val_start([100] * 10, 0.1) == 9  # one file of ten: exactly the fraction
     assert _val_start([10] * 9 + [1000], 0.1) == 9  # a huge last file: still one file (at least one)

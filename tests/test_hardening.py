@@ -390,7 +390,7 @@ def test_out_of_memory_in_a_training_step_keeps_the_checkpoints(tmp_path, tiny_c
     ("charlm.training.loop.RNNLM.__init__", "train", "out of memory building a model"),
     ("charlm.training.loop.evaluate", "train", "out of memory evaluating"),
     ("charlm.infer.sample.FastStep.reset", "sample", "--num-samples"),
-    ("safetensors.torch.load_file", "sample", "out of memory loading"),
+    ("charlm.model.checkpoint.load_file", "sample", "out of memory loading"),
 ])
 def test_out_of_memory_anywhere_is_one_line_and_exit_1(tmp_path, tiny_corpus, trained_run, monkeypatch, where,
                                                       command, expected):

@@ -470,7 +470,7 @@ def test_a_link_planted_as_a_downloads_part_file_is_not_followed(tmp_path):
     to untouched, whether the download starts or resumes."""
     import io
 
-    from charlm.data import corpora
+    from charlm.data import download
     from charlm.errors import SaveError
 
     victim = tmp_path / "victim.txt"
@@ -479,12 +479,12 @@ def test_a_link_planted_as_a_downloads_part_file_is_not_followed(tmp_path):
     part.symlink_to(victim)
     for mode in ("wb", "ab"):
         with pytest.raises(SaveError, match="symbolic link"):
-            corpora._stream_to(io.BytesIO(b"data"), part, mode=mode, done=0, total=None, progress=None)
+            download._stream_to(io.BytesIO(b"data"), part, mode=mode, done=0, total=None, progress=None)
     assert victim.read_text(encoding="utf-8") == "precious\n"
     part.unlink()
     os.mkfifo(part)
     with pytest.raises(SaveError, match="not a regular file"):
-        corpora._stream_to(io.BytesIO(b"data"), part, mode="wb", done=0, total=None, progress=None)
+        download._stream_to(io.BytesIO(b"data"), part, mode="wb", done=0, total=None, progress=None)
 
 
 @needs_fifo

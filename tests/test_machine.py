@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from charlm import machine
-from charlm.model import cells
+from charlm.model import lstm_kernel
 from charlm.infer import step as infer
 from charlm.training import loop as trainer
 from charlm.config import ModelConfig, TrainConfig
@@ -69,16 +69,16 @@ def test_the_sampler_times_both_products_and_steps_with_the_faster(store, monkey
 
 
 def test_the_bf16_layer_is_chosen_by_its_measured_time(store, monkeypatch, bf16_kernel):
-    timed = cells.time_bf16_layers(4, 8, 16, steps=5, rounds=1)
+    timed = lstm_kernel.time_bf16_layers(4, 8, 16, steps=5, rounds=1)
     assert timed["onednn_ms"] > 0 and timed["by_hand_ms"] > 0 and timed["chosen"] in ("by hand", "onednn")
     x = torch.zeros(4, 5, 8)
-    monkeypatch.setattr(cells, "HAND_WRITTEN_BF16_MIN_HIDDEN", 16)
+    monkeypatch.setattr(lstm_kernel, "HAND_WRITTEN_BF16_MIN_HIDDEN", 16)
     for answer in (True, False):
-        monkeypatch.setattr(cells, "faster_by_hand", lambda *a, answer=answer: answer)
+        monkeypatch.setattr(lstm_kernel, "faster_by_hand", lambda *a, answer=answer: answer)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert cells.trains_faster_by_hand(x, 16) is answer
+            assert lstm_kernel.trains_faster_by_hand(x, 16) is answer
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not cells.trains_faster_by_hand(x, 8)  # below the width it was ever faster at: not timed
+        assert not lstm_kernel.trains_faster_by_hand(x, 8)  # below the width it was ever faster at: not timed
 
 
 def test_the_optimizer_steps_fused_where_that_was_faster(store, monkeypatch):

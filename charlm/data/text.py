@@ -16,23 +16,25 @@ window with is the right state to start the next (the trainer detaches it betwee
 """
 from __future__ import annotations
 
+import codecs
 import os
+import select
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
+from pydoc_data import topics
 
+from charlm.config import ENCODING_ERRORS
 from charlm.errors import CorpusError, UsageError
 from charlm.data.tokenizer import Tokenizer, fit_tokenizer
-
-ENCODING_ERRORS = ("strict", "replace", "ignore")
 
 
 def default_corpus() -> tuple[str, str]:
     """The built-in corpus: Python's own documentation topics, present wherever Python is."""
-    from pydoc_data import topics
-
     text = "\n\n".join(topics.topics[key].strip("\n") for key in sorted(topics.topics)) + "\n"
     return "pydoc", normalize_newlines(text)
 
@@ -49,8 +51,6 @@ def source_kind(path: str | os.PathLike[str]) -> str:
     process substitution such as ``<(zcat corpus.gz)``, standard input piped in), both read as
     text. Anything else is refused with ``CorpusError`` at once: missing, a folder, a character
     device (a terminal, /dev/zero: they never end), a block device or a socket."""
-    import stat
-
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -78,8 +78,6 @@ class _PipeReader:
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
 
     def read(self, size: int) -> bytes:
-        import select
-
         while True:
             try:
                 return os.read(self.fd, size)
@@ -107,8 +105,6 @@ def iter_corpus_chunks(path: str | os.PathLike[str], *, encoding_errors: str = "
     pieces and never holds the whole text. A CR at the end of a piece is held back until the next
     one shows whether an LF follows.
     """
-    import codecs
-
     path = Path(path)
     if encoding_errors not in ENCODING_ERRORS:
         raise UsageError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)} (got {encoding_errors!r})")
@@ -203,8 +199,6 @@ def num_windows(stream_length: int, seq_len: int) -> int:
 def window(streams: "np.ndarray | torch.Tensor", index: int, seq_len: int, rows: slice = slice(None), offset: int = 0):
     """Window ``index`` of ``streams[rows]`` (the windows starting ``offset`` tokens in): x, y int64
     tensors of shape (B, t), t ≤ seq_len."""
-    import torch
-
     i = offset + index * seq_len
     t = min(seq_len, streams.shape[1] - 1 - i)
     block = streams[rows, i:i + t + 1]  # (B, t + 1)

@@ -13,6 +13,10 @@ so an edited corpus or a different ``--val-fraction`` builds a new entry. Entrie
 temporary folder and renamed into place, so a killed build never leaves a half entry behind. A
 lock file (``<cache root>/locks/<key>.lock``) lets one process build an entry while others that
 start on the same corpus wait, then use it.
+
+``prepare_corpus`` is a run's way in: the built-in text in memory, a file or a folder of files
+(``folder_corpus.py``) through the store, a pipe copied into a file first (``spooled``). The ids
+themselves are encoded by ``encode_files.py``.
 """
 from __future__ import annotations
 
@@ -29,18 +33,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
-
-from charlm.data.text import (PreparedData, check_not_blank, check_split, default_corpus, iter_corpus_chunks, open_source,
-                   prepare_data, prepare_texts, read_corpus, source_kind)
+from charlm.data.encode_files import CACHE_VERSION, build_ids, file_text
+from charlm.data.folder_corpus import build_folder, corpus_files
+from charlm.data.text import (PreparedData, check_not_blank, default_corpus, open_source, prepare_data,
+                              prepare_texts, read_corpus, source_kind)
+from charlm.data.tokenizer import Tokenizer, tokenizer_from_dict
 from charlm.errors import CorpusError, UsageError
-from charlm.data.tokenizer import (ENCODE_CHUNK, ByteTokenizer, CharTokenizer, Tokenizer, codepoints, ids_dtype,
-                        tokenizer_from_dict)
-
-CACHE_VERSION = 2  # 2: a folder entry records its files by absolute path, with a digest
+from charlm.fsutil import create_exclusive, exclusive_lock
 
 
 def cache_root() -> Path:
@@ -93,7 +92,7 @@ def corpus_ids(path: str | os.PathLike[str], *, kind: str, val_fraction: float, 
             raise CorpusError(f"{p}: is a pipe; prepare_corpus reads it into a file first (spooled)")
     options = dict(kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
                    encoding_errors=encoding_errors)
-    return _cached(paths, settings, lambda tmp: _build(paths, tmp, n_train=1, **options),
+    return _cached(paths, settings, lambda tmp: build_ids(paths, tmp, n_train=1, **options),
                    root=root, on_build=on_build, what=str(paths[0]))
 
 
@@ -124,32 +123,8 @@ def folder_ids(folder: str | os.PathLike[str], *, include: tuple[str, ...] = (),
                 "encoding_errors": encoding_errors}
     options = dict(kind=kind, val_fraction=val_fraction, min_count=min_count, max_vocab=max_vocab,
                    encoding_errors=encoding_errors)
-    return _cached(paths, settings, lambda tmp: _build_folder(folder, candidates, val_path, tmp, **options),
+    return _cached(paths, settings, lambda tmp: build_folder(folder, candidates, val_path, tmp, **options),
                    root=root, on_build=on_build, what=f"{len(candidates):,} files under {folder}")
-
-
-def corpus_files(folder: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Path]:
-    """Files under ``folder`` whose names match any ``include`` pattern (all files if none), in a
-    stable order (by path); hidden files and folders (a leading dot), symlinked folders, and files
-    or folders whose names match an ``exclude`` pattern are left out."""
-    import fnmatch
-
-    if not folder.is_dir():
-        raise CorpusError(f"{folder}: not a folder")
-    found = []
-    for parent, folders, names in os.walk(folder):
-        folders[:] = sorted(d for d in folders
-                            if not d.startswith(".") and not any(fnmatch.fnmatch(d, pattern) for pattern in exclude))
-        for name in names:
-            if name.startswith(".") or any(fnmatch.fnmatch(name, pattern) for pattern in exclude):
-                continue
-            if not include or any(fnmatch.fnmatch(name, pattern) for pattern in include):
-                path = Path(parent) / name
-                if path.is_file():
-                    found.append(path)
-    if not found:
-        raise CorpusError(f"{folder}: no files" + (f" matching {' or '.join(include)}" if include else ""))
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
 def _cached(paths: list[Path], settings: dict[str, Any], build: Callable[[Path], None], *, root: Path | None,
@@ -159,7 +134,7 @@ def _cached(paths: list[Path], settings: dict[str, Any], build: Callable[[Path],
     if cached is not None:
         return cached
     try:
-        with _exclusive(folder.parent.parent / "locks" / f"{folder.name}.lock"):
+        with exclusive_lock(folder.parent.parent / "locks" / f"{folder.name}.lock"):
             # Two runs started on one new corpus: the second waits here, then finds the first's entry.
             cached = _load(folder)
             if cached is not None:
@@ -172,21 +147,6 @@ def _cached(paths: list[Path], settings: dict[str, Any], build: Callable[[Path],
     if cached is None:
         raise CorpusError(f"the token cache entry {folder} could not be read back")
     return cached
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive lock on ``lock_path`` for the block (POSIX ``flock``: the system releases it if
-    the process dies; where there is no ``fcntl``, the block runs unlocked)."""
-    from charlm.fsutil import open_lock_file
-
-    fd = open_lock_file(lock_path)  # a planted link there is refused, not followed
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _build_entry(folder: Path, build: Callable[[Path], None], *, on_build: Callable[[str], None] | None,
@@ -229,224 +189,6 @@ def _load(folder: Path) -> CorpusIds | None:
     return CorpusIds(tokenizer, ids, int(meta["cut"]), int(meta["train_chars"]), int(meta["val_chars"]), folder,
                      meta.get("files"))
 
-
-def _build(paths: list[Path], folder: Path, *, n_train: int, kind: str, val_fraction: float, min_count: int,
-           max_vocab: int | None, encoding_errors: str, separate: bool = False,
-           extra: dict[str, Any] | None = None) -> None:
-    """Token ids of ``paths``: the first ``n_train`` are training text, the rest validation (none:
-    the last ``val_fraction`` of the characters). ``separate`` ends every file with a newline."""
-    if kind == "word":  # word splitting needs whole lines; the in-memory path does it
-        texts = [_file_text(p, encoding_errors, separate) for p in paths]
-        options = dict(kind=kind, min_count=min_count, max_vocab=max_vocab)
-        train_text = "".join(texts[:n_train])
-        data = (prepare_texts(train_text, "".join(texts[n_train:]), **options) if n_train < len(texts)
-                else prepare_data(train_text, val_fraction=val_fraction, **options))
-        with _IdsFile(folder / "ids.npy", data.train_ids.dtype, len(data.train_ids) + len(data.val_ids)) as ids:
-            ids.write_at(0, data.train_ids)
-            ids.write_at(len(data.train_ids), data.val_ids)
-        result = (data.tokenizer, len(data.train_ids) + len(data.val_ids), len(data.train_ids), data.train_chars,
-                  data.val_chars)
-    else:
-        def chunks() -> Iterator[str]:
-            for p in paths:
-                yield from _file_chunks(p, encoding_errors, separate)
-
-        chars_per_file, num_bytes, seen = _scan(paths, encoding_errors, separate)
-        num_chars = sum(chars_per_file)
-        check_not_blank(paths[0], empty=num_chars == 0, blank=seen is None)
-        cut_char = (sum(chars_per_file[:n_train]) if n_train < len(paths)
-                    else int(num_chars * (1.0 - val_fraction)))
-        if kind == "char":
-            result = _build_char(chunks, folder, num_chars=num_chars, seen=seen, cut_char=cut_char,
-                                 min_count=min_count, max_vocab=max_vocab)
-        else:
-            result = _build_byte(chunks, folder, num_bytes=num_bytes, cut_char=cut_char, num_chars=num_chars)
-    tokenizer, num_tokens, cut, train_chars, val_chars = result
-    check_split(train_tokens=cut, val_tokens=num_tokens - cut, val_chars=val_chars)
-    meta = {"version": CACHE_VERSION, "sources": [str(p.resolve()) for p in paths], "tokenizer": tokenizer.to_dict(),
-            "num_tokens": num_tokens, "cut": cut, "train_chars": train_chars, "val_chars": val_chars, **(extra or {})}
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-
-
-def _file_chunks(path: Path, encoding_errors: str, separate: bool) -> Iterator[str]:
-    """The file's text in pieces; with ``separate``, a newline after a last line that lacks one."""
-    last = ""
-    for chunk in iter_corpus_chunks(path, encoding_errors=encoding_errors):
-        last = chunk[-1]
-        yield chunk
-    if separate and last != "\n":
-        yield "\n"
-
-
-def _file_text(path: Path, encoding_errors: str, separate: bool) -> str:
-    return "".join(_file_chunks(path, encoding_errors, separate))
-
-
-def _usable(path: Path, encoding_errors: str) -> str | None:
-    """Why a file of a folder corpus is left out ("binary", "not UTF-8", "empty"), or None."""
-    blank = True
-    try:
-        for chunk in iter_corpus_chunks(path, encoding_errors=encoding_errors):
-            blank = blank and chunk.isspace()
-    except CorpusError as exc:
-        return "binary" if "looks binary" in str(exc) else "not UTF-8" if "UTF-8" in str(exc) else "unreadable"
-    return "empty" if blank else None
-
-
-def _build_folder(root: Path, candidates: list[Path], val_path: str | os.PathLike[str] | None, folder: Path,
-                  **options: Any) -> None:
-    usable, skipped = [], {}
-    for path in candidates:
-        reason = _usable(path, options["encoding_errors"])
-        if reason is None:
-            usable.append(path)
-        else:
-            skipped[reason] = skipped.get(reason, 0) + 1
-    if not usable:
-        raise CorpusError(f"{root}: none of its {len(candidates):,} files is UTF-8 text "
-                          f"({', '.join(f'{n} {why}' for why, n in skipped.items())})")
-    if val_path is not None:
-        train, val = usable, [Path(val_path)]
-    elif len(usable) >= 2:
-        start = _val_start([p.stat().st_size for p in usable], options["val_fraction"])
-        train, val = usable[:start], usable[start:]
-    else:
-        train, val = usable, []  # one file: its last val_fraction, as for a single file
-    sizes = {p: p.stat().st_size for p in train + val}
-    files = {"train_files": len(train), "val_files": len(val), "skipped": skipped,
-             "val_bytes_fraction": (sum(sizes[p] for p in val) / max(sum(sizes.values()), 1) if val else None),
-             "train_paths": [str(p.resolve()) for p in train], "val_paths": [str(p.resolve()) for p in val],
-             "digest": files_digest(root, train, val)}
-    _build(train + val, folder, n_train=len(train), separate=True, extra={"files": files}, **options)
-
-
-def _val_start(sizes: list[int], val_fraction: float) -> int:
-    """Where validation starts: the last files (in path order) whose bytes come closest to
-    ``val_fraction`` of the whole, at least one, with at least one file left for training."""
-    target, total, best, best_gap = val_fraction * sum(sizes), 0, len(sizes) - 1, None
-    for start in range(len(sizes) - 1, 0, -1):
-        total += sizes[start]
-        gap = abs(total - target)
-        if best_gap is None or gap < best_gap:
-            best, best_gap = start, gap
-        if total >= target:
-            break
-    return best
-
-
-def files_digest(root: Path, train: list[Path], val: list[Path]) -> str:
-    """What a folder corpus's split is made of (each file's path under ``root`` and size, and which
-    side it is on), so a resumed run can tell that the folder changed under it."""
-    def entry(p: Path) -> list[Any]:
-        try:
-            name = p.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:  # a --val-file outside the folder
-            name = str(p.resolve())
-        return [name, p.stat().st_size]
-
-    what = {"train": [entry(p) for p in train], "val": [entry(p) for p in val]}
-    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
-
-
-class _IdsFile:
-    """A ``.npy`` file of ids written and re-read through plain file I/O, not a memory map: mapped
-    pages that are written count towards the process's resident memory, the page cache does not."""
-
-    def __init__(self, path: Path, dtype: np.dtype, length: int) -> None:
-        self.dtype, self.length = np.dtype(dtype), length
-        self.fh = open(path, "w+b")  # noqa: SIM115 - closed in __exit__
-        np.lib.format.write_array_header_1_0(self.fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                       "fortran_order": False, "shape": (length,)})
-        self.offset = self.fh.tell()
-        self.fh.truncate(self.offset + length * self.dtype.itemsize)
-
-    def write_at(self, start: int, values: np.ndarray) -> None:
-        self.fh.seek(self.offset + start * self.dtype.itemsize)
-        self.fh.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        self.fh.seek(self.offset + start * self.dtype.itemsize)
-        return np.fromfile(self.fh, dtype=self.dtype, count=stop - start)
-
-    def __enter__(self) -> "_IdsFile":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-
-
-def _scan(paths: list[Path], encoding_errors: str,
-          separate: bool = False) -> tuple[list[int], int, np.ndarray | None]:
-    """Pass 1: characters per file, UTF-8 bytes, and which codepoints occur (None if all whitespace)."""
-    chars_per_file, num_bytes = [], 0
-    seen = np.zeros(0x110000, dtype=bool)
-    blank = True
-    for path in paths:
-        chars_per_file.append(0)
-        for chunk in _file_chunks(path, encoding_errors, separate):
-            chars_per_file[-1] += len(chunk)
-            num_bytes += len(chunk.encode("utf-8", "surrogatepass"))
-            blank = blank and chunk.isspace()
-            for start in range(0, len(chunk), ENCODE_CHUNK):
-                seen[codepoints(chunk[start:start + ENCODE_CHUNK])] = True
-    return chars_per_file, num_bytes, (seen if not blank else None)
-
-
-def _build_char(chunks: Callable[[], Iterator[str]], folder: Path, *, num_chars: int, seen: np.ndarray,
-                cut_char: int, min_count: int, max_vocab: int | None):
-    cut = cut_char
-    # Encode with every character of the text, then keep those the training part has (at least
-    # ``min_count`` times, the ``max_vocab - 1`` most frequent): the others become <UNK>, as the
-    # in-memory tokenizer fitted on the training text would have it.
-    everything = CharTokenizer([chr(c) for c in np.flatnonzero(seen)])
-    step = ENCODE_CHUNK * 8
-    with _IdsFile(folder / "ids.npy", ids_dtype(everything.vocab_size), num_chars) as ids:
-        pos = 0
-        buffer = np.empty(ENCODE_CHUNK, dtype=ids.dtype)
-        for chunk in chunks():
-            for start in range(0, len(chunk), ENCODE_CHUNK):
-                piece = chunk[start:start + ENCODE_CHUNK]
-                everything.encode_into(piece, buffer)
-                ids.write_at(pos, buffer[: len(piece)])
-                pos += len(piece)
-        counts = np.zeros(everything.vocab_size, dtype=np.int64)
-        for start in range(0, cut, step):
-            counts += np.bincount(ids.read(start, min(cut, start + step)), minlength=everything.vocab_size)
-        tokenizer = CharTokenizer.from_counts({everything.itos[i]: int(c) for i, c in enumerate(counts) if i and c},
-                                              min_count=min_count, max_vocab=max_vocab)
-        remap = np.zeros(everything.vocab_size, dtype=ids_dtype(tokenizer.vocab_size))
-        for i, ch in enumerate(everything.itos[1:], start=1):
-            remap[i] = tokenizer.encode(ch)[0]
-        if remap.dtype != ids.dtype:  # fewer kept characters fit a smaller dtype: rewrite the file
-            with _IdsFile(folder / "ids.tmp.npy", remap.dtype, num_chars) as narrow:
-                for start in range(0, num_chars, step):
-                    narrow.write_at(start, remap[ids.read(start, min(num_chars, start + step))])
-        elif not np.array_equal(remap, np.arange(everything.vocab_size)):
-            for start in range(0, num_chars, step):
-                ids.write_at(start, remap[ids.read(start, min(num_chars, start + step))])
-    if (folder / "ids.tmp.npy").exists():
-        os.replace(folder / "ids.tmp.npy", folder / "ids.npy")
-    return tokenizer, num_chars, cut, cut, num_chars - cut
-
-
-def _build_byte(chunks: Callable[[], Iterator[str]], folder: Path, *, num_bytes: int, cut_char: int,
-                num_chars: int):
-    pos = chars = 0
-    cut = num_bytes
-    with _IdsFile(folder / "ids.npy", np.dtype(np.uint8), num_bytes) as ids:
-        for chunk in chunks():
-            data = chunk.encode("utf-8", "surrogatepass")
-            if chars <= cut_char < chars + len(chunk):  # the validation part starts in this piece
-                cut = pos + len(chunk[: cut_char - chars].encode("utf-8", "surrogatepass"))
-            ids.write_at(pos, np.frombuffer(data, dtype=np.uint8))
-            pos += len(data)
-            chars += len(chunk)
-    return ByteTokenizer(), num_bytes, cut, cut_char, num_chars - cut_char
-
-
-# ── a run's corpus: the built-in text or a file through the cache ──────────────────────────────
 
 BUILTIN = "builtin:pydoc"
 
@@ -503,13 +245,11 @@ def spooled(paths: "list[str | None]", *, root: Path | None = None) -> Iterator[
 
 
 def _spool(path: Path, folder: Path) -> Path:
-    from charlm.fsutil import _CLOEXEC, _NOFOLLOW
-
     digest, size, blank = hashlib.sha256(), 0, True
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{os.getpid()}-{os.urandom(4).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
+        fd = create_exclusive(tmp, 0o600)
     except OSError as exc:
         raise CorpusError(f"cannot copy {path} into the token cache in {folder}: {exc.strerror or exc}; "
                           f"set CHARLM_CACHE_DIR to a writable folder") from None
@@ -592,8 +332,8 @@ def _prepare_corpus(path: str | None, *, kind: str = "char", val_fraction: float
     if tokenizer is not None and tokenizer.to_dict() != cached.tokenizer.to_dict():
         if source.is_dir():
             files = cached.files or {}
-            text = "".join(_file_text(Path(p), encoding_errors, True) for p in files.get("train_paths", []))
-            val_text = "".join(_file_text(Path(p), encoding_errors, True) for p in files.get("val_paths", [])) \
+            text = "".join(file_text(Path(p), encoding_errors, True) for p in files.get("train_paths", []))
+            val_text = "".join(file_text(Path(p), encoding_errors, True) for p in files.get("val_paths", [])) \
                 if files.get("val_paths") and val_path is None else None
             return corpus, in_memory(text, val_text, tokenizer=tokenizer)
         return corpus, in_memory(read_corpus(path, encoding_errors=encoding_errors), tokenizer=tokenizer)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from charlm.config import CachePointer, Range, brief
 from charlm.errors import ConfigError, stop_if_asked
 from charlm.infer.evaluate import EvalResult
+from charlm.infer.pointer import Ring, cache_probs, cache_scores, mix
 from charlm.model.lm import RNNLM, detach_state
 from charlm.model.precision import FP32, Precision
 
@@ -85,8 +86,6 @@ def evaluate_dynamic(model: RNNLM, ids: np.ndarray, settings: DynamicEval, *, pr
     the text after each window (see the module's docstring): with ``cache`` mixed in, and the
     adapting model alone (the same figure twice without a cache). ``should_stop`` is asked before
     each window; True raises ``Cancelled``. ``model`` itself is left exactly as it was."""
-    from charlm.infer.pointer import Ring, _cache_probs, _cache_scores, mix
-
     ids = np.asarray(ids)
     if len(ids) < 2:
         return EvalResult(0.0, 0), EvalResult(0.0, 0)
@@ -115,8 +114,8 @@ def evaluate_dynamic(model: RNNLM, ids: np.ndarray, settings: DynamicEval, *, pr
             state = detach_state(state)
             if ring is not None:
                 h = raw[0].detach().float()
-                scores, nexts = _cache_scores(h, ring, cache.window)
-                mixed = mix(-nats.detach().double(), _cache_probs(scores, nexts, y[0], cache.theta), weight)
+                scores, nexts = cache_scores(h, ring, cache.window)
+                mixed = mix(-nats.detach().double(), cache_probs(scores, nexts, y[0], cache.theta), weight)
                 mixed_total -= mixed.sum()
                 ring.push(h, y[0])
             if settings.lr == 0:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.training.distributed import Dist
 from charlm.errors import stop_if_asked
 from charlm.model.lm import RNNLM, select_state
 from charlm.model.precision import FP32, Precision
@@ -41,6 +40,30 @@ class EvalResult:
         return self.total_nats / LN2 / num_chars if num_chars else float("nan")
 
 
+class Ranks(Protocol):
+    """What evaluation asks of a distributed run (``training.distributed.Dist`` is one): this
+    process's rank, how many ranks there are, and a sum over them."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class _OneProcess:
+    """A world of one: every stream is this process's, and the sum over ranks is the value itself."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
 def eval_streams(num_tokens: int) -> int:
     """How many parallel streams to evaluate with: ~1k tokens each, at most 64 (more streams gain
     little speed on a CPU); the context each stream reads first removes the cold-start error."""
@@ -56,7 +79,7 @@ def _window_nats(model: RNNLM, x: torch.Tensor, y: torch.Tensor, state, precisio
 
 @torch.inference_mode()
 def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, seq_len: int = 256,
-             context: int = 128, precision: Precision = FP32, dist: Dist | None = None,
+             context: int = 128, precision: Precision = FP32, dist: Ranks | None = None,
              should_stop: Callable[[], bool] | None = None) -> EvalResult:
     """Total nats of predicting ids[1:] from what comes before, in one pass.
 
@@ -78,8 +101,8 @@ def evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None = None, s
 
 
 def _evaluate(model: RNNLM, ids: np.ndarray, *, num_streams: int | None, seq_len: int, context: int,
-              precision: Precision, dist: Dist | None, should_stop: Callable[[], bool] | None) -> EvalResult:
-    dist = dist or Dist()
+              precision: Precision, dist: Ranks | None, should_stop: Callable[[], bool] | None) -> EvalResult:
+    dist = dist or _OneProcess()
     n = len(ids)
     if n < 2:
         return EvalResult(0.0, 0)

@@ -37,7 +37,7 @@ from charlm.model.precision import Precision
 
 BLOCK = 256  # tokens a window of the sequential pass predicts
 # Validation tokens the search reads at most: 20,000 up to 512 units, fewer for wider models (its
-# cost grows with tokens × hidden size; a 1×1024 char model took 21 s for 20,000 on 2 CPU cores).
+# cost grows with tokens × hidden size).
 TUNE_TOKENS = 20_000
 TUNE_WORK = TUNE_TOKENS * 512
 WINDOWS = (250, 500, 1000, 2000, 4000)
@@ -131,8 +131,8 @@ def measure_fit_cost(model: RNNLM, ids: np.ndarray, *, precision: Precision,
         weights = torch.tensor(WEIGHTS, dtype=torch.float64, device=device)
         for _ in range(2):  # the first warms up
             start = clock()
-            scores, nexts = _cache_scores(h, ring, 1000)
-            float(mix(y.double() * 0 - 1, _cache_probs(scores, nexts, y, 1.0), weights).sum())
+            scores, nexts = cache_scores(h, ring, 1000)
+            float(mix(y.double() * 0 - 1, cache_probs(scores, nexts, y, 1.0), weights).sum())
             trial_seconds = clock() - start
         return FitCost(per_token, trial_seconds / (BLOCK * (1000 + BLOCK)))
     finally:
@@ -174,7 +174,7 @@ class Ring:
         self.h, self.y = torch.cat([self.h, h])[-self.size:], torch.cat([self.y, y])[-self.size:]
 
 
-def _cache_scores(h: torch.Tensor, ring: Ring, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cache_scores(h: torch.Tensor, ring: Ring, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t · h_i for each t of the block against every i of the ring and of the block before t,
     -inf outside the window; and the tokens those i were followed by."""
     keys, nexts = torch.cat([ring.h, h]), ring.y
@@ -184,7 +184,7 @@ def _cache_scores(h: torch.Tensor, ring: Ring, window: int) -> tuple[torch.Tenso
     return scores.masked_fill_((distance < 1) | (distance > window), -math.inf), nexts
 
 
-def _cache_probs(scores: torch.Tensor, nexts: torch.Tensor, y: torch.Tensor, theta: float) -> torch.Tensor:
+def cache_probs(scores: torch.Tensor, nexts: torch.Tensor, y: torch.Tensor, theta: float) -> torch.Tensor:
     """The cache's probability of each target y_t: the softmax weight (θ × score) of the past
     positions followed by y_t; NaN where there is no past (the text's first token)."""
     weights = torch.softmax(scores * theta, 1)
@@ -207,8 +207,8 @@ def _mixed_blocks(blocks: Iterable[tuple[torch.Tensor, ...]], window: int, theta
     ring = None
     for h, y, log_probs in blocks:
         ring = ring or Ring(window, h.size(1), h.device)
-        scores, nexts = _cache_scores(h, ring, window)
-        yield log_probs, mix(log_probs, _cache_probs(scores, nexts, y, theta), weights)
+        scores, nexts = cache_scores(h, ring, window)
+        yield log_probs, mix(log_probs, cache_probs(scores, nexts, y, theta), weights)
         ring.push(h, y)
 
 

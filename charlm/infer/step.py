@@ -11,9 +11,9 @@ arithmetic. ``FastStep`` does the arithmetic alone:
 * all buffers are allocated once per batch size and written with ``out=`` (no per-step allocation);
 * no autograd (``inference_mode``);
 * on a CPU the products may go through oneDNN with each weight reordered once per batch size
-  (``cells.fixed_weight_matmul``): faster on some CPUs (AVX-512: 1.12× one stream's chars/s, 1.53×
-  64 streams'), slower on others (AVX2 only: 0.65×), so each machine measures both once per model
-  shape and batch size (``faster_products``, kept by ``machine.py``) and uses the faster.
+  (``lstm_kernel.fixed_weight_matmul``): faster on some CPUs (AVX-512), slower on others (AVX2
+  only), so each machine measures both once per model shape and batch size (``faster_products``,
+  kept by ``machine.py``) and uses the faster.
 
 The same code serves B parallel streams, where the matmuls amortise much better. ``step`` equals the
 model's ``forward`` on one token (tested to 1e-5 against ``nn.LSTM``/``nn.GRU``/``nn.RNN``).
@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from charlm.model.cells import fixed_weight_matmul, onednn_linear_works
+from charlm.model.lstm_kernel import fixed_weight_matmul, onednn_linear_works
 from charlm.machine import alternated, milliseconds, remembered
 from charlm.model.lm import GATES, RNNLM, State, has_cell_state
 
@@ -86,7 +86,7 @@ class FastStep:
         self.batch_size = B
         prepacked = self.prepacked if self.prepacked is not None else faster_products(self.model, self.dtype, B)
         self._products = {}
-        if prepacked:  # each weight reordered once for this batch size (cells.fixed_weight_matmul)
+        if prepacked:  # each weight reordered once for this batch size (lstm_kernel.fixed_weight_matmul)
             weights = [*self.w_hh, *self.w_stack, *self.w_ih, self.head_w]
             self._products = {id(w): fixed_weight_matmul(w.t().contiguous(), B) for w in weights}
         # xh[k] = [input of layer k | h of layer k]; layer k writes its h into xh[k][:, H:] and,

@@ -18,11 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charlm import fsutil
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
 from charlm import jsonio
-from charlm.config import CachePointer, ConfigError, ModelConfig, TrainConfig, brief
-from charlm.errors import CheckpointError, TokenizerError, out_of_memory_as
+from charlm.config import CachePointer, ModelConfig, TrainConfig, brief
+from charlm.config import ENCODING_ERRORS
 from charlm.data.tokenizer import Tokenizer, tokenizer_from_dict
+from charlm.errors import CheckpointError, ConfigError, TokenizerError, out_of_memory_as
+from charlm.fsutil import atomic_write
+from charlm.model.lm import RNNLM, parameter_shapes
 
 FORMAT = "charlm/1"
 BEST = "best.safetensors"
@@ -35,7 +41,7 @@ _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 @dataclass
 class Checkpoint:
-    model: Any  # RNNLM
+    model: RNNLM
     tokenizer: Tokenizer
     model_config: ModelConfig
     train_config: TrainConfig | None
@@ -60,13 +66,8 @@ def checkpoint_report(checkpoint: Checkpoint) -> dict[str, Any]:
 
 # ── writing ─────────────────────────────────────────────────────────────────────────────────────
 
-atomic_write = fsutil.atomic_write  # the one atomic write (temporary file, fsync, rename; no links followed)
-
-
-def model_tensors(model) -> dict[str, Any]:
+def model_tensors(model: RNNLM) -> dict[str, Any]:
     """The model's tensors by PyTorch name, tied weights once, contiguous fp32 on the CPU."""
-    import torch
-
     tensors = {}
     for name, tensor in model.state_dict().items():
         if model.cfg.tie_weights and name == "head.weight":
@@ -75,10 +76,8 @@ def model_tensors(model) -> dict[str, Any]:
     return tensors
 
 
-def save_checkpoint(path: str | os.PathLike[str], *, model, tokenizer: Tokenizer,
+def save_checkpoint(path: str | os.PathLike[str], *, model: RNNLM, tokenizer: Tokenizer,
                     train_config: TrainConfig | None = None, train_state: dict[str, Any] | None = None) -> Path:
-    from safetensors.torch import save
-
     metadata = {
         "format": FORMAT,
         "model_config": jsonio.dumps(model.cfg.to_dict()),
@@ -92,8 +91,6 @@ def save_checkpoint(path: str | os.PathLike[str], *, model, tokenizer: Tokenizer
 
 
 def save_tensors(path: str | os.PathLike[str], tensors: dict[str, Any], metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save
-
     path = Path(path)
     atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
     return path
@@ -201,8 +198,6 @@ def check_train_state(path: Path, state: Any) -> dict[str, Any]:
     for key in _STATE_TEXTS:
         if key in state and state[key] is not None and not isinstance(state[key], str):
             raise bad(key, "a string or null")
-    from charlm.data.text import ENCODING_ERRORS
-
     if "encoding_errors" in state and state["encoding_errors"] not in ENCODING_ERRORS:
         raise bad("encoding_errors", f"one of {', '.join(ENCODING_ERRORS)}")
     return state
@@ -210,8 +205,6 @@ def check_train_state(path: Path, state: Any) -> dict[str, Any]:
 
 def stored_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The tensors a checkpoint of this config holds (tied weights once), by name."""
-    from charlm.model.lm import parameter_shapes
-
     shapes = parameter_shapes(model_config)
     if model_config.tie_weights:
         del shapes["head.weight"]
@@ -225,12 +218,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str = "cpu") -> Che
     found in the file with that shape: the model's memory is then the file's own data (twice
     that for a half-precision file, whose tensors are widened to float32).
     """
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from charlm.model.lm import RNNLM
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -309,9 +296,6 @@ def store_cache(path: Path, cache: CachePointer | None) -> None:
 
 def load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """A plain, checked safetensors file (used for optimizer state)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     header = read_header(path)

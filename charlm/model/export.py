@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm.model.checkpoint import Checkpoint, atomic_write
+from charlm.fsutil import atomic_write
+from charlm.model.checkpoint import Checkpoint
 from charlm.errors import ExportError, MissingDependencyError
 from charlm.model.lm import RNNLM, has_cell_state
 from charlm.data.tokenizer import Tokenizer

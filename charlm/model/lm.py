@@ -26,8 +26,10 @@ import torch
 from torch import _VF, nn
 from torch.backends.cudnn import rnn as cudnn_rnn
 
-from charlm.model.cells import GATE_NAMES, PeepholeLSTM, lstm_layer, trains_faster_by_hand
+from charlm.model.cells import GATE_NAMES, PeepholeLSTM
+from charlm.model.lstm_kernel import lstm_layer, trains_faster_by_hand
 from charlm.config import ModelConfig
+from charlm.errors import DeviceError
 
 # An LSTM state is (h, c); GRU and RNN states are a single h. Each is (num_layers, B, hidden).
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -300,8 +302,6 @@ def select_state(state: State, index: int | slice) -> State:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; asking for a missing device is an error."""
-    from charlm.errors import DeviceError
-
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
