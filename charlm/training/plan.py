@@ -161,7 +161,9 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     from charlm.training.distributed import Dist
     from charlm.model.lm import resolve_device
     from charlm.model.precision import resolve_precision
-    from charlm.training.loop import device_memory_bytes, load_resume, resume_configs, training_memory_bytes
+    from charlm.training.memory import device_memory_bytes, training_memory_bytes
+    from charlm.training.resume import resume_configs
+    from charlm.training.resume_state import load_resume
 
     options.check()
     if options.resume is None and options.init_from is None and options.precision != "auto":
@@ -335,7 +337,7 @@ def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: i
     import torch.nn.functional as F
 
     from charlm.model.lm import RNNLM, detach_state
-    from charlm.training.loop import make_optimizer
+    from charlm.training.optim import make_optimizer
 
     device = torch.device("cpu") if device is None else torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
@@ -384,7 +386,7 @@ def _optimizer_defaults(options: TrainOptions, given: Collection[str], adamw_lr:
 
 def _new_run_dir(options: TrainOptions, dist: Any, name: str) -> Path:
     """``--out`` (which must not hold a run already), or a fresh ``checkpoints/<name>[-N]``."""
-    from charlm.training.loop import new_run_dir
+    from charlm.training.rundir import new_run_dir
 
     if options.out is None:
         return Path(dist.broadcast_object(str(new_run_dir("checkpoints", name))))
