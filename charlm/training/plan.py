@@ -164,6 +164,7 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     from charlm.training.memory import device_memory_bytes, training_memory_bytes
     from charlm.training.resume import resume_configs
     from charlm.training.resume_state import load_resume
+    from charlm.training.speed import measure_train_rate
 
     options.check()
     if options.resume is None and options.init_from is None and options.precision != "auto":
@@ -318,49 +319,6 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
 # The peak rate of an optimizer other than AdamW, by tokenizer, when --lr is not given.
 OPTIMIZER_LR = {"sgd": {"word": 20.0, "char": 1.0, "byte": 1.0}, "adagrad": {"word": 0.1, "char": 0.1, "byte": 0.1},
                 "rmsprop": {"word": 2e-3, "char": 2e-3, "byte": 2e-3}}
-
-
-# A step measured alone runs a little faster than the trainer's steps (evaluation, logging, data).
-_TRAINER_SHARE = 0.9
-
-
-def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: int, precision: Any,
-                       steps: int = 4, device: Any = None) -> float:
-    """Tokens/s of training this shape on ``device`` (the CPU by default) in ``precision`` (forward,
-    backward, clipping, the optimizer step), from the median of ``steps`` − 1 timed steps after a
-    warm-up one: about a second for the default sizes. Random tokens; the caller's random state
-    is left as it was."""
-    import statistics
-    import time
-
-    import torch
-    import torch.nn.functional as F
-
-    from charlm.model.lm import RNNLM, detach_state
-    from charlm.training.optim import make_optimizer
-
-    device = torch.device("cpu") if device is None else torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
-        model = RNNLM(model_config).to(device).train()
-        optimizer = make_optimizer(model, TrainConfig(), device)
-        x = torch.randint(model_config.vocab_size, (batch_size, seq_len + 1), device=device)
-        seconds, state = [], None
-        for _ in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            with precision.autocast(device):
-                logits, state = model(x[:, :-1], state)
-            loss = F.cross_entropy(logits.float().reshape(-1, model_config.vocab_size), x[:, 1:].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            state = detach_state(state)
-            sync()
-            seconds.append(time.perf_counter() - t0)
-    return _TRAINER_SHARE * batch_size * seq_len / statistics.median(seconds[1:])
 
 
 def _min_count(options: TrainOptions) -> int:
