@@ -1,14 +1,24 @@
 """One sizing rule from measured speed (sizing.py): the tuned size for the budget, moved along a
 ladder by what this machine measures. Checked against the speeds of the CPU kinds it was
-calibrated on and a GPU's, with injected speeds: nothing here is timed."""
+calibrated on and a GPU's, with injected speeds: no assertion depends on a timing. The speed probe
+(speed.py) is checked to take the trainer's own step."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 import charlm
+from charlm.config import ModelConfig, TrainConfig
+from charlm.data.text import batchify, prepare_data, window
+from charlm.model.checkpoint import load_checkpoint
+from charlm.model.lm import RNNLM
+from charlm.model.precision import FP32
+from charlm.training import speed
+from charlm.training.loop import train
 from charlm.training.sizing import CPU_LADDER, GPU_LADDER, Shape, dropout_for, size_by_speed
+from charlm.training.speed import time_train_steps
 
 SHAKESPEARE = 1_003_854  # tiny-shakespeare's training tokens
 
@@ -106,8 +116,6 @@ def test_dropout_follows_the_epochs_and_the_data_per_weight():
 
 
 def test_a_planned_run_records_what_was_measured_and_why(tmp_path, tiny_corpus, monkeypatch):
-    from charlm.training import speed
-
     monkeypatch.setattr(speed, "measure_train_rate", lambda config, **shape: 1234.0)
     events, notes = [], []
     charlm.train(tiny_corpus, out=tmp_path / "run", max_minutes=0.02, cache=False, on_event=events.append,
@@ -126,16 +134,6 @@ def test_the_speed_probe_takes_the_trainers_own_step(tmp_path, tiny_text, optimi
     """From the same weights on the same window, the probe's steps (speed.time_train_steps, which
     measure_train_rate times) and the trainer's first step give the same loss and the same weights
     after it, dropout and the regularisers included: the probe cannot drift from the real step."""
-    import torch
-
-    from charlm.config import ModelConfig, TrainConfig
-    from charlm.data.text import batchify, prepare_data, window
-    from charlm.model.checkpoint import load_checkpoint
-    from charlm.model.lm import RNNLM
-    from charlm.model.precision import FP32
-    from charlm.training.loop import train
-    from charlm.training.speed import time_train_steps
-
     data = prepare_data(tiny_text, val_fraction=0.1)
     model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=24, embed_size=12, num_layers=2,
                             dropout=0.2, input_dropout=0.1, weight_drop=0.2 if regularised else 0.0)

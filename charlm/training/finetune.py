@@ -1,4 +1,5 @@
-"""Fine-tuning's start: another model's weights copied into a fresh model, a grown vocabulary's new rows left as initialised."""
+"""Fine-tuning's start: another model's weights copied into a fresh model (a grown vocabulary's new
+rows keep their initialisation)."""
 from __future__ import annotations
 
 import torch

@@ -18,17 +18,6 @@ from charlm.model.lm import GATES, count_parameters
 # ids from the host (int32 there: a 250M-token corpus per process). Larger ones go window by window.
 DEVICE_STREAMS_BYTES = 1 << 30
 
-# The cache pointer fit at the end of a run takes at most this share of the time budget (kept
-# inside it), or of the time training took where steps or epochs limit the run, and no less than
-# CACHE_MIN_SECONDS then (a fit of a tiny model takes well under a second).
-CACHE_SHARE = 0.1
-CACHE_MIN_SECONDS = 2.0
-# A time-budgeted run times one evaluation window of this many tokens per stream at its start, so
-# the final evaluation is kept inside the budget even where no evaluation happens before it (a
-# large validation split); evaluate() reads EVAL_CONTEXT tokens before each stream's first window.
-EVAL_PROBE = 256
-EVAL_CONTEXT = 128
-
 
 def streams_on_device(streams: np.ndarray, device: torch.device) -> torch.Tensor | None:
     """``streams`` (B, N) as an int32 tensor on ``device``, or None where windows are better cut on
@@ -49,9 +38,8 @@ def keep_freed_memory() -> bool:
     no-op elsewhere). By default each block over 128 KiB-32 MiB is mapped from the kernel when
     allocated and unmapped when freed, so every window pays page faults on fresh zeroed pages for
     its activations and gradients; kept in the heap (blocks up to 32 MiB, the most glibc allows,
-    and 1 GiB of freed heap before trimming) they are reused. Measured on 2 cores, 1×1024 LSTM
-    batch 32, bf16: the trainer +9–20% tokens/s. The process then holds its peak memory until it
-    exits. Returns whether the options took."""
+    and 1 GiB of freed heap before trimming) they are reused, and a CPU step runs faster. The
+    process then holds its peak memory until it exits. Returns whether the options took."""
     if platform.system() != "Linux":
         return False
     try:

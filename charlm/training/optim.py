@@ -1,4 +1,5 @@
-"""Optimisers and the learning-rate schedule: AdamW, SGD, Adagrad or RMSprop (fused where it is faster), warm-up then cosine decay."""
+"""Optimisers and the learning-rate schedule: AdamW, SGD, Adagrad or RMSprop (fused where that is
+faster), linear warm-up then cosine decay."""
 from __future__ import annotations
 
 import math

@@ -100,89 +100,115 @@ def check_optim_tensors(path: Path, tensors: dict[str, torch.Tensor], model_conf
     plain SGD keeps none), the RNG state has the generator's size, and the hidden state is
     (layers, batch, hidden) for the cell. An ``averaged`` run's file holds every parameter's
     training weights (``raw.<name>``), finite and of its shape."""
-    moments = _MOMENTS[optimizer]
-
-    def bad(message: str) -> CheckpointError:
-        return CheckpointError(f"{path}: {message}; the file is damaged (resume from a copy, or start a new run)")
-
     shapes = parameter_shapes(model_config)
     if model_config.tie_weights:
         del shapes["head.weight"]
-    found: dict[str, dict[str, torch.Tensor]] = {}
+    problem = (_raw_weights_problem(tensors, shapes, averaged)
+               or _optimizer_problem(tensors, shapes, _MOMENTS[optimizer], steps_taken)
+               or _rng_problem(tensors)
+               or _hidden_state_problem(tensors, model_config, batch_size))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; the file is damaged (resume from a copy, or start a new run)")
+
+
+def _raw_weights_problem(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                         averaged: bool) -> str | None:
+    """What is wrong with the training weights (``raw.<name>``): all of them where ``averaged``, else none."""
     raw = {key[len("raw."):]: value for key, value in tensors.items() if key.startswith("raw.")}
     if set(raw) != (set(shapes) if averaged else set()):
-        raise bad("the training weights of a run with --average are missing or incomplete" if averaged
-                  else f"unexpected entry {brief('raw.' + sorted(raw)[0])}")
+        return ("the training weights of a run with --average are missing or incomplete" if averaged
+                else f"unexpected entry {brief('raw.' + sorted(raw)[0])}")
     for name, value in raw.items():
         if tuple(value.shape) != shapes[name] or not value.is_floating_point() or not _is_finite(value):
-            raise bad(f"the training weights raw.{name} are not {shapes[name]} finite numbers")
+            return f"the training weights raw.{name} are not {shapes[name]} finite numbers"
+    return None
+
+
+def _optimizer_problem(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                       moments: tuple[str, ...], steps_taken: int | None) -> str | None:
+    """What is wrong with the entries besides the training weights: one of no known kind, or the
+    optimizer state (``optim.<name>.<part>``) incomplete, misshapen, not finite or negative."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("raw."):
             continue
         if not key.startswith("optim."):
             if key not in ("rng.cpu", "rng.cpu.ranks", "rng.cuda", "rng.cuda.ranks", "hidden.h", "hidden.c"):
-                raise bad(f"unexpected entry {brief(key)}")
+                return f"unexpected entry {brief(key)}"
             continue
         name, _, part = key[len("optim."):].rpartition(".")
         if name not in shapes or part not in ("step", *moments) or not moments:
-            raise bad(f"unexpected optimizer entry {brief(key)}")
+            return f"unexpected optimizer entry {brief(key)}"
         found.setdefault(name, {})[part] = value
     if not found and steps_taken and moments:
-        raise bad(f"the optimizer state is missing although the run has taken {steps_taken:,} steps")
-    if found:
-        for name, shape in shapes.items():
-            parts = found.get(name, {})
-            for part in ("step", *moments):
-                if part not in parts:
-                    raise bad(f"the optimizer state lacks {name}.{part}")
-            step = parts["step"]
-            if step.numel() != 1 or not bool(torch.isfinite(step.double()).all()) or float(step.double()) < 0 \
-                    or (steps_taken is not None and float(step.double()) > steps_taken):
-                raise bad(f"the optimizer step of {name} is not a count of the run's steps")
-            for part in moments:
-                moment = parts[part]
-                if tuple(moment.shape) != shape:
-                    raise bad(f"the optimizer state {name}.{part} has shape {tuple(moment.shape)}, "
-                              f"the parameter has {shape}")
-                if moment.dtype == torch.bool or not bool(torch.isfinite(moment.double()).all()):
-                    raise bad(f"the optimizer state {name}.{part} holds NaN, Inf or non-numbers")
-                if part in _NON_NEGATIVE and bool((moment < 0).any()):
-                    raise bad(f"the optimizer state {name}.{part} is negative")
+        return f"the optimizer state is missing although the run has taken {steps_taken:,} steps"
+    if not found:
+        return None
+    for name, shape in shapes.items():
+        parts = found.get(name, {})
+        for part in ("step", *moments):
+            if part not in parts:
+                return f"the optimizer state lacks {name}.{part}"
+        step = parts["step"]
+        if step.numel() != 1 or not bool(torch.isfinite(step.double()).all()) or float(step.double()) < 0 \
+                or (steps_taken is not None and float(step.double()) > steps_taken):
+            return f"the optimizer step of {name} is not a count of the run's steps"
+        for part in moments:
+            moment = parts[part]
+            if tuple(moment.shape) != shape:
+                return f"the optimizer state {name}.{part} has shape {tuple(moment.shape)}, the parameter has {shape}"
+            if moment.dtype == torch.bool or not bool(torch.isfinite(moment.double()).all()):
+                return f"the optimizer state {name}.{part} holds NaN, Inf or non-numbers"
+            if part in _NON_NEGATIVE and bool((moment < 0).any()):
+                return f"the optimizer state {name}.{part} is negative"
+    return None
+
+
+def _rng_problem(tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the RNG states: the CPU generator's (and each rank's) must be one the
+    generator accepts; the CUDA ones bytes, a row per rank."""
     rng_size = torch.get_rng_state().numel()
     rng = tensors.get("rng.cpu")
     if rng is None or rng.dtype != torch.uint8 or tuple(rng.shape) != (rng_size,):
-        raise bad("the RNG state is missing or malformed")
+        return "the RNG state is missing or malformed"
     ranks = tensors.get("rng.cpu.ranks")
     if ranks is not None and (ranks.dtype != torch.uint8 or ranks.dim() != 2 or ranks.shape[1] != rng_size):
-        raise bad("the per-process RNG states are malformed")
+        return "the per-process RNG states are malformed"
     for row in [rng, *(ranks if ranks is not None else [])]:
         try:  # the generator checks its own state (mt19937's position and seeded flag)
             torch.Generator().set_state(row.clone())
         except RuntimeError:
-            raise bad("the RNG state is not a valid generator state") from None
+            return "the RNG state is not a valid generator state"
     cuda = tensors.get("rng.cuda")
     if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 1):
-        raise bad("the CUDA RNG state is malformed")
+        return "the CUDA RNG state is malformed"
     cuda_ranks = tensors.get("rng.cuda.ranks")
     if cuda_ranks is not None and (cuda is None or cuda_ranks.dtype != torch.uint8 or cuda_ranks.dim() != 2
                                    or cuda_ranks.shape[1] != cuda.numel()):
-        raise bad("the CUDA RNG states of the ranks are malformed")
+        return "the CUDA RNG states of the ranks are malformed"
+    return None
+
+
+def _hidden_state_problem(tensors: dict[str, torch.Tensor], model_config: ModelConfig, batch_size: int) -> str | None:
+    """What is wrong with the carried hidden state, if the file has one: the cell's parts, each
+    (layers, batch, hidden) finite numbers."""
     expected = (model_config.num_layers, batch_size, model_config.hidden_size)
     parts = [k for k in ("hidden.h", "hidden.c") if k in tensors]
-    if parts:
-        wanted = ["hidden.h", "hidden.c"] if has_cell_state(model_config.cell) else ["hidden.h"]
-        if parts != wanted:
-            raise bad(f"the carried hidden state has {' and '.join(parts)}; a {model_config.cell.upper()} "
-                      f"carries {' and '.join(wanted)}")
-        for key in parts:
-            value = tensors[key]
-            if tuple(value.shape) != expected or not value.is_floating_point() \
-                    or not bool(torch.isfinite(value).all()):
-                raise bad(f"the carried hidden state {key} is not {expected} finite numbers")
+    if not parts:
+        return None
+    wanted = ["hidden.h", "hidden.c"] if has_cell_state(model_config.cell) else ["hidden.h"]
+    if parts != wanted:
+        return (f"the carried hidden state has {' and '.join(parts)}; a {model_config.cell.upper()} "
+                f"carries {' and '.join(wanted)}")
+    for key in parts:
+        value = tensors[key]
+        if tuple(value.shape) != expected or not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            return f"the carried hidden state {key} is not {expected} finite numbers"
+    return None
 
 
 def restore_resume_tensors(optimizer: torch.optim.Optimizer, model: RNNLM, tensors: dict[str, torch.Tensor],
-                   device: torch.device, dist: Dist, kind: str):
+                           device: torch.device, dist: Dist, kind: str) -> State | None:
     """Restore what ``check_optim_tensors`` accepted: moments through the optimizer's own
     ``load_state_dict`` (which puts each on its parameter's device, and ``step`` where a fused
     optimizer needs it), an averaged run's training weights, this rank's RNG state, and the

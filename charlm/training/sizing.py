@@ -7,16 +7,13 @@ the run's own number format: a rung down while the budget would train fewer than
 passes over the data (and under ``BUDGET_TOKENS_PER_PARAMETER`` tokens per recurrent weight), a rung
 up while it would train ``UP_EPOCHS`` or more and the data feeds the next (at least
 ``TOKENS_PER_PARAMETER`` training tokens per recurrent weight). It then regularises by the passes
-the budget buys. On a slow CPU that is a
-smaller model that gets enough steps; on a fast one a larger model with more dropout. Where nothing
-can be timed (a distributed run, a budget in steps), ``config.auto_size``'s tables decide.
+the budget buys. On a slow CPU that is a smaller model that gets enough steps; on a fast one a
+larger model with more dropout. Where nothing can be timed (a distributed run, a budget in steps),
+``config.auto_size``'s tables decide.
 
-The thresholds come from tiny-shakespeare runs on three CPU kinds (docs/choosing.md, whose figures
-come from benchmarks/README.md): the tuned sizes won where they got 2–5 epochs (an AMD EPYC with
-AVX-512 BF16, 3 minutes: 1×768 at ~2.4 epochs beat 1×512 at ~5; 10 minutes: 1×1024 at ~5 beat 1×768
-at ~8; an Intel Xeon with AMX, 3 minutes: 1×768 at ~3.5 epochs, 1.417, beat 1×1024 at ~2.8, 1.521;
-10 minutes: 1×1536 at ~5 beat 1×1024 at ~9; an AVX2-only EPYC, 3 minutes: 1×512 at ~1.1 epochs was
-0.01 behind 1×384 and 1×256).
+The thresholds come from tiny-shakespeare runs on three kinds of CPU, where the tuned sizes won at
+2–5 epochs; docs/choosing.md gives the figures. ``speed.measure_train_rate`` times a shape with the
+trainer's own step.
 """
 from __future__ import annotations
 

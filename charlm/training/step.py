@@ -103,7 +103,8 @@ def step_on_device(optimizer: torch.optim.Optimizer, gradients: Gradients) -> tu
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                state: State | None, *, config: TrainConfig, precision: Precision,
-               scaler: torch.amp.GradScaler | None = None, on_device: bool = False) -> tuple[torch.Tensor, State | None]:
+               scaler: torch.amp.GradScaler | None = None,
+               on_device: bool = False) -> tuple[torch.Tensor, State | None]:
     """One whole step on the window (``x``, ``y``) in one process, as the trainer takes it: the
     gradients, then the optimizer step decided on the host or (``on_device``) left on the device.
     Returns the loss (on the device) and the state to carry into the next window."""
