@@ -227,7 +227,7 @@ def test_an_error_in_rank_0_alone_stops_every_rank_with_its_message(tmp_path, ou
 
 _FAILING_SAVE_WORKER = """
 import sys
-from charlm import checkpoint
+from charlm.model import checkpoint
 from charlm.data.tokenstore import prepare_corpus
 from charlm.config import ModelConfig, TrainConfig
 from charlm.training.distributed import from_env, shutdown
