@@ -105,9 +105,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, data: Prepare
 
 
 class _Run:
-    """One training session: ``__init__`` sets everything up, ``run`` is the loop, and each phase
-    (``train_step``, ``log_step``, ``evaluate_and_save``, ``save_last``, ``stop_before_step``,
-    ``finish``) reads on its own."""
+    """One training session: ``__init__`` sets everything up, ``run`` is the loop, and each of its
+    phases (``start``, ``stop_before_step``, ``train_step``, ``log_step``, ``evaluate_and_save``,
+    ``save_last``, ``finish``) follows it in that order and reads on its own."""
 
     def __init__(self, *, model_config: ModelConfig, train_config: TrainConfig, data: PreparedData, run_dir: Path,
                  source: str, on_event: Callable[[Event], None] | None, should_stop: Callable[[], str | None] | None,
@@ -227,56 +227,51 @@ class _Run:
             raise ConfigError(f"the run in {self.run_dir} has already reached {reached}; give a larger limit to "
                               f"train it further (limits count the whole run, what is done included)")
 
-    # ── bookkeeping ──
+    # ── the loop, and its phases in the order they come ──
 
-    def local_elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.start_time
+    def run(self) -> TrainResult:
+        """Step, log, and evaluate when due, until a limit, an early stop or a stop request ends the run."""
+        self.start()
+        stopped_by = "done"
+        while (ended := self.stop_before_step()) is None:
+            _, lr, reason = self.train_step()
+            self.reschedule()
+            self.log_step(lr)
+            if self.evaluation_due():
+                seconds = self.evaluate_and_save()
+                self.eval_seconds_total += seconds
+                self.clock = self.tally.start = self.clock + seconds
+                self.timing.evaluated(self.progress.step, seconds, self.clock)
+                if self.cfg.patience is not None and self.progress.evals_since_best >= self.cfg.patience:
+                    stopped_by = "early-stop"
+                    break
+            if reason:
+                stopped_by = "interrupt"
+                self.save_last()
+                self.record({"event": "interrupt", "step": self.progress.step, "reason": reason})
+                break
+        else:
+            stopped_by = ended
+        return self.finish(stopped_by)
 
-    def record(self, event: Event) -> None:
-        """Append an event to metrics.jsonl (rank 0) and hand it to ``on_event``."""
-        with self.dist.main_outcome():
-            if not self.dist.is_main:
-                return
-            append_metric(self.run_dir, event)
-            self.emit(event)
-
-    def train_state(self) -> dict[str, Any]:
-        p = self.progress
-        return {"step": p.step, "epoch": p.epoch, "window": p.window, "best_val_loss": p.best_val_loss,
-                "best_step": p.best_step, "evals_since_best": p.evals_since_best, "total_steps": p.total_steps,
-                "warmup_steps": p.warmup_steps, "elapsed_seconds": self.clock, "tokens_seen": p.tokens_seen,
-                "val_loss": p.val_loss, "corpus": self.source, "val_corpus": self.val_source,
-                "optim_file": p.optim_file, "num_parameters": self.num_parameters,
-                "world_size": self.dist.world_size, "stopped_by": p.stopped_by,
-                **({"average_total": self.average.total} if self.average is not None else {}),
-                **{key: list(value) if isinstance(value, (list, tuple)) else value
-                   for key, value in self.corpus_options.items() if value}}
-
-    def averaged(self):
-        """A block in which the model holds the weights the run reports: their average with
-        ``--average``, else the weights themselves."""
-        return self.average.swapped_in() if self.average is not None else nullcontext()
-
-    def check_weights(self) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise TrainingError("the weights became NaN/Inf; the last good checkpoint is kept")
-
-    def save_last(self) -> None:
-        """last.safetensors and its resume file (every rank takes part: the saved hidden state is
-        all B streams and every rank's RNG state, gathered in rank order)."""
-        full_state, rng_states, cuda_rng_states = gather_resume_state(self.dist, self.state, self.device)
-        with self.dist.main_outcome():
-            if self.dist.is_main:
-                self.check_weights()
-                tensors = resume_tensors(self.optimizer, self.model, full_state, rng_states,
-                                         averaged=self.average is not None, cuda_rng_states=cuda_rng_states)
-                self.progress.optim_file = write_resume_file(self.run_dir, self.progress.step, tensors)
-                with self.averaged():
-                    ckpt.save_checkpoint(self.run_dir / ckpt.LAST, model=self.model, tokenizer=self.data.tokenizer,
-                                         train_config=self.cfg, train_state=self.train_state())
-                remove_old_resume_files(self.run_dir, keep=self.progress.optim_file)
-
-    # ── the phases of a step ──
+    def start(self) -> None:
+        """Announce the run, and under a time budget measure what its end will cost."""
+        cfg, p = self.cfg, self.progress
+        self.record({"event": "start", "step": p.step, "total_steps": self.fixed_total,
+                     "max_minutes": cfg.max_minutes, "steps_per_epoch": self.steps_per_epoch,
+                     "num_parameters": self.num_parameters, "device": str(self.device),
+                     "world_size": self.dist.world_size, "model_config": self.model.cfg.to_dict(),
+                     "train_config": cfg.to_dict(), "resumed": self.resume is not None,
+                     "train_tokens": int(len(self.data.train_ids)), "val_tokens": int(len(self.data.val_ids)),
+                     "tokenizer": self.data.tokenizer.kind, "precision": self.precision.name,
+                     "precision_reason": self.precision.reason,
+                     **({"sizing": self.sizing} if self.sizing else {})})
+        self.net.train()
+        if self.budget is not None and cfg.cache:
+            self.fit_cost, self.timing.fit_reserve = plan_cache_fit(self.model, self.data.val_ids, self.dist,
+                                                                    self.budget)
+        if self.budget is not None:
+            self.timing.eval_probe = probe_eval_seconds(self.model, self.data.val_ids, self.dist)
 
     def stop_before_step(self) -> str | None:
         """Whether the run is over before the next step: "done", "time", or None (go on). A new
@@ -346,6 +341,14 @@ class _Run:
                              f"{self.progress.step}; stopped. The last good checkpoint in {self.run_dir} is kept; "
                              f"try a lower --lr or --clip")
 
+    def reschedule(self) -> None:
+        """Under a time budget alone: the schedule's length re-estimated from the speed so far,
+        every ten steps once warm-up and twenty steps are done."""
+        p = self.progress
+        if self.budget is not None and self.fixed_total is None and p.step >= max(p.warmup_steps, 20) \
+                and p.step % 10 == 0:
+            p.total_steps = self.timing.total_steps(p.step, self.clock)
+
     def log_step(self, lr: float) -> None:
         """Every ``log_every`` steps: the mean training loss since the last record, and the speed."""
         p = self.progress
@@ -364,6 +367,13 @@ class _Run:
                          "tokens_per_second": tally.tokens_per_second(self.clock), "elapsed": self.clock,
                          "total_steps": p.total_steps if (self.fixed_total or self.budget) else None})
             tally.restart(self.clock)
+
+    def evaluation_due(self) -> bool:
+        """Every ``eval_every`` steps, or under a time budget once ``TimeBudget.eval_period`` has passed."""
+        step = self.progress.step
+        if self.eval_every is not None:
+            return step % self.eval_every == 0
+        return self.budget is not None and self.timing.evaluation_due(step, self.clock)
 
     def evaluate_and_save(self) -> float:
         """Evaluate the whole validation split, keep best (if better) and last; the seconds it took."""
@@ -399,67 +409,20 @@ class _Run:
                      "elapsed": self.clock})
         return seconds
 
-    # ── keeping a time budget ──
-
-    def reschedule(self) -> None:
-        """Under a time budget alone: the schedule's length re-estimated from the speed so far,
-        every ten steps once warm-up and twenty steps are done."""
-        p = self.progress
-        if self.budget is not None and self.fixed_total is None and p.step >= max(p.warmup_steps, 20) \
-                and p.step % 10 == 0:
-            p.total_steps = self.timing.total_steps(p.step, self.clock)
-
-    def evaluation_due(self) -> bool:
-        """Every ``eval_every`` steps, or under a time budget once ``TimeBudget.eval_period`` has passed."""
-        step = self.progress.step
-        if self.eval_every is not None:
-            return step % self.eval_every == 0
-        return self.budget is not None and self.timing.evaluation_due(step, self.clock)
-
-    # ── the loop ──
-
-    def start(self) -> None:
-        """Announce the run, and under a time budget measure what its end will cost."""
-        cfg, p = self.cfg, self.progress
-        self.record({"event": "start", "step": p.step, "total_steps": self.fixed_total,
-                     "max_minutes": cfg.max_minutes, "steps_per_epoch": self.steps_per_epoch,
-                     "num_parameters": self.num_parameters, "device": str(self.device),
-                     "world_size": self.dist.world_size, "model_config": self.model.cfg.to_dict(),
-                     "train_config": cfg.to_dict(), "resumed": self.resume is not None,
-                     "train_tokens": int(len(self.data.train_ids)), "val_tokens": int(len(self.data.val_ids)),
-                     "tokenizer": self.data.tokenizer.kind, "precision": self.precision.name,
-                     "precision_reason": self.precision.reason,
-                     **({"sizing": self.sizing} if self.sizing else {})})
-        self.net.train()
-        if self.budget is not None and cfg.cache:
-            self.fit_cost, self.timing.fit_reserve = plan_cache_fit(self.model, self.data.val_ids, self.dist,
-                                                                    self.budget)
-        if self.budget is not None:
-            self.timing.eval_probe = probe_eval_seconds(self.model, self.data.val_ids, self.dist)
-
-    def run(self) -> TrainResult:
-        self.start()
-        stopped_by = "done"
-        while (ended := self.stop_before_step()) is None:
-            _, lr, reason = self.train_step()
-            self.reschedule()
-            self.log_step(lr)
-            if self.evaluation_due():
-                seconds = self.evaluate_and_save()
-                self.eval_seconds_total += seconds
-                self.clock = self.tally.start = self.clock + seconds
-                self.timing.evaluated(self.progress.step, seconds, self.clock)
-                if self.cfg.patience is not None and self.progress.evals_since_best >= self.cfg.patience:
-                    stopped_by = "early-stop"
-                    break
-            if reason:
-                stopped_by = "interrupt"
-                self.save_last()
-                self.record({"event": "interrupt", "step": self.progress.step, "reason": reason})
-                break
-        else:
-            stopped_by = ended
-        return self.finish(stopped_by)
+    def save_last(self) -> None:
+        """last.safetensors and its resume file (every rank takes part: the saved hidden state is
+        all B streams and every rank's RNG state, gathered in rank order)."""
+        full_state, rng_states, cuda_rng_states = gather_resume_state(self.dist, self.state, self.device)
+        with self.dist.main_outcome():
+            if self.dist.is_main:
+                self.check_weights()
+                tensors = resume_tensors(self.optimizer, self.model, full_state, rng_states,
+                                         averaged=self.average is not None, cuda_rng_states=cuda_rng_states)
+                self.progress.optim_file = write_resume_file(self.run_dir, self.progress.step, tensors)
+                with self.averaged():
+                    ckpt.save_checkpoint(self.run_dir / ckpt.LAST, model=self.model, tokenizer=self.data.tokenizer,
+                                         train_config=self.cfg, train_state=self.train_state())
+                remove_old_resume_files(self.run_dir, keep=self.progress.optim_file)
 
     def finish(self, stopped_by: str) -> TrainResult:
         """The end of a run that was not interrupted: the final evaluation (unless the last step had
@@ -495,4 +458,38 @@ class _Run:
         self.clock += self.cache_seconds
         self.cache_search = found if found is not None and found.skipped is None else None
         self.record(cache_event(found, allowance))  # rank 0's; record() writes and reports on rank 0 only
+
+    # ── bookkeeping ──
+
+    def local_elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def record(self, event: Event) -> None:
+        """Append an event to metrics.jsonl (rank 0) and hand it to ``on_event``."""
+        with self.dist.main_outcome():
+            if not self.dist.is_main:
+                return
+            append_metric(self.run_dir, event)
+            self.emit(event)
+
+    def train_state(self) -> dict[str, Any]:
+        p = self.progress
+        return {"step": p.step, "epoch": p.epoch, "window": p.window, "best_val_loss": p.best_val_loss,
+                "best_step": p.best_step, "evals_since_best": p.evals_since_best, "total_steps": p.total_steps,
+                "warmup_steps": p.warmup_steps, "elapsed_seconds": self.clock, "tokens_seen": p.tokens_seen,
+                "val_loss": p.val_loss, "corpus": self.source, "val_corpus": self.val_source,
+                "optim_file": p.optim_file, "num_parameters": self.num_parameters,
+                "world_size": self.dist.world_size, "stopped_by": p.stopped_by,
+                **({"average_total": self.average.total} if self.average is not None else {}),
+                **{key: list(value) if isinstance(value, (list, tuple)) else value
+                   for key, value in self.corpus_options.items() if value}}
+
+    def averaged(self):
+        """A block in which the model holds the weights the run reports: their average with
+        ``--average``, else the weights themselves."""
+        return self.average.swapped_in() if self.average is not None else nullcontext()
+
+    def check_weights(self) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise TrainingError("the weights became NaN/Inf; the last good checkpoint is kept")
 
