@@ -27,7 +27,7 @@ from torch import nn
 from charlm import bench
 from charlm.model import lstm_kernel
 from charlm.model.precision import cpu_bf16_instructions
-from charlm.training.loop import keep_freed_memory
+from charlm.training.memory import keep_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -12,7 +12,8 @@ from charlm.data.text import prepare_data
 from charlm.errors import CheckpointError, ConfigError
 from charlm.infer.evaluate import evaluate
 from charlm.training.plan import TrainOptions, plan_run
-from charlm.training.loop import load_resume, train
+from charlm.training.loop import train
+from charlm.training.resume_state import load_resume
 
 
 @pytest.mark.parametrize("power", [0.0, 2.0, 7.5])
@@ -118,7 +119,7 @@ def test_resume_without_the_average_total_is_refused(tmp_path, tiny_text, monkey
         loaded.train_state.pop("average_total")
         return loaded
 
-    monkeypatch.setattr("charlm.training.loop.ckpt.load_checkpoint", without_total)
+    monkeypatch.setattr("charlm.training.resume_state.ckpt.load_checkpoint", without_total)
     with pytest.raises(CheckpointError, match="average_total"):
         load_resume(tmp_path)
 

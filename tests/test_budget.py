@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from charlm.infer import pointer
+from charlm.training import budget, cachefit
 from charlm.training import loop as trainer
+from charlm.training.budget import TimeBudget
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data.text import prepare_data
 from charlm.model.lm import RNNLM
@@ -104,18 +106,15 @@ def test_measured_costs_are_positive_and_leave_the_model_in_its_mode():
 # ── the trainer keeps the end inside the budget ─────────────────────────────────────────────────
 
 def test_the_end_reserve_is_the_measured_or_estimated_evaluation_plus_the_fit():
-    run = SimpleNamespace(last_eval_seconds=0.0, progress=SimpleNamespace(step=10), session_start=(0, 0.0),
-                          clock=5.0, cfg=SimpleNamespace(batch_size=4, seq_len=16),
-                          data=SimpleNamespace(val_ids=np.zeros(3000)), fit_reserve=1.5, eval_probe=0.0)
-    run.estimated_eval_seconds = lambda steps, since: trainer._Run.estimated_eval_seconds(run, steps, since)
+    timing = TimeBudget(60.0, val_tokens=3000, tokens_per_step=4 * 16, session_start=(0, 0.0), fit_reserve=1.5)
     # before any evaluation: a third of a training step per token at 0.5 s per step of 64 tokens
-    assert trainer._Run.end_reserve(run) == pytest.approx(3000 * (5.0 / 640) / 3 + 1.5)
-    run.last_eval_seconds = 2.0  # measured
-    assert trainer._Run.end_reserve(run) == pytest.approx(3.5)
-    run.progress.step, run.last_eval_seconds = 0, 0.0  # no step yet: nothing to estimate from
-    assert trainer._Run.end_reserve(run) == pytest.approx(1.5)
-    run.eval_probe = 4.0  # timed at the start: used until an evaluation is measured
-    assert trainer._Run.end_reserve(run) == pytest.approx(5.5)
+    assert timing.end_reserve(10, 5.0) == pytest.approx(3000 * (5.0 / 640) / 3 + 1.5)
+    timing.last_eval_seconds = 2.0  # measured
+    assert timing.end_reserve(10, 5.0) == pytest.approx(3.5)
+    timing.last_eval_seconds = 0.0  # no step yet: nothing to estimate from
+    assert timing.end_reserve(0, 5.0) == pytest.approx(1.5)
+    timing.eval_probe = 4.0  # timed at the start: used until an evaluation is measured
+    assert timing.end_reserve(0, 5.0) == pytest.approx(5.5)
 
 
 def _fake_time(monkeypatch, *, step_seconds: float, eval_seconds: float, fit_cost: FitCost,
@@ -124,7 +123,8 @@ def _fake_time(monkeypatch, *, step_seconds: float, eval_seconds: float, fit_cos
     (plus eval_per_token per token it reads: scored, and each stream's context before its first);
     the fit's cost is ``fit_cost`` and a fit takes 90% of the seconds it is given."""
     clock = FakeClock()
-    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=clock))
+    for module in (trainer, budget, cachefit):
+        monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=clock))
     real_step, real_evaluate, real_tune = trainer._Run.train_step, trainer.evaluate, pointer.tune_cache
     calls = {"fit": []}
 
@@ -133,8 +133,8 @@ def _fake_time(monkeypatch, *, step_seconds: float, eval_seconds: float, fit_cos
         return real_step(self)
 
     def evaluate(model, ids, **kwargs):
-        streams = kwargs.get("num_streams") or trainer.eval_streams(len(ids))
-        context = min(trainer.EVAL_CONTEXT, (len(ids) - 1) // streams) if streams > 1 else 0
+        streams = kwargs.get("num_streams") or budget.eval_streams(len(ids))
+        context = min(budget.EVAL_CONTEXT, (len(ids) - 1) // streams) if streams > 1 else 0
         clock.now += eval_seconds + eval_per_token * (len(ids) - 1 + streams * context)
         return real_evaluate(model, ids, **kwargs)
 
@@ -145,6 +145,7 @@ def _fake_time(monkeypatch, *, step_seconds: float, eval_seconds: float, fit_cos
 
     monkeypatch.setattr(trainer._Run, "train_step", train_step)
     monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(budget, "evaluate", evaluate)
     monkeypatch.setattr(pointer, "tune_cache", tune)
     monkeypatch.setattr(pointer, "measure_fit_cost", lambda *a, **k: fit_cost)
     return clock, calls
@@ -214,7 +215,7 @@ def test_a_step_limited_run_gives_the_fit_a_tenth_of_its_time(monkeypatch, tmp_p
 def test_a_short_step_limited_run_gives_the_fit_at_least_two_seconds(monkeypatch, tmp_path, tiny_text):
     _, calls = _fake_time(monkeypatch, step_seconds=0.01, eval_seconds=0.01, fit_cost=FitCost(1e-4, 0.0))
     _run(tmp_path, tiny_text, max_steps=3)
-    assert calls["fit"][0] == pytest.approx(trainer.CACHE_MIN_SECONDS)
+    assert calls["fit"][0] == pytest.approx(cachefit.CACHE_MIN_SECONDS)
 
 
 def test_a_stop_request_during_the_fit_skips_it_and_keeps_the_checkpoints(tmp_path, tiny_text):

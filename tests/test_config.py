@@ -94,15 +94,16 @@ def test_the_plan_measures_this_machine_only_for_a_shape_it_chooses(tmp_path, mo
     import torch
 
     from charlm.training import plan as planning
+    from charlm.training import speed
     from charlm.model.precision import FP32
 
     cfg = ModelConfig(vocab_size=30, hidden_size=16, embed_size=8)
     before = torch.get_rng_state()
-    rate = planning.measure_train_rate(cfg, batch_size=4, seq_len=10, precision=FP32)
+    rate = speed.measure_train_rate(cfg, batch_size=4, seq_len=10, precision=FP32)
     assert 0 < rate < float("inf") and torch.equal(torch.get_rng_state(), before)
 
     asked = []
-    monkeypatch.setattr(planning, "measure_train_rate",
+    monkeypatch.setattr(speed, "measure_train_rate",
                         lambda config, **shape: asked.append((config.hidden_size, shape["batch_size"])) or 1e6)
     corpus = tmp_path / "c.txt"
     corpus.write_text("a small corpus of characters, repeated.\n" * 300, encoding="utf-8")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from charlm.model.checkpoint import load_checkpoint
 from charlm.cli import app
-from charlm.training.loop import load_resume
+from charlm.training.resume_state import load_resume
 
 from conftest import subprocess_env
 

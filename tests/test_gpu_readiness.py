@@ -147,7 +147,7 @@ def test_an_fp16_run_skips_a_non_finite_loss_and_goes_on(tmp_path, monkeypatch):
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr("charlm.training.loop.F.cross_entropy", poisoned)
+    monkeypatch.setattr("charlm.training.step.F.cross_entropy", poisoned)
     result = trainer_module.train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
     assert result.step == 8
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -158,23 +158,23 @@ def test_an_fp16_run_skips_a_non_finite_loss_and_goes_on(tmp_path, monkeypatch):
 def test_each_ranks_cuda_generator_is_saved_and_restored(monkeypatch):
     """A distributed GPU run keeps every rank's CUDA generator, so each draws its own dropout masks
     after a resume (rank 0's alone made every GPU draw the same). Shown with a stand-in CUDA RNG."""
-    from charlm.training import loop as trainer_module
+    from charlm.training import resume_state
     from charlm.training.distributed import Dist
 
     model = RNNLM(ModelConfig(vocab_size=5, hidden_size=4, embed_size=4))
     optimizer = torch.optim.AdamW(model.parameters())
     cpu = torch.get_rng_state()
     cuda = torch.stack([torch.full((16,), 10, dtype=torch.uint8), torch.full((16,), 20, dtype=torch.uint8)])
-    tensors = trainer_module._optim_tensors(optimizer, model, None, torch.stack([cpu, cpu]), cuda_rng_states=cuda)
+    tensors = resume_state.resume_tensors(optimizer, model, None, torch.stack([cpu, cpu]), cuda_rng_states=cuda)
     assert torch.equal(tensors["rng.cuda.ranks"], cuda) and torch.equal(tensors["rng.cuda"], cuda[0])
     restored = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, *a: restored.append(state))
 
-    trainer_module._restore_optim(optimizer, model, tensors, torch.device("cuda"), Dist(rank=1, world_size=2), "adamw")
+    resume_state.restore_resume_tensors(optimizer, model, tensors, torch.device("cuda"), Dist(rank=1, world_size=2), "adamw")
     assert len(restored) == 1 and torch.equal(restored[0], cuda[1])
     bad = {**tensors, "rng.cuda.ranks": torch.zeros(2, 3, dtype=torch.uint8)}
     with pytest.raises(charlm.errors.CheckpointError, match="CUDA RNG states of the ranks"):
-        trainer_module.check_optim_tensors(Path("x"), bad, model.cfg, 4)
+        resume_state.check_optim_tensors(Path("x"), bad, model.cfg, 4)
 
 
 def test_tf32_is_on_in_a_cuda_run_unless_refused_and_the_settings_come_back():

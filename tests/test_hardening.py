@@ -23,7 +23,8 @@ from charlm.errors import CheckpointError, ConfigError, OutOfMemoryError, RunInU
 from charlm.model.lm import RNNLM, count_parameters, parameter_shapes
 from charlm.infer.sample import generate, next_token
 from charlm.data.tokenizer import CharTokenizer, WordTokenizer
-from charlm.training.loop import claim_run_dir, load_resume, new_run_dir
+from charlm.training.resume_state import load_resume
+from charlm.training.rundir import claim_run_dir, new_run_dir
 
 from conftest import subprocess_env
 

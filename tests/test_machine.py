@@ -10,7 +10,7 @@ import torch
 from charlm import machine
 from charlm.model import lstm_kernel
 from charlm.infer import step as infer
-from charlm.training import loop as trainer
+from charlm.training import optim
 from charlm.config import ModelConfig, TrainConfig
 from charlm.infer.step import FastStep
 from charlm.model.lm import RNNLM
@@ -82,13 +82,13 @@ def test_the_bf16_layer_is_chosen_by_its_measured_time(store, monkeypatch, bf16_
 
 
 def test_the_optimizer_steps_fused_where_that_was_faster(store, monkeypatch):
-    timed = trainer.time_optimizers("adamw", rounds=1)
+    timed = optim.time_optimizers("adamw", rounds=1)
     assert timed["fused_ms"] > 0 and timed["foreach_ms"] > 0
     model = RNNLM(ModelConfig(vocab_size=5, hidden_size=4, embed_size=4))
     for answer in (True, False):
-        monkeypatch.setattr(trainer, "fused_is_faster", lambda kind, answer=answer: answer)
+        monkeypatch.setattr(optim, "fused_is_faster", lambda kind, answer=answer: answer)
         for kind in ("adamw", "sgd"):
-            optimizer = trainer.make_optimizer(model, TrainConfig(optimizer=kind, lr=1e-2), torch.device("cpu"))
+            optimizer = optim.make_optimizer(model, TrainConfig(optimizer=kind, lr=1e-2), torch.device("cpu"))
             assert bool(optimizer.defaults.get("fused")) is answer, kind
 
 

@@ -1,14 +1,24 @@
 """One sizing rule from measured speed (sizing.py): the tuned size for the budget, moved along a
 ladder by what this machine measures. Checked against the speeds of the CPU kinds it was
-calibrated on and a GPU's, with injected speeds: nothing here is timed."""
+calibrated on and a GPU's, with injected speeds: no assertion depends on a timing. The speed probe
+(speed.py) is checked to take the trainer's own step."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 import charlm
+from charlm.config import ModelConfig, TrainConfig
+from charlm.data.text import batchify, prepare_data, window
+from charlm.model.checkpoint import load_checkpoint
+from charlm.model.lm import RNNLM
+from charlm.model.precision import FP32
+from charlm.training import speed
+from charlm.training.loop import train
 from charlm.training.sizing import CPU_LADDER, GPU_LADDER, Shape, dropout_for, size_by_speed
+from charlm.training.speed import time_train_steps
 
 SHAKESPEARE = 1_003_854  # tiny-shakespeare's training tokens
 
@@ -106,9 +116,7 @@ def test_dropout_follows_the_epochs_and_the_data_per_weight():
 
 
 def test_a_planned_run_records_what_was_measured_and_why(tmp_path, tiny_corpus, monkeypatch):
-    from charlm.training import plan as planning
-
-    monkeypatch.setattr(planning, "measure_train_rate", lambda config, **shape: 1234.0)
+    monkeypatch.setattr(speed, "measure_train_rate", lambda config, **shape: 1234.0)
     events, notes = [], []
     charlm.train(tiny_corpus, out=tmp_path / "run", max_minutes=0.02, cache=False, on_event=events.append,
                  on_note=notes.append, device="cpu")
@@ -119,3 +127,30 @@ def test_a_planned_run_records_what_was_measured_and_why(tmp_path, tiny_corpus, 
     assert len(line) == 1 and "\n" not in line[0] and "1.2k tokens/s" in line[0]
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["sizing"] == start["sizing"]
+
+
+@pytest.mark.parametrize("optimizer, regularised", [("adamw", False), ("sgd", True)])
+def test_the_speed_probe_takes_the_trainers_own_step(tmp_path, tiny_text, optimizer, regularised):
+    """From the same weights on the same window, the probe's steps (speed.time_train_steps, which
+    measure_train_rate times) and the trainer's first step give the same loss and the same weights
+    after it, dropout and the regularisers included: the probe cannot drift from the real step."""
+    data = prepare_data(tiny_text, val_fraction=0.1)
+    model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, hidden_size=24, embed_size=12, num_layers=2,
+                            dropout=0.2, input_dropout=0.1, weight_drop=0.2 if regularised else 0.0)
+    train_cfg = TrainConfig(seq_len=16, batch_size=4, lr=3e-2, optimizer=optimizer, max_steps=1, log_every=1,
+                            warmup_steps=0, device="cpu", seed=7, clip=0.5,
+                            **(dict(activation_reg=1.0, temporal_reg=1.0) if regularised else {}))
+    train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained_loss = [e["loss"] for e in logged if e["event"] == "step"]
+    trained = load_checkpoint(tmp_path / "last.safetensors").model.state_dict()
+
+    torch.manual_seed(train_cfg.seed)  # as the trainer seeds before it builds the model
+    model = RNNLM(model_cfg).train()
+    x, y = window(batchify(data.train_ids, 4), 0, 16)  # the trainer's first window
+    initial = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    _, losses = time_train_steps(model, torch.cat([x, y[:, -1:]], dim=1), precision=FP32, steps=1, config=train_cfg)
+    assert losses == trained_loss
+    probed = model.state_dict()
+    assert all(torch.equal(probed[name], trained[name]) for name in trained)
+    assert any(not torch.equal(probed[name], initial[name]) for name in initial)  # the step moved the weights

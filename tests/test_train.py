@@ -9,7 +9,11 @@ from charlm.model.checkpoint import load_checkpoint
 from charlm.config import ModelConfig, TrainConfig
 from charlm.errors import ConfigError, TrainingError
 from charlm.data.text import prepare_data
-from charlm.training.loop import load_resume, lr_at, new_run_dir, resume_configs, train
+from charlm.training.loop import train
+from charlm.training.optim import lr_at
+from charlm.training.resume import resume_configs
+from charlm.training.resume_state import load_resume
+from charlm.training.rundir import new_run_dir
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -85,20 +89,20 @@ def test_resume_is_exact_on_cpu(tmp_path, tiny_text, optimizer, regularised, ave
 
 @pytest.mark.parametrize("shifted", [False, True])
 def test_shift_windows_starts_each_epoch_at_its_own_offset(tmp_path, tiny_text, monkeypatch, shifted):
-    from charlm.training import loop as trainer_module
+    from charlm.training import streams as streams_module
     from charlm.data.text import batchify, epoch_offset, num_windows, shifted_windows
 
     data = prepare_data(tiny_text[:2000], val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, epochs=3, seq_len=16, shift_windows=shifted, eval_every=1000)
     seen = []
-    real_window = trainer_module.window
+    real_window = streams_module.window
 
     def recording_window(streams, index, seq_len, rows=slice(None), offset=0):
         x, y = real_window(streams, index, seq_len, rows, offset=offset)
         seen.append((index, offset, x.shape[1]))
         return x, y
 
-    monkeypatch.setattr(trainer_module, "window", recording_window)
+    monkeypatch.setattr(streams_module, "window", recording_window)
     result = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
     length = batchify(data.train_ids, 4).shape[1]
     count, largest = shifted_windows(length, 16) if shifted else (num_windows(length, 16), 0)
@@ -115,23 +119,23 @@ def test_shift_windows_starts_each_epoch_at_its_own_offset(tmp_path, tiny_text, 
 def test_streams_held_on_the_device_train_exactly_as_host_windows(tmp_path, tiny_text, monkeypatch):
     """On a GPU the streams are copied there once and windows are cut from them; shown on the CPU
     by making it take that path: the same losses, step for step, with shifted windows too."""
-    from charlm.training import loop as trainer_module
+    from charlm.training import memory, streams
 
     data = prepare_data(tiny_text[:3000], val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, epochs=2, shift_windows=True, eval_every=1000)
     host = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path / "host")
-    held, real = [], trainer_module.streams_on_device
+    held, real = [], memory.streams_on_device
 
     def on_device(streams, device):
         held.append(torch.from_numpy(np.ascontiguousarray(streams, dtype=np.int32)))
         return held[-1]
 
-    monkeypatch.setattr(trainer_module, "streams_on_device", on_device)
+    monkeypatch.setattr(streams, "streams_on_device", on_device)
     dev = train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path / "device")
     assert len(held) == 1 and held[0].shape == (4, len(data.train_ids) // 4)
     assert dev.step == host.step and _losses(tmp_path / "device") == _losses(tmp_path / "host")
     assert real(np.zeros((4, 10), np.uint16), torch.device("cpu")) is None  # already there
-    monkeypatch.setattr(trainer_module, "DEVICE_STREAMS_BYTES", 400)  # 100 ids in int32
+    monkeypatch.setattr(memory, "DEVICE_STREAMS_BYTES", 400)  # 100 ids in int32
     assert real(np.zeros((4, 26), np.uint16), torch.device("meta")) is None  # too big
     assert real(np.zeros((4, 25), np.uint16), torch.device("meta")).dtype == torch.int32
 
@@ -170,7 +174,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_text, monkeypatch
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr("charlm.training.loop.F.cross_entropy", poisoned)
+    monkeypatch.setattr("charlm.training.step.F.cross_entropy", poisoned)
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
         train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=tmp_path)
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -222,7 +226,7 @@ def test_new_run_dir_never_reuses_a_run(tmp_path):
 
 def test_an_optimizer_file_of_another_optimizer_is_refused(tmp_path, tiny_text):
     from charlm.errors import CheckpointError
-    from charlm.training.loop import check_optim_tensors
+    from charlm.training.resume_state import check_optim_tensors
 
     data = prepare_data(tiny_text, val_fraction=0.1)
     model_cfg, train_cfg = _configs(data, max_steps=3)
@@ -247,19 +251,19 @@ def test_evaluation_under_a_budget_is_frequent_but_bounded(tmp_path, tiny_text):
 
 
 def test_cpu_training_keeps_freed_memory_in_the_heap(monkeypatch):
-    """trainer.keep_freed_memory: glibc takes the mallopt options (Linux); elsewhere it is a no-op."""
+    """memory.keep_freed_memory: glibc takes the mallopt options (Linux); elsewhere it is a no-op."""
     import platform
 
-    from charlm.training import loop as trainer
+    from charlm.training import memory
 
-    trainer.keep_freed_memory.cache_clear()
+    memory.keep_freed_memory.cache_clear()
     try:
-        assert trainer.keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
-        monkeypatch.setattr(trainer.platform, "system", lambda: "Darwin")
-        trainer.keep_freed_memory.cache_clear()
-        assert trainer.keep_freed_memory() is False
+        assert memory.keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+        monkeypatch.setattr(memory.platform, "system", lambda: "Darwin")
+        memory.keep_freed_memory.cache_clear()
+        assert memory.keep_freed_memory() is False
     finally:
-        trainer.keep_freed_memory.cache_clear()
+        memory.keep_freed_memory.cache_clear()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -268,7 +272,7 @@ def test_the_fused_cpu_optimizer_steps_as_the_multi_tensor_one(optimizer):
     equal PyTorch's default multi-tensor form (with weight decay on the matrices, none on the
     vectors) to float32 rounding."""
     from charlm.model.lm import RNNLM
-    from charlm.training.loop import make_optimizer
+    from charlm.training.optim import make_optimizer
 
     cfg = TrainConfig(optimizer=optimizer, lr=1e-2 if optimizer == "adamw" else 1.0, weight_decay=0.1)
     trained = []

@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection
 
 import torch
 
-from charlm.config import ModelConfig, TrainConfig, brief
+from charlm.config import ModelConfig, TrainConfig
 from charlm.data import corpora
 from charlm.data.tokenizer import extend_tokenizer
 from charlm.data.tokenstore import prepare_corpus, spooled
@@ -26,11 +26,14 @@ from charlm.model.lm import resolve_device
 from charlm.model.precision import resolve_precision
 from charlm.training.autosize import AutoSize, auto_size, char_input_dropout
 from charlm.training.distributed import Dist
-from charlm.training.loop import device_memory_bytes, load_resume, new_run_dir, training_memory_bytes
-from charlm.training.options import (BY_NAME, DEFAULT_LOG_EVERY, DEFAULT_MINUTES, FIXED_ON_RESUME, NOT_ON_RESUME,
-                                     TrainOptions)
-from charlm.training.sizing import Shape, Sized, measure_train_rate, size_by_speed
+from charlm.training.memory import device_memory_bytes, training_memory_bytes
+from charlm.training.options import BY_NAME, DEFAULT_LOG_EVERY, DEFAULT_MINUTES, RESUME_KEYS, TrainOptions
+from charlm.training.resume import resume_configs
+from charlm.training.resume_state import load_resume
+from charlm.training.rundir import new_run_dir
+from charlm.training.sizing import Shape, Sized, size_by_speed
 from charlm.training.sizing import embed_size as sizing_embed
+from charlm.training import speed
 
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size")
 _TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -266,9 +269,9 @@ def _measured_size(data: Any, cell: str, minutes: float, device: torch.device, p
         return ModelConfig(vocab_size=data.tokenizer.vocab_size, cell=cell, hidden_size=shape.hidden_size,
                            num_layers=shape.num_layers, embed_size=sizing_embed(shape, gpu), dropout=0.2)
 
-    def speed(shape: Shape) -> float:
+    def rate(shape: Shape) -> float:
         try:
-            return measure_train_rate(candidate(shape), batch_size=shape.batch_size, seq_len=shape.seq_len,
+            return speed.measure_train_rate(candidate(shape), batch_size=shape.batch_size, seq_len=shape.seq_len,
                                       precision=precision, device=device)
         except torch.OutOfMemoryError:  # too large for this device after all: not a candidate
             return 0.0
@@ -278,7 +281,7 @@ def _measured_size(data: Any, cell: str, minutes: float, device: torch.device, p
         return memory is None or 2 * need <= memory
 
     return size_by_speed(train_tokens=len(data.train_ids), minutes=minutes, cell=cell, gpu=gpu,
-                         precision=precision.name, speed=speed, fits=fits, start=start)
+                         precision=precision.name, speed=rate, fits=fits, start=start)
 
 
 # What a fine-tune takes from the model it starts from: the shape (and with it the tokenizer).
@@ -352,9 +355,8 @@ class _FineTune(_Start):
 
 
 class _Resume(_Start):
-    """The run in ``--resume``'s folder, continued where it stopped: its settings, with a given
-    option honoured (``ADJUSTABLE_ON_RESUME``) or refused (a ``FIXED_ON_RESUME`` one that differs
-    from the run's, a ``NOT_ON_RESUME`` one) and never ignored."""
+    """The run in ``--resume``'s folder, continued where it stopped: its settings, with each option
+    given honoured or refused by its declared resume policy (resume.resume_configs), never ignored."""
 
     def __init__(self, request: _Request) -> None:
         super().__init__(request)
@@ -364,10 +366,7 @@ class _Resume(_Start):
             raise ConfigError(f"--out cannot be given with --resume: a resumed run continues in its own folder "
                               f"({resume_dir})")
         self.resume = load_resume(resume_dir)
-        checkpoint = self.resume.checkpoint
-        self.state = checkpoint.train_state
-        self.current = {**checkpoint.model_config.to_dict(), **checkpoint.train_config.to_dict(),
-                        "tokenizer": checkpoint.tokenizer.kind}
+        self.state = self.resume.checkpoint.train_state
         # The corpus is read as the run read it: its files, folder patterns and --encoding-errors, unless given.
         self.source = options.corpus or self.state.get("corpus") or None
         self.val_source = self.val_source or self.state.get("val_corpus")
@@ -377,29 +376,23 @@ class _Resume(_Start):
             encoding_errors=(options.encoding_errors if "encoding_errors" in request.given
                              else self.state.get("encoding_errors") or options.encoding_errors))
         self.precision_reason = None if "precision" in request.given else "the run's own"
+        self.configs: tuple[ModelConfig, TrainConfig] | None = None
 
     def refuse(self) -> None:
-        for key in sorted(self.request.given & {*FIXED_ON_RESUME, *NOT_ON_RESUME}):
-            value, option = getattr(self.request.options, key), f"--{key.replace('_', '-')}"
-            if value is None:
-                continue
-            if key in NOT_ON_RESUME:
-                raise ConfigError(f"{option} cannot be given with --resume: {NOT_ON_RESUME[key]}")
-            if value != self.current[key]:
-                raise ConfigError(f"{option} {_as_typed(value)} conflicts with the run being resumed, which has "
-                                  f"{option} {_as_typed(self.current[key])}; it cannot change on resume (leave it "
-                                  f"out)")
+        given = {key: getattr(self.request.options, key) for key in self.request.given if key in RESUME_KEYS}
+        self.configs = resume_configs(self.resume, given)
 
     def read_corpus(self) -> tuple[Any, Any]:
-        return self._read(self.source, self.val_source, val_fraction=self.current["val_fraction"],
+        assert self.configs is not None  # refuse() ran first
+        return self._read(self.source, self.val_source, val_fraction=self.configs[1].val_fraction,
                           tokenizer=self.resume.checkpoint.tokenizer)
 
     def settings(self, data: Any) -> dict[str, Any]:
-        return dict(self.current)
+        assert self.configs is not None
+        return {**self.configs[0].to_dict(), **self.configs[1].to_dict()}
 
     def takes_given(self, name: str) -> bool:
-        """Only what was named on this command line (not a default) changes a resumed run."""
-        return name in self.request.given and getattr(self.request.options, name) is not None
+        return False  # resume_configs has applied what was given, by each option's policy
 
     def run_dir(self, corpus_data: Any) -> Path:
         return self.resume.run_dir
@@ -421,13 +414,6 @@ class _Resume(_Start):
 def _chosen(request: _Request, name: str, fallback: Any) -> Any:
     """The user's value of option ``name`` where given (0 included), else ``fallback``."""
     return getattr(request.options, name) if request.gave(name) else fallback
-
-
-def _as_typed(value: Any) -> str:
-    """An option value as a user would type it."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return value if isinstance(value, str) and len(value) <= 40 else brief(value)
 
 
 def _min_count(options: TrainOptions) -> int:

@@ -1,37 +1,27 @@
 """Sizing a char or byte model by the speed this machine measures: one rule for every device and
 number format.
 
-A run starts at the size tuned for its budget (``autosize.auto_size``: the prior) and moves along a
+A run starts at the size tuned for its budget (``config.auto_size``: the prior) and moves along a
 ladder of shapes (one wide layer on a CPU, stacks on a GPU) by the speed this machine measures in
 the run's own number format: a rung down while the budget would train fewer than ``DOWN_EPOCHS``
 passes over the data (and under ``BUDGET_TOKENS_PER_PARAMETER`` tokens per recurrent weight), a rung
 up while it would train ``UP_EPOCHS`` or more and the data feeds the next (at least
 ``TOKENS_PER_PARAMETER`` training tokens per recurrent weight). It then regularises by the passes
-the budget buys. On a slow CPU that is a
-smaller model that gets enough steps; on a fast one a larger model with more dropout. Where nothing
-can be timed (a distributed run, a budget in steps), ``autosize.auto_size``'s tables decide.
+the budget buys. On a slow CPU that is a smaller model that gets enough steps; on a fast one a
+larger model with more dropout. Where nothing can be timed (a distributed run, a budget in steps),
+``config.auto_size``'s tables decide.
 
-The thresholds come from tiny-shakespeare runs on three CPU kinds (docs/choosing.md, whose figures
-come from benchmarks/README.md): the tuned sizes won where they got 2–5 epochs (an AMD EPYC with
-AVX-512 BF16, 3 minutes: 1×768 at ~2.4 epochs beat 1×512 at ~5; 10 minutes: 1×1024 at ~5 beat 1×768
-at ~8; an Intel Xeon with AMX, 3 minutes: 1×768 at ~3.5 epochs, 1.417, beat 1×1024 at ~2.8, 1.521;
-10 minutes: 1×1536 at ~5 beat 1×1024 at ~9; an AVX2-only EPYC, 3 minutes: 1×512 at ~1.1 epochs was
-0.01 behind 1×384 and 1×256).
+The thresholds come from tiny-shakespeare runs on three kinds of CPU, where the tuned sizes won at
+2–5 epochs; docs/choosing.md gives the figures. ``speed.measure_train_rate`` times a shape with the
+trainer's own step.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-import torch
-import torch.nn.functional as F
-
-from charlm.config import ModelConfig, TrainConfig
-from charlm.model.lm import RNNLM, detach_state
 from charlm.training.autosize import char_input_dropout
-from charlm.training.loop import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -109,7 +99,7 @@ def size_by_speed(*, train_tokens: int, minutes: float, cell: str, gpu: bool, pr
                   speed: Callable[[Shape], float], start: int | None = None,
                   clock: Callable[[], float] = time.monotonic,
                   fits: Callable[[Shape], bool] = lambda shape: True) -> Sized:
-    """Start at the rung of ``start`` hidden units (the size tuned for this budget, ``autosize.auto_size``;
+    """Start at the rung of ``start`` hidden units (the size tuned for this budget, ``config.auto_size``;
     the smallest where None) and move along the ladder by what this machine measures (``speed``:
     tokens/s of training a shape in the run's format): down while the budget trains fewer than
     ``DOWN_EPOCHS`` passes and under ``BUDGET_TOKENS_PER_PARAMETER`` tokens per weight (a slow
@@ -159,37 +149,3 @@ def size_by_speed(*, train_tokens: int, minutes: float, cell: str, gpu: bool, pr
               f"{measured[chosen.name] / 1000:.1f}k tokens/s ({precision}){why}; dropout {dropout:g}")
     return Sized(chosen, embed_size(chosen, gpu), dropout, char_input_dropout(dropout), epochs >= 3, epochs,
                  reason, measured)
-
-
-# A step measured alone runs a little faster than the trainer's steps (evaluation, logging, data).
-_TRAINER_SHARE = 0.9
-
-
-def measure_train_rate(model_config: ModelConfig, *, batch_size: int, seq_len: int, precision: Any,
-                       steps: int = 4, device: Any = None) -> float:
-    """Tokens/s of training this shape on ``device`` (the CPU by default) in ``precision`` (forward,
-    backward, clipping, the optimizer step), from the median of ``steps`` − 1 timed steps after a
-    warm-up one: about a second for the default sizes. Random tokens; the caller's random state
-    is left as it was."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
-        model = RNNLM(model_config).to(device).train()
-        optimizer = make_optimizer(model, TrainConfig(), device)
-        x = torch.randint(model_config.vocab_size, (batch_size, seq_len + 1), device=device)
-        seconds, state = [], None
-        for _ in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            with precision.autocast(device):
-                logits, state = model(x[:, :-1], state)
-            loss = F.cross_entropy(logits.float().reshape(-1, model_config.vocab_size), x[:, 1:].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            state = detach_state(state)
-            sync()
-            seconds.append(time.perf_counter() - t0)
-    return _TRAINER_SHARE * batch_size * seq_len / statistics.median(seconds[1:])
