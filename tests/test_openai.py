@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")  # Starlette's TestClient
 
 from starlette.testclient import TestClient  # noqa: E402
@@ -20,6 +21,7 @@ import charlm  # noqa: E402
 from charlm.cli import app  # noqa: E402
 from charlm.serve import ServeLimits, allowed_hosts_for, make_app  # noqa: E402
 from charlm.serve.openai import Choice  # noqa: E402
+from charlm.serve.requests import check_prime, pieces_of  # noqa: E402
 from charlm.serve.security import quiet_accept_errors  # noqa: E402
 
 runner = CliRunner()
@@ -323,10 +325,8 @@ def test_running_out_of_file_descriptors_is_one_line_a_minute():
 
 
 def test_scoring_is_bounded_and_its_tokenizing_stops_when_asked(client, lm):
-    from charlm.serve import _pieces_of
-
     text = ("word " * 50 + "\n") * 2000
-    pieces = _pieces_of(text, size=1000)
+    pieces = pieces_of(text, size=1000)
     assert "".join(pieces) == text and len(pieces) > 50 and all(p.endswith("\n") for p in pieces)
     answer = client.post("/v1/perplexity", json={"text": "ab" * 300})
     assert answer.status_code == 422 and "--max-tokens" in answer.json()["error"]
@@ -548,7 +548,6 @@ def test_a_prime_is_read_on_a_worker_and_its_reading_stops_when_asked(client, lm
     import threading
 
     from charlm.errors import Cancelled
-    from charlm.serve import check_prime
 
     stop = threading.Event()
     stop.set()
