@@ -14,10 +14,11 @@ from starlette.responses import Response
 from charlm.api import LanguageModel
 from charlm.errors import UsageError
 from charlm.model.checkpoint import checkpoint_report
-from charlm.serve import native, openai_routes
 from charlm.serve.batching import Batcher
 from charlm.serve.limits import ServeLimits
+from charlm.serve.native import ROUTES as NATIVE_ROUTES
 from charlm.serve.openai import model_id_of
+from charlm.serve.openai_routes import ROUTES as OPENAI_ROUTES
 from charlm.serve.security import OPENAI_PATHS, Guard, HostPolicy
 from charlm.serve.served import Served, served_by, without_paths
 from charlm.serve.workers import WorkerPool
@@ -43,7 +44,7 @@ def make_app(lm: LanguageModel, limits: ServeLimits | None = None, *,
                     report=without_paths(checkpoint_report(lm.checkpoint), lm.path), model_id=model_id_of(lm),
                     created=int(lm.path.stat().st_mtime) if lm.path.exists() else 0,
                     say=log or logging.getLogger(__name__).error)
-    app = Starlette(routes=[*native.ROUTES, *openai_routes.ROUTES],
+    app = Starlette(routes=[*NATIVE_ROUTES, *OPENAI_ROUTES],
                     exception_handlers={HTTPException: _http_problem, Exception: _unexpected},
                     lifespan=_closing(served))
     app.state.served = served

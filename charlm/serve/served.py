@@ -13,10 +13,10 @@ from starlette.responses import Response
 
 from charlm.api import LanguageModel
 from charlm.errors import CharlmError
-from charlm.serve import openai
 from charlm.serve.batching import Batcher
 from charlm.serve.http import _answer_of, _error, _json
 from charlm.serve.limits import ServeLimits
+from charlm.serve.openai import error_body
 from charlm.serve.security import OPENAI_PATHS
 from charlm.serve.workers import WorkerPool
 
@@ -48,12 +48,12 @@ class Served:
         if status == 422:
             status = 400
         param, code = getattr(exc, "param", None), getattr(exc, "code", None)
-        return _json(openai.error_body(status, message, param=param, code=code), status)
+        return _json(error_body(status, message, param=param, code=code), status)
 
     def error_for(self, path: str, status: int, message: str, code: str | None = None) -> Response:
         """A refusal in the shape of the route asked for."""
         if path.startswith(OPENAI_PATHS):
-            return _json(openai.error_body(status, message, code=code), status)
+            return _json(error_body(status, message, code=code), status)
         return _error(status, message)
 
 
