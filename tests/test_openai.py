@@ -544,7 +544,7 @@ def test_running_out_of_file_descriptors_floods_nothing(trained_run):
     assert "Traceback" not in log and log.count("cannot accept connections") == 1, log
 
 
-def test_a_prime_is_read_on_a_worker_and_its_reading_stops_when_asked(client, lm):
+def test_a_prime_is_read_off_the_event_loop_and_its_reading_stops_when_asked(client, lm):
     import threading
 
     from charlm.errors import Cancelled

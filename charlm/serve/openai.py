@@ -154,7 +154,14 @@ def check_completion(body: dict[str, Any], *, model_id: str, max_length: int, ma
     if values["user"] is not None and not isinstance(values["user"], str):
         raise _bad(problem, f"user must be a string (got {brief(values['user'])})", "user")
 
-    # What a left-to-right model without them cannot honour: refused, never ignored.
+    _refuse_unsupported(values, problem)
+    return Completion(prompts=prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
+                      stops=stops or (), seed=secrets.randbelow(2**63) if seed is None else seed,
+                      stream=values["stream"], include_usage=include_usage, logprobs=logprobs, echo=values["echo"])
+
+
+def _refuse_unsupported(values: dict[str, Any], problem: Any) -> None:
+    """What a left-to-right model without them cannot honour: refused, never ignored."""
     if values["suffix"] not in (None, ""):
         raise _bad(problem, "suffix is not supported: charlm's models continue a text, they do not fill in "
                             "before a suffix", "suffix")
@@ -168,10 +175,6 @@ def check_completion(body: dict[str, Any], *, model_id: str, max_length: int, ma
         value = values[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != 0:
             raise _bad(problem, f"{name} is not supported; only 0 is accepted (got {brief(value)})", name)
-
-    return Completion(prompts=prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
-                      stops=stops or (), seed=secrets.randbelow(2**63) if seed is None else seed,
-                      stream=values["stream"], include_usage=include_usage, logprobs=logprobs, echo=values["echo"])
 
 
 # ── one choice's text, stop strings and log-probabilities ───────────────────────────────────────
