@@ -170,7 +170,7 @@ class LanguageModel:
         so many prompts cost little more than one. ``seed``: one for every prompt, a list with one
         per prompt, or None (a random seed each). Each text is what ``generate`` gives its prompt
         with its seed, but for the rounding of a larger batch (infer/batched.py): a rare sampled
-        draw can differ, argmax (temperature 0) does not.
+        draw can differ, argmax (temperature 0) in practice not.
 
         >>> lm.generate_batch(["ROMEO:", "JULIET:"], length=50, seed=[1, 2])  # doctest: +SKIP
         """
