@@ -7,12 +7,12 @@ import asyncio
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
 from charlm import jsonio
 from charlm.errors import Cancelled, CharlmError, OutOfMemoryError, UsageError, is_out_of_memory
 from charlm.serve.security import read_body
-
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
 
 _END, _STOPPED = object(), object()
 SHUTTING_DOWN = "the server is shutting down"
