@@ -21,6 +21,8 @@ from charlm.model.checkpoint import Checkpoint, load_checkpoint, resolve_checkpo
 from charlm.config import SampleConfig
 from charlm.model.lm import resolve_device
 from charlm.infer.sample import Piece, generate as _generate
+from charlm.infer.batched import generate_batch as _generate_batch
+from charlm.errors import UsageError
 from charlm.infer.score import LineScore, score_lines
 from charlm.infer.surprise import PieceLogprob
 from charlm.errors import UsageError
@@ -168,6 +170,38 @@ class LanguageModel:
             text = decoder.feed(token_id)
             if text:
                 yield text
+
+    def generate_batch(self, prompts: Sequence[str], *, length: int = 500, temperature: float | None = None,
+                       top_k: int | None = None, top_p: float | None = None,
+                       seed: int | Sequence[int | None] | None = None, stop: str | None = None,
+                       precision: str = "auto") -> list[str]:
+        """The text that follows each of ``prompts``, generated together: one batch steps them all,
+        so many prompts cost little more than one. ``seed``: one for every prompt, a list with one
+        per prompt, or None (a random seed each). Each text is what ``generate`` gives its prompt
+        with its seed, but for the rounding of a larger batch (infer/batched.py): a rare sampled
+        draw can differ, argmax (temperature 0) in practice not.
+
+        >>> lm.generate_batch(["ROMEO:", "JULIET:"], length=50, seed=[1, 2])  # doctest: +SKIP
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise UsageError(f"prompts must be a list of strings (got {type(prompts).__name__}); "
+                             f"lm.generate(prompt) generates from one")
+        prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            _text(f"prompts[{i}]", prompt)
+        _text("precision", precision)
+        if seed is None or isinstance(seed, int):
+            seeds: list[Any] = [seed] * len(prompts)
+        elif isinstance(seed, Sequence) and not isinstance(seed, str):
+            seeds = list(seed)
+            if len(seeds) != len(prompts):
+                raise UsageError(f"seed must hold one seed per prompt ({len(prompts)}; got {len(seeds)})")
+        else:
+            raise UsageError(f"seed must be a whole number, a list of them or None (got {type(seed).__name__})")
+        configs = [SampleConfig(temperature=0.8 if temperature is None else temperature, top_k=top_k, top_p=top_p,
+                                length=length, seed=one, stop=stop) for one in seeds]
+        return [texts[0] for texts in _generate_batch(self.model, self.tokenizer, list(zip(prompts, configs)),
+                                                      precision=precision)]
 
     def samples(self, prime: str = "", *, num_samples: int, **options: Any) -> list[str]:
         """``num_samples`` whole samples (without the prime), generated together."""

@@ -104,3 +104,51 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class InProcess:
+    """The app ``charlm serve CHECKPOINT`` would serve on 127.0.0.1, driven in this process through
+    Starlette's TestClient, with ``Server``'s client methods: for what a real socket adds nothing to."""
+
+    def __init__(self, lm, limits) -> None:
+        from starlette.testclient import TestClient
+
+        from charlm.serve import allowed_hosts_for, make_app
+
+        self.log: list[str] = []
+        app = make_app(lm, limits, allowed_hosts=allowed_hosts_for("127.0.0.1", "127.0.0.1"), log=self.log.append)
+        self.client = TestClient(app, base_url="http://127.0.0.1:8000")
+        self.client.__enter__()  # the app's lifespan: started here, its workers closed by stop()
+
+    def request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 120):
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        response = self.client.request(method, path, content=data,
+                                       headers={"Content-Type": "application/json", **(headers or {})})
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.status_code, response.json()
+        return response.status_code, response.content
+
+    def events(self, body, *, timeout: float = 300) -> list[tuple[str, dict]]:
+        """POST /v1/generate with stream true; the Server-Sent Events, in order."""
+        response = self.client.post("/v1/generate", content=json.dumps({**body, "stream": True}),
+                                    headers={"Content-Type": "application/json"})
+        assert response.status_code == 200, response.content
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = []
+        for block in response.text.split("\n\n"):
+            name, data = "message", []
+            for line in block.split("\n"):
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data.append(line[6:])
+            if data:
+                events.append((name, json.loads("\n".join(data))))
+        return events
+
+    health = Server.health
+    wait_idle = Server.wait_idle
+
+    def stop(self) -> None:
+        self.client.__exit__(None, None, None)

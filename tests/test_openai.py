@@ -1,7 +1,7 @@
 """`charlm serve`'s OpenAI-compatible routes (/v1/completions, /v1/models) and what keeps the server
 safe to leave running (Host, Origin, content type, API key, slow clients, paths). In-process through
 Starlette's TestClient where a socket adds nothing; the official `openai` client against a real
-server, and the slow-client classes through real sockets, are marked slow."""
+server, and the slow-client classes through real sockets, are marked `server` (slow too)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")  # Starlette's TestClient
 
 from starlette.testclient import TestClient  # noqa: E402
@@ -20,6 +21,7 @@ import charlm  # noqa: E402
 from charlm.cli import app  # noqa: E402
 from charlm.serve import ServeLimits, allowed_hosts_for, make_app  # noqa: E402
 from charlm.serve.openai import Choice  # noqa: E402
+from charlm.serve.requests import check_prime, pieces_of  # noqa: E402
 from charlm.serve.security import quiet_accept_errors  # noqa: E402
 
 runner = CliRunner()
@@ -323,10 +325,8 @@ def test_running_out_of_file_descriptors_is_one_line_a_minute():
 
 
 def test_scoring_is_bounded_and_its_tokenizing_stops_when_asked(client, lm):
-    from charlm.serve import _pieces_of
-
     text = ("word " * 50 + "\n") * 2000
-    pieces = _pieces_of(text, size=1000)
+    pieces = pieces_of(text, size=1000)
     assert "".join(pieces) == text and len(pieces) > 50 and all(p.endswith("\n") for p in pieces)
     answer = client.post("/v1/perplexity", json={"text": "ab" * 300})
     assert answer.status_code == 422 and "--max-tokens" in answer.json()["error"]
@@ -350,7 +350,7 @@ def openai_client(port: int, key: str = "unused"):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_the_openai_client_completes_streams_and_draws_n(real_server, lm, model_id):
     client = openai_client(real_server.port)
     assert [m.id for m in client.models.list().data] == [model_id]
@@ -369,7 +369,7 @@ def test_the_openai_client_completes_streams_and_draws_n(real_server, lm, model_
     assert "".join(lp.tokens) == with_logprobs.choices[0].text and all(len(top) == 2 for top in lp.top_logprobs)
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_echo_scoring_through_the_client_equals_charlm_score(real_server, trained_run, lm, model_id, tmp_path):
     line = "First Citizen: you are all resolved rather to die"
     path = tmp_path / "line.txt"
@@ -387,7 +387,7 @@ def test_echo_scoring_through_the_client_equals_charlm_score(real_server, traine
     assert got.token_logprobs[1:] == pytest.approx([p.logprob for p in pieces], abs=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_errors_reach_the_client_as_its_own_exceptions(real_server, trained_run, model_id):
     import openai
 
@@ -438,7 +438,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_half_sent_headers_lose_their_connection(strict_server):
     silent = socket.create_connection(("127.0.0.1", strict_server.port))
     partial = socket.create_connection(("127.0.0.1", strict_server.port))
@@ -446,7 +446,7 @@ def test_half_sent_headers_lose_their_connection(strict_server):
     assert _closed_within(silent, 5) and _closed_within(partial, 5)
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_a_body_sent_a_byte_at_a_time_gives_its_place_back(strict_server):
     sock = socket.create_connection(("127.0.0.1", strict_server.port))
     sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -465,7 +465,7 @@ def test_a_body_sent_a_byte_at_a_time_gives_its_place_back(strict_server):
     sock.close()
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_a_client_that_never_reads_its_stream_gives_its_place_back(strict_server, model_id):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -479,7 +479,7 @@ def test_a_client_that_never_reads_its_stream_gives_its_place_back(strict_server
     sock.close()
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_connections_beyond_the_cap_are_closed_at_once(strict_server):
     held = [socket.create_connection(("127.0.0.1", strict_server.port)) for _ in range(6)]
     extra = socket.create_connection(("127.0.0.1", strict_server.port))
@@ -490,7 +490,7 @@ def test_connections_beyond_the_cap_are_closed_at_once(strict_server):
     assert strict_server.health()["status"] == "ok"
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_a_client_gone_during_scoring_leaves_no_traceback(strict_server):
     text = "First Citizen: " * 30_000
     for path, body in [("/v1/perplexity", {"text": text}), ("/v1/score", {"lines": [text]})]:
@@ -507,7 +507,7 @@ def test_a_client_gone_during_scoring_leaves_no_traceback(strict_server):
     time.sleep(0.5)  # the fixture checks the log
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_running_out_of_file_descriptors_floods_nothing(trained_run):
     """A server whose open-files limit is low, more connections than it allows: one warning line,
     no traceback, and it serves again once they close."""
@@ -544,11 +544,10 @@ def test_running_out_of_file_descriptors_floods_nothing(trained_run):
     assert "Traceback" not in log and log.count("cannot accept connections") == 1, log
 
 
-def test_a_prime_is_read_on_a_worker_and_its_reading_stops_when_asked(client, lm):
+def test_a_prime_is_read_off_the_event_loop_and_its_reading_stops_when_asked(client, lm):
     import threading
 
     from charlm.errors import Cancelled
-    from charlm.serve import check_prime
 
     stop = threading.Event()
     stop.set()

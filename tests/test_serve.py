@@ -1,12 +1,13 @@
-"""`charlm serve`: a real server on 127.0.0.1 (a `python -m charlm serve` child process) driven by a
-real HTTP client (http.client and raw sockets): every endpoint against the Python API, every class
-of bad input, concurrency, dropped connections, Ctrl-C."""
+"""`charlm serve`: every endpoint against the Python API, every class of bad input and concurrency
+in-process (Starlette's TestClient: the app the command serves); dropped connections, queued
+clients that leave and Ctrl-C against a real server on 127.0.0.1 (a `python -m charlm serve` child
+process, marked `server`) driven through raw sockets; the socket the command listens on."""
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,13 +20,12 @@ pytest.importorskip("uvicorn")
 
 import charlm  # noqa: E402
 from charlm.cli import app  # noqa: E402
-from charlm.serve import ServeLimits, allowed_hosts_for, host_name, is_loopback_name  # noqa: E402
 from charlm.errors import UsageError  # noqa: E402
+from charlm.serve import ServeLimits, allowed_hosts_for, check_exposure, listen, resolve  # noqa: E402
+from charlm.serve.security import host_name, is_loopback_name  # noqa: E402
 
 from conftest import TINY_TEXT  # noqa: E402
-from serving import Server  # noqa: E402
-
-pytestmark = pytest.mark.server  # the fast tier (-m 'not slow') leaves these out: conftest.py
+from serving import InProcess, Server  # noqa: E402
 
 runner = CliRunner()
 
@@ -38,21 +38,20 @@ def streamed(events) -> dict[int, str]:
     return texts
 
 
-LIMIT_ARGS = ("--workers", "2", "--max-length", "2000", "--max-samples", "4", "--max-body-bytes", "20000",
-              "--max-tokens", "500")
-
-
-@pytest.fixture(scope="module")
-def server(trained_run):
-    running = Server(trained_run, *LIMIT_ARGS)
-    yield running
-    assert running.stop() == 0, "".join(running.log)
-    assert "Traceback" not in "".join(running.log), "".join(running.log)
+LIMITS = ServeLimits(workers=2, max_length=2000, max_samples=4, max_body_bytes=20000, max_tokens=500)
 
 
 @pytest.fixture(scope="module")
 def lm(trained_run):
     return charlm.load(trained_run)
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    running = InProcess(lm, LIMITS)
+    yield running
+    running.stop()
+    assert "Traceback" not in "".join(running.log), "".join(running.log)
 
 
 GENERATIONS = [
@@ -149,10 +148,7 @@ def test_model_is_what_info_shows_and_health(server, trained_run):
 def test_the_page_is_served_with_everything_it_needs_from_this_server(server):
     status, page = server.request("GET", "/")
     assert status == 200 and b"charlm playground" in page
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("GET", "/")
-    headers = conn.getresponse().headers
-    conn.close()
+    headers = server.client.get("/").headers
     assert headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in headers["content-security-policy"]
     assets = [url for url in re.findall(rb'(?:src|href)="([^"]+)"', page) if not url.startswith(b"data:")]
@@ -274,8 +270,10 @@ def one_worker(trained_run):
                      "--max-body-bytes", "30000000", "--max-tokens", "30000000")
     yield running
     running.stop()
+    assert "Traceback" not in "".join(running.log), "".join(running.log)
 
 
+@pytest.mark.server
 def test_a_dropped_stream_frees_its_worker(one_worker):
     sock = _open_generation(one_worker.port, {"length": 100_000_000, "stream": True, "seed": 1})
     assert b"200 OK" in sock.recv(4096)
@@ -288,6 +286,7 @@ def test_a_dropped_stream_frees_its_worker(one_worker):
     assert status == 200 and len(answer["samples"][0]) == 5
 
 
+@pytest.mark.server
 def test_a_dropped_perplexity_request_stops_and_holds_its_place_until_then(one_worker):
     text = (TINY_TEXT * (20_000_000 // len(TINY_TEXT)))[:20_000_000]  # minutes of scoring on 2 cores
     data = json.dumps({"text": text}).encode()
@@ -305,6 +304,7 @@ def test_a_dropped_perplexity_request_stops_and_holds_its_place_until_then(one_w
     assert one_worker.request("POST", "/v1/generate", {"length": 5})[0] == 200
 
 
+@pytest.mark.server
 def test_a_dropped_json_request_frees_its_worker(one_worker):
     sock = _open_generation(one_worker.port, {"length": 100_000_000, "seed": 1})
     deadline = time.monotonic() + 60
@@ -323,6 +323,7 @@ def _read_all(sock: socket.socket) -> bytes:
     return data
 
 
+@pytest.mark.server
 def test_ctrl_c_ends_running_and_queued_requests_and_exits(trained_run):
     running = Server(trained_run, "--workers", "1", "--max-length", "100000000")
     first = _open_generation(running.port, {"length": 100_000_000, "stream": True})
@@ -346,7 +347,9 @@ def test_ctrl_c_ends_running_and_queued_requests_and_exits(trained_run):
     assert "Traceback" not in "".join(running.log), "".join(running.log)
 
 
-def test_a_client_gone_before_its_body_arrived_is_no_error(server):
+@pytest.mark.server
+def test_a_client_gone_before_its_body_arrived_is_no_error(one_worker_one_waiting):
+    server = one_worker_one_waiting
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"length\": 3")
     time.sleep(0.3)
@@ -365,6 +368,25 @@ def test_a_port_in_use_is_a_one_line_error(trained_run):
     assert "Traceback" not in result.output and result.output.count("\n") == 1
 
 
+def test_listening_is_refused_with_one_line(trained_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}: .*give another --port"):
+            listen("127.0.0.1", port)
+    with pytest.raises(UsageError, match="cannot listen on 'no such host.invalid'"):
+        resolve("no such host.invalid", 8000)
+    resolved = resolve("127.0.0.1", 0)
+    with listen("127.0.0.1", 0, resolved) as sock:
+        assert sock.getsockname()[0] == "127.0.0.1" and sock.getsockname()[1] > 0
+    with pytest.raises(UsageError, match="--api-key KEY .* --unauthenticated"):
+        check_exposure("0.0.0.0", allowed_hosts_for("0.0.0.0"), None, False)
+    check_exposure("0.0.0.0", allowed_hosts_for("0.0.0.0"), "key", False)
+    check_exposure("0.0.0.0", allowed_hosts_for("0.0.0.0"), None, True)
+    check_exposure("127.0.0.1", allowed_hosts_for("127.0.0.1"), None, False)
+
+
 @pytest.mark.parametrize("args,words", [(["--workers", "0"], "--workers must be"),
                                         (["--max-queue", "-1"], "--max-queue must be"),
                                         (["--max-length", "0"], "--max-length must be"),
@@ -375,9 +397,9 @@ def test_bad_options_are_refused(trained_run, args, words):
 
 
 def test_without_the_extra_it_says_what_to_install(trained_run, monkeypatch):
-    import charlm.serve
-
-    monkeypatch.setattr(charlm.serve, "Starlette", None)
+    for name in [name for name in sys.modules if name == "charlm.serve" or name.startswith("charlm.serve.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, as in a process without the extra
+    monkeypatch.setitem(sys.modules, "starlette", None)
     result = runner.invoke(app, ["serve", str(trained_run), "--port", "0"])
     assert result.exit_code == 1 and 'pip install "charlm[serve]"' in result.output
 
@@ -415,7 +437,7 @@ def other_run(request, tmp_path_factory):
 
 def test_word_and_byte_models_generate_score_and_show_their_pieces(other_run):
     lm = charlm.load(other_run)
-    running = Server(other_run)
+    running = InProcess(lm, ServeLimits())
     try:
         options = {"prime": "First Citizen", "length": 30, "seed": 4}
         status, body = running.request("POST", "/v1/generate", options)
@@ -441,14 +463,15 @@ def test_word_and_byte_models_generate_score_and_show_their_pieces(other_run):
         else:
             assert body["logprobs"][-1]["text"] == "✓" and "".join(p["text"] for p in body["logprobs"]) == text
     finally:
-        assert running.stop() == 0
+        running.stop()
+    assert "Traceback" not in "".join(running.log), "".join(running.log)
 
 
 @pytest.fixture(scope="module")
-def batched(trained_run):
-    running = Server(trained_run, "--batch", "64", "--max-length", "100000000", "--max-samples", "4")
+def batched(lm):
+    running = InProcess(lm, ServeLimits(batch=64, max_length=100_000_000, max_samples=4))
     yield running
-    assert running.stop() == 0, "".join(running.log)
+    running.stop()
     assert "Traceback" not in "".join(running.log), "".join(running.log)
 
 
@@ -475,7 +498,9 @@ def test_batched_requests_draw_from_their_own_rows(batched, lm):
     assert health["batch"] == 64 and health["busy"] == 0
 
 
-def test_batched_json_requests_and_a_dropped_stream(batched, lm):
+@pytest.mark.server
+def test_batched_json_requests_and_a_dropped_stream(small_batch, lm):
+    batched = small_batch
     options = {"prime": "First", "length": 50, "seed": 1, "temperature": 0}
     status, body = batched.request("POST", "/v1/generate", options)
     assert status == 200 and body["samples"] == ["".join(lm.generate(**options))]
@@ -499,6 +524,7 @@ def small_batch(trained_run):
     assert "Traceback" not in "".join(running.log), "".join(running.log)
 
 
+@pytest.mark.server
 def test_a_batch_request_gone_while_waiting_leaves_the_line(small_batch):
     first = _open_generation(small_batch.port, {"length": 100_000_000, "stream": True})
     assert b"200 OK" in first.recv(4096)
@@ -520,6 +546,7 @@ def test_a_batch_request_gone_while_waiting_leaves_the_line(small_batch):
     small_batch.wait_idle()
 
 
+@pytest.mark.server
 def test_a_queued_request_gone_frees_its_place_at_once(one_worker_one_waiting):
     server = one_worker_one_waiting
     first = _open_generation(server.port, {"length": 100_000_000, "stream": True})
@@ -531,11 +558,16 @@ def test_a_queued_request_gone_frees_its_place_at_once(one_worker_one_waiting):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     queued.close()
+    left = time.monotonic()
     while server.health()["waiting"]:  # dropped from the queue, not kept until the long one ends
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # At once: not when the unread stream ahead of it is cut by the stalled-write deadline (30 s).
+    assert time.monotonic() - left < 5
     another = _open_generation(server.port, {"length": 5, "stream": True})
+    another.settimeout(10)  # its stream starts while the one worker is busy: its prime is read beside it
     assert b"200 OK" in another.recv(4096)  # admitted, not 503
+    assert time.monotonic() - left < 10
     another.close()
     first.close()
     server.wait_idle()

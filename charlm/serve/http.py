@@ -7,16 +7,12 @@ import asyncio
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
 from charlm import jsonio
 from charlm.errors import Cancelled, CharlmError, OutOfMemoryError, UsageError, is_out_of_memory
 from charlm.serve.security import read_body
-
-try:
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import Response, StreamingResponse
-except ImportError:  # the serve extra is not installed; make_app says so
-    ClientDisconnect = None  # type: ignore[assignment,misc]
-    StreamingResponse = object  # type: ignore[assignment,misc]
 
 _END, _STOPPED = object(), object()
 SHUTTING_DOWN = "the server is shutting down"
@@ -37,7 +33,7 @@ def _answer_of(exc: BaseException) -> tuple[int, str]:
     """The status and one-line message that answer a failure."""
     if isinstance(exc, _Problem):
         return exc.status, exc.message
-    if ClientDisconnect is not None and isinstance(exc, ClientDisconnect):
+    if isinstance(exc, ClientDisconnect):
         return 499, "the client went away"  # nobody reads the answer
     if isinstance(exc, Cancelled):
         return 503, SHUTTING_DOWN

@@ -18,13 +18,11 @@ from_line_start=False)`` (the first token's is null), which is what ``charlm sco
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import torch
 
@@ -156,7 +154,14 @@ def check_completion(body: dict[str, Any], *, model_id: str, max_length: int, ma
     if values["user"] is not None and not isinstance(values["user"], str):
         raise _bad(problem, f"user must be a string (got {brief(values['user'])})", "user")
 
-    # What a left-to-right model without them cannot honour: refused, never ignored.
+    _refuse_unsupported(values, problem)
+    return Completion(prompts=prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
+                      stops=stops or (), seed=secrets.randbelow(2**63) if seed is None else seed,
+                      stream=values["stream"], include_usage=include_usage, logprobs=logprobs, echo=values["echo"])
+
+
+def _refuse_unsupported(values: dict[str, Any], problem: Any) -> None:
+    """What a left-to-right model without them cannot honour: refused, never ignored."""
     if values["suffix"] not in (None, ""):
         raise _bad(problem, "suffix is not supported: charlm's models continue a text, they do not fill in "
                             "before a suffix", "suffix")
@@ -170,10 +175,6 @@ def check_completion(body: dict[str, Any], *, model_id: str, max_length: int, ma
         value = values[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != 0:
             raise _bad(problem, f"{name} is not supported; only 0 is accepted (got {brief(value)})", name)
-
-    return Completion(prompts=prompts, max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n,
-                      stops=stops or (), seed=secrets.randbelow(2**63) if seed is None else seed,
-                      stream=values["stream"], include_usage=include_usage, logprobs=logprobs, echo=values["echo"])
 
 
 # ── one choice's text, stop strings and log-probabilities ───────────────────────────────────────
@@ -392,41 +393,7 @@ def error_event(body: dict[str, Any]) -> str:
 DONE = "data: [DONE]\n\n"
 
 
-async def next_items(items: asyncio.Queue, limit: int = 256) -> list[Any]:
-    """Everything already waiting (at least one item): one write per batch of tokens, not per token."""
-    ready = [await items.get()]
-    while not items.empty() and len(ready) < limit:
-        ready.append(items.get_nowait())
-    return ready
-
-
-def created_now() -> int:
-    return int(time.time())
-
-
-async def events(request: Completion, prepared: list[Prepared], items: asyncio.Queue, *, model_id: str,
-                 end: object, stopped: object, failure: Callable[[BaseException], dict[str, Any]]) -> AsyncIterator[str]:
-    """The streamed answer: a chunk per batch of new text, ``finish_reason`` on each choice's last,
-    the usage chunk when asked for, then ``data: [DONE]``; an error midway is ``data: {"error"}``."""
-    ident, created, steps = new_id(), created_now(), 0
-    while True:
-        out = []
-        for item in await next_items(items):
-            if item is end:
-                if request.include_usage:
-                    out.append(chunk(ident, created, model_id, [], True, usage(prepared, steps)))
-                yield "".join(out) + DONE
-                return
-            if item is stopped or isinstance(item, BaseException):
-                yield "".join(out) + error_event(failure(item))
-                return
-            if item[0] == "finish":
-                steps += item[3]
-            out.append(chunk(ident, created, model_id, [stream_item(request, item)], request.include_usage))
-        yield "".join(out)
-
-
-# ── the routes ──────────────────────────────────────────────────────────────────────────────────
+# ── errors ──────────────────────────────────────────────────────────────────────────────────────
 
 OPENAI_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -435,104 +402,3 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
     """OpenAI's error shape."""
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def routes(lm: LanguageModel, limits: Any, pool: Any, *, model_id: str, created: int,
-           failure: Callable[[BaseException], Any]) -> list[Any]:
-    """The OpenAI routes of ``make_app``; ``failure`` answers an exception in OpenAI's shape."""
-    from starlette.responses import Response
-    from starlette.routing import Route
-
-    from charlm.serve.http import _END, _STOPPED, _EventStream, _Problem, _body, _call_soon, _json, _outcome
-
-    model_card = {"id": model_id, "object": "model", "created": created, "owned_by": "charlm"}
-
-    async def models(request: Any) -> Response:
-        return _json({"object": "list", "data": [model_card]})
-
-    async def model(request: Any) -> Response:
-        name = request.path_params["model"]
-        if name != model_id:
-            return failure(_Problem(404, f"The model {brief(name)} does not exist; this server serves {model_id!r}",
-                                    param="model", code="model_not_found"))
-        return _json(model_card)
-
-    def error_of(exc: BaseException) -> dict[str, Any]:
-        response = failure(exc)
-        return jsonio.loads(response.body)
-
-    async def completions(request: Any) -> Response:
-        cancel, future, streaming = None, None, False
-        try:
-            body = await _body(request, limits.max_body_bytes, limits.client_timeout)
-            wanted = check_completion(body, model_id=model_id, max_length=limits.max_length,
-                                      max_samples=limits.max_samples, vocab_size=lm.tokenizer.vocab_size,
-                                      problem=_Problem)
-            try:
-                cancel = pool.admit()
-            except _Problem as exc:  # busy: OpenAI's clients wait and retry a 429
-                raise _Problem(429, exc.message) from None
-            future = pool.submit(cancel, lambda: prepare(lm, wanted, max_tokens=limits.max_tokens, cancel=cancel,
-                                                         problem=_Problem))
-            prepared = await _outcome(request, future)
-            loop = asyncio.get_running_loop()
-            items: asyncio.Queue[Any] = asyncio.Queue()
-
-            def put(item: Any) -> None:
-                _call_soon(loop, items.put_nowait, item)
-
-            def work() -> None:
-                if cancel.is_set():
-                    put(_STOPPED)
-                    return
-                try:
-                    produce(lm, wanted, prepared, cancel, put)
-                    put(_STOPPED if cancel.is_set() else _END)
-                except Cancelled:
-                    put(_STOPPED)
-                except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which answers it
-                    put(exc)
-
-            future = pool.submit(cancel, work)
-            if wanted.stream:
-                streaming = True
-                held, held_future = cancel, future
-                return _EventStream(events(wanted, prepared, items, model_id=model_id, end=_END, stopped=_STOPPED,
-                                           failure=lambda exc: error_of(_Problem(503, "the server is shutting down")
-                                                                        if exc is _STOPPED else exc)),
-                                    on_close=lambda: pool.release(held, held_future))
-            collected = await _gather_items(request, items, _END, _STOPPED, _Problem)
-            return _json(gather(wanted, prepared, collected, model_id=model_id, ident=new_id(), created=created_now()))
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer, never a traceback
-            return failure(exc)
-        finally:
-            if cancel is not None and not streaming:
-                pool.release(cancel, future)
-
-    return [Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/models/{model:path}", model, methods=["GET"])]
-
-
-async def _gather_items(request: Any, items: asyncio.Queue, end: object, stopped: object, problem: Any) -> list[tuple]:
-    """Every produced item until ``end``; ``problem(499)`` as soon as the client disconnects."""
-    collected: list[tuple] = []
-    loop = asyncio.get_running_loop()
-    checked = loop.time()
-    while True:
-        try:
-            ready = await asyncio.wait_for(next_items(items), timeout=0.25)
-        except asyncio.TimeoutError:
-            ready = []
-        if loop.time() - checked >= 0.25:
-            checked = loop.time()
-            if await request.is_disconnected():
-                raise problem(499, "the client went away")
-        for item in ready:
-            if item is end:
-                return collected
-            if item is stopped:
-                raise problem(503, "the server is shutting down")
-            if isinstance(item, BaseException):
-                raise item
-            collected.append(item)

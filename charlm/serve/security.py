@@ -25,7 +25,11 @@ import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from charlm.config import brief
+from charlm.errors import UsageError
 
 OPENAI_PATHS = ("/v1/completions", "/v1/models")
 
@@ -179,9 +183,6 @@ async def read_body(receive_chunks: Any, limit: int, timeout: float) -> bytearra
 
 def guarded_protocol(client_timeout: float, max_connections: int) -> type:
     """uvicorn's HTTP/1.1 protocol with the deadlines of the module's docstring."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     class GuardedProtocol(H11Protocol):
         headers_timer: asyncio.TimerHandle | None = None
         write_timer: asyncio.TimerHandle | None = None
@@ -254,3 +255,11 @@ def quiet_accept_errors(say: Callable[[str], None], *, every: float = 60.0) -> C
         loop.default_exception_handler(context)
 
     return handle
+
+
+def check_exposure(host: str, allowed: HostPolicy, api_key: str | None, unauthenticated: bool) -> None:
+    """Refuse to listen beyond loopback (``allowed`` answers IP literals) without an API key, unless
+    asked to (``--unauthenticated``): anyone who could reach the port could use the model."""
+    if allowed.ip_literals and api_key is None and not unauthenticated:
+        raise UsageError(f"--host {host} lets other machines use the model: give --api-key KEY (or CHARLM_API_KEY), "
+                         f"or --unauthenticated to serve them without one")
