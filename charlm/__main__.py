@@ -1,3 +1,4 @@
+"""``python -m charlm``: the command line."""
 from charlm.cli import main
 
 if __name__ == "__main__":

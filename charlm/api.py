@@ -11,27 +11,28 @@
 from __future__ import annotations
 
 import dataclasses
-
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from charlm.model.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from charlm.config import SampleConfig
-from charlm.model.lm import resolve_device
-from charlm.infer.sample import Piece, generate as _generate
+from charlm.config import SampleConfig, brief
+from charlm.errors import UsageError
 from charlm.infer.batched import generate_batch as _generate_batch
-from charlm.errors import UsageError
-from charlm.infer.score import LineScore, score_lines
-from charlm.infer.surprise import PieceLogprob
-from charlm.errors import UsageError
+from charlm.infer.dynamic import dynamic_settings, evaluate_dynamic
+from charlm.infer.evaluate import evaluate
+from charlm.infer.pointer import evaluate_with_cache
+from charlm.infer.sample import Piece, beam_search, prime_ids
+from charlm.infer.sample import generate as _generate
+from charlm.infer.score import LineScore, LineSelection, NumberedScore, ScoredText, score_lines
+from charlm.infer.surprise import PieceLogprob, line_logprobs, text_logprobs
+from charlm.model.checkpoint import Checkpoint, checkpoint_report, load_checkpoint, resolve_checkpoint
+from charlm.model.export import DEFAULT_OPSET, CheckedExport, export_checkpoint
+from charlm.model.lm import resolve_device
+from charlm.model.precision import FP32, resolve_precision
 from charlm.training import loop as trainer
 from charlm.training.distributed import from_env, shutdown
 from charlm.training.loop import TrainResult
-from charlm.infer.score import LineSelection, NumberedScore, ScoredText
-from charlm.model.checkpoint import checkpoint_report
-from charlm.model.export import DEFAULT_OPSET, CheckedExport, export_checkpoint
 from charlm.training.options import TrainOptions, options_from
 from charlm.training.plan import plan_run
 from charlm.training.plot import LossCurves, read_loss_curves
@@ -39,8 +40,6 @@ from charlm.training.plot import LossCurves, read_loss_curves
 
 def _text(name: str, value: Any, *, optional: bool = False) -> None:
     """Refuse a non-string where text belongs (a UsageError naming the argument, not a TypeError)."""
-    from charlm.config import brief
-    from charlm.errors import UsageError
 
     if not (isinstance(value, str) or (optional and value is None)):
         raise UsageError(f"{name} must be a string{' or None' if optional else ''} (got {type(value).__name__} "
@@ -49,7 +48,6 @@ def _text(name: str, value: Any, *, optional: bool = False) -> None:
 
 def _flag(name: str, value: Any) -> None:
     """Refuse a non-bool where a switch belongs (``1`` or ``"yes"`` is not silently truthy)."""
-    from charlm.errors import UsageError
 
     if not isinstance(value, bool):
         raise UsageError(f"{name} must be True or False (got {type(value).__name__})")
@@ -152,8 +150,6 @@ class LanguageModel:
 
     def _beam(self, prime: str, *, length: int, beam: int, precision: str,
               sampling: dict[str, Any]) -> Iterator[str]:
-        from charlm.errors import UsageError
-        from charlm.infer.sample import beam_search, prime_ids
 
         given = [name for name, value in sampling.items() if value is not None]
         if given:
@@ -225,11 +221,6 @@ class LanguageModel:
         the static and the adapting model's, are then beside it, and neither the model nor its
         file changes. ``should_stop`` is asked
         between windows; True stops with ``charlm.errors.Cancelled``."""
-        from charlm.infer.dynamic import dynamic_settings, evaluate_dynamic
-        from charlm.errors import UsageError
-        from charlm.infer.evaluate import evaluate
-        from charlm.infer.pointer import evaluate_with_cache
-        from charlm.model.precision import FP32, resolve_precision
 
         _text("text", text)
         _text("precision", precision)
@@ -290,7 +281,6 @@ class LanguageModel:
 
         >>> [(p.text, round(p.logprob, 2)) for p in lm.logprobs("ROMEO:")]  # doctest: +SKIP
         """
-        from charlm.infer.surprise import text_logprobs
 
         _text("text", text)
         _flag("from_line_start", from_line_start)
@@ -302,10 +292,7 @@ class LanguageModel:
         """Each line scored on its own, from a fresh line start (lower nats/token = more likely).
         ``logprobs``: each ``LineScore.logprobs`` holds the line's pieces as ``logprobs()`` gives
         them (``top`` alternatives each), adding up to minus its ``total_nats``."""
-        from dataclasses import replace
 
-        from charlm.errors import UsageError
-        from charlm.infer.surprise import line_logprobs
 
         if isinstance(lines, str):
             raise UsageError("score takes a list of lines, not one string (lm.score([text]) scores one line; "
@@ -330,7 +317,6 @@ def load(where: str | os.PathLike[str] | None = None, *, device: str = "cpu",
 
     >>> lm = charlm.load("checkpoints/tinyshakespeare")  # doctest: +SKIP
     """
-    from charlm.errors import UsageError
 
     for name, value in (("where", where), ("root", root)):
         if value is not None and not isinstance(value, (str, os.PathLike)):

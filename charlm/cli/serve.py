@@ -1,13 +1,12 @@
 """The ``charlm serve`` command: a model behind the HTTP API, the OpenAI completions API and the playground."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from charlm.cli.output import err, handled, usage_error
+from charlm.cli.output import err, handled
 
 
 def serve(
@@ -37,30 +36,18 @@ def serve(
     with handled():
         # Imported when the command runs, so that `charlm --help` loads neither torch nor the serve extra.
         from charlm.api import load
-        from charlm.serve import ServeLimits, allowed_hosts_for, make_app, run
+        from charlm.serve import ServeLimits, allowed_hosts_for, check_exposure, listen, make_app, resolve, run
 
         limits = ServeLimits(max_body_bytes=max_body_bytes, max_length=max_length, max_samples=max_samples,
                              max_tokens=max_tokens, workers=workers, max_queue=max_queue, batch=batch,
                              max_connections=max_connections, client_timeout=client_timeout)
-        try:
-            family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        except socket.gaierror as exc:
-            raise usage_error(f"cannot listen on {host!r}: {exc.strerror}") from None
-        allowed = allowed_hosts_for(host, str(address[0]), tuple(allow_host or ()))
-        if allowed.ip_literals and api_key is None and not unauthenticated:
-            raise usage_error(f"--host {host} lets other machines use the model: give --api-key KEY (or CHARLM_API_KEY), "
-                         f"or --unauthenticated to serve them without one")
+        resolved = resolve(host, port)
+        allowed = allowed_hosts_for(host, str(resolved[1][0]), tuple(allow_host or ()))
+        check_exposure(host, allowed, api_key, unauthenticated)
         lm = load(checkpoint, device=device)
         say = lambda line: err.print(line, markup=False, highlight=False)  # noqa: E731
         app_ = make_app(lm, limits, allowed_hosts=allowed, api_key=api_key, log=say)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        except OSError as exc:
-            sock.close()
-            raise usage_error(f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-                         + (" (give another --port, or 0 for any free one)" if exc.errno == 98 else "")) from None
+        sock = listen(host, port, resolved)
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         if allowed.ip_literals:
