@@ -1,4 +1,4 @@
-"""Every error charlm raises on purpose. Only ``cli.py`` turns them into messages and exit codes."""
+"""Every error charlm raises on purpose. Only the CLI (``charlm/cli``) turns them into messages and exit codes."""
 from __future__ import annotations
 
 import sys

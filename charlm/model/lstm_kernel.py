@@ -167,7 +167,7 @@ class _Buffers(NamedTuple):
     c and h with the initial ones first (T + 1 each), tanh(c), and h in the matmul format
     (``hs`` itself when that is the state's)."""
 
-    gates: list[torch.Tensor]  # a (B, 4H) tensor a step: each small enough for the heap (trainer.keep_freed_memory)
+    gates: list[torch.Tensor]  # a (B, 4H) tensor a step: each small enough for the heap (memory.keep_freed_memory)
     cs: torch.Tensor
     hs: torch.Tensor
     tanh_cs: torch.Tensor

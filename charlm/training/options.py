@@ -321,7 +321,7 @@ NUMERIC_OPTIONS = tuple(o.name for o in DECLARED if o.kind in ("int", "float"))
 FIXED_ON_RESUME = tuple(o.name for o in DECLARED if o.spec.resume == FIXED)
 ADJUSTABLE_ON_RESUME = tuple(o.name for o in DECLARED if o.spec.resume == ADJUSTABLE)
 NOT_ON_RESUME = {o.name: o.spec.refused_because for o in DECLARED if o.spec.resume == REFUSED}
-# The options a resumed run honours or refuses (trainer.resume_configs); INPUT ones are the planner's.
+# The options a resumed run honours or refuses (resume.resume_configs); INPUT ones are the planner's.
 RESUME_KEYS = FIXED_ON_RESUME + ADJUSTABLE_ON_RESUME + tuple(NOT_ON_RESUME)
 
 

@@ -1,7 +1,7 @@
 """Sizing a char or byte model by the speed this machine measures: one rule for every device and
 number format.
 
-A run starts at the size tuned for its budget (``config.auto_size``: the prior) and moves along a
+A run starts at the size tuned for its budget (``autosize.auto_size``: the prior) and moves along a
 ladder of shapes (one wide layer on a CPU, stacks on a GPU) by the speed this machine measures in
 the run's own number format: a rung down while the budget would train fewer than ``DOWN_EPOCHS``
 passes over the data (and under ``BUDGET_TOKENS_PER_PARAMETER`` tokens per recurrent weight), a rung
@@ -9,7 +9,7 @@ up while it would train ``UP_EPOCHS`` or more and the data feeds the next (at le
 ``TOKENS_PER_PARAMETER`` training tokens per recurrent weight). It then regularises by the passes
 the budget buys. On a slow CPU that is a smaller model that gets enough steps; on a fast one a
 larger model with more dropout. Where nothing can be timed (a distributed run, a budget in steps),
-``config.auto_size``'s tables decide.
+``autosize.auto_size``'s tables decide.
 
 The thresholds come from tiny-shakespeare runs on three kinds of CPU, where the tuned sizes won at
 2–5 epochs; docs/choosing.md gives the figures. ``speed.measure_train_rate`` times a shape with the
@@ -99,7 +99,7 @@ def size_by_speed(*, train_tokens: int, minutes: float, cell: str, gpu: bool, pr
                   speed: Callable[[Shape], float], start: int | None = None,
                   clock: Callable[[], float] = time.monotonic,
                   fits: Callable[[Shape], bool] = lambda shape: True) -> Sized:
-    """Start at the rung of ``start`` hidden units (the size tuned for this budget, ``config.auto_size``;
+    """Start at the rung of ``start`` hidden units (the size tuned for this budget, ``autosize.auto_size``;
     the smallest where None) and move along the ladder by what this machine measures (``speed``:
     tokens/s of training a shape in the run's format): down while the budget trains fewer than
     ``DOWN_EPOCHS`` passes and under ``BUDGET_TOKENS_PER_PARAMETER`` tokens per weight (a slow
