@@ -227,7 +227,7 @@ def train(
                 "best_step": result.best_step, "steps": result.step, "elapsed_seconds": result.elapsed_seconds,
                 "stopped_by": result.stopped_by, "num_parameters": result.num_parameters,
                 "eval_seconds": result.eval_seconds, "cache_seconds": result.cache_seconds,
-                "cache": _cache_json(result.cache),
+                "cache": result.cache.to_dict() if result.cache is not None else None,
                 "sample": sample_text}) + "\n")
             if stop.reason == "SIGTERM":
                 raise typer.Exit(143)
@@ -249,14 +249,6 @@ def train(
             sys.stdout.write("\n")
         if stop.reason == "SIGTERM":
             raise typer.Exit(143)
-
-
-def _cache_json(found: Any) -> dict[str, Any] | None:
-    """The cache pointer a run fitted, for --json (None: not fitted)."""
-    if found is None:
-        return None
-    return {"pointer": found.cache.to_dict() if found.cache else None, "val_loss": found.nats_per_token,
-            "val_loss_without": found.nats_per_token_without, "tokens": found.tokens, "seconds": found.seconds}
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -59,6 +59,12 @@ class CacheSearch:
     seconds: float
     cut_short: bool = False  # its time ran out during the search: the best point tried so far
     skipped: str | None = None  # why nothing was fitted (no time for even MIN_TOKENS), else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fit's figures, as ``charlm train --json`` and the run's metrics give them."""
+        return {"pointer": self.cache.to_dict() if self.cache else None, "val_loss": self.nats_per_token,
+                "val_loss_without": self.nats_per_token_without, "tokens": self.tokens, "seconds": self.seconds,
+                "cut_short": self.cut_short}
 
 
 # A fit reads fewer tokens than this only if the text has no more: below it the choice of θ, λ

@@ -81,7 +81,5 @@ def cache_event(found: pointer.CacheSearch | None, allowance: float) -> dict[str
     if found.skipped is not None:
         return {"event": "warning", "message": f"no cache pointer fitted: {found.skipped}; the best "
                                                f"checkpoint is left as it was"}
-    return {"event": "cache", "cache": found.cache.to_dict() if found.cache else None,
-            "val_loss": found.nats_per_token, "val_loss_without": found.nats_per_token_without,
-            "tokens": found.tokens, "seconds": found.seconds, "cut_short": found.cut_short,
-            "allowance": allowance}
+    figures = found.to_dict()
+    return {"event": "cache", "cache": figures.pop("pointer"), **figures, "allowance": allowance}
