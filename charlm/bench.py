@@ -144,7 +144,7 @@ def recurrence_dtypes(cfg: BenchConfig, device: torch.device, precision: str) ->
     """The number format the recurrent kernel ran in under ``precision``, read from its output, for
     charlm's model and for the bare loop's ``nn.LSTM``: a loop is compared by what its kernels did,
     not by its autocast dtype (on CUDA, autocast runs cuDNN's RNNs in fp16 whatever it is asked for;
-    charlm keeps them fp32 under bf16: ``model.FP32_RECURRENCE_UNDER_BF16``)."""
+    charlm keeps them fp32 under bf16: ``lm.FP32_RECURRENCE_UNDER_BF16``)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(0)
     lstm = nn.LSTM(cfg.embed_size, cfg.hidden_size, cfg.num_layers, batch_first=True).to(device)

@@ -228,7 +228,7 @@ class TrainConfig(_DictMixin):
     # Evaluate and save the average of the run's weights, step t weighing t^average_power (averaging.py)
     average: bool = False
     average_power: float = 2.0
-    # Start each epoch's BPTT windows at an offset drawn from (seed, epoch) (data.epoch_offset)
+    # Start each epoch's BPTT windows at an offset drawn from (seed, epoch) (text.epoch_offset)
     shift_windows: bool = False
     # When the run ends, fit a cache pointer on the validation split and keep it where it helps (pointer.py)
     cache: bool = False

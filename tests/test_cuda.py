@@ -121,7 +121,7 @@ def test_bf16_on_the_device_is_fp32_on_the_cpu_within_bf16_rounding(cell):
 def test_under_bf16_autocast_the_recurrence_is_fp32_and_the_head_bf16():
     """PyTorch's autocast wrapper for cuDNN RNNs casts to fp16 whatever the autocast dtype, and a
     bf16 run has no loss scaler: charlm keeps the recurrence in fp32 on CUDA
-    (``model.FP32_RECURRENCE_UNDER_BF16``). The bare module shows what it avoids; should a PyTorch
+    (``lm.FP32_RECURRENCE_UNDER_BF16``). The bare module shows what it avoids; should a PyTorch
     release run it in bf16, that choice is worth measuring again (benchmarks/gpu_suite.py)."""
     model = RNNLM(ModelConfig(vocab_size=13, hidden_size=16, embed_size=8)).to(DEVICE).train()
     x = torch.randint(0, 13, (2, 5), device=DEVICE)

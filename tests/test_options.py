@@ -82,3 +82,41 @@ def test_an_options_object_and_keywords_are_one_request(tmp_path):
     assert (config.hidden_size, config.embed_size) == (12, 4)
     with pytest.raises(UsageError, match="TrainOptions"):
         charlm.train(corpus, {"hidden_size": 8})
+
+
+def _plan(tmp_path, monkeypatch, given, **options):
+    from charlm.training import plan, speed
+
+    monkeypatch.setattr(speed, "measure_train_rate", lambda config, **shape: 100_000.0)
+    tmp_path.mkdir()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 300, encoding="utf-8")
+    return plan.plan_run(charlm.TrainOptions(corpus=str(corpus), out=str(tmp_path / "run"), device="cpu", **options),
+                         given=given)
+
+
+def test_none_given_for_an_option_the_planner_chooses_means_choose(tmp_path, monkeypatch):
+    """charlm.train(optimizer=None, max_minutes=None, …) is the same as leaving them out."""
+    left_out = _plan(tmp_path / "a", monkeypatch, set())
+    named = _plan(tmp_path / "b", monkeypatch, {"optimizer", "hidden_size", "log_every", "average", "max_minutes",
+                                                "lr", "tie_weights", "min_count"})
+    assert named.train_config == left_out.train_config and named.model_config == left_out.model_config
+    assert named.train_config.max_minutes == declaration.DEFAULT_MINUTES
+    assert named.train_config.optimizer == "adamw" and named.train_config.log_every == declaration.DEFAULT_LOG_EVERY
+
+
+def test_a_default_named_as_given_counts_and_none_patterns_are_none():
+    assert declaration.options_from({"include": None, "exclude": None}).include == ()
+    assert declaration.options_from({"include": "*.c"}).include == ("*.c",)
+    with pytest.raises(ConfigError, match="include must be a file name pattern"):
+        declaration.options_from({"include": [""]})
+
+
+def test_a_fine_tune_refuses_a_device_it_cannot_run_before_reading_the_corpus(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh\n" * 400, encoding="utf-8")
+    run = charlm.train(corpus, hidden_size=8, embed_size=4, seq_len=8, batch_size=2, max_steps=1, device="cpu",
+                       cache=False, out=str(tmp_path / "base"))
+    with pytest.raises(charlm.errors.CharlmError, match="fp16"):  # not "no such file": the corpus is not read
+        charlm.train(tmp_path / "missing.txt", init_from=str(run.run_dir), precision="fp16", device="cpu",
+                     max_steps=1, out=str(tmp_path / "tuned"))

@@ -13,12 +13,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from charlm.config import (CELLS, DEVICES, ENCODING_ERRORS, LIMITS, OPTIMIZERS, PRECISIONS, TOKENIZERS, Range, brief,
-                           check_decay, check_option)
+from charlm.config import (CELLS, DEVICES, ENCODING_ERRORS, LIMITS, OPTIMIZERS, PRECISIONS, TOKENIZERS, Range,
+                           TrainConfig, brief, check_decay, check_option)
 from charlm.errors import ConfigError
 
 DEFAULT_MINUTES = 3.0  # the budget when no stopping rule is given
 DEFAULT_LOG_EVERY = 10
+_TRAIN = TrainConfig()  # the loop's own defaults, which the options share
 
 # The groups ``charlm train --help`` and docs/options.md list the options under, in this order.
 CORPUS = "Corpus"
@@ -146,13 +147,13 @@ class TrainOptions:
         None, OPTIMISATION, ADJUSTABLE,
         help='Peak AdamW learning rate. Default: by model size.')
     weight_decay: float = option(
-        0.01, OPTIMISATION, ADJUSTABLE,
+        _TRAIN.weight_decay, OPTIMISATION, ADJUSTABLE,
         help='AdamW weight decay (weights only).')
     clip: float = option(
-        1.0, OPTIMISATION, ADJUSTABLE,
+        _TRAIN.clip, OPTIMISATION, ADJUSTABLE,
         help='Gradient-norm clipping threshold (0 = off).')
     warmup_steps: int = option(
-        100, OPTIMISATION, FIXED,
+        _TRAIN.warmup_steps, OPTIMISATION, FIXED,
         help='Linear warm-up steps before the cosine decay (at most a tenth of a step/epoch limit).')
     min_lr_ratio: float | None = option(
         None, OPTIMISATION, ADJUSTABLE,
@@ -191,7 +192,7 @@ class TrainOptions:
         None, STOPPING, ADJUSTABLE,
         help=f"Time budget, the final evaluation and the cache pointer fit included (with --resume: the whole run's, time already spent included). Default: {DEFAULT_MINUTES:g} when no --epochs/--max-steps.")
     val_fraction: float = option(
-        0.1, CORPUS, FIXED,
+        _TRAIN.val_fraction, CORPUS, FIXED,
         help='The LAST fraction of the corpus kept for validation.')
     val_file: str | None = option(
         None, CORPUS, INPUT, path=True,
@@ -204,10 +205,10 @@ class TrainOptions:
         None, STOPPING, ADJUSTABLE,
         help='Stop after N evaluations without improvement.')
     seed: int = option(
-        1337, RUN, FIXED,
+        _TRAIN.seed, RUN, FIXED,
         help='Random seed.')
     device: str = option(
-        'auto', RUN, ADJUSTABLE,
+        _TRAIN.device, RUN, ADJUSTABLE,
         help='auto, cpu, cuda or mps.')
     tf32: bool = option(
         True, RUN, ADJUSTABLE,
@@ -244,7 +245,7 @@ class TrainOptions:
         'strict', CORPUS, INPUT,
         help='strict, replace or ignore invalid UTF-8.')
     max_bad_steps: int = option(
-        25, STOPPING, ADJUSTABLE,
+        _TRAIN.max_bad_steps, STOPPING, ADJUSTABLE,
         help='Stop after this many NaN/Inf steps in a row.')
     log_every: int | None = option(
         None, RUN, ADJUSTABLE,
@@ -335,7 +336,8 @@ def options_from(values: dict[str, Any]) -> TrainOptions:
     values = dict(values)
     for name, value in values.items():
         declared = BY_NAME[name]
-        if value is None and declared.nullable:
+        if value is None and (declared.nullable or declared.kind == "patterns"):
+            values[name] = declared.default  # not given: None means "none" for patterns too
             continue
         if declared.kind == "text" and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string{' or None' if declared.nullable else ''} "

@@ -24,6 +24,7 @@ from charlm.errors import ConfigError
 from charlm.model.checkpoint import load_checkpoint, resolve_checkpoint
 from charlm.model.lm import resolve_device
 from charlm.model.precision import resolve_precision
+from charlm.training import speed
 from charlm.training.autosize import AutoSize, auto_size, char_input_dropout
 from charlm.training.distributed import Dist
 from charlm.training.memory import device_memory_bytes, training_memory_bytes
@@ -33,7 +34,6 @@ from charlm.training.resume_state import load_resume
 from charlm.training.rundir import new_run_dir
 from charlm.training.sizing import Shape, Sized, size_by_speed
 from charlm.training.sizing import embed_size as sizing_embed
-from charlm.training import speed
 
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size")
 _TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -52,7 +52,7 @@ class RunPlan:
     run_dir: Path
     source: str  # the corpus file (or the built-in's name), recorded in the checkpoint
     val_source: str | None
-    resume: Any = None  # loop.Resume
+    resume: Any = None  # resume_state.Resume
     notes: list[str] = field(default_factory=list)
     init_weights: Any = None  # fine-tuning: the starting model's tensors
     corpus_options: dict[str, Any] = field(default_factory=dict)  # how the corpus was read, kept for --resume
@@ -71,9 +71,12 @@ class _Request:
     run_name: str | None = None  # a registry corpus's name, for the run folder
 
     def gave(self, name: str) -> bool:
-        """Whether the user chose this option: named as given, or an option whose unset value is
-        None ("the planner chooses") holding a value."""
-        return name in self.given or (BY_NAME[name].nullable and getattr(self.options, name) is not None)
+        """Whether the user chose this option. One whose unset value is None ("the planner
+        chooses") is chosen when it holds a value, so None given explicitly still means "choose";
+        any other is chosen when named as given (even at its default)."""
+        if BY_NAME[name].nullable:
+            return getattr(self.options, name) is not None
+        return name in self.given
 
 
 def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = None,
@@ -93,11 +96,11 @@ def plan_run(options: TrainOptions, *, given: Collection[str] = (), dist: Any = 
     start.refuse()
     corpus_data, data = start.read_corpus()
     values = start.settings(data)
-    values.update({name: getattr(request.options, name) for name in (*_MODEL_FIELDS, *_TRAIN_FIELDS)
+    values.update({name: getattr(start.options, name) for name in (*_MODEL_FIELDS, *_TRAIN_FIELDS)
                    if start.takes_given(name) and request.gave(name)})
     model_cfg = ModelConfig(vocab_size=data.tokenizer.vocab_size, **{k: values[k] for k in _MODEL_FIELDS})
     train_cfg = TrainConfig(**{k: values[k] for k in _TRAIN_FIELDS})
-    options = request.options
+    options = start.options
     return RunPlan(model_cfg, train_cfg, data, start.run_dir(corpus_data), corpus_data.source, start.val_source,
                    resume=start.resume, notes=start.notes(corpus_data, data), init_weights=start.init_weights,
                    corpus_options={"include": list(options.include), "exclude": list(options.exclude),
@@ -136,6 +139,7 @@ class _Start:
 
     def __init__(self, request: _Request) -> None:
         self.request = request
+        self.options = request.options  # a resumed run reads its corpus as it did (_Resume replaces these)
         val_file = request.options.val_file
         self.val_source = ((val_file if Path(val_file).is_fifo() else str(Path(val_file).resolve()))  # a pipe as given
                            if val_file else None)
@@ -159,7 +163,7 @@ class _Start:
 
     def run_dir(self, corpus_data: Any) -> Path:
         """``--out`` (which must not hold a run already), or a fresh ``checkpoints/<name>[-N]``."""
-        options, dist = self.request.options, self.request.dist
+        options, dist = self.options, self.request.dist
         if options.out is None:
             name = self.request.run_name or corpus_data.name
             return Path(dist.broadcast_object(str(new_run_dir("checkpoints", name))))
@@ -172,7 +176,7 @@ class _Start:
     def _read(self, corpus: str | None, val_source: str | None, **how: Any) -> tuple[Any, Any]:
         """The corpus through the token store: rank 0 tokenizes (and fills the store) first, the
         other ranks then read it."""
-        options = self.request.options
+        options = self.options
         return self.request.dist.main_first(lambda: prepare_corpus(
             corpus, val_path=val_source, encoding_errors=options.encoding_errors, on_note=self.request.note,
             include=options.include, exclude=options.exclude, **how))
@@ -180,7 +184,7 @@ class _Start:
     def _declared(self) -> dict[str, Any]:
         """The declared values (the options as given or by default), the budget's when no stopping
         rule is given, and the log interval's."""
-        options = self.request.options
+        options = self.options
         values = {name: getattr(options, name) for name in (*_MODEL_FIELDS, *_TRAIN_FIELDS)}
         if options.epochs is None and options.max_steps is None and options.max_minutes is None:
             values["max_minutes"] = DEFAULT_MINUTES
@@ -192,7 +196,7 @@ class _Fresh(_Start):
     """A new run: the shape sized to this machine, the corpus and the budget."""
 
     def read_corpus(self) -> tuple[Any, Any]:
-        options = self.request.options
+        options = self.options
         corpus_data, data = self._read(options.corpus, self.val_source, kind=options.tokenizer,
                                        val_fraction=options.val_fraction, min_count=_min_count(options),
                                        max_vocab=options.max_vocab)
@@ -201,7 +205,7 @@ class _Fresh(_Start):
         return corpus_data, data
 
     def settings(self, data: Any) -> dict[str, Any]:
-        request, options = self.request, self.request.options
+        request, options = self.request, self.options
         values = self._declared()
         device = resolve_device(options.device)
         precision = resolve_precision(options.precision, device, cell=options.cell)
@@ -235,7 +239,7 @@ class _Fresh(_Start):
         """The tables' size, moved along sizing.py's ladder by this machine's measured speed in the
         run's own number format where the budget is in minutes and the shape left to charlm (word
         models keep the tables: autosize.py says why)."""
-        options, dist = self.request.options, self.request.dist
+        options, dist = self.options, self.request.dist
         auto = auto_size(tokenizer=options.tokenizer, train_tokens=len(data.train_ids), max_minutes=max_minutes,
                          gpu=device.type == "cuda", bf16=precision.name == "bf16")
         shape_given = any(getattr(options, key) is not None for key in ("hidden_size", "num_layers", "embed_size",
@@ -272,7 +276,7 @@ def _measured_size(data: Any, cell: str, minutes: float, device: torch.device, p
     def rate(shape: Shape) -> float:
         try:
             return speed.measure_train_rate(candidate(shape), batch_size=shape.batch_size, seq_len=shape.seq_len,
-                                      precision=precision, device=device)
+                                            precision=precision, device=device)
         except torch.OutOfMemoryError:  # too large for this device after all: not a candidate
             return 0.0
 
@@ -301,21 +305,25 @@ class _FineTune(_Start):
         super().__init__(request)
         self.base = load_checkpoint(resolve_checkpoint(request.options.init_from))
         self.tokenizer = self.base.tokenizer
+        # Refused before any corpus is read: a format or device this machine cannot run.
+        self.precision = resolve_precision(request.options.precision, resolve_device(request.options.device),
+                                           cell=self.base.model_config.cell)
+        self.precision_reason = self.precision.reason
 
     def refuse(self) -> None:
-        options = self.request.options
+        options = self.options
         shape = {**self.base.model_config.to_dict(), "tokenizer": self.base.tokenizer.kind}
         for key in _SHAPE:
             if key in self.request.given and getattr(options, key) != shape[key]:
-                raise ConfigError(f"--{key.replace('_', '-')} {getattr(options, key)} conflicts with the model "
+                raise ConfigError(f"{BY_NAME[key].flag} {getattr(options, key)} conflicts with the model "
                                   f"given to --init-from, which has {shape[key]}; a fine-tune keeps the model's shape")
         for key in ("min_count", "max_vocab"):
             if key in self.request.given and not options.extend_vocab:
-                raise ConfigError(f"--{key.replace('_', '-')} applies to the new symbols of --extend-vocab only; "
+                raise ConfigError(f"{BY_NAME[key].flag} applies to the new symbols of --extend-vocab only; "
                                   f"without it the vocabulary is the model's")
 
     def read_corpus(self) -> tuple[Any, Any]:
-        options, corpus, val_source = self.request.options, self.request.options.corpus, self.val_source
+        options, corpus, val_source = self.options, self.options.corpus, self.val_source
         # --extend-vocab reads the corpus twice (its new symbols, then the ids): a pipe is copied once first.
         with spooled([corpus, val_source] if options.extend_vocab else [None, None]) as (spooled_corpus, spooled_val):
             if options.extend_vocab:
@@ -328,10 +336,7 @@ class _FineTune(_Start):
             return self._read(corpus, val_source, val_fraction=options.val_fraction, tokenizer=self.tokenizer)
 
     def settings(self, data: Any) -> dict[str, Any]:
-        request, options, base = self.request, self.request.options, self.base
-        device = resolve_device(options.device)
-        precision = resolve_precision(options.precision, device, cell=base.model_config.cell)
-        self.precision_reason = precision.reason
+        request, base, precision = self.request, self.base, self.precision
         before = {**(base.train_config or TrainConfig()).to_dict(), **base.model_config.to_dict()}
         values = {**self._declared(), **{key: before[key] for key in (*_SHAPE[:-1], *_FROM_BASE)}}
         optimizer = _chosen(request, "optimizer", before["optimizer"])
@@ -370,7 +375,7 @@ class _Resume(_Start):
         # The corpus is read as the run read it: its files, folder patterns and --encoding-errors, unless given.
         self.source = options.corpus or self.state.get("corpus") or None
         self.val_source = self.val_source or self.state.get("val_corpus")
-        request.options = dataclasses.replace(
+        self.options = dataclasses.replace(
             options, include=options.include or tuple(self.state.get("include") or ()),
             exclude=options.exclude or tuple(self.state.get("exclude") or ()),
             encoding_errors=(options.encoding_errors if "encoding_errors" in request.given
@@ -379,7 +384,7 @@ class _Resume(_Start):
         self.configs: tuple[ModelConfig, TrainConfig] | None = None
 
     def refuse(self) -> None:
-        given = {key: getattr(self.request.options, key) for key in self.request.given if key in RESUME_KEYS}
+        given = {key: getattr(self.options, key) for key in self.request.given if key in RESUME_KEYS}
         self.configs = resume_configs(self.resume, given)
 
     def read_corpus(self) -> tuple[Any, Any]:

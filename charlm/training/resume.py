@@ -6,8 +6,9 @@ from typing import Any
 
 from charlm.config import ModelConfig, TrainConfig, brief
 from charlm.errors import ConfigError
-from charlm.training.options import ADJUSTABLE_ON_RESUME, FIXED_ON_RESUME, NOT_ON_RESUME
+from charlm.training.options import ADJUSTABLE_ON_RESUME, BY_NAME, FIXED_ON_RESUME, NOT_ON_RESUME
 from charlm.training.resume_state import Resume
+
 
 def _as_typed(value: Any) -> str:
     """An option value as a user would type it."""
@@ -30,7 +31,7 @@ def resume_configs(resume: Resume, given: dict[str, Any]) -> tuple[ModelConfig, 
     assert train_cfg is not None  # load_resume guarantees it
     current = {**model_cfg.to_dict(), **train_cfg.to_dict(), "tokenizer": resume.checkpoint.tokenizer.kind}
     for key, value in given.items():
-        option = f"--{key.replace('_', '-')}"
+        option = BY_NAME[key].flag
         if key in NOT_ON_RESUME:
             raise ConfigError(f"{option} cannot be given with --resume: {NOT_ON_RESUME[key]}")
         if key in FIXED_ON_RESUME and value != current[key]:
