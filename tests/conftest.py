@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,18 @@ def trained_run(tmp_path_factory) -> Path:
                             device="cpu")
     train(model_config=model_cfg, train_config=train_cfg, data=data, run_dir=run_dir, source="tiny")
     return run_dir
+
+
+def run_together(commands: list[list[str]], *, timeout: float = 180, **popen: object) -> list[subprocess.CompletedProcess]:
+    """Run independent command lines at once (each pays its own interpreter and torch import, which
+    overlap on two cores) and return them completed, in order."""
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+             for command in commands]
+    done = []
+    for command, proc in zip(commands, procs):
+        stdout, stderr = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(command, proc.returncode, stdout, stderr))
+    return done
 
 
 def subprocess_env() -> dict[str, str]:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from charlm import __version__
 from charlm.cli import app
 
-from conftest import subprocess_env
+from conftest import run_together, subprocess_env
 
 runner = CliRunner()
 TINY_TRAIN = ["--hidden-size", "24", "--embed-size", "12", "--seq-len", "16", "--batch-size", "4",
@@ -98,15 +98,11 @@ def test_real_subprocess_train_then_sample(tmp_path, tiny_corpus):
                           capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "best val loss" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "charlm", "sample", "--temperature", "0", "--length", "30"],
-                          capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.startswith("charlm: error: no checkpoint under checkpoints/")
-    proc = subprocess.run([sys.executable, "-m", "charlm", "sample", "--checkpoint", str(out / "best.safetensors"),
-                           "--temperature", "0", "--length", "30", "--seed", "1"],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
-    greedy = subprocess.run([sys.executable, "-m", "charlm", "sample", "--checkpoint", str(out),
-                             "--temperature", "0", "--length", "30", "--seed", "2"],
-                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    charlm = [sys.executable, "-m", "charlm", "sample", "--temperature", "0", "--length", "30"]
+    none, proc, greedy = run_together([charlm, [*charlm, "--checkpoint", str(out / "best.safetensors"), "--seed", "1"],
+                                       [*charlm, "--checkpoint", str(out), "--seed", "2"]],
+                                      env=subprocess_env(), cwd=tmp_path, timeout=120)
+    assert none.returncode == 1 and none.stderr.startswith("charlm: error: no checkpoint under checkpoints/")
     assert proc.returncode == 0 and proc.stdout == greedy.stdout and len(proc.stdout) > 20
 
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from charlm.cli import app
-from conftest import subprocess_env
+from conftest import run_together, subprocess_env
 
 runner = CliRunner()
 COMMANDS = [["train"], ["sample"], ["perplexity"], ["info"], ["score"], ["plot"], ["export"], ["bench"],
@@ -57,12 +57,14 @@ def test_piped_output_has_no_escape_codes(tmp_path, tiny_corpus):
 
     charlm("train", str(tiny_corpus), "--out", "run", "--max-steps", "20", "--hidden-size", "32", "--batch-size", "4",
            "--seq-len", "16", "--sample-length", "20")
-    charlm("sample", "--checkpoint", "run", "--length", "20", "--seed", "1")
-    charlm("perplexity", str(tiny_corpus), "--checkpoint", "run")
-    charlm("info", "run")
-    charlm("plot", "run")
     (tmp_path / "lines.txt").write_text("First Citizen:\nzzqx qxz\n", encoding="utf-8")
-    charlm("score", "lines.txt", "--checkpoint", "run", "--sort", "best")
+    commands = [("sample", "--checkpoint", "run", "--length", "20", "--seed", "1"),
+                ("perplexity", str(tiny_corpus), "--checkpoint", "run"), ("info", "run"), ("plot", "run"),
+                ("score", "lines.txt", "--checkpoint", "run", "--sort", "best")]
+    for args, done in zip(commands, run_together([[sys.executable, "-m", "charlm", *args] for args in commands],
+                                                 cwd=tmp_path, env=env, timeout=300)):
+        assert done.returncode == 0, done.stderr
+        assert "\x1b[" not in done.stdout and "\x1b[" not in done.stderr, args
 
 
 @pytest.mark.processes

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from charlm.training.distributed import Dist
 from charlm.infer.evaluate import evaluate
 from charlm.model.lm import RNNLM
+from charlm.cli import app
 from charlm.config import ModelConfig
 from conftest import subprocess_env
 
@@ -55,11 +57,12 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
 
 @pytest.mark.parametrize("model", [[], pytest.param(["--cell", "peephole", "--num-layers", "2", "--residual"],
                                                   marks=pytest.mark.slow)], ids=["lstm", "peephole-residual"])
-def test_two_processes_equal_one_process(model, tiny_corpus, tmp_path):
+def test_two_processes_equal_one_process(model, tiny_corpus, tmp_path, monkeypatch):
     two = _charlm("train", str(tiny_corpus), "--out", "two", *OPTIONS, *model, nproc=2, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-2000:]
-    one = _charlm("train", str(tiny_corpus), "--out", "one", *OPTIONS, *model, cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)  # the one-process run and the sample in this process, through the same CLI
+    one = CliRunner().invoke(app, ["train", str(tiny_corpus), "--out", "one", *OPTIONS, *model])
+    assert one.exit_code == 0, one.output[-2000:]
     losses_one, losses_two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(losses_one) == len(losses_two) == 8
     assert np.allclose(losses_one, losses_two, atol=1e-5, rtol=0)
@@ -72,8 +75,8 @@ def test_two_processes_equal_one_process(model, tiny_corpus, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "best.safetensors", "last.safetensors", "last.step000000008.optim.safetensors", "metrics.jsonl"]
     assert two.stdout.count("best val loss") == 1
-    sample = _charlm("sample", "--checkpoint", "two", "--length", "40", "--seed", "1", cwd=tmp_path)
-    assert sample.returncode == 0 and len(sample.stdout.strip()) > 0, sample.stderr
+    sample = CliRunner().invoke(app, ["sample", "--checkpoint", "two", "--length", "40", "--seed", "1"])
+    assert sample.exit_code == 0 and len(sample.stdout.strip()) > 0, sample.output
 
 
 @pytest.mark.slow
@@ -97,7 +100,7 @@ def test_a_resumed_two_process_run_with_dropout_is_exact(tiny_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_a_two_process_run_with_one_process(tiny_corpus, tmp_path):
+def test_resume_a_two_process_run_with_one_process(tiny_corpus, tmp_path, monkeypatch):
     """Interrupted after 4 of 8 steps under 2 processes, finished by 1: the same as 8 steps straight."""
     worker = str(Path(__file__).with_name("ddp_worker.py"))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker]
@@ -105,8 +108,9 @@ def test_resume_a_two_process_run_with_one_process(tiny_corpus, tmp_path):
     first = subprocess.run([*launch, str(tiny_corpus), "run", "--stop-at", "4"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=180)
     assert first.returncode == 0, first.stderr[-2000:]
-    more = _charlm("train", "--resume", "run", cwd=tmp_path)
-    assert more.returncode == 0, more.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)  # the one process that finishes it: this one, through the CLI
+    more = CliRunner().invoke(app, ["train", "--resume", "run"])
+    assert more.exit_code == 0, more.output[-2000:]
     straight = subprocess.run([sys.executable, worker, str(tiny_corpus), "straight"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=180)
     assert straight.returncode == 0, straight.stderr[-2000:]
