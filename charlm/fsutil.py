@@ -1,4 +1,5 @@
-"""Writing into folders: the one atomic write (with fsync), the one append, the one folder lock and lock file.
+"""Writing into folders: the one atomic write (with fsync), the one append, the one folder lock and
+lock file, and where charlm keeps its cache.
 
 A run folder (``--out``, perhaps under a shared temporary place) or the token cache may have been
 made, or touched, by someone else, who can plant a symbolic link where charlm will write
@@ -215,3 +216,12 @@ def open_regular(path: str | os.PathLike[str], *, append: bool) -> BinaryIO:
         raise SaveError(f"cannot write {path}: it is not a regular file")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "ab" if append else "wb")
+
+
+def cache_root() -> Path:
+    """The folder charlm caches in (the token store, the machine's measured answers):
+    ``$CHARLM_CACHE_DIR``, else ``$XDG_CACHE_HOME/charlm``, else ``~/.cache/charlm``."""
+    if os.environ.get("CHARLM_CACHE_DIR"):
+        return Path(os.environ["CHARLM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "charlm"

@@ -16,10 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from charlm.data.tokenstore import cache_root
 from charlm.cpu import cpu_flags, simulating_no_bf16
 from charlm.errors import CharlmError
-from charlm.fsutil import atomic_write
+from charlm.fsutil import atomic_write, cache_root
 
 STORE = "kernels.json"
 

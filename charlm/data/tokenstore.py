@@ -39,15 +39,7 @@ from charlm.data.text import (PreparedData, check_not_blank, default_corpus, ope
                               prepare_texts, read_corpus, source_kind)
 from charlm.data.tokenizer import Tokenizer, tokenizer_from_dict
 from charlm.errors import CorpusError, UsageError
-from charlm.fsutil import create_exclusive, exclusive_lock
-
-
-def cache_root() -> Path:
-    """``$CHARLM_CACHE_DIR``, else ``$XDG_CACHE_HOME/charlm``, else ``~/.cache/charlm``."""
-    if os.environ.get("CHARLM_CACHE_DIR"):
-        return Path(os.environ["CHARLM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "charlm"
+from charlm.fsutil import cache_root, create_exclusive, exclusive_lock
 
 
 @dataclass(frozen=True)
