@@ -14,7 +14,7 @@ import torch
 from charlm.api import LanguageModel
 from charlm.infer.batched import BatchedGenerations
 from charlm.infer.sample import Generation
-from charlm.serve.http import _END, _STOPPED
+from charlm.serve.http import END, STOPPED
 from charlm.serve.workers import WorkerPool
 
 
@@ -28,7 +28,7 @@ class Job:
 class Batcher:
     """The thread that runs one ``BatchedGenerations``: it takes requests from any thread
     (``submit``), starts those that fit in the order they came, and tells each request its pieces,
-    ``_END``, ``_STOPPED`` (cancelled, or the server is stopping) or the exception that ended it."""
+    ``END``, ``STOPPED`` (cancelled, or the server is stopping) or the exception that ended it."""
 
     def __init__(self, lm: LanguageModel, max_rows: int, pool: WorkerPool) -> None:
         self.pool = pool
@@ -60,7 +60,7 @@ class Batcher:
                     self.batch.clear()
                     self._set_running({})
         for job in [*self.jobs.values(), *self.waiting]:
-            job.put(_STOPPED)
+            job.put(STOPPED)
 
     def _admit(self) -> None:
         """Take new requests (waiting for one when idle), drop cancelled ones, start what fits."""
@@ -75,18 +75,18 @@ class Batcher:
             self.waiting.append(job)
             block = False
         for key, job in [(key, job) for key, job in self.jobs.items() if job.cancel.is_set()]:
-            job.put(_STOPPED)
+            job.put(STOPPED)
             self.batch.remove(job.run)
             self._set_running({k: j for k, j in self.jobs.items() if k != key})
         for job in [j for j in self.waiting if j.cancel.is_set()]:  # gone while waiting: no longer in line
-            job.put(_STOPPED)
+            job.put(STOPPED)
             self.waiting.remove(job)
         while self.waiting and self.batch.fits(self.waiting[0].run):
             job = self.waiting.popleft()
             for piece in self.batch.add(job.run):
                 job.put(piece)
             if job.run.finished:  # length 0
-                job.put(_END)
+                job.put(END)
                 continue
             self._set_running({**self.jobs, id(job.run): job})
 
@@ -106,7 +106,7 @@ class Batcher:
             for piece in outcome:
                 job.put(piece)
             if run.finished:
-                job.put(_END)
+                job.put(END)
                 finished.append(id(run))
         if finished:
             self._set_running({key: job for key, job in self.jobs.items() if key not in finished})

@@ -14,11 +14,11 @@ from charlm import jsonio
 from charlm.errors import Cancelled, CharlmError, OutOfMemoryError, UsageError, is_out_of_memory
 from charlm.serve.security import read_body
 
-_END, _STOPPED = object(), object()
+END, STOPPED = object(), object()
 SHUTTING_DOWN = "the server is shutting down"
 
 
-class _Problem(Exception):
+class Problem(Exception):
     """An answer other than 200: the status and a one-line message for the client."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
@@ -29,9 +29,9 @@ class _Problem(Exception):
         self.code = code
 
 
-def _answer_of(exc: BaseException) -> tuple[int, str]:
+def answer_of(exc: BaseException) -> tuple[int, str]:
     """The status and one-line message that answer a failure."""
-    if isinstance(exc, _Problem):
+    if isinstance(exc, Problem):
         return exc.status, exc.message
     if isinstance(exc, ClientDisconnect):
         return 499, "the client went away"  # nobody reads the answer
@@ -45,41 +45,41 @@ def _answer_of(exc: BaseException) -> tuple[int, str]:
     return 500, f"internal error ({type(exc).__name__}); the server's log has the details"
 
 
-def _json(value: Any, status: int = 200) -> Response:
+def json_answer(value: Any, status: int = 200) -> Response:
     return Response(jsonio.dumps(value) + "\n", status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> Response:
-    return _json({"error": message, "status": status}, status)
+def error_answer(status: int, message: str) -> Response:
+    return json_answer({"error": message, "status": status}, status)
 
 
 # ── reading a request ───────────────────────────────────────────────────────────────────────────
 
-async def _body(request: Request, limit: int, timeout: float = 30.0) -> dict[str, Any]:
+async def json_body(request: Request, limit: int, timeout: float = 30.0) -> dict[str, Any]:
     """The request's JSON object, read at most ``limit`` bytes far and ``timeout`` seconds long."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _Problem(413, f"the request body is {int(declared):,} bytes; this server takes at most {limit:,} "
+        raise Problem(413, f"the request body is {int(declared):,} bytes; this server takes at most {limit:,} "
                             f"(--max-body-bytes)")
     try:
         data = await read_body(request.stream(), limit, timeout)
     except OverflowError:
-        raise _Problem(413, f"the request body is over {limit:,} bytes (--max-body-bytes)") from None
+        raise Problem(413, f"the request body is over {limit:,} bytes (--max-body-bytes)") from None
     except TimeoutError:
-        raise _Problem(408, f"the request body did not arrive within {timeout:g} s (--client-timeout)") from None
+        raise Problem(408, f"the request body did not arrive within {timeout:g} s (--client-timeout)") from None
     if not data:
-        raise _Problem(400, "the request needs a JSON object as its body")
+        raise Problem(400, "the request needs a JSON object as its body")
     try:
         value = jsonio.loads(bytes(data), unique_keys=True)
     except ValueError as exc:
-        raise _Problem(400, f"the request body cannot be read: {exc}") from None
+        raise Problem(400, f"the request body cannot be read: {exc}") from None
     if not isinstance(value, dict):
-        raise _Problem(400, f"the body must be a JSON object, not {type(value).__name__}")
+        raise Problem(400, f"the body must be a JSON object, not {type(value).__name__}")
     return value
 
 
-async def _outcome(request: Request, future: Future) -> Any:
-    """The worker's result; if the client disconnects first, ``_Problem(499)`` (nobody reads it)."""
+async def worker_outcome(request: Request, future: Future) -> Any:
+    """The worker's result; if the client disconnects first, ``Problem(499)`` (nobody reads it)."""
     waiting = asyncio.wrap_future(future)
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=0.25)
@@ -89,10 +89,10 @@ async def _outcome(request: Request, future: Future) -> Any:
             # Nobody will read what the worker ends with (often Cancelled): without this, the
             # wrapper would log "exception was never retrieved", with a traceback, when collected.
             waiting.cancel()
-            raise _Problem(499, "the client went away")
+            raise Problem(499, "the client went away")
 
 
-class _EventStream(StreamingResponse):
+class EventStream(StreamingResponse):
     """Server-Sent Events whose ``on_close`` runs however the response ends (done, disconnect, error)."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
@@ -107,7 +107,7 @@ class _EventStream(StreamingResponse):
             self.on_close()
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
     """``callback(*args)`` on the event loop, from any thread; nothing once the loop has closed
     (a worker finishing after shutdown has nobody left to tell)."""
     try:

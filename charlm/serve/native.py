@@ -17,8 +17,8 @@ from charlm.api import LanguageModel
 from charlm.config import SampleConfig, brief
 from charlm.infer.sample import Generation
 from charlm.serve.batching import Batcher, Job
-from charlm.serve.http import (SHUTTING_DOWN, _END, _STOPPED, _answer_of, _body, _call_soon, _error, _EventStream,
-                               _json, _outcome, _Problem)
+from charlm.serve.http import (END, SHUTTING_DOWN, STOPPED, EventStream, Problem, answer_of, call_soon, error_answer,
+                               json_answer, json_body, worker_outcome)
 from charlm.serve.requests import (PERPLEXITY_FIELDS, SCORE_FIELDS, check_perplexity, check_prime,
                                    check_score, check_texts, fields, generate_options)
 from charlm.serve.served import Served, served_by
@@ -41,27 +41,27 @@ async def generate(request: Request) -> Response:
     lm, limits, pool, batcher = served.lm, served.limits, served.pool, served.batcher
     cancel, checked = None, None
     try:
-        options = generate_options(await _body(request, limits.max_body_bytes, limits.client_timeout), lm, limits,
+        options = generate_options(await json_body(request, limits.max_body_bytes, limits.client_timeout), lm, limits,
                                    read_prime=False)
         stream = options.pop("stream")
         if batcher is not None and options["num_samples"] > limits.batch:
-            raise _Problem(422, f"num_samples must be ≤ {limits.batch} on this server (--batch; got "
+            raise Problem(422, f"num_samples must be ≤ {limits.batch} on this server (--batch; got "
                                 f"{options['num_samples']})")
         cancel = pool.admit(batched=batcher is not None)
         # The prime is read off the event loop (a large one would hold it up), on a reader thread
         # (behind a long generation on a worker, a stream would not start until that one ended).
         checked = pool.read(lambda: check_prime(options["prime"], lm, limits, cancel))
-        await _outcome(request, checked)
+        await worker_outcome(request, checked)
     except Exception as exc:  # noqa: BLE001
         if cancel is not None:
             pool.release(cancel, checked)
         return served.failure(exc)
     items, future = _start_generation(lm, options, pool, batcher, cancel)
     if stream:
-        return _EventStream(_events(options, items, served.failure), on_close=lambda: pool.release(cancel, future))
+        return EventStream(_events(options, items, served.failure), on_close=lambda: pool.release(cancel, future))
     try:
         texts = await _collect(request, items, options["num_samples"])
-        return _json({"prime": options["prime"], "seed": options["seed"], "samples": texts})
+        return json_answer({"prime": options["prime"], "seed": options["seed"], "samples": texts})
     except Exception as exc:  # noqa: BLE001
         return served.failure(exc)
     finally:
@@ -70,19 +70,19 @@ async def generate(request: Request) -> Response:
 
 def _start_generation(lm: LanguageModel, options: dict[str, Any], pool: WorkerPool, batcher: Batcher | None,
                       cancel: threading.Event) -> tuple[asyncio.Queue, Future | None]:
-    """Start generating off the event loop; the queue receives each ``Piece``, then ``_END``
-    (``_STOPPED`` when cancelled, or the exception that ended it). The future is the worker's
+    """Start generating off the event loop; the queue receives each ``Piece``, then ``END``
+    (``STOPPED`` when cancelled, or the exception that ended it). The future is the worker's
     (None in the batcher, which drops a cancelled request before its next step)."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[Any] = asyncio.Queue()
 
     def put(item: Any) -> None:
-        _call_soon(loop, items.put_nowait, item)
+        call_soon(loop, items.put_nowait, item)
 
     if batcher is not None:
         def prepare() -> None:  # the prime is read here, on a worker, not in the batch's thread
             if cancel.is_set():
-                put(_STOPPED)
+                put(STOPPED)
                 return
             try:
                 run = Generation(lm.model, lm.tokenizer, config=SampleConfig(
@@ -96,14 +96,14 @@ def _start_generation(lm: LanguageModel, options: dict[str, Any], pool: WorkerPo
 
     def produce() -> None:
         if cancel.is_set():  # its client left, or the server is stopping, while it waited
-            put(_STOPPED)
+            put(STOPPED)
             return
         try:
             for piece in lm.stream(**options):
                 if cancel.is_set():
                     break
                 put(piece)
-            put(_STOPPED if cancel.is_set() else _END)
+            put(STOPPED if cancel.is_set() else END)
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which answers it
             put(exc)
 
@@ -111,7 +111,7 @@ def _start_generation(lm: LanguageModel, options: dict[str, Any], pool: WorkerPo
 
 
 async def _collect(request: Request, items: asyncio.Queue, num_samples: int) -> list[str]:
-    """A generation's whole samples; ``_Problem(499)`` as soon as the client disconnects (looked
+    """A generation's whole samples; ``Problem(499)`` as soon as the client disconnects (looked
     at every quarter second, however fast the pieces come)."""
     texts = [""] * num_samples
     loop = asyncio.get_running_loop()
@@ -124,13 +124,13 @@ async def _collect(request: Request, items: asyncio.Queue, num_samples: int) -> 
         if loop.time() - checked >= 0.25:
             checked = loop.time()
             if await request.is_disconnected():
-                raise _Problem(499, "the client went away")
+                raise Problem(499, "the client went away")
         if item is None:
             continue
-        if item is _END:
+        if item is END:
             return texts
-        if item is _STOPPED:
-            raise _Problem(503, SHUTTING_DOWN)
+        if item is STOPPED:
+            raise Problem(503, SHUTTING_DOWN)
         if isinstance(item, BaseException):
             raise item
         texts[item.stream] += item.text
@@ -153,14 +153,14 @@ async def _events(options: dict[str, Any], items: asyncio.Queue,
             ready.append(items.get_nowait())
         out = []
         for item in ready:
-            if item is _END:
+            if item is END:
                 yield "".join(out) + _event({"samples": texts}, "end")
                 return
-            if item is _STOPPED:  # its client is gone (nobody reads this) or the server is stopping
+            if item is STOPPED:  # its client is gone (nobody reads this) or the server is stopping
                 yield "".join(out) + _event({"error": SHUTTING_DOWN, "status": 503}, "error")
                 return
             if isinstance(item, BaseException):
-                status, message = _answer_of(item)
+                status, message = answer_of(item)
                 failure(item)  # logs a bug's traceback
                 yield "".join(out) + _event({"error": message, "status": status}, "error")
                 return
@@ -181,12 +181,12 @@ async def _answered(request: Request, defaults: dict[str, Any],
     limits, pool = served.limits, served.pool
     cancel, future = None, None
     try:
-        raw = await _body(request, limits.max_body_bytes, limits.client_timeout)
+        raw = await json_body(request, limits.max_body_bytes, limits.client_timeout)
         body = fields(raw, defaults)
         check(body, set(raw), served.lm.tokenizer.vocab_size)
         cancel = pool.admit()
         future = pool.submit(cancel, lambda: jsonio.dumps(work(served, body, cancel)) + "\n")
-        return Response(await _outcome(request, future), media_type="application/json")
+        return Response(await worker_outcome(request, future), media_type="application/json")
     except Exception as exc:  # noqa: BLE001 - every failure becomes an answer, never a traceback
         return served.failure(exc)
     finally:
@@ -225,7 +225,7 @@ async def perplexity(request: Request) -> Response:
 # ── what the server is, and the page ────────────────────────────────────────────────────────────
 
 async def model_info(request: Request) -> Response:
-    return _json(served_by(request).report)
+    return json_answer(served_by(request).report)
 
 
 async def health(request: Request) -> Response:
@@ -233,7 +233,7 @@ async def health(request: Request) -> Response:
     pool, limits = served.pool, served.limits
     with pool.lock:
         busy, waiting = pool.busy + pool.batched, pool.waiting()
-    return _json({"status": "ok", "workers": limits.workers, "batch": limits.batch, "busy": busy,
+    return json_answer({"status": "ok", "workers": limits.workers, "batch": limits.batch, "busy": busy,
                   "waiting": waiting})
 
 
@@ -249,7 +249,7 @@ async def page(request: Request) -> Response:
 async def static(request: Request) -> Response:
     name = request.path_params["name"]
     if name not in STATIC_FILES:
-        return _error(404, f"no such file: /static/{brief(name)}")
+        return error_answer(404, f"no such file: /static/{brief(name)}")
     return _static(name, STATIC_FILES[name])
 
 

@@ -14,7 +14,8 @@ from starlette.routing import Route
 from charlm import jsonio
 from charlm.config import brief
 from charlm.errors import Cancelled
-from charlm.serve.http import SHUTTING_DOWN, _END, _STOPPED, _EventStream, _Problem, _body, _call_soon, _json, _outcome
+from charlm.serve.http import (END, SHUTTING_DOWN, STOPPED, EventStream, Problem, call_soon, json_answer, json_body,
+                               worker_outcome)
 from charlm.serve.openai import (DONE, Completion, Prepared, check_completion, chunk, error_event, gather, new_id,
                                  prepare, produce, stream_item, usage)
 from charlm.serve.served import Served, served_by
@@ -56,16 +57,16 @@ async def events(request: Completion, prepared: list[Prepared], items: asyncio.Q
 
 
 async def models(request: Request) -> Response:
-    return _json({"object": "list", "data": [_model_card(served_by(request))]})
+    return json_answer({"object": "list", "data": [_model_card(served_by(request))]})
 
 
 async def model(request: Request) -> Response:
     served = served_by(request)
     name = request.path_params["model"]
     if name != served.model_id:
-        return served.openai_failure(_Problem(404, f"The model {brief(name)} does not exist; this server serves "
+        return served.openai_failure(Problem(404, f"The model {brief(name)} does not exist; this server serves "
                                                    f"{served.model_id!r}", param="model", code="model_not_found"))
-    return _json(_model_card(served))
+    return json_answer(_model_card(served))
 
 
 def _model_card(served: Served) -> dict[str, Any]:
@@ -73,8 +74,8 @@ def _model_card(served: Served) -> dict[str, Any]:
 
 
 def _error_of(served: Served, exc: BaseException) -> dict[str, Any]:
-    """The body of OpenAI's error answer to ``exc`` (``_STOPPED``: the server is stopping)."""
-    return jsonio.loads(served.openai_failure(_Problem(503, SHUTTING_DOWN) if exc is _STOPPED else exc).body)
+    """The body of OpenAI's error answer to ``exc`` (``STOPPED``: the server is stopping)."""
+    return jsonio.loads(served.openai_failure(Problem(503, SHUTTING_DOWN) if exc is STOPPED else exc).body)
 
 
 async def completions(request: Request) -> Response:
@@ -82,26 +83,26 @@ async def completions(request: Request) -> Response:
     lm, limits, pool = served.lm, served.limits, served.pool
     cancel, future, streaming = None, None, False
     try:
-        body = await _body(request, limits.max_body_bytes, limits.client_timeout)
+        body = await json_body(request, limits.max_body_bytes, limits.client_timeout)
         wanted = check_completion(body, model_id=served.model_id, max_length=limits.max_length,
                                   max_samples=limits.max_samples, vocab_size=lm.tokenizer.vocab_size,
-                                  problem=_Problem)
+                                  problem=Problem)
         try:
             cancel = pool.admit()
-        except _Problem as exc:  # busy: OpenAI's clients wait and retry a 429
-            raise _Problem(429, exc.message) from None
+        except Problem as exc:  # busy: OpenAI's clients wait and retry a 429
+            raise Problem(429, exc.message) from None
         future = pool.submit(cancel, lambda: prepare(lm, wanted, max_tokens=limits.max_tokens, cancel=cancel,
-                                                     problem=_Problem))
-        prepared = await _outcome(request, future)
+                                                     problem=Problem))
+        prepared = await worker_outcome(request, future)
         items, future = _start(served, wanted, prepared, cancel)
         if wanted.stream:
             streaming = True
             held, held_future = cancel, future
-            return _EventStream(events(wanted, prepared, items, model_id=served.model_id, end=_END, stopped=_STOPPED,
+            return EventStream(events(wanted, prepared, items, model_id=served.model_id, end=END, stopped=STOPPED,
                                        failure=lambda exc: _error_of(served, exc)),
                                 on_close=lambda: pool.release(held, held_future))
-        collected = await _gather_items(request, items, _END, _STOPPED, _Problem)
-        return _json(gather(wanted, prepared, collected, model_id=served.model_id, ident=new_id(),
+        collected = await _gather_items(request, items, END, STOPPED, Problem)
+        return json_answer(gather(wanted, prepared, collected, model_id=served.model_id, ident=new_id(),
                             created=created_now()))
     except Exception as exc:  # noqa: BLE001 - every failure becomes an answer, never a traceback
         return served.openai_failure(exc)
@@ -112,23 +113,23 @@ async def completions(request: Request) -> Response:
 
 def _start(served: Served, wanted: Completion, prepared: list[Prepared],
            cancel: Any) -> tuple[asyncio.Queue, Any]:
-    """Generate the choices on a worker; the queue receives the produced items, then ``_END``
-    (``_STOPPED`` when cancelled, or the exception that ended it)."""
+    """Generate the choices on a worker; the queue receives the produced items, then ``END``
+    (``STOPPED`` when cancelled, or the exception that ended it)."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[Any] = asyncio.Queue()
 
     def put(item: Any) -> None:
-        _call_soon(loop, items.put_nowait, item)
+        call_soon(loop, items.put_nowait, item)
 
     def work() -> None:
         if cancel.is_set():
-            put(_STOPPED)
+            put(STOPPED)
             return
         try:
             produce(served.lm, wanted, prepared, cancel, put)
-            put(_STOPPED if cancel.is_set() else _END)
+            put(STOPPED if cancel.is_set() else END)
         except Cancelled:
-            put(_STOPPED)
+            put(STOPPED)
         except BaseException as exc:  # noqa: BLE001 - handed to the event loop, which answers it
             put(exc)
 

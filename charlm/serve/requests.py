@@ -11,14 +11,14 @@ from charlm.api import LanguageModel
 from charlm.config import LIMITS, brief
 from charlm.errors import Cancelled
 from charlm.infer.sample import prime_ids
-from charlm.serve.http import _Problem
+from charlm.serve.http import Problem
 from charlm.serve.limits import ServeLimits
 
 def fields(body: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """``body`` over ``defaults``; a field this endpoint does not know is refused, not ignored."""
     unknown = [key for key in body if key not in defaults]
     if unknown:
-        raise _Problem(422, f"unknown field {brief(unknown[0])}; the fields are {', '.join(defaults)}")
+        raise Problem(422, f"unknown field {brief(unknown[0])}; the fields are {', '.join(defaults)}")
     return {**defaults, **body}
 
 
@@ -28,12 +28,12 @@ def _number(values: dict[str, Any], name: str, *, optional: bool = False, rule: 
         return
     limit = LIMITS[rule or name]
     if not limit.allows(value):
-        raise _Problem(422, f"{name} must be {limit.describe()}{' or null' if optional else ''} (got {brief(value)})")
+        raise Problem(422, f"{name} must be {limit.describe()}{' or null' if optional else ''} (got {brief(value)})")
 
 
 def _flag(values: dict[str, Any], name: str) -> None:
     if not isinstance(values[name], bool):
-        raise _Problem(422, f"{name} must be true or false (got {brief(values[name])})")
+        raise Problem(422, f"{name} must be true or false (got {brief(values[name])})")
 
 
 def _string(values: dict[str, Any], name: str, *, optional: bool = False, nonempty: bool = False) -> None:
@@ -41,21 +41,21 @@ def _string(values: dict[str, Any], name: str, *, optional: bool = False, nonemp
     if value is None and optional:
         return
     if not isinstance(value, str) or (nonempty and not value):
-        raise _Problem(422, f"{name} must be a {'non-empty ' if nonempty else ''}string"
+        raise Problem(422, f"{name} must be a {'non-empty ' if nonempty else ''}string"
                             f"{' or null' if optional else ''} (got {brief(value)})")
 
 
 def _at_most(values: dict[str, Any], name: str, bound: int, option: str) -> None:
     if values[name] > bound:
-        raise _Problem(422, f"{name} must be ≤ {bound:,} on this server ({option}; got {values[name]:,})")
+        raise Problem(422, f"{name} must be ≤ {bound:,} on this server ({option}; got {values[name]:,})")
 
 
 def _top(values: dict[str, Any], vocab_size: int, given: bool) -> None:
     if given and not values["logprobs"]:
-        raise _Problem(422, "top is the number of alternatives shown with logprobs; give \"logprobs\": true too")
+        raise Problem(422, "top is the number of alternatives shown with logprobs; give \"logprobs\": true too")
     top = values["top"]
     if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= min(20, vocab_size):
-        raise _Problem(422, f"top must be a whole number in [0, {min(20, vocab_size)}] (got {brief(top)})")
+        raise Problem(422, f"top must be a whole number in [0, {min(20, vocab_size)}] (got {brief(top)})")
 
 
 GENERATE_FIELDS: dict[str, Any] = {"prime": "", "length": 500, "temperature": 0.8, "top_k": None, "top_p": None,
@@ -95,10 +95,10 @@ def check_prime(prime: str, lm: LanguageModel, limits: ServeLimits, cancel: thre
             raise Cancelled("the request was cancelled")
         total += len(lm.tokenizer.encode(piece))
         if total > limits.max_tokens + 1:  # + 1: a word model's prime mid-line does not read its <EOS>
-            raise _Problem(422, f"the prime is over {limits.max_tokens:,} tokens; {bound}")
+            raise Problem(422, f"the prime is over {limits.max_tokens:,} tokens; {bound}")
     tokens = len(prime_ids(lm.tokenizer, prime))
     if tokens > limits.max_tokens:
-        raise _Problem(422, f"the prime is {tokens:,} tokens; {bound}")
+        raise Problem(422, f"the prime is {tokens:,} tokens; {bound}")
 
 
 def check_texts(texts: list[str], lm: LanguageModel, limits: ServeLimits, cancel: threading.Event) -> None:
@@ -111,14 +111,14 @@ def check_texts(texts: list[str], lm: LanguageModel, limits: ServeLimits, cancel
                 raise Cancelled("the request was cancelled")
             total += len(lm.tokenizer.encode(piece))
             if total > limits.max_tokens:
-                raise _Problem(422, f"the text is over {limits.max_tokens:,} tokens; this server reads at most "
+                raise Problem(422, f"the text is over {limits.max_tokens:,} tokens; this server reads at most "
                                     f"{limits.max_tokens:,} per request (--max-tokens)")
 
 
 def check_score(values: dict[str, Any], given: set[str], vocab_size: int) -> None:
     lines = values["lines"]
     if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
-        raise _Problem(422, f"lines must be a list of strings (got {brief(lines)})")
+        raise Problem(422, f"lines must be a list of strings (got {brief(lines)})")
     _flag(values, "include_end")
     _flag(values, "logprobs")
     _top(values, vocab_size, "top" in given)

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from charlm.api import LanguageModel
 from charlm.errors import CharlmError
 from charlm.serve.batching import Batcher
-from charlm.serve.http import _answer_of, _error, _json
+from charlm.serve.http import answer_of, error_answer, json_answer
 from charlm.serve.limits import ServeLimits
 from charlm.serve.openai import error_body
 from charlm.serve.security import OPENAI_PATHS
@@ -36,25 +36,25 @@ class Served:
 
     def failure(self, exc: BaseException) -> Response:
         """A failure as a one-line JSON error; a bug's traceback goes to the log."""
-        status, message = _answer_of(exc)
+        status, message = answer_of(exc)
         if status == 500 and not isinstance(exc, CharlmError):
             self.say("charlm: error while serving a request:\n" + "".join(traceback.format_exception(exc)).rstrip())
-        return _error(status, message)
+        return error_answer(status, message)
 
     def openai_failure(self, exc: BaseException) -> Response:
         """A failure in OpenAI's error shape (a bad value is its 400, BadRequestError)."""
         self.failure(exc)  # logs a bug's traceback
-        status, message = _answer_of(exc)
+        status, message = answer_of(exc)
         if status == 422:
             status = 400
         param, code = getattr(exc, "param", None), getattr(exc, "code", None)
-        return _json(error_body(status, message, param=param, code=code), status)
+        return json_answer(error_body(status, message, param=param, code=code), status)
 
     def error_for(self, path: str, status: int, message: str, code: str | None = None) -> Response:
         """A refusal in the shape of the route asked for."""
         if path.startswith(OPENAI_PATHS):
-            return _json(error_body(status, message, code=code), status)
-        return _error(status, message)
+            return json_answer(error_body(status, message, code=code), status)
+        return error_answer(status, message)
 
 
 def served_by(request: Request) -> Served:

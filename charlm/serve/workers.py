@@ -8,7 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from charlm.serve.http import _call_soon, _Problem
+from charlm.serve.http import call_soon, Problem
 from charlm.serve.limits import ServeLimits
 
 @dataclass
@@ -37,7 +37,7 @@ class WorkerPool:
         taken = self.admitted_batched if batched else self.admitted
         if taken >= running + self.limits.max_queue:
             what = "generations in the batch" if batched else "running"
-            raise _Problem(503, f"the server is busy ({running} {what}, {self.limits.max_queue} waiting); "
+            raise Problem(503, f"the server is busy ({running} {what}, {self.limits.max_queue} waiting); "
                                 f"try again shortly")
         if batched:
             self.admitted_batched += 1
@@ -54,7 +54,7 @@ class WorkerPool:
         cancel.set()
         if future is not None and not future.done() and not future.cancel():
             loop = asyncio.get_running_loop()
-            future.add_done_callback(lambda _: _call_soon(loop, self.release, cancel))
+            future.add_done_callback(lambda _: call_soon(loop, self.release, cancel))
             return
         batched = self.cancels.pop(cancel, None)
         if batched is True:
