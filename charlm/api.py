@@ -46,6 +46,14 @@ def _text(name: str, value: Any, *, optional: bool = False) -> None:
                          f"{brief(value)})")
 
 
+def _paths(**values: Any) -> None:
+    """Refuse what is neither a path nor None where a file or folder belongs (a UsageError naming
+    the argument)."""
+    for name, value in values.items():
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise UsageError(f"{name} must be a path (got {type(value).__name__})")
+
+
 def _flag(name: str, value: Any) -> None:
     """Refuse a non-bool where a switch belongs (``1`` or ``"yes"`` is not silently truthy)."""
 
@@ -317,10 +325,7 @@ def load(where: str | os.PathLike[str] | None = None, *, device: str = "cpu",
 
     >>> lm = charlm.load("checkpoints/tinyshakespeare")  # doctest: +SKIP
     """
-
-    for name, value in (("where", where), ("root", root)):
-        if value is not None and not isinstance(value, (str, os.PathLike)):
-            raise UsageError(f"{name} must be a path (got {type(value).__name__})")
+    _paths(where=where, root=root)
     _text("device", device)
     return LanguageModel(load_checkpoint(resolve_checkpoint(where, root=root), device=str(resolve_device(device))))
 
@@ -374,9 +379,7 @@ def train(corpus: str | os.PathLike[str] | None = None, options: TrainOptions | 
 # ── what the CLI's info, plot, export and score commands show, for Python ───────────────────────
 
 def _checkpoint_file(where: str | os.PathLike[str] | None, root: str | os.PathLike[str]) -> Path:
-    for name, value in (("where", where), ("root", root)):
-        if value is not None and not isinstance(value, (str, os.PathLike)):
-            raise UsageError(f"{name} must be a path (got {type(value).__name__})")
+    _paths(where=where, root=root)
     return resolve_checkpoint(where, root=root)
 
 
@@ -397,8 +400,7 @@ def loss_curves(run: str | os.PathLike[str] | None = None, *,
 
     >>> print(charlm.api.loss_curves("checkpoints/tinyshakespeare").chart())  # doctest: +SKIP
     """
-    if run is not None and not isinstance(run, (str, os.PathLike)):
-        raise UsageError(f"run must be a path (got {type(run).__name__})")
+    _paths(run=run)
     return read_loss_curves(run if run is not None else _checkpoint_file(None, root).parent)
 
 
