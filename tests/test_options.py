@@ -120,3 +120,20 @@ def test_a_fine_tune_refuses_a_device_it_cannot_run_before_reading_the_corpus(tm
     with pytest.raises(charlm.errors.CharlmError, match="fp16"):  # not "no such file": the corpus is not read
         charlm.train(tmp_path / "missing.txt", init_from=str(run.run_dir), precision="fp16", device="cpu",
                      max_steps=1, out=str(tmp_path / "tuned"))
+
+
+def test_a_fine_tune_refuses_a_shape_set_to_another_value_and_reads_none_as_not_given(tmp_path):
+    """Set on a TrainOptions (given named or not), a shape that differs from the model's is refused,
+    never ignored; None for it, even named as given, means "the model's"."""
+    from charlm.training import plan
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh\n" * 400, encoding="utf-8")
+    run = charlm.train(corpus, hidden_size=8, embed_size=4, seq_len=8, batch_size=2, max_steps=1, device="cpu",
+                       cache=False, out=str(tmp_path / "base"))
+    common = dict(corpus=str(corpus), init_from=str(run.run_dir), device="cpu", max_steps=1)
+    with pytest.raises(ConfigError, match="--hidden-size 64 conflicts with the model given to --init-from"):
+        plan.plan_run(charlm.TrainOptions(hidden_size=64, out=str(tmp_path / "a"), **common))
+    tuned = plan.plan_run(charlm.TrainOptions(hidden_size=None, out=str(tmp_path / "b"), **common),
+                          given={"hidden_size", "min_count"})
+    assert tuned.model_config.hidden_size == 8

@@ -289,7 +289,8 @@ def _measured_size(data: Any, cell: str, minutes: float, device: torch.device, p
 
 
 # What a fine-tune takes from the model it starts from: the shape (and with it the tokenizer).
-_SHAPE = ("cell", "residual", "hidden_size", "num_layers", "embed_size", "tie_weights", "tokenizer")
+_MODEL_SHAPE = ("cell", "residual", "hidden_size", "num_layers", "embed_size", "tie_weights")
+_SHAPE = (*_MODEL_SHAPE, "tokenizer")
 # What it takes from the model where not given: its regularisation and the way it was trained.
 _FROM_BASE = ("dropout", "input_dropout", "embed_dropout", "weight_drop", "seq_len", "batch_size", "weight_decay",
               "clip", "optimizer", "min_lr_ratio", "activation_reg", "temporal_reg", "average", "average_power",
@@ -314,11 +315,11 @@ class _FineTune(_Start):
         options = self.options
         shape = {**self.base.model_config.to_dict(), "tokenizer": self.base.tokenizer.kind}
         for key in _SHAPE:
-            if key in self.request.given and getattr(options, key) != shape[key]:
+            if self.request.gave(key) and getattr(options, key) != shape[key]:
                 raise ConfigError(f"{BY_NAME[key].flag} {getattr(options, key)} conflicts with the model "
                                   f"given to --init-from, which has {shape[key]}; a fine-tune keeps the model's shape")
         for key in ("min_count", "max_vocab"):
-            if key in self.request.given and not options.extend_vocab:
+            if self.request.gave(key) and not options.extend_vocab:
                 raise ConfigError(f"{BY_NAME[key].flag} applies to the new symbols of --extend-vocab only; "
                                   f"without it the vocabulary is the model's")
 
@@ -338,7 +339,7 @@ class _FineTune(_Start):
     def settings(self, data: Any) -> dict[str, Any]:
         request, base, precision = self.request, self.base, self.precision
         before = {**(base.train_config or TrainConfig()).to_dict(), **base.model_config.to_dict()}
-        values = {**self._declared(), **{key: before[key] for key in (*_SHAPE[:-1], *_FROM_BASE)}}
+        values = {**self._declared(), **{key: before[key] for key in (*_MODEL_SHAPE, *_FROM_BASE)}}
         optimizer = _chosen(request, "optimizer", before["optimizer"])
         values.update(precision=precision.name, lr=before["lr"] if optimizer == before["optimizer"] else
                       OPTIMIZER_LR.get(optimizer, {}).get(base.tokenizer.kind, before["lr"]))
