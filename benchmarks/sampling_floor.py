@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,22 +21,10 @@ from charlm.config import ModelConfig
 from charlm.cpu import cpu_flags
 from charlm.infer.sample import next_token
 from charlm.infer.step import FastStep
+from charlm.machine import alternated, milliseconds
 from charlm.model.lm import RNNLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def microseconds(run, calls: int = 1000, rounds: int = 5) -> float:
-    """The median over ``rounds`` of a call's mean time, after a warm-up."""
-    for _ in range(100):
-        run()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -58,11 +44,14 @@ def main() -> None:
         for k in range(1, L):
             products[f"layer {k} stacked input and recurrent (2H × 4H)"] = (torch.randn(1, 2 * H), fast.w_stack[k - 1])
         products["head (H × V)"] = (torch.randn(1, H), fast.head_w)
-        timed = {name: microseconds(lambda a=a, w=w, out=torch.empty(1, w.shape[1]): torch.mm(a, w, out=out))
-                 for name, (a, w) in products.items()}
-        step = microseconds(lambda: fast.step(tokens))
         logits, generator = torch.randn(1, V), torch.Generator().manual_seed(0)
-        draw = microseconds(lambda: next_token(logits, temperature=0.8, generator=generator).tolist())
+        runs = [*(lambda a=a, w=w, out=torch.empty(1, w.shape[1]): torch.mm(a, w, out=out)
+                  for a, w in products.values()),
+                lambda: fast.step(tokens), lambda: next_token(logits, temperature=0.8, generator=generator).tolist()]
+        # Each the median of 5 rounds in which they take turns (1,000 calls a round after 100 untimed).
+        *products_us, step, draw = [1e3 * ms for ms in alternated(5, *(milliseconds(run, calls=1000, warm=100)
+                                                                        for run in runs))]
+        timed = dict(zip(products, products_us))
     weight_bytes = sum(w.numel() * w.element_size() for _, w in products.values())
     total = sum(timed.values())
     result = {
